@@ -1,0 +1,14 @@
+//! ternlab: declarative experiments in ternary (BitNet b1.58 style) quantization-aware training
+//! of Qwen3 on candle.
+//!
+//! spec (TOML + overrides) -> run (resolve, check, results layout) -> train (the loop, eval)
+//! -> report (loss.csv, report.json).
+
+pub mod data;
+pub mod device;
+pub mod model;
+pub mod progress;
+pub mod report;
+pub mod run;
+pub mod spec;
+pub mod train;

@@ -1,0 +1,10 @@
+//! The model: Qwen3 shapes, the training copy of the architecture, the ternary projection,
+//! and where weights and tokenizers come from.
+
+pub mod config;
+pub mod load;
+pub mod qwen3;
+pub mod ternary;
+
+pub use config::{Qwen3Config, PRESETS, PROJECTIONS};
+pub use qwen3::{cross_entropy, Params, Qwen3, TernarySpec};

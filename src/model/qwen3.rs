@@ -1,0 +1,479 @@
+//! A training copy of Qwen3: grouped-query attention with q/k RMSNorm, RoPE, SwiGLU MLP, and a
+//! tied (or untied) output head. Every op is a differentiable candle composition, so every
+//! parameter receives a gradient (candle's fused `rms_norm`, `rope` and `softmax_last_dim`
+//! record no backward and would silently freeze the decoder).
+//!
+//! Legend for shape notes: B batch, L sequence length, E hidden size, H query heads,
+//! K key/value heads, R = H / K, D head dim, F intermediate size, V vocabulary.
+//! Weights are named as in the Hugging Face checkpoint (`model.layers.3.mlp.up_proj.weight`).
+
+use super::config::Qwen3Config;
+use super::ternary::{ste_weight, ternarize};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use std::collections::HashMap;
+
+/// The trainable parameters, by checkpoint name, in a stable order.
+#[derive(Default)]
+pub struct Params {
+    pub named: Vec<(String, Var)>,
+}
+
+impl Params {
+    pub fn vars(&self) -> Vec<Var> {
+        self.named.iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.named.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    pub fn num_elements(&self) -> usize {
+        self.named.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Registers `tensor` (already f32, on the training device) as a trainable parameter and
+    /// returns the tensor the model computes with (it shares the parameter's storage).
+    fn add(&mut self, name: String, tensor: Tensor) -> Result<Tensor> {
+        let var = Var::from_tensor(&tensor)?;
+        let t = var.as_tensor().clone();
+        self.named.push((name, var));
+        Ok(t)
+    }
+}
+
+/// Source of initial weights: a checkpoint's tensors by name.
+pub type Weights = HashMap<String, Tensor>;
+
+fn take(weights: &mut Weights, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let t = weights
+        .remove(name)
+        .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no tensor {name}")))?;
+    if t.dims() != shape {
+        candle_core::bail!(
+            "checkpoint tensor {name} has shape {:?}, the config implies {shape:?}",
+            t.dims()
+        );
+    }
+    t.to_dtype(DType::F32)?.to_device(device)
+}
+
+/// A bias-free linear layer `y = x W^T`, optionally ternary (forward with `W_t`, STE backward).
+#[derive(Clone)]
+pub struct Linear {
+    weight: Tensor, // (out, in)
+    ternary_group: Option<usize>,
+    name: String,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match self.ternary_group {
+            Some(g) => ste_weight(&self.weight, g)?,
+            None => self.weight.clone(),
+        };
+        let (out, inp) = w.dims2()?;
+        let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+        let rows: usize = lead.iter().product();
+        let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+        let mut shape = lead;
+        shape.push(out);
+        y.reshape(shape)
+    }
+
+    pub fn is_ternary(&self) -> bool {
+        self.ternary_group.is_some()
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn group_size(&self) -> Option<usize> {
+        self.ternary_group
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The same layer with `W_t` materialised as a constant dense weight (for evaluation).
+    fn frozen(&self) -> Result<Self> {
+        let weight = match self.ternary_group {
+            Some(g) => ternarize(&self.weight, g)?,
+            None => self.weight.detach(),
+        };
+        Ok(Self {
+            weight,
+            ternary_group: None,
+            name: self.name.clone(),
+        })
+    }
+}
+
+/// Root-mean-square norm as transformers' Qwen3RMSNorm: normalise in f32, then scale.
+#[derive(Clone)]
+pub struct RmsNorm {
+    weight: Tensor, // (N,)
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        x.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+
+    fn frozen(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            eps: self.eps,
+        }
+    }
+}
+
+/// Rotary position embedding tables for positions 0..L: `cos`, `sin` of shape (L, D).
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &Qwen3Config, seq_len: usize, device: &Device) -> Result<Self> {
+        let d = cfg.head_dim;
+        let base = cfg.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), device)?;
+        let pos = Tensor::arange(0u32, seq_len as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((seq_len, 1))?;
+        let freqs = pos.broadcast_mul(&inv_freq)?; // (L, D/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?; // (L, D)
+        Ok(Self {
+            cos: emb.cos()?,
+            sin: emb.sin()?,
+        })
+    }
+
+    /// `x * cos + rotate_half(x) * sin` for x of shape (B, N, L, D).
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let cos = self.cos.to_dtype(x.dtype())?;
+        let sin = self.sin.to_dtype(x.dtype())?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// (L, L) additive causal mask: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(seq_len: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (seq_len, seq_len), device)
+}
+
+#[derive(Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let r = h / k;
+        // 1. project and split heads, normalise q and k per head: (B, L, N, D) -> (B, N, L, D)
+        let q = self.q_proj.forward(x)?.reshape((b, l, h, d))?;
+        let q = self.q_norm.forward(&q)?.transpose(1, 2)?.contiguous()?;
+        let kk = self.k_proj.forward(x)?.reshape((b, l, k, d))?;
+        let kk = self.k_norm.forward(&kk)?.transpose(1, 2)?.contiguous()?;
+        let v = self.v_proj.forward(x)?.reshape((b, l, k, d))?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        // 2. rotary position embedding
+        let q = rope.apply(&q)?;
+        let kk = rope.apply(&kk)?;
+        // 3. grouped-query attention without repeating K and V: query heads k*R .. k*R+R
+        //    share key/value head k, so (B, H, L, D) -> (B, K, R*L, D).
+        let q = q.reshape((b, k, r * l, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&kk.t()?)? * scale)?; // (B, K, R*L, L)
+        let scores = scores.reshape((b, h, l, l))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+            .to_dtype(x.dtype())?;
+        let out = probs.reshape((b, k, r * l, l))?.matmul(&v)?; // (B, K, R*L, D)
+                                                                // 4. merge heads: (B, H, L, D) -> (B, L, H*D) and project out
+        let out = out
+            .reshape((b, h, l, d))?
+            .transpose(1, 2)?
+            .reshape((b, l, h * d))?;
+        self.o_proj.forward(&out)
+    }
+
+    fn linears(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            q_proj: self.q_proj.frozen()?,
+            k_proj: self.k_proj.frozen()?,
+            v_proj: self.v_proj.frozen()?,
+            o_proj: self.o_proj.frozen()?,
+            q_norm: self.q_norm.frozen(),
+            k_norm: self.k_norm.frozen(),
+            ..*self
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// down(silu(gate(x)) * up(x)): (B, L, E) -> (B, L, F) -> (B, L, E)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+
+    fn linears(&self) -> [&Linear; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
+    fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            gate_proj: self.gate_proj.frozen()?,
+            up_proj: self.up_proj.frozen()?,
+            down_proj: self.down_proj.frozen()?,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+        let h = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rope, mask)?)?;
+        &h + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?)?
+    }
+}
+
+/// Which projections are ternary, and with which group size.
+#[derive(Debug, Clone)]
+pub struct TernarySpec {
+    pub projections: Vec<String>,
+    pub group_size: usize,
+}
+
+#[derive(Clone)]
+pub struct Qwen3 {
+    pub cfg: Qwen3Config,
+    embed_tokens: Tensor,    // (V, E)
+    lm_head: Option<Tensor>, // (V, E) when untied
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    device: Device,
+}
+
+impl Qwen3 {
+    /// Builds the model from checkpoint tensors (any float dtype; stored as f32 parameters).
+    /// Tied checkpoints carry no `lm_head.weight`; if one is present anyway it is ignored.
+    pub fn new(
+        cfg: &Qwen3Config,
+        mut weights: Weights,
+        ternary: &TernarySpec,
+        device: &Device,
+    ) -> Result<(Self, Params)> {
+        let mut params = Params::default();
+        let (e, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (h, k, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let mut param = |params: &mut Params, name: String, shape: &[usize]| -> Result<Tensor> {
+            let t = take(&mut weights, &name, shape, device)?;
+            params.add(name, t)
+        };
+        let embed_tokens = param(&mut params, "model.embed_tokens.weight".into(), &[v, e])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut linear = |params: &mut Params, part: &str, proj: &str, shape: &[usize]| {
+                let name = format!("{p}.{part}.{proj}.weight");
+                let weight = param(params, name.clone(), shape)?;
+                let ternary_group = ternary
+                    .projections
+                    .iter()
+                    .any(|x| x == proj)
+                    .then_some(ternary.group_size);
+                Ok::<_, candle_core::Error>(Linear {
+                    weight,
+                    ternary_group,
+                    name,
+                })
+            };
+            let self_attn_q = linear(&mut params, "self_attn", "q_proj", &[h * d, e])?;
+            let self_attn_k = linear(&mut params, "self_attn", "k_proj", &[k * d, e])?;
+            let self_attn_v = linear(&mut params, "self_attn", "v_proj", &[k * d, e])?;
+            let self_attn_o = linear(&mut params, "self_attn", "o_proj", &[e, h * d])?;
+            let gate = linear(&mut params, "mlp", "gate_proj", &[f, e])?;
+            let up = linear(&mut params, "mlp", "up_proj", &[f, e])?;
+            let down = linear(&mut params, "mlp", "down_proj", &[e, f])?;
+            let mut norm = |params: &mut Params, name: String, n: usize| {
+                Ok::<_, candle_core::Error>(RmsNorm {
+                    weight: param(params, name, &[n])?,
+                    eps: cfg.rms_norm_eps,
+                })
+            };
+            let q_norm = norm(&mut params, format!("{p}.self_attn.q_norm.weight"), d)?;
+            let k_norm = norm(&mut params, format!("{p}.self_attn.k_norm.weight"), d)?;
+            let input_layernorm = norm(&mut params, format!("{p}.input_layernorm.weight"), e)?;
+            let post_attention_layernorm = norm(
+                &mut params,
+                format!("{p}.post_attention_layernorm.weight"),
+                e,
+            )?;
+            layers.push(DecoderLayer {
+                input_layernorm,
+                self_attn: Attention {
+                    q_proj: self_attn_q,
+                    k_proj: self_attn_k,
+                    v_proj: self_attn_v,
+                    o_proj: self_attn_o,
+                    q_norm,
+                    k_norm,
+                    num_heads: h,
+                    num_kv_heads: k,
+                    head_dim: d,
+                },
+                post_attention_layernorm,
+                mlp: Mlp {
+                    gate_proj: gate,
+                    up_proj: up,
+                    down_proj: down,
+                },
+            });
+        }
+        let norm = RmsNorm {
+            weight: param(&mut params, "model.norm.weight".into(), &[e])?,
+            eps: cfg.rms_norm_eps,
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(param(&mut params, "lm_head.weight".into(), &[v, e])?)
+        };
+        let model = Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            lm_head,
+            layers,
+            norm,
+            device: device.clone(),
+        };
+        Ok((model, params))
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token ids (B, L) -> logits (B, L, V).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let rope = Rope::new(&self.cfg, l, &self.device)?;
+        let mask = causal_mask(l, &self.device)?;
+        let e = self.cfg.hidden_size;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, l, e))?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, &mask)?;
+        }
+        let x = self.norm.forward(&x)?.reshape((b * l, e))?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        x.matmul(&head.t()?)?.reshape((b, l, self.cfg.vocab_size))
+    }
+
+    /// Every linear layer of the decoder, in checkpoint order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let mut v: Vec<&Linear> = l.self_attn.linears().to_vec();
+                v.extend(l.mlp.linears());
+                v
+            })
+            .collect()
+    }
+
+    pub fn ternary_linears(&self) -> Vec<&Linear> {
+        self.linears()
+            .into_iter()
+            .filter(|l| l.is_ternary())
+            .collect()
+    }
+
+    /// A detached copy for evaluation: ternary layers hold `W_t` as a constant, so a forward
+    /// pass neither ternarizes again nor records anything for backprop.
+    pub fn frozen(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(DecoderLayer {
+                    input_layernorm: l.input_layernorm.frozen(),
+                    self_attn: l.self_attn.frozen()?,
+                    post_attention_layernorm: l.post_attention_layernorm.frozen(),
+                    mlp: l.mlp.frozen()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            embed_tokens: self.embed_tokens.detach(),
+            lm_head: self.lm_head.as_ref().map(|t| t.detach()),
+            layers,
+            norm: self.norm.frozen(),
+            device: self.device.clone(),
+        })
+    }
+}
+
+/// Mean token cross-entropy in f32: logits (B, L, V), targets (B, L) -> scalar.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let v = logits.dim(D::Minus1)?;
+    let logits = logits.to_dtype(DType::F32)?.reshape(((), v))?;
+    candle_nn::loss::cross_entropy(&logits, &targets.flatten_all()?)
+}

@@ -1,0 +1,127 @@
+//! What a run leaves behind: `loss.csv`, streamed and flushed as training goes, and
+//! `report.json`, which keeps every key of the seed's report (same meaning) and adds what
+//! comparing runs needs.
+
+use crate::train::StepRecord;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::path::Path;
+
+/// Streams the loss curve: one flushed row per step, so a crash keeps the curve so far.
+pub struct LossCurveWriter {
+    csv: csv::Writer<File>,
+}
+
+pub const LOSS_CSV_HEADER: [&str; 6] =
+    ["step", "lr", "loss", "tokens_seen", "elapsed_s", "val_loss"];
+
+impl LossCurveWriter {
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut csv = csv::Writer::from_writer(file);
+        csv.write_record(LOSS_CSV_HEADER)?;
+        csv.flush()?;
+        Ok(Self { csv })
+    }
+
+    pub fn write(&mut self, r: &StepRecord) -> Result<()> {
+        self.csv.write_record([
+            r.step.to_string(),
+            format!("{:e}", r.lr),
+            format!("{}", r.loss),
+            r.tokens_seen.to_string(),
+            format!("{:.3}", r.elapsed_s),
+            r.val_loss.map(|v| v.to_string()).unwrap_or_default(),
+        ])?;
+        self.csv.flush()?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub generation: String,
+}
+
+/// `report.json`. The first block is the seed's report, key for key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub first_5_loss_avg: f64,
+    pub last_20_loss_avg: f64,
+    pub final_loss: f64,
+    pub ternary_ok: bool,
+    pub ternary_max_err: f64,
+    pub val_nll: f64,
+    pub val_ppl: f64,
+    pub num_steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr_peak: f64,
+    pub group_size: usize,
+    pub n_ternary_layers: usize,
+    pub n_ternary_params: usize,
+    pub samples: Vec<Sample>,
+    pub loss_curve: Vec<f64>,
+
+    /// "completed", "diverged" or "failed".
+    pub status: String,
+    pub error: Option<String>,
+    pub run_id: String,
+    pub experiment: String,
+    pub config_hash: String,
+    pub config: serde_json::Value,
+    pub seed: u64,
+    pub device: String,
+    pub dtype: String,
+    pub model_origin: String,
+    pub n_params: usize,
+    pub ternary_bad: usize,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    pub wall_time_s: f64,
+    pub train_time_s: f64,
+    pub tokens_per_s: f64,
+    pub peak_memory_bytes: Option<u64>,
+    pub versions: Versions,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Versions {
+    pub ternlab: String,
+    pub candle: String,
+}
+
+impl Versions {
+    pub fn current() -> Self {
+        Self {
+            ternlab: env!("CARGO_PKG_VERSION").to_string(),
+            candle: CANDLE_VERSION.to_string(),
+        }
+    }
+}
+
+/// The candle release this build is pinned to (Cargo.toml).
+pub const CANDLE_VERSION: &str = "0.11.1";
+
+/// Mean of the first `n` values (fewer if the curve is shorter); NaN when empty.
+pub fn head_mean(xs: &[f64], n: usize) -> f64 {
+    let h = &xs[..n.min(xs.len())];
+    h.iter().sum::<f64>() / h.len() as f64
+}
+
+/// Mean of the last `n` values (fewer if the curve is shorter); NaN when empty.
+pub fn tail_mean(xs: &[f64], n: usize) -> f64 {
+    let t = &xs[xs.len().saturating_sub(n)..];
+    t.iter().sum::<f64>() / t.len() as f64
+}
+
+/// Writes `value` as pretty JSON through a temporary file and a rename, so a reader never
+/// sees half a file.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}

@@ -1,0 +1,324 @@
+//! One run, end to end: resolve and check everything (model, tokenizer, data, device) before
+//! anything is written; then `<results>/<name>/<run-id>/config.toml` first, `loss.csv` while
+//! training, and `report.json` at the end.
+
+use crate::data::{Batcher, Corpus, Sampling};
+use crate::model::load::{random_weights, read_weights, resolve_checkpoint, CheckpointFiles};
+use crate::model::{Qwen3, Qwen3Config, TernarySpec};
+use crate::report::{
+    head_mean, tail_mean, write_json_atomic, LossCurveWriter, Report, Sample, Versions,
+};
+use crate::spec::{BadInput, Spec};
+use crate::train::{self, Outcome, StepRecord, ValDuringTraining};
+use anyhow::{Context, Result};
+use candle_core::Device;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// The tokenizer of the built-in presets: byte-level BPE, 4096 entries, trained on the bundled
+/// corpus by `cargo run --example make_tiny_tokenizer`.
+pub const TINY_TOKENIZER: &[u8] = include_bytes!("../data/tiny-tokenizer.json");
+
+/// Where the initial weights come from.
+pub enum ModelOrigin {
+    Preset(String),
+    Checkpoint(CheckpointFiles),
+}
+
+/// Everything a run needs, resolved and checked; nothing written yet.
+pub struct PreparedRun {
+    pub spec: Spec,
+    pub model_cfg: Qwen3Config,
+    pub origin: ModelOrigin,
+    pub tokenizer: Tokenizer,
+    pub corpus: Corpus,
+    pub sampling: Sampling,
+    pub device: Device,
+    pub device_name: String,
+    pub config_hash: String,
+    pub run_id: String,
+}
+
+/// Stable hash of what determines the results: the whole resolved spec except `[run]`
+/// (the device does not change the experiment).
+pub fn config_hash(spec: &Spec) -> String {
+    let mut s = spec.clone();
+    s.run = Default::default();
+    let text = toml::to_string(&s).expect("a spec serializes");
+    let digest = Sha256::digest(text.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `seed<N>-<hash8>`: readable, short, and the same on every machine.
+pub fn run_id(spec: &Spec, hash: &str) -> String {
+    format!("seed{}-{}", spec.train.seed, &hash[..8])
+}
+
+fn load_tokenizer(
+    spec: &Spec,
+    file: &Path,
+    checkpoint: Option<&CheckpointFiles>,
+) -> Result<Tokenizer> {
+    let from_file = |p: &Path, key: &str| {
+        Tokenizer::from_file(p).map_err(|e| {
+            BadInput(format!(
+                "{}: key `{key}`: cannot load tokenizer {}: {e}",
+                file.display(),
+                p.display()
+            ))
+            .into()
+        })
+    };
+    if let Some(p) = &spec.model.tokenizer {
+        return from_file(p, "model.tokenizer");
+    }
+    match checkpoint {
+        Some(c) => match &c.tokenizer {
+            Some(p) => from_file(p, "model.source"),
+            None => Err(BadInput(format!(
+                "{}: key `model.source`: {} has no tokenizer.json; set model.tokenizer",
+                file.display(),
+                c.origin
+            ))
+            .into()),
+        },
+        None => Tokenizer::from_bytes(TINY_TOKENIZER)
+            .map_err(|e| anyhow::anyhow!("the bundled tokenizer does not load: {e}")),
+    }
+}
+
+/// Resolves and checks a spec against the model and the data, writing nothing.
+pub fn prepare(spec: &Spec, file: &Path) -> Result<PreparedRun> {
+    spec.check(file)?;
+    let bad = |key: &str, msg: String| -> anyhow::Error {
+        BadInput(format!("{}: key `{key}`: {msg}", file.display())).into()
+    };
+    let (origin, checkpoint) = match &spec.model.preset {
+        Some(p) => (ModelOrigin::Preset(p.clone()), None),
+        None => {
+            let c = resolve_checkpoint(&spec.model.source, &spec.model.revision)
+                .map_err(|e| bad("model.source", format!("{e:#}")))?;
+            (ModelOrigin::Checkpoint(c.clone()), Some(c))
+        }
+    };
+    let tokenizer = load_tokenizer(spec, file, checkpoint.as_ref())?;
+    let model_cfg = match (&origin, &checkpoint) {
+        (ModelOrigin::Preset(p), _) => {
+            Qwen3Config::preset(p, tokenizer.get_vocab_size(true)).expect("checked preset")
+        }
+        (_, Some(c)) => Qwen3Config::from_hf_json(&c.config)
+            .map_err(|e| bad("model.source", format!("{e:#}")))?,
+        _ => unreachable!("a checkpoint origin has files"),
+    };
+    if tokenizer.get_vocab_size(true) > model_cfg.vocab_size {
+        return Err(bad(
+            "model.tokenizer",
+            format!(
+                "the tokenizer has {} entries, more than the model's vocab_size {}",
+                tokenizer.get_vocab_size(true),
+                model_cfg.vocab_size
+            ),
+        ));
+    }
+    for p in &spec.quant.projections {
+        let width = model_cfg
+            .projection_in_features(p)
+            .expect("checked projection name");
+        if width % spec.quant.group_size != 0 {
+            return Err(bad(
+                "quant.group_size",
+                format!(
+                    "{} does not divide the input width {width} of {p}; use a divisor of {width}",
+                    spec.quant.group_size
+                ),
+            ));
+        }
+    }
+    let data_path = &spec.data.path;
+    if !data_path.is_file() {
+        return Err(bad(
+            "data.path",
+            format!("{} does not exist or is not a file", data_path.display()),
+        ));
+    }
+    let corpus = Corpus::load(data_path, &tokenizer, spec.data.val_fraction)
+        .map_err(|e| bad("data.path", format!("{e:#}")))?;
+    let need = spec.data.seq_len + 2;
+    if corpus.train.len() < need {
+        return Err(bad(
+            "data.seq_len",
+            format!(
+                "the training split of {} has {} tokens; seq_len = {} needs at least {need}",
+                data_path.display(),
+                corpus.train.len(),
+                spec.data.seq_len
+            ),
+        ));
+    }
+    if corpus.val.len() <= spec.data.seq_len {
+        return Err(bad(
+            "data.val_fraction",
+            format!(
+                "the held-out split of {} has {} tokens, fewer than one window of seq_len + 1 = {}",
+                data_path.display(),
+                corpus.val.len(),
+                spec.data.seq_len + 1
+            ),
+        ));
+    }
+    let sampling = match spec.data.sampling.as_str() {
+        "sequential" => Sampling::Sequential,
+        _ => Sampling::Random,
+    };
+    let choice = crate::device::parse(&spec.run.device).expect("checked device");
+    let (device, device_name) =
+        crate::device::open(choice).map_err(|e| bad("run.device", format!("{e:#}")))?;
+    let config_hash = config_hash(spec);
+    let run_id = run_id(spec, &config_hash);
+    Ok(PreparedRun {
+        spec: spec.clone(),
+        model_cfg,
+        origin,
+        tokenizer,
+        corpus,
+        sampling,
+        device,
+        device_name,
+        config_hash,
+        run_id,
+    })
+}
+
+impl PreparedRun {
+    pub fn run_dir(&self, results: &Path) -> PathBuf {
+        results.join(&self.spec.name).join(&self.run_id)
+    }
+
+    /// Builds the model with its initial weights on the run's device.
+    pub fn build_model(&self) -> Result<(Qwen3, crate::model::Params)> {
+        let weights = match &self.origin {
+            ModelOrigin::Preset(_) => random_weights(&self.model_cfg, self.spec.train.seed)?,
+            ModelOrigin::Checkpoint(c) => read_weights(c)?,
+        };
+        let ternary = TernarySpec {
+            projections: self.spec.quant.projections.clone(),
+            group_size: self.spec.quant.group_size,
+        };
+        Ok(Qwen3::new(
+            &self.model_cfg,
+            weights,
+            &ternary,
+            &self.device,
+        )?)
+    }
+
+    fn origin_name(&self) -> String {
+        match &self.origin {
+            ModelOrigin::Preset(p) => format!("preset:{p}"),
+            ModelOrigin::Checkpoint(c) => c.origin.clone(),
+        }
+    }
+}
+
+/// Shows a run's progress: a bar on a terminal, plain lines (every 10 steps) otherwise.
+pub trait Progress {
+    fn step(&mut self, r: &StepRecord, total: usize);
+    fn message(&mut self, msg: &str);
+    fn finish(&mut self);
+}
+
+/// Trains a prepared run into `<results>/<name>/<run-id>/` and returns its report.
+pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> Result<Report> {
+    let wall = Instant::now();
+    let dir = p.run_dir(results);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("config.toml"), toml::to_string(&p.spec)?)
+        .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
+    let mut curve = LossCurveWriter::create(&dir.join("loss.csv"))?;
+
+    progress.message(&format!("{}: building the model", p.run_id));
+    let (model, params) = p.build_model()?;
+    let (t, d) = (&p.spec.train, &p.spec.data);
+    let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, p.sampling, t.seed)?;
+    let val = ValDuringTraining {
+        tokens: &p.corpus.val,
+        seq_len: d.seq_len,
+        batch_size: d.batch_size,
+        every: p.spec.eval.every,
+    };
+    let result = train::train(&model, &params, &mut batcher, t, &val, &mut |r| {
+        progress.step(r, t.steps);
+        curve.write(r)
+    })?;
+    progress.finish();
+
+    let losses = &result.losses;
+    let (status, error) = match &result.outcome {
+        Outcome::Completed => ("completed", None),
+        Outcome::Diverged { step, loss } => (
+            "diverged",
+            Some(format!("loss became {loss} at step {step}")),
+        ),
+    };
+    let verification = train::verify_ternary(&model)?;
+    let (val_nll, samples) = if result.outcome == Outcome::Completed {
+        progress.message(&format!("{}: held-out loss and samples", p.run_id));
+        let frozen = model.frozen()?;
+        let nll = train::heldout_nll(&frozen, &p.corpus.val, d.seq_len, d.batch_size)?;
+        let mut samples = Vec::new();
+        for prompt in &p.spec.eval.prompts {
+            let generation =
+                train::generate_greedy(&frozen, &p.tokenizer, prompt, p.spec.eval.max_new_tokens)?;
+            samples.push(Sample {
+                prompt: prompt.clone(),
+                generation,
+            });
+        }
+        (nll, samples)
+    } else {
+        (f64::NAN, Vec::new())
+    };
+    let ternary = model.ternary_linears();
+    let tokens_trained = losses.len() * d.batch_size * d.seq_len;
+    let report = Report {
+        first_5_loss_avg: head_mean(losses, 5),
+        last_20_loss_avg: tail_mean(losses, 20),
+        final_loss: losses.last().copied().unwrap_or(f64::NAN),
+        ternary_ok: verification.ok,
+        ternary_max_err: verification.max_err,
+        val_nll,
+        val_ppl: val_nll.exp(),
+        num_steps: t.steps,
+        batch_size: d.batch_size,
+        seq_len: d.seq_len,
+        lr_peak: t.lr,
+        group_size: p.spec.quant.group_size,
+        n_ternary_layers: ternary.len(),
+        n_ternary_params: ternary.iter().map(|l| l.weight().elem_count()).sum(),
+        samples,
+        loss_curve: losses.clone(),
+        status: status.into(),
+        error,
+        run_id: p.run_id.clone(),
+        experiment: p.spec.name.clone(),
+        config_hash: p.config_hash.clone(),
+        config: serde_json::to_value(&p.spec)?,
+        seed: t.seed,
+        device: p.device_name.clone(),
+        dtype: "f32".into(),
+        model_origin: p.origin_name(),
+        n_params: params.num_elements(),
+        ternary_bad: verification.bad,
+        train_tokens: p.corpus.train.len(),
+        val_tokens: p.corpus.val.len(),
+        wall_time_s: wall.elapsed().as_secs_f64(),
+        train_time_s: result.train_seconds,
+        tokens_per_s: tokens_trained as f64 / result.train_seconds.max(1e-9),
+        peak_memory_bytes: None,
+        versions: Versions::current(),
+    };
+    write_json_atomic(&dir.join("report.json"), &report)?;
+    Ok(report)
+}

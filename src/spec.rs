@@ -1,0 +1,351 @@
+//! The experiment spec as written in TOML, layered with `--set` overrides and `TERNLAB_*`
+//! environment variables (figment), then checked. Unknown keys are errors; every default is
+//! the seed's recipe (Qwen3-0.6B, 250 steps of 4 x 256 tokens, lr 5e-4, ...).
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Spec {
+    /// Results go to `<results>/<name>/<run-id>/`.
+    pub name: String,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub quant: QuantSpec,
+    pub train: TrainSpec,
+    pub eval: EvalSpec,
+    pub run: RunSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSpec {
+    /// Hub repo id (`Qwen/Qwen3-0.6B`) or a local directory with config.json, *.safetensors
+    /// and tokenizer.json. Ignored when `preset` is set.
+    pub source: String,
+    pub revision: String,
+    /// Built-in shapes with random init instead of a checkpoint: "tiny" or "qwen3-0.6b".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// tokenizer.json to use instead of the model's (presets default to data/tiny-tokenizer.json).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSpec {
+    pub path: PathBuf,
+    pub val_fraction: f64,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    /// "random" (seeded uniform offsets, the seed's) or "sequential".
+    pub sampling: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantSpec {
+    pub projections: Vec<String>,
+    pub group_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSpec {
+    pub steps: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub min_lr_ratio: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSpec {
+    pub prompts: Vec<String>,
+    pub max_new_tokens: usize,
+    /// Held-out loss every N steps during training (0: only at the end).
+    pub every: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSpec {
+    /// "auto", "cpu", "cuda", "cuda:N" or "metal".
+    pub device: String,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Self {
+            name: "baseline".into(),
+            model: ModelSpec::default(),
+            data: DataSpec::default(),
+            quant: QuantSpec::default(),
+            train: TrainSpec::default(),
+            eval: EvalSpec::default(),
+            run: RunSpec::default(),
+        }
+    }
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        Self {
+            source: "Qwen/Qwen3-0.6B".into(),
+            revision: "main".into(),
+            preset: None,
+            tokenizer: None,
+        }
+    }
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self {
+            path: "data/train_data.txt".into(),
+            val_fraction: 0.1,
+            seq_len: 256,
+            batch_size: 4,
+            sampling: "random".into(),
+        }
+    }
+}
+
+impl Default for QuantSpec {
+    fn default() -> Self {
+        Self {
+            projections: crate::model::PROJECTIONS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            group_size: 128,
+        }
+    }
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self {
+            steps: 250,
+            lr: 5e-4,
+            warmup_steps: 30,
+            min_lr_ratio: 0.1,
+            betas: [0.9, 0.95],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl Default for EvalSpec {
+    fn default() -> Self {
+        Self {
+            prompts: [
+                "Open source software has",
+                "World War II was",
+                "The development of antibiotics",
+                "Sleep is essential for",
+                "The scientific method is",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            max_new_tokens: 60,
+            every: 0,
+        }
+    }
+}
+
+impl Default for RunSpec {
+    fn default() -> Self {
+        Self {
+            device: "auto".into(),
+        }
+    }
+}
+
+/// One `--set key=value`: a dotted key path and a TOML value (bare words are strings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    pub key: String,
+    pub value: toml::Value,
+}
+
+impl std::str::FromStr for Override {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (key, raw) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--set {s:?}: expected key=value, e.g. train.lr=1e-3"))?;
+        let key = key.trim().to_string();
+        if key.is_empty() {
+            return Err(format!("--set {s:?}: the key is empty"));
+        }
+        let raw = raw.trim();
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        Ok(Self { key, value })
+    }
+}
+
+/// Reads a spec file, layers the environment (`TERNLAB_TRAIN__LR=1e-3`) and the `--set`
+/// overrides over it, and deserializes. Relative paths in the spec stay as written: they are
+/// resolved against the working directory, like the seed's `train_data.txt`.
+pub fn load(path: &Path, overrides: &[Override]) -> anyhow::Result<Spec> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read the spec: {e}", path.display()))?;
+    // Parse once ourselves for a message with the line and column.
+    toml::from_str::<toml::Table>(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not valid TOML: {e}", path.display()))?;
+    let mut fig = Figment::from(Serialized::defaults(Spec::default()))
+        .merge(Toml::string(&text))
+        .merge(Env::prefixed("TERNLAB_").split("__"));
+    for o in overrides {
+        fig = fig.merge(Serialized::global(&o.key, &o.value));
+    }
+    fig.extract::<Spec>().map_err(|e| {
+        let mut msg = format!("{}: ", path.display());
+        for (i, err) in e.into_iter().enumerate() {
+            if i > 0 {
+                msg.push_str("; ");
+            }
+            let key = err.path.join(".");
+            if key.is_empty() {
+                msg.push_str(&err.kind.to_string());
+            } else {
+                msg.push_str(&format!("key `{key}`: {}", err.kind));
+            }
+        }
+        anyhow::anyhow!(msg)
+    })
+}
+
+/// Input that is wrong before any training starts (the CLI exits with code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+fn bad(file: &Path, key: &str, value: impl std::fmt::Debug, want: &str) -> anyhow::Error {
+    BadInput(format!(
+        "{}: key `{key}` = {value:?}: {want}",
+        file.display()
+    ))
+    .into()
+}
+
+pub const SAMPLINGS: &[&str] = &["random", "sequential"];
+
+impl Spec {
+    /// Checks every value that can be checked without the model or the data.
+    pub fn check(&self, file: &Path) -> anyhow::Result<()> {
+        let (d, q, t, e) = (&self.data, &self.quant, &self.train, &self.eval);
+        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
+            return Err(bad(
+                file,
+                "name",
+                &self.name,
+                "a non-empty folder name without '/'",
+            ));
+        }
+        if let Some(p) = &self.model.preset {
+            if !crate::model::PRESETS.contains(&p.as_str()) {
+                return Err(bad(
+                    file,
+                    "model.preset",
+                    p,
+                    &format!("one of {:?}", crate::model::PRESETS),
+                ));
+            }
+        }
+        if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
+            return Err(bad(
+                file,
+                "data.val_fraction",
+                d.val_fraction,
+                "must be in (0, 1)",
+            ));
+        }
+        for (key, v) in [
+            ("data.seq_len", d.seq_len),
+            ("data.batch_size", d.batch_size),
+            ("quant.group_size", q.group_size),
+            ("train.steps", t.steps),
+        ] {
+            if v == 0 {
+                return Err(bad(file, key, v, "must be at least 1"));
+            }
+        }
+        if !SAMPLINGS.contains(&d.sampling.as_str()) {
+            return Err(bad(
+                file,
+                "data.sampling",
+                &d.sampling,
+                "\"random\" or \"sequential\"",
+            ));
+        }
+        for p in &q.projections {
+            if !crate::model::PROJECTIONS.contains(&p.as_str()) {
+                return Err(bad(
+                    file,
+                    "quant.projections",
+                    p,
+                    &format!("each must be one of {:?}", crate::model::PROJECTIONS),
+                ));
+            }
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(bad(file, "train.lr", t.lr, "must be a finite number > 0"));
+        }
+        for (i, b) in t.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return Err(bad(
+                    file,
+                    &format!("train.betas[{i}]"),
+                    b,
+                    "must be in [0, 1)",
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(bad(
+                file,
+                "train.min_lr_ratio",
+                t.min_lr_ratio,
+                "must be in [0, 1]",
+            ));
+        }
+        if t.eps.is_nan() || t.eps <= 0.0 {
+            return Err(bad(file, "train.eps", t.eps, "must be > 0"));
+        }
+        if t.weight_decay.is_nan() || t.weight_decay < 0.0 {
+            return Err(bad(
+                file,
+                "train.weight_decay",
+                t.weight_decay,
+                "must be >= 0",
+            ));
+        }
+        if e.prompts.iter().any(|p| p.is_empty()) {
+            return Err(bad(
+                file,
+                "eval.prompts",
+                "",
+                "prompts must not be empty strings",
+            ));
+        }
+        crate::device::parse(&self.run.device)
+            .map_err(|why| bad(file, "run.device", &self.run.device, &why))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,213 @@
+//! The training loop and the seed's post-training evaluation: AdamW with linear warm-up and
+//! cosine decay, one loss value per step recorded before the update; then the ternary check,
+//! held-out NLL / perplexity over non-overlapping windows, and greedy generations.
+
+use crate::data::{eval_starts, windows, Batcher};
+use crate::model::ternary::check_ternary;
+use crate::model::{cross_entropy, Params, Qwen3};
+use crate::spec::TrainSpec;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// Learning rate at `step` (0-based), as the seed's `lr_at`:
+/// 1. linear warm-up to `lr` over `warmup_steps` (step 0 already gets lr / warmup);
+/// 2. cosine decay from `lr` to `min_lr_ratio * lr` over the remaining steps, then flat.
+pub fn lr_at(t: &TrainSpec, step: usize) -> f64 {
+    if step < t.warmup_steps {
+        return t.lr * (step + 1) as f64 / t.warmup_steps as f64;
+    }
+    let span = t.steps.saturating_sub(t.warmup_steps).max(1);
+    let progress = ((step - t.warmup_steps) as f64 / span as f64).min(1.0);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    t.lr * (t.min_lr_ratio + (1.0 - t.min_lr_ratio) * cosine)
+}
+
+/// One line of the loss curve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    pub step: usize,
+    pub lr: f64,
+    pub loss: f64,
+    pub tokens_seen: usize,
+    pub elapsed_s: f64,
+    pub val_loss: Option<f64>,
+}
+
+/// How a training loop ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Completed,
+    /// The loss was NaN or infinite at this step; the curve holds the steps before it.
+    Diverged {
+        step: usize,
+        loss: f64,
+    },
+}
+
+pub struct TrainResult {
+    pub losses: Vec<f64>,
+    pub outcome: Outcome,
+    pub train_seconds: f64,
+}
+
+/// Held-out evaluation during training: every `every` steps (and never when 0).
+pub struct ValDuringTraining<'a> {
+    pub tokens: &'a [u32],
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub every: usize,
+}
+
+/// Trains `steps` steps. `on_step` sees every record as soon as it exists (for the CSV and
+/// the progress display).
+pub fn train(
+    model: &Qwen3,
+    params: &Params,
+    batcher: &mut Batcher,
+    t: &TrainSpec,
+    val: &ValDuringTraining,
+    on_step: &mut dyn FnMut(&StepRecord) -> Result<()>,
+) -> Result<TrainResult> {
+    let device = model.device().clone();
+    let mut opt = AdamW::new(
+        params.vars(),
+        ParamsAdamW {
+            lr: lr_at(t, 0),
+            beta1: t.betas[0],
+            beta2: t.betas[1],
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
+    )?;
+    let (b, l) = (val.batch_size, val.seq_len);
+    let start = Instant::now();
+    let mut losses = Vec::with_capacity(t.steps);
+    for step in 0..t.steps {
+        let lr = lr_at(t, step);
+        opt.set_learning_rate(lr);
+        let (x, y) = batcher.next_batch(&device)?;
+        let loss = cross_entropy(&model.forward(&x)?, &y)?;
+        // Reading the loss is the step's one host sync.
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() {
+            return Ok(TrainResult {
+                losses,
+                outcome: Outcome::Diverged {
+                    step,
+                    loss: loss_value,
+                },
+                train_seconds: start.elapsed().as_secs_f64(),
+            });
+        }
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        losses.push(loss_value);
+        let last = step + 1 == t.steps;
+        let val_loss = if val.every > 0 && ((step + 1) % val.every == 0 || last) {
+            Some(heldout_nll(&model.frozen()?, val.tokens, l, b)?)
+        } else {
+            None
+        };
+        on_step(&StepRecord {
+            step,
+            lr,
+            loss: loss_value,
+            tokens_seen: (step + 1) * b * l,
+            elapsed_s: start.elapsed().as_secs_f64(),
+            val_loss,
+        })?;
+    }
+    Ok(TrainResult {
+        losses,
+        outcome: Outcome::Completed,
+        train_seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Mean token NLL over the seed's non-overlapping held-out windows, `batch` windows at a time.
+pub fn heldout_nll(model: &Qwen3, tokens: &[u32], seq_len: usize, batch: usize) -> Result<f64> {
+    let starts = eval_starts(tokens.len(), seq_len);
+    anyhow::ensure!(
+        !starts.is_empty(),
+        "the held-out split has {} tokens, fewer than one window of seq_len + 1 = {}",
+        tokens.len(),
+        seq_len + 1
+    );
+    let mut nll_sum = 0.0;
+    let mut count = 0usize;
+    for chunk in starts.chunks(batch.max(1)) {
+        let (x, y) = windows(tokens, chunk, seq_len, model.device())?;
+        let mean = cross_entropy(&model.forward(&x)?, &y)?.to_scalar::<f32>()? as f64;
+        let n = chunk.len() * seq_len;
+        nll_sum += mean * n as f64;
+        count += n;
+    }
+    Ok(nll_sum / count as f64)
+}
+
+/// The seed's verification over all ternary layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TernaryVerification {
+    pub bad: usize,
+    pub total: usize,
+    pub max_err: f64,
+    pub ok: bool,
+}
+
+pub fn verify_ternary(model: &Qwen3) -> Result<TernaryVerification> {
+    let (mut bad, mut total, mut max_err) = (0, 0, 0f64);
+    for lin in model.ternary_linears() {
+        let g = lin.group_size().expect("ternary layer has a group size");
+        let c = check_ternary(lin.weight(), g)?;
+        bad += c.bad;
+        total += c.total;
+        max_err = max_err.max(c.max_err);
+    }
+    Ok(TernaryVerification {
+        bad,
+        total,
+        max_err,
+        ok: bad == 0 && max_err < 1e-4,
+    })
+}
+
+/// End-of-sequence ids: whichever of the usual Qwen / generic markers the tokenizer knows.
+pub fn eos_ids(tokenizer: &Tokenizer) -> Vec<u32> {
+    ["<|endoftext|>", "<|im_end|>", "</s>", "<eos>"]
+        .iter()
+        .filter_map(|t| tokenizer.token_to_id(t))
+        .collect()
+}
+
+/// Greedy continuation of `prompt` (the text after the prompt, as mlx_lm's `generate`).
+pub fn generate_greedy(
+    model: &Qwen3,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    max_new_tokens: usize,
+) -> Result<String> {
+    let enc = tokenizer
+        .encode(prompt, false)
+        .map_err(|e| anyhow::anyhow!("tokenizing prompt {prompt:?}: {e}"))?;
+    let mut ids: Vec<u32> = enc.get_ids().to_vec();
+    anyhow::ensure!(!ids.is_empty(), "prompt {prompt:?} tokenizes to nothing");
+    let eos = eos_ids(tokenizer);
+    let prompt_len = ids.len();
+    let device: &Device = model.device();
+    for _ in 0..max_new_tokens {
+        let x = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+        let logits = model.forward(&x)?; // (1, T, V)
+        let last = logits.squeeze(0)?.get(ids.len() - 1)?;
+        let next = last.argmax(0)?.to_scalar::<u32>()?;
+        if eos.contains(&next) {
+            break;
+        }
+        ids.push(next);
+    }
+    tokenizer
+        .decode(&ids[prompt_len..], false)
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))
+}

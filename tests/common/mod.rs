@@ -1,0 +1,85 @@
+//! Shared test harness: the parity fixture (made by scripts/make_parity_fixture.py with
+//! torch 2.11 / transformers 5.17, see tests/fixtures/parity/tokens.json) and small helpers.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use ternlab::model::load::{read_weights, resolve_checkpoint};
+use ternlab::model::qwen3::Weights;
+use ternlab::model::{Params, Qwen3, Qwen3Config, TernarySpec};
+
+pub fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+}
+
+#[derive(serde::Deserialize)]
+pub struct FixtureMeta {
+    pub group_size: usize,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub steps: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub min_lr_ratio: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub projections: Vec<String>,
+    pub n_ternary_layers: usize,
+    pub tokens: Vec<u32>,
+    pub losses: Vec<f64>,
+    pub lrs: Vec<f64>,
+}
+
+pub fn fixture_meta() -> FixtureMeta {
+    let text = std::fs::read_to_string(fixture_dir().join("tokens.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn fixture_tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture_dir().join("tensors.safetensors"), &Device::Cpu).unwrap()
+}
+
+pub fn fixture_config() -> Qwen3Config {
+    Qwen3Config::from_hf_json(&fixture_dir().join("model/config.json")).unwrap()
+}
+
+/// The fixture's weights through the real loading code (a local model directory).
+pub fn fixture_weights() -> Weights {
+    let files = resolve_checkpoint(fixture_dir().join("model").to_str().unwrap(), "main").unwrap();
+    read_weights(&files).unwrap()
+}
+
+pub fn fixture_model(projections: &[String], group_size: usize) -> (Qwen3, Params) {
+    let ternary = TernarySpec {
+        projections: projections.to_vec(),
+        group_size,
+    };
+    Qwen3::new(&fixture_config(), fixture_weights(), &ternary, &Device::Cpu).unwrap()
+}
+
+/// max |a - b| / max |b|: the relative error of `a` against the reference `b`.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+    let max_diff = diff.max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    max_diff / scale.max(1e-30)
+}
+
+/// Path of the built `ternlab` binary (for CLI tests).
+pub fn ternlab_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ternlab"))
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
