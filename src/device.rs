@@ -25,6 +25,19 @@ pub fn parse(s: &str) -> Result<DeviceChoice, String> {
     }
 }
 
+/// Fails when this build cannot use the chosen device (without touching the device).
+pub fn check_built(choice: DeviceChoice) -> anyhow::Result<()> {
+    let feature = match choice {
+        DeviceChoice::Cuda(_) if !candle_core::utils::cuda_is_available() => "cuda",
+        DeviceChoice::Metal if !candle_core::utils::metal_is_available() => "metal",
+        _ => return Ok(()),
+    };
+    anyhow::bail!(
+        "this ternlab was built without {feature}: build with \
+         `cargo build --release --features {feature}`"
+    )
+}
+
 /// Opens the device (and names it for reports: "cpu", "cuda:0", "metal"), with a message
 /// naming the cargo feature when the build lacks it.
 pub fn open(choice: DeviceChoice) -> anyhow::Result<(Device, String)> {
@@ -42,21 +55,11 @@ fn open_device(choice: DeviceChoice) -> anyhow::Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda(n) => {
-            if !candle_core::utils::cuda_is_available() {
-                anyhow::bail!(
-                    "run.device = \"cuda\", but this ternlab was built without CUDA: \
-                     build with `cargo build --release --features cuda`"
-                );
-            }
+            check_built(choice)?;
             Ok(Device::new_cuda(n)?)
         }
         DeviceChoice::Metal => {
-            if !candle_core::utils::metal_is_available() {
-                anyhow::bail!(
-                    "run.device = \"metal\", but this ternlab was built without Metal: \
-                     build with `cargo build --release --features metal`"
-                );
-            }
+            check_built(choice)?;
             Ok(Device::new_metal(0)?)
         }
         DeviceChoice::Auto => {

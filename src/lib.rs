@@ -7,8 +7,10 @@
 pub mod data;
 pub mod device;
 pub mod model;
+pub mod plan;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod runner;
 pub mod spec;
 pub mod train;

@@ -1,10 +1,12 @@
 //! The `ternlab` command line: parse, run, print the error chain once, exit with a code
-//! (0 success, 1 a run failed or diverged, 2 bad input).
+//! (0 success, 1 a run failed, diverged or was interrupted, 2 bad input).
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use ternlab::spec::{self, BadInput, Override};
+use ternlab::plan::{plan, Plan};
+use ternlab::runner::{self, state_of, summary_table, SweepOptions};
+use ternlab::spec::{BadInput, Override};
 
 #[derive(Parser)]
 #[command(name = "ternlab", version, about = "Ternary QAT experiments on Qwen3")]
@@ -13,24 +15,46 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct SpecArgs {
+    /// The experiment spec (TOML).
+    spec: PathBuf,
+    /// Override a spec key before sweep expansion, e.g. --set train.steps=50 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<Override>,
+    /// Results folder.
+    #[arg(long, default_value = "results")]
+    results: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Train one run of a spec and write results/<name>/<run-id>/.
+    /// Train the one run of a spec (no [sweep]) into <results>/<name>/<run-id>/.
     Run {
-        /// The experiment spec (TOML).
-        spec: PathBuf,
-        /// Override a spec key, e.g. --set train.lr=1e-3 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<Override>,
-        /// Results folder.
-        #[arg(long, default_value = "results")]
-        results: PathBuf,
+        #[command(flatten)]
+        args: SpecArgs,
+        /// Retrain even if this run has finished before.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check every run of a spec's sweep, then train those not yet done.
+    Sweep {
+        #[command(flatten)]
+        args: SpecArgs,
+        /// Retrain finished runs too.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the runs a spec would do and their state; trains nothing.
+    Plan {
+        #[command(flatten)]
+        args: SpecArgs,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -43,30 +67,70 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { spec, set, results } => {
-            let parsed = spec::load(&spec, &set).map_err(|e| BadInput(format!("{e:#}")))?;
-            let prepared = ternlab::run::prepare(&parsed, &spec)?;
-            let mut progress = ternlab::progress::for_stderr(&prepared.run_id);
-            let report = ternlab::run::execute(&prepared, &results, progress.as_mut())?;
-            let dir = prepared.run_dir(&results);
-            println!(
-                "{} {}: final loss {:.4}, last-20 {:.4}, val ppl {:.2}, ternary_ok {}, {:.0} tok/s -> {}",
-                report.run_id,
-                report.status,
-                report.final_loss,
-                report.last_20_loss_avg,
-                report.val_ppl,
-                report.ternary_ok,
-                report.tokens_per_s,
-                dir.display()
-            );
-            Ok(if report.status == "completed" {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+        Command::Run { args, force } => {
+            let p = plan(&args.spec, &args.set)?;
+            if p.runs.len() != 1 {
+                return Err(BadInput(format!(
+                    "{}: the [sweep] expands to {} runs; use `ternlab sweep` (or pin the \
+                     axes with --set)",
+                    args.spec.display(),
+                    p.runs.len()
+                ))
+                .into());
+            }
+            train_plan(&p, args.results, force)
         }
+        Command::Sweep { args, force } => {
+            let p = plan(&args.spec, &args.set)?;
+            train_plan(&p, args.results, force)
+        }
+        Command::Plan { args } => {
+            let p = plan(&args.spec, &args.set)?;
+            print_plan(&p, &args.results);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn train_plan(p: &Plan, results: PathBuf, force: bool) -> anyhow::Result<ExitCode> {
+    let prepared = runner::prepare_all(p)?;
+    let opts = SweepOptions { results, force };
+    let outcomes = runner::sweep(p, &prepared, &opts);
+    println!("{}", summary_table(&outcomes));
+    println!("results: {}", opts.results.join(&p.name).display());
+    let all_ok = outcomes
+        .iter()
+        .all(|o| o.status == "completed" || o.status == "done");
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_plan(p: &Plan, results: &std::path::Path) {
+    let keys: Vec<&String> = p.axes.iter().flat_map(|a| &a.keys).collect();
+    println!(
+        "{}: {} run(s) of experiment {:?} into {}",
+        p.file.display(),
+        p.runs.len(),
+        p.name,
+        results.join(&p.name).display()
+    );
+    let w = p.runs.iter().map(|r| r.id.len()).max().unwrap_or(3).max(3);
+    let mut header = format!("{:<w$}  {:<10}", "run", "state");
+    for k in &keys {
+        header.push_str(&format!("  {k}"));
+    }
+    println!("{header}");
+    for r in &p.runs {
+        let state = state_of(results, &p.name, r);
+        let mut line = format!("{:<w$}  {:<10}", r.id, state.label());
+        for (k, v) in &r.swept {
+            line.push_str(&format!("  {:>w2$}", v.to_string(), w2 = k.len()));
+        }
+        println!("{line}");
     }
 }

@@ -3,16 +3,16 @@
 //! training, and `report.json` at the end.
 
 use crate::data::{Batcher, Corpus, Sampling};
+use crate::device::DeviceChoice;
 use crate::model::load::{random_weights, read_weights, resolve_checkpoint, CheckpointFiles};
 use crate::model::{Qwen3, Qwen3Config, TernarySpec};
+use crate::plan::PlannedRun;
 use crate::report::{
     head_mean, tail_mean, write_json_atomic, LossCurveWriter, Report, Sample, Versions,
 };
 use crate::spec::{BadInput, Spec};
 use crate::train::{self, Outcome, StepRecord, ValDuringTraining};
 use anyhow::{Context, Result};
-use candle_core::Device;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -35,25 +35,9 @@ pub struct PreparedRun {
     pub tokenizer: Tokenizer,
     pub corpus: Corpus,
     pub sampling: Sampling,
-    pub device: Device,
-    pub device_name: String,
+    pub device: DeviceChoice,
     pub config_hash: String,
     pub run_id: String,
-}
-
-/// Stable hash of what determines the results: the whole resolved spec except `[run]`
-/// (the device does not change the experiment).
-pub fn config_hash(spec: &Spec) -> String {
-    let mut s = spec.clone();
-    s.run = Default::default();
-    let text = toml::to_string(&s).expect("a spec serializes");
-    let digest = Sha256::digest(text.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `seed<N>-<hash8>`: readable, short, and the same on every machine.
-pub fn run_id(spec: &Spec, hash: &str) -> String {
-    format!("seed{}-{}", spec.train.seed, &hash[..8])
 }
 
 fn load_tokenizer(
@@ -89,8 +73,9 @@ fn load_tokenizer(
     }
 }
 
-/// Resolves and checks a spec against the model and the data, writing nothing.
-pub fn prepare(spec: &Spec, file: &Path) -> Result<PreparedRun> {
+/// Resolves and checks a planned run against the model and the data, writing nothing.
+pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
+    let spec = &planned.spec;
     spec.check(file)?;
     let bad = |key: &str, msg: String| -> anyhow::Error {
         BadInput(format!("{}: key `{key}`: {msg}", file.display())).into()
@@ -172,11 +157,8 @@ pub fn prepare(spec: &Spec, file: &Path) -> Result<PreparedRun> {
         "sequential" => Sampling::Sequential,
         _ => Sampling::Random,
     };
-    let choice = crate::device::parse(&spec.run.device).expect("checked device");
-    let (device, device_name) =
-        crate::device::open(choice).map_err(|e| bad("run.device", format!("{e:#}")))?;
-    let config_hash = config_hash(spec);
-    let run_id = run_id(spec, &config_hash);
+    let device = crate::device::parse(&spec.run.device).expect("checked device");
+    crate::device::check_built(device).map_err(|e| bad("run.device", format!("{e:#}")))?;
     Ok(PreparedRun {
         spec: spec.clone(),
         model_cfg,
@@ -185,9 +167,8 @@ pub fn prepare(spec: &Spec, file: &Path) -> Result<PreparedRun> {
         corpus,
         sampling,
         device,
-        device_name,
-        config_hash,
-        run_id,
+        config_hash: planned.config_hash.clone(),
+        run_id: planned.id.clone(),
     })
 }
 
@@ -196,8 +177,11 @@ impl PreparedRun {
         results.join(&self.spec.name).join(&self.run_id)
     }
 
-    /// Builds the model with its initial weights on the run's device.
-    pub fn build_model(&self) -> Result<(Qwen3, crate::model::Params)> {
+    /// Builds the model with its initial weights on `device`.
+    pub fn build_model(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<(Qwen3, crate::model::Params)> {
         let weights = match &self.origin {
             ModelOrigin::Preset(_) => random_weights(&self.model_cfg, self.spec.train.seed)?,
             ModelOrigin::Checkpoint(c) => read_weights(c)?,
@@ -206,12 +190,7 @@ impl PreparedRun {
             projections: self.spec.quant.projections.clone(),
             group_size: self.spec.quant.group_size,
         };
-        Ok(Qwen3::new(
-            &self.model_cfg,
-            weights,
-            &ternary,
-            &self.device,
-        )?)
+        Ok(Qwen3::new(&self.model_cfg, weights, &ternary, device)?)
     }
 
     fn origin_name(&self) -> String {
@@ -238,8 +217,12 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
     let mut curve = LossCurveWriter::create(&dir.join("loss.csv"))?;
 
-    progress.message(&format!("{}: building the model", p.run_id));
-    let (model, params) = p.build_model()?;
+    let (device, device_name) = crate::device::open(p.device)?;
+    progress.message(&format!(
+        "{}: building the model on {device_name}",
+        p.run_id
+    ));
+    let (model, params) = p.build_model(&device)?;
     let (t, d) = (&p.spec.train, &p.spec.data);
     let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, p.sampling, t.seed)?;
     let val = ValDuringTraining {
@@ -306,7 +289,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         config_hash: p.config_hash.clone(),
         config: serde_json::to_value(&p.spec)?,
         seed: t.seed,
-        device: p.device_name.clone(),
+        device: device_name,
         dtype: "f32".into(),
         model_origin: p.origin_name(),
         n_params: params.num_elements(),

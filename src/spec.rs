@@ -199,36 +199,119 @@ impl std::str::FromStr for Override {
     }
 }
 
-/// Reads a spec file, layers the environment (`TERNLAB_TRAIN__LR=1e-3`) and the `--set`
-/// overrides over it, and deserializes. Relative paths in the spec stay as written: they are
-/// resolved against the working directory, like the seed's `train_data.txt`.
-pub fn load(path: &Path, overrides: &[Override]) -> anyhow::Result<Spec> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read the spec: {e}", path.display()))?;
-    // Parse once ourselves for a message with the line and column.
-    toml::from_str::<toml::Table>(&text)
-        .map_err(|e| anyhow::anyhow!("{}: not valid TOML: {e}", path.display()))?;
+/// The layers of a spec, lowest first: the seed's defaults, the file (without its `[sweep]`
+/// table), the environment (`TERNLAB_TRAIN__LR=1e-3`), the `--set` overrides.
+pub fn layers(file_table: &toml::Table, overrides: &[Override]) -> Figment {
+    let text = toml::to_string(file_table).expect("a parsed table serializes");
     let mut fig = Figment::from(Serialized::defaults(Spec::default()))
         .merge(Toml::string(&text))
         .merge(Env::prefixed("TERNLAB_").split("__"));
     for o in overrides {
         fig = fig.merge(Serialized::global(&o.key, &o.value));
     }
+    fig
+}
+
+/// Reads a spec file as a TOML table; the error names the file, line and column.
+pub fn read_table(path: &Path) -> anyhow::Result<toml::Table> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BadInput(format!("{}: cannot read the spec: {e}", path.display())))?;
+    toml::from_str::<toml::Table>(&text)
+        .map_err(|e| BadInput(format!("{}: not valid TOML: {e}", path.display())).into())
+}
+
+/// Deserializes layered values into a `Spec`. Errors name the file and the key path, and
+/// for an unknown key the nearest valid one.
+pub fn extract(fig: &Figment, file: &Path) -> anyhow::Result<Spec> {
     fig.extract::<Spec>().map_err(|e| {
-        let mut msg = format!("{}: ", path.display());
-        for (i, err) in e.into_iter().enumerate() {
-            if i > 0 {
-                msg.push_str("; ");
-            }
+        let mut msgs = Vec::new();
+        for err in e {
             let key = err.path.join(".");
-            if key.is_empty() {
-                msg.push_str(&err.kind.to_string());
+            let mut msg = match &err.kind {
+                figment::error::Kind::UnknownField(field, _) => {
+                    let full = if key.is_empty() || key.ends_with(field.as_str()) {
+                        key.clone()
+                    } else {
+                        format!("{key}.{field}")
+                    };
+                    let mut m = format!("unknown key `{full}`");
+                    if let Some(near) = nearest_key(&full) {
+                        m.push_str(&format!("; did you mean `{near}`?"));
+                    }
+                    m
+                }
+                kind if key.is_empty() => kind.to_string(),
+                kind => format!("key `{key}`: {kind}"),
+            };
+            if let Some(src) = err.metadata.as_ref().map(|m| m.name.to_string()) {
+                if src.contains("environment") {
+                    msg.push_str(&format!(" (from the {src})"));
+                }
+            }
+            msgs.push(msg);
+        }
+        BadInput(format!("{}: {}", file.display(), msgs.join("; "))).into()
+    })
+}
+
+/// Reads, layers and deserializes a spec that has no `[sweep]`.
+pub fn load(path: &Path, overrides: &[Override]) -> anyhow::Result<Spec> {
+    let mut table = read_table(path)?;
+    table.remove("sweep");
+    extract(&layers(&table, overrides), path)
+}
+
+/// Every key path a spec accepts (`train.lr`, `model.preset`, ...).
+pub fn known_keys() -> Vec<String> {
+    let mut full = Spec::default();
+    full.model.preset = Some(String::new());
+    full.model.tokenizer = Some(PathBuf::new());
+    let table = toml::Table::try_from(&full).expect("a spec serializes");
+    let mut keys = Vec::new();
+    fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {
+        for (k, v) in t {
+            let path = if prefix.is_empty() {
+                k.clone()
             } else {
-                msg.push_str(&format!("key `{key}`: {}", err.kind));
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) => walk(&path, inner, keys),
+                _ => keys.push(path),
             }
         }
-        anyhow::anyhow!(msg)
-    })
+    }
+    walk("", &table, &mut keys);
+    keys
+}
+
+/// The valid key closest to `key` by edit distance, if it is plausibly a typo of it.
+pub fn nearest_key(key: &str) -> Option<String> {
+    let keys = known_keys();
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    keys.into_iter()
+        .map(|k| {
+            let k_leaf = k.rsplit('.').next().unwrap_or(&k).to_string();
+            let d = edit_distance(key, &k).min(edit_distance(leaf, &k_leaf) + 1);
+            (d, k)
+        })
+        .filter(|(d, k)| *d <= 3.max(k.len() / 3))
+        .min()
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// Input that is wrong before any training starts (the CLI exits with code 2).
@@ -348,4 +431,19 @@ impl Spec {
             .map_err(|why| bad(file, "run.device", &self.run.device, &why))?;
         Ok(())
     }
+}
+
+/// A `--set` key must be a spec key (not `sweep`).
+pub fn check_override_key(file: &Path, key: &str) -> anyhow::Result<()> {
+    if known_keys().iter().any(|k| k == key) {
+        return Ok(());
+    }
+    let hint = nearest_key(key)
+        .map(|k| format!("; did you mean `{k}`?"))
+        .unwrap_or_default();
+    Err(BadInput(format!(
+        "{}: --set {key}: not a spec key{hint}",
+        file.display()
+    ))
+    .into())
 }

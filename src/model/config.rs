@@ -112,7 +112,9 @@ impl Qwen3Config {
         anyhow::ensure!(
             self.num_attention_heads > 0
                 && self.num_key_value_heads > 0
-                && self.num_attention_heads.is_multiple_of(self.num_key_value_heads),
+                && self
+                    .num_attention_heads
+                    .is_multiple_of(self.num_key_value_heads),
             "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
             self.num_attention_heads,
             self.num_key_value_heads

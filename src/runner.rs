@@ -1,0 +1,248 @@
+//! Runs a plan: every run is resolved and checked before any training (one bad run stops the
+//! sweep with nothing written); finished runs are skipped; each run's fate is recorded in its
+//! `status.json`; a failing run is recorded and the sweep goes on.
+//!
+//! A run folder `<results>/<name>/<run-id>/` holds `config.toml` (written first), `loss.csv`
+//! (streamed), `status.json` (running / completed / diverged / failed / interrupted, written
+//! by rename) and, once training ended, `report.json`.
+
+use crate::plan::{Plan, PlannedRun};
+use crate::progress;
+use crate::report::write_json_atomic;
+use crate::run::{execute, prepare, PreparedRun};
+use serde::{Deserialize, Serialize};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub status: String,
+    pub config_hash: String,
+    pub error: Option<String>,
+    pub pid: u32,
+    pub updated_unix_s: u64,
+}
+
+/// What the results folder says about a planned run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunState {
+    Pending,
+    Done,
+    Diverged(String),
+    Failed(String),
+    /// Started but never finished: interrupted, or the process died.
+    Unfinished,
+    /// The folder holds results of another configuration (a hash prefix collision, or an edited
+    /// config.toml): never mixed, retrained only with --force.
+    Conflict(String),
+}
+
+impl RunState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            RunState::Pending => "pending",
+            RunState::Done => "done",
+            RunState::Diverged(_) => "diverged",
+            RunState::Failed(_) => "failed",
+            RunState::Unfinished => "unfinished",
+            RunState::Conflict(_) => "conflict",
+        }
+    }
+}
+
+pub fn run_dir(results: &Path, name: &str, id: &str) -> PathBuf {
+    results.join(name).join(id)
+}
+
+pub fn read_status(dir: &Path) -> Option<Status> {
+    let text = std::fs::read_to_string(dir.join("status.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn write_status(
+    dir: &Path,
+    status: &str,
+    hash: &str,
+    error: Option<String>,
+) -> anyhow::Result<()> {
+    let s = Status {
+        status: status.into(),
+        config_hash: hash.into(),
+        error,
+        pid: std::process::id(),
+        updated_unix_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    write_json_atomic(&dir.join("status.json"), &s)
+}
+
+pub fn state_of(results: &Path, name: &str, run: &PlannedRun) -> RunState {
+    let dir = run_dir(results, name, &run.id);
+    if !dir.exists() {
+        return RunState::Pending;
+    }
+    let Some(st) = read_status(&dir) else {
+        return RunState::Unfinished;
+    };
+    if st.config_hash != run.config_hash {
+        return RunState::Conflict(format!(
+            "{} holds config {} , not {}",
+            dir.display(),
+            &st.config_hash[..8.min(st.config_hash.len())],
+            &run.config_hash[..8]
+        ));
+    }
+    let err = st.error.clone().unwrap_or_default();
+    match st.status.as_str() {
+        "completed" if dir.join("report.json").is_file() => RunState::Done,
+        "diverged" => RunState::Diverged(err),
+        "failed" => RunState::Failed(err),
+        _ => RunState::Unfinished,
+    }
+}
+
+/// One line of the end-of-sweep summary.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub id: String,
+    pub status: String,
+    pub final_loss: Option<f64>,
+    pub val_ppl: Option<f64>,
+    pub seconds: Option<f64>,
+    pub error: Option<String>,
+}
+
+pub struct SweepOptions {
+    pub results: PathBuf,
+    pub force: bool,
+}
+
+/// Checks every run of the plan against model and data; the first problem stops everything.
+pub fn prepare_all(plan: &Plan) -> anyhow::Result<Vec<PreparedRun>> {
+    plan.runs.iter().map(|r| prepare(r, &plan.file)).collect()
+}
+
+/// Trains the runs that need it and returns one outcome per run of the plan.
+pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<Outcome> {
+    let total = plan.runs.len();
+    let mut outcomes = Vec::with_capacity(total);
+    for (i, (run, p)) in plan.runs.iter().zip(prepared).enumerate() {
+        let label = format!("[{}/{total}] {}", i + 1, run.id);
+        let state = state_of(&opts.results, &plan.name, run);
+        let skip = match &state {
+            RunState::Done | RunState::Diverged(_) => !opts.force,
+            RunState::Conflict(_) => !opts.force,
+            _ => false,
+        };
+        if skip {
+            eprintln!("{label}: {} (skipped; --force retrains)", state.label());
+            outcomes.push(previous_outcome(&opts.results, plan, run, &state));
+            continue;
+        }
+        outcomes.push(train_one(p, &opts.results, &label));
+    }
+    outcomes
+}
+
+fn previous_outcome(results: &Path, plan: &Plan, run: &PlannedRun, state: &RunState) -> Outcome {
+    let dir = run_dir(results, &plan.name, &run.id);
+    let report = std::fs::read_to_string(dir.join("report.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let num = |k: &str| report.as_ref().and_then(|r| r[k].as_f64());
+    Outcome {
+        id: run.id.clone(),
+        status: state.label().to_string(),
+        final_loss: num("final_loss"),
+        val_ppl: num("val_ppl"),
+        seconds: num("wall_time_s"),
+        error: match state {
+            RunState::Diverged(e) | RunState::Failed(e) | RunState::Conflict(e) => Some(e.clone()),
+            _ => None,
+        },
+    }
+}
+
+/// Trains one run in a fresh folder, turning any error or panic into a `failed` status.
+fn train_one(p: &PreparedRun, results: &Path, label: &str) -> Outcome {
+    let dir = p.run_dir(results);
+    let result = (|| -> anyhow::Result<crate::report::Report> {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        write_status(&dir, "running", &p.config_hash, None)?;
+        let mut progress = progress::for_stderr(label);
+        match catch_unwind(AssertUnwindSafe(|| execute(p, results, progress.as_mut()))) {
+            Ok(r) => r,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(anyhow::anyhow!("panicked: {msg}"))
+            }
+        }
+    })();
+    match result {
+        Ok(report) => {
+            let _ = write_status(&dir, &report.status, &p.config_hash, report.error.clone());
+            Outcome {
+                id: p.run_id.clone(),
+                status: report.status.clone(),
+                final_loss: Some(report.final_loss),
+                val_ppl: Some(report.val_ppl),
+                seconds: Some(report.wall_time_s),
+                error: report.error,
+            }
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("{label}: failed: {msg}");
+            if dir.exists() {
+                let _ = write_status(&dir, "failed", &p.config_hash, Some(msg.clone()));
+            }
+            Outcome {
+                id: p.run_id.clone(),
+                status: "failed".into(),
+                final_loss: None,
+                val_ppl: None,
+                seconds: None,
+                error: Some(msg),
+            }
+        }
+    }
+}
+
+/// The end-of-sweep table.
+pub fn summary_table(outcomes: &[Outcome]) -> String {
+    let w = outcomes
+        .iter()
+        .map(|o| o.id.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let mut s = format!(
+        "{:<w$}  {:<10}  {:>10}  {:>10}  {:>8}\n",
+        "run", "status", "final_loss", "val_ppl", "time_s"
+    );
+    let f = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or("-".into());
+    for o in outcomes {
+        s.push_str(&format!(
+            "{:<w$}  {:<10}  {:>10}  {:>10}  {:>8}",
+            o.id,
+            o.status,
+            f(o.final_loss, 4),
+            f(o.val_ppl, 2),
+            f(o.seconds, 1)
+        ));
+        if let Some(e) = &o.error {
+            s.push_str(&format!("  {e}"));
+        }
+        s.push('\n');
+    }
+    s
+}
