@@ -4,10 +4,12 @@
 //! spec (TOML + overrides) -> run (resolve, check, results layout) -> train (the loop, eval)
 //! -> report (loss.csv, report.json).
 
+pub mod compare;
 pub mod data;
 pub mod device;
 pub mod model;
 pub mod plan;
+pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod run;

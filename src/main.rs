@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use ternlab::compare::{self, Format};
 use ternlab::plan::{plan, Plan};
 use ternlab::runner::{self, state_of, summary_table, SweepOptions};
 use ternlab::spec::{BadInput, Override};
@@ -50,6 +51,30 @@ enum Command {
         #[command(flatten)]
         args: SpecArgs,
     },
+    /// One row per configuration of an experiment: mean ± std over seeds.
+    Compare {
+        /// An experiment's results folder, e.g. results/lr.
+        dir: PathBuf,
+        /// Sort by this metric.
+        #[arg(long, default_value = "last_20_loss_avg")]
+        metric: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Two runs side by side: config keys that differ, metrics, where the loss curves part.
+    Diff {
+        /// A run folder, e.g. results/lr/lr=0.001_seed=0_3fa2c9e1.
+        a: PathBuf,
+        b: PathBuf,
+    },
+    /// Loss curves per configuration with a band over seeds, to PNG or SVG.
+    Plot {
+        /// An experiment's results folder.
+        dir: PathBuf,
+        /// The picture to write (.png or .svg).
+        #[arg(short, long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,6 +114,42 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan { args } => {
             let p = plan(&args.spec, &args.set)?;
             print_plan(&p, &args.results);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare {
+            dir,
+            metric,
+            format,
+        } => {
+            let (runs, without) = compare::read_experiment(&dir)?;
+            let c = compare::compare(&runs, &metric).map_err(|e| BadInput(format!("{e:#}")))?;
+            print!("{}", compare::render(&c, format)?);
+            let failed = runs
+                .iter()
+                .filter(|r| r.report.status != "completed")
+                .count();
+            if format == Format::Table && failed + without > 0 {
+                eprintln!(
+                    "({} run(s) not shown: {failed} diverged, {without} without a report)",
+                    failed + without
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff { a, b } => {
+            let (ra, rb) = (compare::read_run(&a)?, compare::read_run(&b)?);
+            print!("{}", compare::diff(&ra, &rb));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot { dir, out } => {
+            let (runs, _) = compare::read_experiment(&dir)?;
+            let c = compare::compare(&runs, "last_20_loss_avg")?;
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            ternlab::plot::plot(&c, &runs, &name, &out)?;
+            println!("wrote {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
     }
