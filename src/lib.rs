@@ -7,6 +7,7 @@
 pub mod compare;
 pub mod data;
 pub mod device;
+pub mod faults;
 pub mod model;
 pub mod plan;
 pub mod plot;

@@ -157,14 +157,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn train_plan(p: &Plan, results: PathBuf, force: bool) -> anyhow::Result<ExitCode> {
     let prepared = runner::prepare_all(p)?;
+    ternlab::faults::install_interrupt_handler();
     let opts = SweepOptions { results, force };
     let outcomes = runner::sweep(p, &prepared, &opts);
     println!("{}", summary_table(&outcomes));
     println!("results: {}", opts.results.join(&p.name).display());
+    // "elsewhere": another sweep process is training that run.
     let all_ok = outcomes
         .iter()
-        .all(|o| o.status == "completed" || o.status == "done");
-    Ok(if all_ok {
+        .all(|o| matches!(o.status.as_str(), "completed" | "done" | "elsewhere"));
+    Ok(if ternlab::faults::interrupted() {
+        ExitCode::from(130)
+    } else if all_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -162,10 +162,11 @@ pub fn config_hash(spec: &Spec) -> String {
         .collect()
 }
 
-/// A value as it appears in a run id: short and safe in a file name.
+/// A value as it appears in a run id: short and safe in a file name (projection names lose
+/// their `_proj`: `q+k+v+o`).
 fn id_value(v: &toml::Value) -> String {
     let raw = match v {
-        toml::Value::String(s) => s.clone(),
+        toml::Value::String(s) => s.strip_suffix("_proj").unwrap_or(s).to_string(),
         toml::Value::Array(a) => a.iter().map(id_value).collect::<Vec<_>>().join("+"),
         other => other.to_string(),
     };

@@ -59,7 +59,7 @@ pub struct Report {
     pub batch_size: usize,
     pub seq_len: usize,
     pub lr_peak: f64,
-    pub group_size: usize,
+    pub group_size: crate::spec::GroupSize,
     pub n_ternary_layers: usize,
     pub n_ternary_params: usize,
     pub samples: Vec<Sample>,
@@ -117,11 +117,16 @@ pub fn tail_mean(xs: &[f64], n: usize) -> f64 {
     t.iter().sum::<f64>() / t.len() as f64
 }
 
-/// Writes `value` as pretty JSON through a temporary file and a rename, so a reader never
-/// sees half a file.
-pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+/// Writes a file through a temporary file and a rename, so a reader (or a crash) never
+/// leaves half a file.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
 }

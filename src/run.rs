@@ -8,7 +8,8 @@ use crate::model::load::{random_weights, read_weights, resolve_checkpoint, Check
 use crate::model::{Qwen3, Qwen3Config, TernarySpec};
 use crate::plan::PlannedRun;
 use crate::report::{
-    head_mean, tail_mean, write_json_atomic, LossCurveWriter, Report, Sample, Versions,
+    head_mean, tail_mean, write_atomic, write_json_atomic, LossCurveWriter, Report, Sample,
+    Versions,
 };
 use crate::spec::{BadInput, Spec};
 use crate::train::{self, Outcome, StepRecord, ValDuringTraining};
@@ -111,12 +112,13 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
         let width = model_cfg
             .projection_in_features(p)
             .expect("checked projection name");
-        if width % spec.quant.group_size != 0 {
+        let g = spec.quant.group_size.for_width(width);
+        if width % g != 0 {
             return Err(bad(
                 "quant.group_size",
                 format!(
                     "{} does not divide the input width {width} of {p}; use a divisor of {width}",
-                    spec.quant.group_size
+                    g
                 ),
             ));
         }
@@ -213,8 +215,10 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
     let wall = Instant::now();
     let dir = p.run_dir(results);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join("config.toml"), toml::to_string(&p.spec)?)
-        .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
+    write_atomic(
+        &dir.join("config.toml"),
+        toml::to_string(&p.spec)?.as_bytes(),
+    )?;
     let mut curve = LossCurveWriter::create(&dir.join("loss.csv"))?;
 
     let (device, device_name) = crate::device::open(p.device)?;
@@ -231,7 +235,8 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         batch_size: d.batch_size,
         every: p.spec.eval.every,
     };
-    let result = train::train(&model, &params, &mut batcher, t, &val, &mut |r| {
+    let fault = crate::faults::injected(&p.run_id)?;
+    let result = train::train(&model, &params, &mut batcher, t, &val, fault, &mut |r| {
         progress.step(r, t.steps);
         curve.write(r)
     })?;
@@ -243,6 +248,10 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         Outcome::Diverged { step, loss } => (
             "diverged",
             Some(format!("loss became {loss} at step {step}")),
+        ),
+        Outcome::Interrupted { step } => (
+            "interrupted",
+            Some(format!("interrupted before step {step}")),
         ),
     };
     let verification = train::verify_ternary(&model)?;

@@ -4,7 +4,9 @@
 //!
 //! A run folder `<results>/<name>/<run-id>/` holds `config.toml` (written first), `loss.csv`
 //! (streamed), `status.json` (running / completed / diverged / failed / interrupted, written
-//! by rename) and, once training ended, `report.json`.
+//! by rename) and, once training ended, `report.json`. `<results>/<name>/.locks/<run-id>.lock`
+//! is held (an OS file lock) by the process training that run, so two sweeps on one folder
+//! never train the same run; the OS drops the lock when its process dies, however it dies.
 
 use crate::plan::{Plan, PlannedRun};
 use crate::progress;
@@ -32,6 +34,8 @@ pub enum RunState {
     Failed(String),
     /// Started but never finished: interrupted, or the process died.
     Unfinished,
+    /// Another live process is training it now.
+    Running,
     /// The folder holds results of another configuration (a hash prefix collision, or an edited
     /// config.toml): never mixed, retrained only with --force.
     Conflict(String),
@@ -45,9 +49,51 @@ impl RunState {
             RunState::Diverged(_) => "diverged",
             RunState::Failed(_) => "failed",
             RunState::Unfinished => "unfinished",
+            RunState::Running => "running",
             RunState::Conflict(_) => "conflict",
         }
     }
+}
+
+/// An exclusive claim on one run while it trains.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the run's lock, or returns None if a live process holds it.
+    pub fn try_acquire(results: &Path, name: &str, id: &str) -> anyhow::Result<Option<Self>> {
+        let dir = results.join(name).join(".locks");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{id}.lock"));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => {
+                use std::io::Write;
+                file.set_len(0)?;
+                writeln!(file, "pid {}", std::process::id())?;
+                Ok(Some(Self { _file: file }))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+        }
+    }
+}
+
+/// Whether another live process is training this run now.
+pub fn is_running_elsewhere(results: &Path, name: &str, id: &str) -> bool {
+    let path = results.join(name).join(".locks").join(format!("{id}.lock"));
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    matches!(
+        file.try_lock_shared(),
+        Err(std::fs::TryLockError::WouldBlock)
+    )
 }
 
 pub fn run_dir(results: &Path, name: &str, id: &str) -> PathBuf {
@@ -80,6 +126,9 @@ pub fn write_status(
 
 pub fn state_of(results: &Path, name: &str, run: &PlannedRun) -> RunState {
     let dir = run_dir(results, name, &run.id);
+    if is_running_elsewhere(results, name, &run.id) {
+        return RunState::Running;
+    }
     if !dir.exists() {
         return RunState::Pending;
     }
@@ -130,20 +179,57 @@ pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<
     let mut outcomes = Vec::with_capacity(total);
     for (i, (run, p)) in plan.runs.iter().zip(prepared).enumerate() {
         let label = format!("[{}/{total}] {}", i + 1, run.id);
-        let state = state_of(&opts.results, &plan.name, run);
-        let skip = match &state {
-            RunState::Done | RunState::Diverged(_) => !opts.force,
-            RunState::Conflict(_) => !opts.force,
+        if crate::faults::interrupted() {
+            outcomes.push(not_run(run, "not run", None));
+            continue;
+        }
+        let skip = |state: &RunState| match state {
+            RunState::Done | RunState::Diverged(_) | RunState::Conflict(_) => !opts.force,
             _ => false,
         };
-        if skip {
+        let state = state_of(&opts.results, &plan.name, run);
+        if skip(&state) {
             eprintln!("{label}: {} (skipped; --force retrains)", state.label());
             outcomes.push(previous_outcome(&opts.results, plan, run, &state));
             continue;
         }
+        let lock = match RunLock::try_acquire(&opts.results, &plan.name, &run.id) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                eprintln!("{label}: being trained by another process; skipped");
+                outcomes.push(not_run(run, "elsewhere", None));
+                continue;
+            }
+            Err(e) => {
+                outcomes.push(not_run(
+                    run,
+                    "failed",
+                    Some(format!("taking the run lock: {e}")),
+                ));
+                continue;
+            }
+        };
+        // Another process may have finished it between the look and the lock.
+        let state = state_of(&opts.results, &plan.name, run);
+        if skip(&state) {
+            outcomes.push(previous_outcome(&opts.results, plan, run, &state));
+            continue;
+        }
         outcomes.push(train_one(p, &opts.results, &label));
+        drop(lock);
     }
     outcomes
+}
+
+fn not_run(run: &PlannedRun, status: &str, error: Option<String>) -> Outcome {
+    Outcome {
+        id: run.id.clone(),
+        status: status.into(),
+        final_loss: None,
+        val_ppl: None,
+        seconds: None,
+        error,
+    }
 }
 
 fn previous_outcome(results: &Path, plan: &Plan, run: &PlannedRun, state: &RunState) -> Outcome {

@@ -50,7 +50,62 @@ pub struct DataSpec {
 #[serde(deny_unknown_fields, default)]
 pub struct QuantSpec {
     pub projections: Vec<String>,
-    pub group_size: usize,
+    /// Input columns per absmean scale, or "row" for one scale per output row.
+    pub group_size: GroupSize,
+}
+
+/// `quant.group_size`: a number of input columns, or `"row"` (the whole input width).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupSize {
+    Columns(usize),
+    Row,
+}
+
+impl GroupSize {
+    /// The group size of a projection whose input width is `width`.
+    pub fn for_width(self, width: usize) -> usize {
+        match self {
+            GroupSize::Columns(g) => g,
+            GroupSize::Row => width,
+        }
+    }
+}
+
+impl std::fmt::Display for GroupSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupSize::Columns(g) => write!(f, "{g}"),
+            GroupSize::Row => f.write_str("row"),
+        }
+    }
+}
+
+impl Serialize for GroupSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            GroupSize::Columns(g) => s.serialize_u64(*g as u64),
+            GroupSize::Row => s.serialize_str("row"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GroupSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        let want = "a positive number of input columns (32, 128, ...) or \"row\"";
+        match Raw::deserialize(d) {
+            Ok(Raw::Int(g)) if g > 0 => Ok(GroupSize::Columns(g as usize)),
+            Ok(Raw::Str(s)) if s == "row" => Ok(GroupSize::Row),
+            Ok(Raw::Int(g)) => Err(serde::de::Error::custom(format!("{g}: expected {want}"))),
+            Ok(Raw::Str(s)) => Err(serde::de::Error::custom(format!("{s:?}: expected {want}"))),
+            Err(_) => Err(serde::de::Error::custom(format!("expected {want}"))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,7 +181,7 @@ impl Default for QuantSpec {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
-            group_size: 128,
+            group_size: GroupSize::Columns(128),
         }
     }
 }
@@ -205,7 +260,7 @@ pub fn layers(file_table: &toml::Table, overrides: &[Override]) -> Figment {
     let text = toml::to_string(file_table).expect("a parsed table serializes");
     let mut fig = Figment::from(Serialized::defaults(Spec::default()))
         .merge(Toml::string(&text))
-        .merge(Env::prefixed("TERNLAB_").split("__"));
+        .merge(Env::prefixed("TERNLAB_").split("__").ignore(&["inject"]));
     for o in overrides {
         fig = fig.merge(Serialized::global(&o.key, &o.value));
     }
@@ -362,7 +417,6 @@ impl Spec {
         for (key, v) in [
             ("data.seq_len", d.seq_len),
             ("data.batch_size", d.batch_size),
-            ("quant.group_size", q.group_size),
             ("train.steps", t.steps),
         ] {
             if v == 0 {

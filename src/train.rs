@@ -3,6 +3,7 @@
 //! held-out NLL / perplexity over non-overlapping windows, and greedy generations.
 
 use crate::data::{eval_starts, windows, Batcher};
+use crate::faults::{self, Fault, FaultKind};
 use crate::model::ternary::check_ternary;
 use crate::model::{cross_entropy, Params, Qwen3};
 use crate::spec::TrainSpec;
@@ -45,6 +46,10 @@ pub enum Outcome {
         step: usize,
         loss: f64,
     },
+    /// Ctrl-C: stopped before this step.
+    Interrupted {
+        step: usize,
+    },
 }
 
 pub struct TrainResult {
@@ -69,6 +74,7 @@ pub fn train(
     batcher: &mut Batcher,
     t: &TrainSpec,
     val: &ValDuringTraining,
+    fault: Option<Fault>,
     on_step: &mut dyn FnMut(&StepRecord) -> Result<()>,
 ) -> Result<TrainResult> {
     let device = model.device().clone();
@@ -86,12 +92,28 @@ pub fn train(
     let start = Instant::now();
     let mut losses = Vec::with_capacity(t.steps);
     for step in 0..t.steps {
+        if faults::interrupted() {
+            return Ok(TrainResult {
+                losses,
+                outcome: Outcome::Interrupted { step },
+                train_seconds: start.elapsed().as_secs_f64(),
+            });
+        }
+        let fault_now = fault.filter(|f| f.step == step).map(|f| f.kind);
+        match fault_now {
+            Some(FaultKind::Error) => anyhow::bail!("injected error at step {step}"),
+            Some(FaultKind::Panic) => panic!("injected panic at step {step}"),
+            _ => {}
+        }
         let lr = lr_at(t, step);
         opt.set_learning_rate(lr);
         let (x, y) = batcher.next_batch(&device)?;
         let loss = cross_entropy(&model.forward(&x)?, &y)?;
         // Reading the loss is the step's one host sync.
-        let loss_value = loss.to_scalar::<f32>()? as f64;
+        let mut loss_value = loss.to_scalar::<f32>()? as f64;
+        if fault_now == Some(FaultKind::Nan) {
+            loss_value = f64::NAN;
+        }
         if !loss_value.is_finite() {
             return Ok(TrainResult {
                 losses,

@@ -22,7 +22,7 @@ fn every_parameter_receives_a_nonzero_gradient() {
     let tiny = Qwen3Config::preset("tiny", 512).unwrap();
     let ternary = TernarySpec {
         projections: all_projections(),
-        group_size: 32,
+        group_size: ternlab::spec::GroupSize::Columns(32),
     };
     let models = [
         Qwen3::new(
@@ -83,7 +83,7 @@ fn ste_gradient_equals_dense_gradient_at_the_ternary_weight() {
     }
     let dense = TernarySpec {
         projections: vec![],
-        group_size: 32,
+        group_size: ternlab::spec::GroupSize::Columns(32),
     };
     let (dense_model, dense_params) =
         Qwen3::new(&fixture_config(), weights, &dense, &Device::Cpu).unwrap();

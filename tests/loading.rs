@@ -123,7 +123,7 @@ fn write_json(path: &Path, v: &Value) {
 fn dense() -> TernarySpec {
     TernarySpec {
         projections: vec![],
-        group_size: 16,
+        group_size: ternlab::spec::GroupSize::Columns(16),
     }
 }
 
@@ -485,7 +485,7 @@ fn cli_refuses_a_repo_missing_from_the_offline_cache() {
 // ---------------------------------------------------------------------------------------------
 
 /// The fixture config as a transformers 4.x release writes it: top-level `rope_theta` (an
-/// integer, as in Qwen/Qwen3-0.6B), `torch_dtype`, `rope_scaling: null`, no `head_dim`.
+/// integer, as in Qwen/Qwen3-0.6B), `torch_dtype`, `rope_scaling: null`.
 fn old_format(new: &Value) -> Value {
     let mut old = new.clone();
     let obj = old.as_object_mut().unwrap();
@@ -502,12 +502,6 @@ fn old_format(new: &Value) -> Value {
     obj.insert("rope_scaling".into(), Value::Null);
     obj.remove("layer_types");
     obj.insert("transformers_version".into(), json!("4.51.0"));
-    let dim = |k: &str| new[k].as_u64().unwrap();
-    assert_eq!(
-        dim("hidden_size") / dim("num_attention_heads"),
-        dim("head_dim")
-    );
-    obj.remove("head_dim");
     old
 }
 
@@ -515,12 +509,21 @@ fn old_format(new: &Value) -> Value {
 fn old_and_new_config_formats_parse_alike() {
     let new = fixture_config_json();
     let old = old_format(&new);
-    assert!(old.get("rope_parameters").is_none() && old.get("head_dim").is_none());
+    assert!(old.get("rope_parameters").is_none() && old.get("rope_theta").is_some());
     let from_new = Qwen3Config::from_hf_str(&new.to_string()).unwrap();
     let from_old = Qwen3Config::from_hf_str(&old.to_string()).unwrap();
     assert_eq!(from_new, from_old);
     assert_eq!(from_new, fixture_config());
     assert_eq!(from_new.head_dim, 16);
+    // Without head_dim, transformers' Qwen3Config default of 128 applies (not hidden / heads).
+    let mut no_head_dim = new.clone();
+    no_head_dim.as_object_mut().unwrap().remove("head_dim");
+    assert_eq!(
+        Qwen3Config::from_hf_str(&no_head_dim.to_string())
+            .unwrap()
+            .head_dim,
+        128
+    );
     assert_eq!(from_new.num_key_value_heads, 2);
     assert!(from_new.tie_word_embeddings);
 

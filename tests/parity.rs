@@ -99,7 +99,10 @@ fn loss_curve_matches_transformers() {
         batch_size: m.batch_size,
         every: 0,
     };
-    let result = train(&model, &params, &mut batcher, &t, &val, &mut |_| Ok(())).unwrap();
+    let result = train(&model, &params, &mut batcher, &t, &val, None, &mut |_| {
+        Ok(())
+    })
+    .unwrap();
     assert_eq!(result.outcome, Outcome::Completed);
     assert_eq!(result.losses.len(), m.losses.len());
     for (step, (ours, theirs)) in result.losses.iter().zip(&m.losses).enumerate() {

@@ -94,9 +94,8 @@ impl Qwen3Config {
             num_hidden_layers: raw.num_hidden_layers,
             num_attention_heads: raw.num_attention_heads,
             num_key_value_heads: raw.num_key_value_heads.unwrap_or(raw.num_attention_heads),
-            head_dim: raw
-                .head_dim
-                .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
+            // transformers' Qwen3Config default; every Qwen3 checkpoint writes it anyway.
+            head_dim: raw.head_dim.unwrap_or(128),
             rope_theta,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             // transformers' Qwen3Config defaults to untied; Qwen3-0.6B says true explicitly.

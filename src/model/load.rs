@@ -188,14 +188,26 @@ fn from_hub(repo_id: &str, revision: &str) -> Result<CheckpointFiles> {
             }
         )
     })?;
-    let safetensors = if let Some(index) = get("model.safetensors.index.json")? {
+    // What the cache already holds decides first, so a fully cached model resolves without
+    // asking the network for files it does not have (an unsharded model has no index).
+    let cached_single = cached(&cache, repo_id, revision, "model.safetensors");
+    let cached_index = cached(&cache, repo_id, revision, "model.safetensors.index.json");
+    let index = match (&cached_single, cached_index) {
+        (Some(_), _) => None,
+        (None, Some(i)) => Some(i),
+        (None, None) => get("model.safetensors.index.json")?,
+    };
+    let safetensors = if let Some(index) = index {
         shard_names(&index)?
             .iter()
             .map(|f| get(f)?.with_context(|| format!("shard {f} of {} not found", where_())))
             .collect::<Result<Vec<_>>>()?
     } else {
-        vec![get("model.safetensors")?
-            .with_context(|| format!("model.safetensors of {} not found", where_()))?]
+        let single = match cached_single {
+            Some(p) => Some(p),
+            None => get("model.safetensors")?,
+        };
+        vec![single.with_context(|| format!("model.safetensors of {} not found", where_()))?]
     };
     let tokenizer = get("tokenizer.json")?;
     let origin = format!(
@@ -217,6 +229,12 @@ pub fn read_weights(files: &CheckpointFiles) -> Result<Weights> {
         let tensors = candle_core::safetensors::load(f, &Device::Cpu)
             .with_context(|| format!("reading {}", f.display()))?;
         for (name, t) in tensors {
+            if all.contains_key(&name) {
+                bail!(
+                    "{}: tensor {name} also appears in another weight file of the checkpoint",
+                    f.display()
+                );
+            }
             match t.dtype() {
                 DType::F32 | DType::BF16 | DType::F16 => {}
                 other => bail!("{}: tensor {name} has dtype {other:?}", f.display()),

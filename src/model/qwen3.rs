@@ -291,7 +291,7 @@ impl DecoderLayer {
 #[derive(Debug, Clone)]
 pub struct TernarySpec {
     pub projections: Vec<String>,
-    pub group_size: usize,
+    pub group_size: crate::spec::GroupSize,
 }
 
 #[derive(Clone)]
@@ -335,7 +335,7 @@ impl Qwen3 {
                     .projections
                     .iter()
                     .any(|x| x == proj)
-                    .then_some(ternary.group_size);
+                    .then_some(ternary.group_size.for_width(shape[1]));
                 Ok::<_, candle_core::Error>(Linear {
                     weight,
                     ternary_group,

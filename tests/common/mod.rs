@@ -54,7 +54,7 @@ pub fn fixture_weights() -> Weights {
 pub fn fixture_model(projections: &[String], group_size: usize) -> (Qwen3, Params) {
     let ternary = TernarySpec {
         projections: projections.to_vec(),
-        group_size,
+        group_size: ternlab::spec::GroupSize::Columns(group_size),
     };
     Qwen3::new(&fixture_config(), fixture_weights(), &ternary, &Device::Cpu).unwrap()
 }
