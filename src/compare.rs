@@ -66,6 +66,10 @@ pub fn read_experiment(dir: &Path) -> Result<(Vec<RunResult>, usize)> {
     let mut dirs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     dirs.sort();
     for d in dirs {

@@ -254,13 +254,24 @@ impl std::str::FromStr for Override {
     }
 }
 
+/// The tables of a spec; `TERNLAB_<SECTION>__<KEY>` variables (and `TERNLAB_NAME`) layer
+/// over the file, other `TERNLAB_*` variables are not spec keys.
+const SECTIONS: &[&str] = &["model", "data", "quant", "train", "eval", "run"];
+
 /// The layers of a spec, lowest first: the seed's defaults, the file (without its `[sweep]`
 /// table), the environment (`TERNLAB_TRAIN__LR=1e-3`), the `--set` overrides.
 pub fn layers(file_table: &toml::Table, overrides: &[Override]) -> Figment {
     let text = toml::to_string(file_table).expect("a parsed table serializes");
     let mut fig = Figment::from(Serialized::defaults(Spec::default()))
         .merge(Toml::string(&text))
-        .merge(Env::prefixed("TERNLAB_").split("__").ignore(&["inject"]));
+        .merge(
+            Env::prefixed("TERNLAB_")
+                .filter(|k| {
+                    let k = k.as_str().to_ascii_lowercase();
+                    k == "name" || SECTIONS.iter().any(|s| k.starts_with(&format!("{s}__")))
+                })
+                .split("__"),
+        );
     for o in overrides {
         fig = fig.merge(Serialized::global(&o.key, &o.value));
     }
