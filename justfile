@@ -43,7 +43,3 @@ demo:
 # The test suite (what CI runs)
 test:
     .ci/run
-
-# Time training steps (the qwen3-0.6b preset unless a spec is given)
-bench *ARGS:
-    {{ternlab}} bench {{ARGS}}

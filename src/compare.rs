@@ -220,7 +220,11 @@ pub fn compare(runs: &[RunResult], sort_metric: &str) -> Result<Comparison> {
 }
 
 fn fmt_stat(s: &Stat, m: &str) -> String {
-    let p = if m == "tokens_per_s" { 0 } else { 4 };
+    let p = match m {
+        "tokens_per_s" => 0,
+        "val_ppl" => 2,
+        _ => 4,
+    };
     if s.n > 1 {
         format!("{:.p$} ± {:.p$}", s.mean, s.std)
     } else {

@@ -4,6 +4,7 @@
 //! spec (TOML + overrides) -> run (resolve, check, results layout) -> train (the loop, eval)
 //! -> report (loss.csv, report.json).
 
+pub mod bench;
 pub mod compare;
 pub mod data;
 pub mod device;

@@ -67,6 +67,22 @@ enum Command {
         a: PathBuf,
         b: PathBuf,
     },
+    /// Time training steps of a run's configuration (default: the seed's recipe on the
+    /// qwen3-0.6b preset, random init) and write the numbers as JSON.
+    Bench {
+        /// A spec with one run (default: the built-in qwen3-0.6b benchmark).
+        spec: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<Override>,
+        /// Timed steps (after the warm-up).
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "bench.json")]
+        out: PathBuf,
+    },
     /// Loss curves per configuration with a band over seeds, to PNG or SVG.
     Plot {
         /// An experiment's results folder.
@@ -139,6 +155,38 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Diff { a, b } => {
             let (ra, rb) = (compare::read_run(&a)?, compare::read_run(&b)?);
             print!("{}", compare::diff(&ra, &rb));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            spec,
+            set,
+            steps,
+            warmup,
+            out,
+        } => {
+            let p = match &spec {
+                Some(f) => plan(f, &set)?,
+                None => ternlab::plan::plan_table(
+                    std::path::Path::new("<built-in bench spec>"),
+                    toml::from_str(ternlab::bench::DEFAULT_SPEC)?,
+                    &set,
+                )?,
+            };
+            if p.runs.len() != 1 {
+                return Err(BadInput(format!(
+                    "{}: bench times one run; this spec has {} (pin the sweep with --set)",
+                    p.file.display(),
+                    p.runs.len()
+                ))
+                .into());
+            }
+            let prepared = ternlab::run::prepare(&p.runs[0], &p.file)?;
+            anyhow::ensure!(steps > 0, "--steps must be at least 1");
+            let r = ternlab::bench::bench(&prepared, steps, warmup)?;
+            let json = serde_json::to_string_pretty(&r)?;
+            println!("{json}");
+            std::fs::write(&out, &json)?;
+            eprintln!("wrote {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot { dir, out } => {

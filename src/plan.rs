@@ -201,7 +201,15 @@ pub fn run_id(spec: &Spec, swept: &[(String, toml::Value)], hash: &str) -> Strin
 /// Expands a spec file into its runs, each resolved and checked (static checks only; the
 /// model and data are checked by `run::prepare`).
 pub fn plan(file: &Path, overrides: &[Override]) -> anyhow::Result<Plan> {
-    let mut table = spec::read_table(file)?;
+    plan_table(file, spec::read_table(file)?, overrides)
+}
+
+/// As `plan`, for a spec already parsed (`file` names it in messages).
+pub fn plan_table(
+    file: &Path,
+    mut table: toml::Table,
+    overrides: &[Override],
+) -> anyhow::Result<Plan> {
     let sweep = match table.remove("sweep") {
         None => toml::Table::new(),
         Some(toml::Value::Table(t)) => t,

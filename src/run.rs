@@ -192,7 +192,11 @@ impl PreparedRun {
             projections: self.spec.quant.projections.clone(),
             group_size: self.spec.quant.group_size,
         };
-        Ok(Qwen3::new(&self.model_cfg, weights, &ternary, device)?)
+        let (model, params) = Qwen3::new(&self.model_cfg, weights, &ternary, device)?;
+        Ok((
+            model.with_compute_dtype(compute_dtype(&self.spec.train.dtype)),
+            params,
+        ))
     }
 
     fn origin_name(&self) -> String {
@@ -200,6 +204,16 @@ impl PreparedRun {
             ModelOrigin::Preset(p) => format!("preset:{p}"),
             ModelOrigin::Checkpoint(c) => c.origin.clone(),
         }
+    }
+}
+
+/// The activations' dtype of `train.dtype`; "tf32" also lets CUDA f32 matmuls use TF32.
+pub fn compute_dtype(dtype: &str) -> candle_core::DType {
+    #[cfg(feature = "cuda")]
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(dtype == "tf32");
+    match dtype {
+        "bf16" => candle_core::DType::BF16,
+        _ => candle_core::DType::F32,
     }
 }
 
@@ -299,7 +313,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         config: serde_json::to_value(&p.spec)?,
         seed: t.seed,
         device: device_name,
-        dtype: "f32".into(),
+        dtype: t.dtype.clone(),
         model_origin: p.origin_name(),
         n_params: params.num_elements(),
         ternary_bad: verification.bad,

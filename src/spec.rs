@@ -119,6 +119,9 @@ pub struct TrainSpec {
     pub eps: f64,
     pub weight_decay: f64,
     pub seed: u64,
+    /// Compute precision: "f32"; "tf32" (f32 with TF32 matmuls on CUDA); "bf16" (bf16
+    /// activations and matmuls; f32 latents, optimizer state, ternarization, norms and loss).
+    pub dtype: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +200,7 @@ impl Default for TrainSpec {
             eps: 1e-8,
             weight_decay: 0.0,
             seed: 0,
+            dtype: "f32".into(),
         }
     }
 }
@@ -394,6 +398,7 @@ fn bad(file: &Path, key: &str, value: impl std::fmt::Debug, want: &str) -> anyho
 }
 
 pub const SAMPLINGS: &[&str] = &["random", "sequential"];
+pub const DTYPES: &[&str] = &["f32", "tf32", "bf16"];
 
 impl Spec {
     /// Checks every value that can be checked without the model or the data.
@@ -464,6 +469,14 @@ impl Spec {
                     "must be in [0, 1)",
                 ));
             }
+        }
+        if !DTYPES.contains(&t.dtype.as_str()) {
+            return Err(bad(
+                file,
+                "train.dtype",
+                &t.dtype,
+                "\"f32\", \"tf32\" or \"bf16\"",
+            ));
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return Err(bad(

@@ -67,10 +67,13 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The ternary projection is computed from the f32 latent; the product runs in the
+        // activations' dtype (bf16 under `train.dtype = "bf16"`).
         let w = match self.ternary_group {
             Some(g) => ste_weight(&self.weight, g)?,
             None => self.weight.clone(),
-        };
+        }
+        .to_dtype(x.dtype())?;
         let (out, inp) = w.dims2()?;
         let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
         let rows: usize = lead.iter().product();
@@ -110,7 +113,8 @@ impl Linear {
     }
 }
 
-/// Root-mean-square norm as transformers' Qwen3RMSNorm: normalise in f32, then scale.
+/// Root-mean-square norm as transformers' Qwen3RMSNorm: normalise in f32, scale by the f32
+/// weight (so its gradient is summed in f32), return the input's dtype.
 #[derive(Clone)]
 pub struct RmsNorm {
     weight: Tensor, // (N,)
@@ -123,7 +127,12 @@ impl RmsNorm {
         let x = x.to_dtype(DType::F32)?;
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
         let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        x.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        if dtype == DType::F32 {
+            // transformers rounds to the input dtype before scaling; in f32 that is the same.
+            x.broadcast_mul(&self.weight)
+        } else {
+            x.broadcast_mul(&self.weight)?.to_dtype(dtype)
+        }
     }
 
     fn frozen(&self) -> Self {
@@ -212,9 +221,11 @@ impl Attention {
         let q = q.reshape((b, k, r * l, d))?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&kk.t()?)? * scale)?; // (B, K, R*L, L)
-        let scores = scores.reshape((b, h, l, l))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-            .to_dtype(x.dtype())?;
+        let scores = scores
+            .reshape((b, h, l, l))?
+            .to_dtype(DType::F32)?
+            .broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(x.dtype())?;
         let out = probs.reshape((b, k, r * l, l))?.matmul(&v)?; // (B, K, R*L, D)
                                                                 // 4. merge heads: (B, H, L, D) -> (B, L, H*D) and project out
         let out = out
@@ -302,6 +313,8 @@ pub struct Qwen3 {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     device: Device,
+    /// dtype of activations and matmuls; parameters stay f32.
+    compute_dtype: DType,
 }
 
 impl Qwen3 {
@@ -400,12 +413,20 @@ impl Qwen3 {
             layers,
             norm,
             device: device.clone(),
+            compute_dtype: DType::F32,
         };
         Ok((model, params))
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Runs activations and matmuls in `dtype` (F32 or BF16); parameters, the ternary
+    /// projection, norms, softmax and the loss stay f32.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
     }
 
     /// Token ids (B, L) -> logits (B, L, V).
@@ -417,12 +438,17 @@ impl Qwen3 {
         let mut x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, l, e))?;
+            .reshape((b, l, e))?
+            .to_dtype(self.compute_dtype)?;
         for layer in &self.layers {
             x = layer.forward(&x, &rope, &mask)?;
         }
         let x = self.norm.forward(&x)?.reshape((b * l, e))?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let head = self
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.embed_tokens)
+            .to_dtype(x.dtype())?;
         x.matmul(&head.t()?)?.reshape((b, l, self.cfg.vocab_size))
     }
 
@@ -467,6 +493,7 @@ impl Qwen3 {
             layers,
             norm: self.norm.frozen(),
             device: self.device.clone(),
+            compute_dtype: self.compute_dtype,
         })
     }
 }

@@ -1,0 +1,186 @@
+//! `ternlab bench`: times training steps of one run's exact configuration (by default the
+//! seed's recipe on the `qwen3-0.6b` random-init preset, so nothing is downloaded) after a
+//! warm-up, and reports median step time, tokens/s, achieved TFLOP/s, share of the card's
+//! peak and device memory.
+
+use crate::data::Batcher;
+use crate::model::{cross_entropy, Qwen3Config};
+use crate::run::PreparedRun;
+use crate::train::lr_at;
+use anyhow::Result;
+use candle_core::Device;
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use serde::Serialize;
+use std::time::Instant;
+
+/// The default benchmark spec: the baseline recipe on the qwen3-0.6b preset.
+pub const DEFAULT_SPEC: &str = r#"
+name = "bench"
+[model]
+preset = "qwen3-0.6b"
+[eval]
+max_new_tokens = 0
+"#;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub run_id: String,
+    pub device: String,
+    pub device_name: String,
+    pub dtype: String,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub timed_steps: usize,
+    pub warmup_steps: usize,
+    pub median_step_s: f64,
+    pub mean_step_s: f64,
+    pub min_step_s: f64,
+    pub tokens_per_s: f64,
+    pub model_tflop_per_step: f64,
+    pub achieved_tflops: f64,
+    pub peak_tflops: Option<f64>,
+    pub share_of_peak: Option<f64>,
+    /// Device memory in use at the fullest point, minus what was in use before the model
+    /// (cuMemGetInfo: includes the allocator's cached pool). None on CPU and Metal.
+    pub peak_memory_gib: Option<f64>,
+    pub last_loss: f64,
+    pub ternlab: String,
+}
+
+/// Training FLOPs of one step: 6 per matmul parameter per token (forward + backward, the
+/// output head included), plus attention's QK^T and PV over the full L x L square.
+pub fn flops_per_step(cfg: &Qwen3Config, batch: usize, seq: usize) -> f64 {
+    let (e, f, v) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.vocab_size as f64,
+    );
+    let (h, k, d) = (
+        cfg.num_attention_heads as f64,
+        cfg.num_key_value_heads as f64,
+        cfg.head_dim as f64,
+    );
+    let per_layer = e * h * d * 2.0 + e * k * d * 2.0 + 3.0 * e * f;
+    let matmul_params = cfg.num_hidden_layers as f64 * per_layer + v * e;
+    let tokens = (batch * seq) as f64;
+    let attention = 12.0 * cfg.num_hidden_layers as f64 * h * d * seq as f64 * tokens;
+    6.0 * matmul_params * tokens + attention
+}
+
+/// Dense peak TFLOP/s of known cards for a dtype (NVIDIA's datasheets, SXM parts).
+pub fn peak_tflops(device_name: &str, dtype: &str) -> Option<f64> {
+    let hopper = device_name.contains("H100") || device_name.contains("H200");
+    hopper.then_some(match dtype {
+        "bf16" => 989.4,
+        "tf32" => 494.7,
+        _ => 66.9,
+    })
+}
+
+struct Memory {
+    baseline: Option<usize>,
+    peak: Option<usize>,
+}
+
+impl Memory {
+    fn used(device: &Device) -> Option<usize> {
+        match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .ok()
+                .map(|(free, total)| total - free),
+            _ => None,
+        }
+    }
+
+    fn sample(&mut self, device: &Device) {
+        if let Some(u) = Self::used(device) {
+            self.peak = Some(self.peak.map_or(u, |p| p.max(u)));
+        }
+    }
+}
+
+fn device_name(device: &Device) -> String {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .name()
+            .unwrap_or_else(|_| "cuda".into()),
+        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        _ => "gpu".into(),
+    }
+}
+
+pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult> {
+    let (device, device_label) = crate::device::open(p.device)?;
+    let mut mem = Memory {
+        baseline: Memory::used(&device),
+        peak: None,
+    };
+    let (model, params) = p.build_model(&device)?;
+    let (t, d) = (&p.spec.train, &p.spec.data);
+    let mut opt = AdamW::new(
+        params.vars(),
+        ParamsAdamW {
+            lr: lr_at(t, 0),
+            beta1: t.betas[0],
+            beta2: t.betas[1],
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
+    )?;
+    let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, p.sampling, t.seed)?;
+    let mut times = Vec::with_capacity(steps);
+    let mut last_loss = f64::NAN;
+    for step in 0..warmup + steps {
+        let (x, y) = batcher.next_batch(&device)?;
+        device.synchronize()?;
+        let start = Instant::now();
+        opt.set_learning_rate(lr_at(t, step));
+        let loss = cross_entropy(&model.forward(&x)?, &y)?;
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        last_loss = loss.to_scalar::<f32>()? as f64;
+        device.synchronize()?;
+        if step >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+        mem.sample(&device);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
+    let median = sorted[sorted.len() / 2];
+    let flops = flops_per_step(&p.model_cfg, d.batch_size, d.seq_len);
+    let name = device_name(&device);
+    let achieved = flops / median / 1e12;
+    let peak = peak_tflops(&name, &t.dtype);
+    Ok(BenchResult {
+        run_id: p.run_id.clone(),
+        device: device_label,
+        device_name: name,
+        dtype: t.dtype.clone(),
+        batch_size: d.batch_size,
+        seq_len: d.seq_len,
+        timed_steps: steps,
+        warmup_steps: warmup,
+        median_step_s: median,
+        mean_step_s: times.iter().sum::<f64>() / times.len() as f64,
+        min_step_s: sorted[0],
+        tokens_per_s: (d.batch_size * d.seq_len) as f64 / median,
+        model_tflop_per_step: flops / 1e12,
+        achieved_tflops: achieved,
+        peak_tflops: peak,
+        share_of_peak: peak.map(|pk| achieved / pk),
+        peak_memory_gib: match (mem.baseline, mem.peak) {
+            (Some(b), Some(p)) => Some(p.saturating_sub(b) as f64 / (1u64 << 30) as f64),
+            _ => None,
+        },
+        last_loss,
+        ternlab: env!("CARGO_PKG_VERSION").into(),
+    })
+}
