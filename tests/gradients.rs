@@ -29,7 +29,7 @@ fn every_parameter_receives_a_nonzero_gradient() {
             &tiny,
             random_weights(&tiny, 7).unwrap(),
             &ternary,
-            &Device::Cpu,
+            &test_device(),
         )
         .unwrap(),
         fixture_model(&all_projections(), 32),
@@ -38,7 +38,7 @@ fn every_parameter_receives_a_nonzero_gradient() {
         let v = model.cfg.vocab_size as u32;
         let tokens: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % v).collect();
         let mut b = Batcher::new(&tokens, 16, 2, Sampling::Sequential, 0).unwrap();
-        let (x, y) = b.next_batch(&Device::Cpu).unwrap();
+        let (x, y) = b.next_batch(&test_device()).unwrap();
         let grads = cross_entropy(&model.forward(&x).unwrap(), &y)
             .unwrap()
             .backward()
@@ -86,10 +86,10 @@ fn ste_gradient_equals_dense_gradient_at_the_ternary_weight() {
         group_size: ternlab::spec::GroupSize::Columns(32),
     };
     let (dense_model, dense_params) =
-        Qwen3::new(&fixture_config(), weights, &dense, &Device::Cpu).unwrap();
+        Qwen3::new(&fixture_config(), weights, &dense, &test_device()).unwrap();
 
     let mut b = Batcher::new(&m.tokens, m.seq_len, m.batch_size, Sampling::Sequential, 0).unwrap();
-    let (x, y) = b.next_batch(&Device::Cpu).unwrap();
+    let (x, y) = b.next_batch(&test_device()).unwrap();
     let grads = |model: &Qwen3| {
         cross_entropy(&model.forward(&x).unwrap(), &y)
             .unwrap()
@@ -136,4 +136,43 @@ fn verification_passes_on_latent_weights() {
     assert_eq!(c.total, 64 * 256);
     assert_eq!(c.bad, 0);
     assert!(c.max_err < 1e-4, "max error {}", c.max_err);
+}
+
+#[test]
+fn bf16_compute_keeps_f32_parameters_and_every_gradient() {
+    let m = fixture_meta();
+    let (f32_model, _) = fixture_model(&all_projections(), 32);
+    let (model, params) = fixture_model(&all_projections(), 32);
+    let model = model.with_compute_dtype(candle_core::DType::BF16);
+    let mut b = Batcher::new(&m.tokens, m.seq_len, m.batch_size, Sampling::Sequential, 0).unwrap();
+    let (x, y) = b.next_batch(&test_device()).unwrap();
+    let logits = model.forward(&x).unwrap();
+    assert_eq!(logits.dtype(), candle_core::DType::BF16);
+    // bf16 keeps 8 bits of mantissa: the logits agree with f32 to about 1e-2 relative.
+    let reference = f32_model.forward(&x).unwrap();
+    let err = rel_err(
+        &logits.to_dtype(candle_core::DType::F32).unwrap(),
+        &reference,
+    );
+    assert!(err < 3e-2, "bf16 vs f32 logits: relative error {err:e}");
+    assert!(
+        err > 1e-6,
+        "bf16 logits equal f32 ones: was bf16 used at all?"
+    );
+    let grads = cross_entropy(&logits, &y).unwrap().backward().unwrap();
+    for (name, var) in &params.named {
+        assert_eq!(var.dtype(), candle_core::DType::F32, "{name} stays f32");
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        assert_eq!(g.dtype(), candle_core::DType::F32);
+        let norm = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: |g|_1 = {norm}");
+    }
 }

@@ -2,11 +2,11 @@
 //! weights and tokens give the same logits (dense and ternary), the same step-0 gradients,
 //! and the same loss curve over 8 ternary-STE AdamW steps with sequential batches.
 //! The reference numbers come from scripts/make_parity_fixture.py (torch 2.11, transformers
-//! 5.17, CPU, fp32), committed under tests/fixtures/parity.
+//! 5.17, CPU, fp32), committed under tests/fixtures/parity. CI runs them on the CPU; with a
+//! CUDA build, `TERNLAB_TEST_DEVICE=cuda` runs the same checks on the GPU.
 
 mod common;
 
-use candle_core::Device;
 use common::*;
 use ternlab::data::{Batcher, Sampling};
 use ternlab::model::cross_entropy;
@@ -23,12 +23,13 @@ fn fixture_train_spec(m: &FixtureMeta) -> TrainSpec {
         eps: m.eps,
         weight_decay: m.weight_decay,
         seed: 0,
+        dtype: "f32".into(),
     }
 }
 
 fn batch0(m: &FixtureMeta) -> (candle_core::Tensor, candle_core::Tensor) {
     let mut b = Batcher::new(&m.tokens, m.seq_len, m.batch_size, Sampling::Sequential, 0).unwrap();
-    b.next_batch(&Device::Cpu).unwrap()
+    b.next_batch(&test_device()).unwrap()
 }
 
 #[test]

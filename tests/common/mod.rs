@@ -51,16 +51,34 @@ pub fn fixture_weights() -> Weights {
     read_weights(&files).unwrap()
 }
 
+/// The device of the model tests: the CPU, or `TERNLAB_TEST_DEVICE=cuda` on a CUDA build.
+pub fn test_device() -> Device {
+    match std::env::var("TERNLAB_TEST_DEVICE").as_deref() {
+        Ok("cuda") => {
+            Device::new_cuda(0).expect("TERNLAB_TEST_DEVICE=cuda needs a CUDA build and GPU")
+        }
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => panic!("TERNLAB_TEST_DEVICE={other:?}: expected cpu or cuda"),
+    }
+}
+
 pub fn fixture_model(projections: &[String], group_size: usize) -> (Qwen3, Params) {
     let ternary = TernarySpec {
         projections: projections.to_vec(),
         group_size: ternlab::spec::GroupSize::Columns(group_size),
     };
-    Qwen3::new(&fixture_config(), fixture_weights(), &ternary, &Device::Cpu).unwrap()
+    Qwen3::new(
+        &fixture_config(),
+        fixture_weights(),
+        &ternary,
+        &test_device(),
+    )
+    .unwrap()
 }
 
 /// max |a - b| / max |b|: the relative error of `a` against the reference `b`.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let b = &b.to_device(a.device()).unwrap();
     let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
     let max_diff = diff.max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
     let scale = b
