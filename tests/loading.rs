@@ -437,9 +437,11 @@ fn cli_trains_a_model_from_the_hub_cache_offline() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "ternlab run failed: {stderr}");
 
+    // Run folders; `.locks` holds the per-run lock files.
     let runs: Vec<PathBuf> = std::fs::read_dir(results.join("hubtest"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
         .collect();
     assert_eq!(runs.len(), 1, "one run folder: {runs:?}");
     let report: Value =
