@@ -204,6 +204,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn train_plan(p: &Plan, results: PathBuf, force: bool) -> anyhow::Result<ExitCode> {
+    ternlab::faults::injected("").map_err(|e| BadInput(format!("{e:#}")))?;
     let prepared = runner::prepare_all(p)?;
     ternlab::faults::install_interrupt_handler();
     let opts = SweepOptions { results, force };

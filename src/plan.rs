@@ -12,7 +12,7 @@
 //! ```
 //! Axes are crossed in the order written, the last one varying fastest. `--set` and the
 //! environment layer over the file before expansion; a `--set` on a grid key pins that axis
-//! to the one value.
+//! to the one value (the runs keep their ids).
 
 use crate::spec::{self, BadInput, Override, Spec};
 use figment::providers::Serialized;
@@ -231,8 +231,11 @@ pub fn plan_table(
                 ),
             ));
         }
-        // A --set on a grid key pins that axis to the given value.
-        axes.retain(|a| a.keys != [o.key.clone()]);
+        // A --set on a grid key pins that axis to the given value; the axis stays, so the
+        // run keeps the id it has in the full sweep.
+        for a in axes.iter_mut().filter(|a| a.keys == [o.key.clone()]) {
+            a.points = vec![vec![o.value.clone()]];
+        }
     }
     let base = spec::layers(&table, overrides);
     let base_spec = spec::extract(&base, file)?;

@@ -48,12 +48,18 @@ pub struct Sample {
 /// `report.json`. The first block is the seed's report, key for key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
+    #[serde(deserialize_with = "f64_or_nan")]
     pub first_5_loss_avg: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub last_20_loss_avg: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub final_loss: f64,
     pub ternary_ok: bool,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ternary_max_err: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub val_nll: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub val_ppl: f64,
     pub num_steps: usize,
     pub batch_size: usize,
@@ -80,8 +86,11 @@ pub struct Report {
     pub ternary_bad: usize,
     pub train_tokens: usize,
     pub val_tokens: usize,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub wall_time_s: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub train_time_s: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub tokens_per_s: f64,
     pub peak_memory_bytes: Option<u64>,
     pub versions: Versions,
@@ -104,6 +113,12 @@ impl Versions {
 
 /// The candle release this build is pinned to (Cargo.toml).
 pub const CANDLE_VERSION: &str = "0.11.1";
+
+/// JSON has no NaN: serde_json writes it as `null` (a diverged run's held-out loss); read
+/// `null` back as NaN.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
 
 /// Mean of the first `n` values (fewer if the curve is shorter); NaN when empty.
 pub fn head_mean(xs: &[f64], n: usize) -> f64 {

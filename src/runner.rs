@@ -71,7 +71,19 @@ impl RunLock {
             .truncate(false)
             .write(true)
             .open(&path)?;
-        match file.try_lock() {
+        // `ternlab plan` probes locks for an instant: retry before concluding that another
+        // process trains this run.
+        let mut attempt = 0;
+        let locked = loop {
+            match file.try_lock() {
+                Err(std::fs::TryLockError::WouldBlock) if attempt < 10 => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other,
+            }
+        };
+        match locked {
             Ok(()) => {
                 use std::io::Write;
                 file.set_len(0)?;
@@ -124,11 +136,17 @@ pub fn write_status(
     write_json_atomic(&dir.join("status.json"), &s)
 }
 
+/// The state of a run as `plan` shows it: `Running` if another process holds its lock.
 pub fn state_of(results: &Path, name: &str, run: &PlannedRun) -> RunState {
-    let dir = run_dir(results, name, &run.id);
     if is_running_elsewhere(results, name, &run.id) {
         return RunState::Running;
     }
+    folder_state(results, name, run)
+}
+
+/// The state of a run from its folder alone (what the process holding its lock sees).
+pub fn folder_state(results: &Path, name: &str, run: &PlannedRun) -> RunState {
+    let dir = run_dir(results, name, &run.id);
     if !dir.exists() {
         return RunState::Pending;
     }
@@ -210,7 +228,7 @@ pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<
             }
         };
         // Another process may have finished it between the look and the lock.
-        let state = state_of(&opts.results, &plan.name, run);
+        let state = folder_state(&opts.results, &plan.name, run);
         if skip(&state) {
             outcomes.push(previous_outcome(&opts.results, plan, run, &state));
             continue;

@@ -286,7 +286,12 @@ pub fn layers(file_table: &toml::Table, overrides: &[Override]) -> Figment {
 pub fn read_table(path: &Path) -> anyhow::Result<toml::Table> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| BadInput(format!("{}: cannot read the spec: {e}", path.display())))?;
-    toml::from_str::<toml::Table>(&text)
+    parse_table(&text, path)
+}
+
+/// Parses spec text (`path` names it in messages).
+pub fn parse_table(text: &str, path: &Path) -> anyhow::Result<toml::Table> {
+    toml::from_str::<toml::Table>(text)
         .map_err(|e| BadInput(format!("{}: not valid TOML: {e}", path.display())).into())
 }
 
@@ -357,7 +362,9 @@ pub fn known_keys() -> Vec<String> {
 
 /// The valid key closest to `key` by edit distance, if it is plausibly a typo of it.
 pub fn nearest_key(key: &str) -> Option<String> {
-    let keys = known_keys();
+    let mut keys = known_keys();
+    keys.extend(SECTIONS.iter().map(|s| s.to_string()));
+    keys.push("sweep".into());
     let leaf = key.rsplit('.').next().unwrap_or(key);
     keys.into_iter()
         .map(|k| {

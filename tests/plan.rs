@@ -128,7 +128,13 @@ name = "x"
     assert!(pinned
         .runs
         .iter()
-        .all(|r| r.spec.train.seed == 5 && !r.id.contains("seed=")));
+        .all(|r| r.spec.train.seed == 5 && r.id.contains("_seed=5_")));
+    // Pinned to a value of the sweep, a run keeps its id from the full sweep.
+    let seed1 = plan(&p, &["train.seed=1".parse().unwrap()]).unwrap();
+    assert!(seed1
+        .runs
+        .iter()
+        .all(|r| pl.runs.iter().any(|q| q.id == r.id)));
     let longer = plan(&p, &["train.steps=7".parse().unwrap()]).unwrap();
     assert!(longer
         .runs
