@@ -5,11 +5,12 @@
 
 use crate::data::Batcher;
 use crate::model::{cross_entropy, Qwen3Config};
+use crate::optim::AdamW;
 use crate::run::PreparedRun;
 use crate::train::lr_at;
 use anyhow::Result;
 use candle_core::Device;
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::optim::ParamsAdamW;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -133,6 +134,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
             eps: t.eps,
             weight_decay: t.weight_decay,
         },
+        model.is_fused(),
     )?;
     let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, p.sampling, t.seed)?;
     let mut times = Vec::with_capacity(steps);

@@ -194,7 +194,9 @@ impl PreparedRun {
         };
         let (model, params) = Qwen3::new(&self.model_cfg, weights, &ternary, device)?;
         Ok((
-            model.with_compute_dtype(compute_dtype(&self.spec.train.dtype)),
+            model
+                .with_compute_dtype(compute_dtype(&self.spec.train.dtype))
+                .with_fused(self.spec.run.fused),
             params,
         ))
     }

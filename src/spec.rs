@@ -138,6 +138,9 @@ pub struct EvalSpec {
 pub struct RunSpec {
     /// "auto", "cpu", "cuda", "cuda:N" or "metal".
     pub device: String,
+    /// Fused CUDA kernels (ternary projection, AdamW) on CUDA; false runs the composed candle
+    /// ops everywhere (for comparison). No effect on CPU or Metal.
+    pub fused: bool,
 }
 
 impl Default for Spec {
@@ -228,6 +231,7 @@ impl Default for RunSpec {
     fn default() -> Self {
         Self {
             device: "auto".into(),
+            fused: true,
         }
     }
 }

@@ -6,10 +6,11 @@ use crate::data::{eval_starts, windows, Batcher};
 use crate::faults::{self, Fault, FaultKind};
 use crate::model::ternary::check_ternary;
 use crate::model::{cross_entropy, Params, Qwen3};
+use crate::optim::AdamW;
 use crate::spec::TrainSpec;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::optim::ParamsAdamW;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
@@ -87,6 +88,7 @@ pub fn train(
             eps: t.eps,
             weight_decay: t.weight_decay,
         },
+        model.is_fused(),
     )?;
     let (b, l) = (val.batch_size, val.seq_len);
     let start = Instant::now();

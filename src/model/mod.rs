@@ -2,6 +2,7 @@
 //! and where weights and tokenizers come from.
 
 pub mod config;
+pub mod fused;
 pub mod load;
 pub mod qwen3;
 pub mod ternary;

@@ -8,7 +8,8 @@
 //! Weights are named as in the Hugging Face checkpoint (`model.layers.3.mlp.up_proj.weight`).
 
 use super::config::Qwen3Config;
-use super::ternary::{ste_weight, ternarize};
+use super::fused::ternary_weight;
+use super::ternary::ternarize;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
 
@@ -63,6 +64,8 @@ pub struct Linear {
     weight: Tensor, // (out, in)
     ternary_group: Option<usize>,
     name: String,
+    /// Use the fused CUDA ternary projection where the weight is on a CUDA device.
+    fused: bool,
 }
 
 impl Linear {
@@ -70,10 +73,9 @@ impl Linear {
         // The ternary projection is computed from the f32 latent; the product runs in the
         // activations' dtype (bf16 under `train.dtype = "bf16"`).
         let w = match self.ternary_group {
-            Some(g) => ste_weight(&self.weight, g)?,
-            None => self.weight.clone(),
-        }
-        .to_dtype(x.dtype())?;
+            Some(g) => ternary_weight(&self.weight, g, x.dtype(), self.fused)?,
+            None => self.weight.to_dtype(x.dtype())?,
+        };
         let (out, inp) = w.dims2()?;
         let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
         let rows: usize = lead.iter().product();
@@ -109,6 +111,7 @@ impl Linear {
             weight,
             ternary_group: None,
             name: self.name.clone(),
+            fused: self.fused,
         })
     }
 }
@@ -353,6 +356,7 @@ impl Qwen3 {
                     weight,
                     ternary_group,
                     name,
+                    fused: false,
                 })
             };
             let self_attn_q = linear(&mut params, "self_attn", "q_proj", &[h * d, e])?;
@@ -420,6 +424,33 @@ impl Qwen3 {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Uses the fused CUDA kernels (on a CUDA device; elsewhere the composed ops run anyway).
+    pub fn with_fused(mut self, on: bool) -> Self {
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            for lin in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                lin.fused = on;
+            }
+        }
+        self
+    }
+
+    /// Whether the fused CUDA kernels are asked for (see `with_fused`).
+    pub fn is_fused(&self) -> bool {
+        self.layers
+            .first()
+            .is_some_and(|l| l.self_attn.q_proj.fused)
     }
 
     /// Runs activations and matmuls in `dtype` (F32 or BF16); parameters, the ternary
