@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # One device call: GPU parity, ternlab bench and the PyTorch reference, back to back on the
-# same card. Expects in .device/ (git-ignored, carried): ternlab.xz, parity.xz,
-# gradients.xz (CUDA builds from ../shared/tools/cuda-offline-build.sh), cuda-run-env.sh and
-# ref_ternary_torch.py (copies from ../shared). Writes logs and JSON under $OUT.
+# same card. Expects in .device/ (git-ignored, carried): ternlab.xz and the test binaries
+# parity.xz, gradients.xz, fused.xz (release CUDA builds made with
+# ../shared/tools/cuda-offline-build.sh, and for the tests
+# `cargo test --release --features cuda --no-run --test parity --test gradients --test fused`
+# in the same environment), cuda-run-env.sh and ref_ternary_torch.py (copies from ../shared).
+# Writes $OUT/log.txt and $OUT/results.tgz (every JSON result and the tiny runs).
 #
-#   bash bench/device_run.sh [quick]
+#   bash bench/device_run.sh [SECTION...]    sections: parity bench ref big tiny profile
+#                                            (default: all but profile)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/ternlab-bench}; mkdir -p "$out/json"
-log="$out/log.txt"
-exec > >(tee -a "$log") 2>&1
-for b in ternlab parity gradients; do
+final=${OUT:-/tmp/ternlab-bench}; out=/tmp/ternlab-work; mkdir -p "$final" "$out/json"
+exec > >(tee -a "$final/log.txt") 2>&1
+# The test binaries find their fixtures through the path they were built in.
+mkdir -p /work && [[ -e /work/main ]] || ln -s "$PWD" /work/main
+for b in ternlab parity gradients fused; do
   [[ -f .device/$b.xz ]] && xz -dkf .device/$b.xz && chmod +x .device/$b
 done
 source .device/cuda-run-env.sh
@@ -18,9 +23,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 date -u
 export PYTHONUNBUFFERED=1
 
+sections=${*:-parity bench ref big tiny}
+want() { [[ " $sections " == *" $1 "* ]]; }
+
+if want parity; then
 echo "== parity and gradients on the GPU (fixture from scripts/make_parity_fixture.py)"
 TERNLAB_TEST_DEVICE=cuda .device/parity --test-threads 1 --nocapture
 TERNLAB_TEST_DEVICE=cuda .device/gradients --test-threads 1
+echo "== fused kernels against the composed ops"
+.device/fused --test-threads 1
+fi
 
 tl=.device/ternlab
 bench() {  # name, then ternlab bench args
@@ -34,19 +46,36 @@ ref() {  # name, then ref args
   echo "== reference $name: python3 ref_ternary_torch.py $*"
   python3 .device/ref_ternary_torch.py "$@" | tee "$out/json/ref-$name.json"
 }
-bench f32-4x256 --set train.dtype=f32
-bench tf32-4x256 --set train.dtype=tf32
-bench bf16-4x256 --set train.dtype=bf16
-ref fp32-4x256
-ref amp-4x256 --amp
-ref amp-compile-4x256 --amp --compile
-if [[ "${1:-}" != quick ]]; then
+if want bench; then
+  bench f32-4x256 --set train.dtype=f32
+  bench tf32-4x256 --set train.dtype=tf32
+  bench bf16-4x256 --set train.dtype=bf16
+  bench bf16-4x256-composed --set train.dtype=bf16 --set run.fused=false
+fi
+if want ref; then
+  ref fp32-4x256
+  ref amp-4x256 --amp
+  ref amp-compile-4x256 --amp --compile
+fi
+if want big; then
   bench bf16-16x1024 --set train.dtype=bf16 --set data.batch_size=16 --set data.seq_len=1024
   ref amp-16x1024 --amp --batch 16 --seq 1024
 fi
-
-echo "== tiny default on the GPU, f32 vs bf16"
-for dt in f32 bf16; do
-  $tl run experiments/tiny.toml --set run.device=cuda --set train.dtype=$dt --results "$out/tiny" | tail -3
-done
-tar czf "$out/results.tgz" -C "$out" json tiny
+if want tiny; then
+  echo "== tiny default on the GPU, f32 vs bf16, three seeds"
+  for dt in f32 bf16; do for seed in 0 1 2; do
+    $tl run experiments/tiny.toml --set run.device=cuda --set train.dtype=$dt \
+      --set train.seed=$seed --results "$out/tiny" | grep completed
+  done; done
+fi
+if want profile && command -v nsys >/dev/null; then
+  echo "== nsys: where a bf16 4x256 step goes"
+  nsys profile -o "$out/prof" --force-overwrite true $tl bench --set run.device=cuda \
+    --set train.dtype=bf16 --steps 5 --warmup 2 --out "$out/json/profiled.json" >/dev/null 2>&1
+  nsys stats --report cuda_gpu_kern_sum --format csv "$out/prof.nsys-rep" 2>/dev/null \
+    | head -40 | cut -c1-200
+  nsys stats --report cuda_api_sum "$out/prof.nsys-rep" 2>/dev/null | head -20 | cut -c1-160
+elif want profile; then
+  echo "== no nsys on this machine"; ls /usr/local/cuda*/bin 2>/dev/null | head
+fi
+tar czf "$final/results.tgz" -C "$out" json tiny

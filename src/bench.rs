@@ -34,6 +34,11 @@ pub struct BenchResult {
     pub timed_steps: usize,
     pub warmup_steps: usize,
     pub median_step_s: f64,
+    /// Medians of the forward (loss included), backward and optimizer phases, each timed with
+    /// a device sync at its end (so they add up to a little more than a step).
+    pub median_forward_s: f64,
+    pub median_backward_s: f64,
+    pub median_optimizer_s: f64,
     pub mean_step_s: f64,
     pub min_step_s: f64,
     pub tokens_per_s: f64,
@@ -117,6 +122,11 @@ fn device_name(device: &Device) -> String {
     }
 }
 
+fn sync_time(device: &Device, start: Instant) -> Result<f64> {
+    device.synchronize()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
 pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult> {
     let (device, device_label) = crate::device::open(p.device)?;
     let mut mem = Memory {
@@ -138,22 +148,38 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
     )?;
     let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, p.sampling, t.seed)?;
     let mut times = Vec::with_capacity(steps);
+    let mut phases: [Vec<f64>; 3] = Default::default();
     let mut last_loss = f64::NAN;
-    for step in 0..warmup + steps {
+    // Untimed-by-phase steps first (the real cadence: one sync per step), then the same
+    // number with a sync after each phase.
+    for step in 0..warmup + 2 * steps {
         let (x, y) = batcher.next_batch(&device)?;
         device.synchronize()?;
+        let by_phase = step >= warmup + steps;
         let start = Instant::now();
         opt.set_learning_rate(lr_at(t, step));
         let loss = cross_entropy(&model.forward(&x)?, &y)?;
+        let t_fwd = by_phase.then(|| sync_time(&device, start)).transpose()?;
         let grads = loss.backward()?;
+        let t_bwd = by_phase.then(|| sync_time(&device, start)).transpose()?;
         opt.step(&grads)?;
         last_loss = loss.to_scalar::<f32>()? as f64;
         device.synchronize()?;
-        if step >= warmup {
-            times.push(start.elapsed().as_secs_f64());
+        let total = start.elapsed().as_secs_f64();
+        if let (Some(f), Some(b)) = (t_fwd, t_bwd) {
+            phases[0].push(f);
+            phases[1].push(b - f);
+            phases[2].push(total - b);
+        } else if step >= warmup {
+            times.push(total);
         }
         mem.sample(&device);
     }
+    let median_of = |xs: &[f64]| {
+        let mut v = xs.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
+        v[v.len() / 2]
+    };
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
     let median = sorted[sorted.len() / 2];
@@ -171,6 +197,9 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         timed_steps: steps,
         warmup_steps: warmup,
         median_step_s: median,
+        median_forward_s: median_of(&phases[0]),
+        median_backward_s: median_of(&phases[1]),
+        median_optimizer_s: median_of(&phases[2]),
         mean_step_s: times.iter().sum::<f64>() / times.len() as f64,
         min_step_s: sorted[0],
         tokens_per_s: (d.batch_size * d.seq_len) as f64 / median,

@@ -26,9 +26,7 @@ pub mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{
-        CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
-    };
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
     use std::sync::OnceLock;
 
     const SOURCE: &str = r#"
@@ -86,10 +84,6 @@ extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* 
         .map_err(|e| candle_core::Error::Msg(e.clone()))
     }
 
-    fn func(dev: &CudaDevice, name: &str) -> Result<candle_core::cuda_backend::CudaFunc> {
-        dev.get_or_load_custom_func(name, MODULE, ptx()?)
-    }
-
     fn contiguous_f32<'a>(
         s: &'a CudaStorage,
         l: &Layout,
@@ -122,7 +116,7 @@ extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* 
             let w = contiguous_f32(s, l, "ternary projection")?;
             let n = l.shape().elem_count();
             let g = self.group;
-            if g == 0 || n % g != 0 {
+            if g == 0 || !n.is_multiple_of(g) {
                 candle_core::bail!("group size {g} does not divide {n} weights");
             }
             let groups = (n / g) as i64;
@@ -136,7 +130,7 @@ extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* 
             let out = match self.dtype {
                 DType::F32 => {
                     let out = unsafe { dev.alloc::<f32>(n)? };
-                    let f = func(&dev, "ternarize_f32")?;
+                    let f = dev.get_or_load_custom_func("ternarize_f32", MODULE, ptx()?)?;
                     let mut b = f.builder();
                     b.arg(&w).arg(&out).arg(&groups).arg(&g32);
                     unsafe { b.launch(cfg) }.w()?;
@@ -144,7 +138,7 @@ extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* 
                 }
                 DType::BF16 => {
                     let out = unsafe { dev.alloc::<half::bf16>(n)? };
-                    let f = func(&dev, "ternarize_bf16")?;
+                    let f = dev.get_or_load_custom_func("ternarize_bf16", MODULE, ptx()?)?;
                     let mut b = f.builder();
                     b.arg(&w).arg(&out).arg(&groups).arg(&g32);
                     unsafe { b.launch(cfg) }.w()?;
@@ -199,7 +193,7 @@ extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* 
         let scale_v = (1.0 / (1.0 - b2.powi(step as i32))) as f32;
         let (lr32, b1, b2, eps) = (lr as f32, b1 as f32, b2 as f32, eps as f32);
         let decay = (1.0 - lr * weight_decay) as f32;
-        let f = func(&dev, "adamw_f32")?;
+        let f = dev.get_or_load_custom_func("adamw_f32", MODULE, ptx()?)?;
         let mut b = f.builder();
         b.arg(&pv).arg(&mv).arg(&vv).arg(&gv).arg(&n);
         b.arg(&lr32)
