@@ -102,3 +102,149 @@ fn fused_adamw_matches_candles() {
     }
     assert!(rel_err(a.as_tensor(), &init) > 1e-3, "the parameter moved");
 }
+
+#[test]
+fn rms_norm_matches_the_composed_one() {
+    use ternlab::model::fused::rms_norm;
+    use ternlab::model::qwen3::rms_norm_composed;
+    let dev = gpu();
+    // q/k norms (head dim 128 over many rows) and layer norms (hidden 1024).
+    for (rows, d) in [(4 * 256 * 16, 128), (4 * 256, 1024), (3, 40)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Var::from_tensor(
+                &Tensor::randn(0f32, 2.0, (rows, d), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let w = Var::from_tensor(&(Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap())
+                .unwrap();
+            let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6, true)
+                .unwrap()
+                .unwrap();
+            let composed = rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+            assert_eq!(fused.dtype(), dtype);
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let err = rel_err(&f32_of(&fused), &f32_of(&composed));
+            assert!(err < tol, "{rows}x{d} {dtype:?}: values differ by {err:e}");
+            let up = Tensor::randn(0f32, 1.0, (rows, d), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let gf = (fused * &up)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let gc = (composed * &up)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let (gf, gc) = (gf.backward().unwrap(), gc.backward().unwrap());
+            for (name, v) in [("x", &x), ("w", &w)] {
+                let err = rel_err(&f32_of(gf.get(v).unwrap()), &f32_of(gc.get(v).unwrap()));
+                assert!(
+                    err < tol * 10.0,
+                    "{rows}x{d} {dtype:?}: d{name} differs by {err:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_matches_the_composed_one() {
+    use ternlab::model::qwen3::Rope;
+    use ternlab::model::Qwen3Config;
+    let dev = gpu();
+    let cfg = Qwen3Config::preset("qwen3-0.6b", 151_936).unwrap();
+    let (b, n, l, d) = (2, 3, 17, cfg.head_dim);
+    let rope = Rope::new(&cfg, l, &dev).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (b, n, l, d), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let fused = rope.apply(x.as_tensor(), true).unwrap();
+        let composed = rope.apply(x.as_tensor(), false).unwrap();
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+        let err = rel_err(&f32_of(&fused), &f32_of(&composed));
+        assert!(err < tol, "{dtype:?}: values differ by {err:e}");
+        let up = Tensor::randn(0f32, 1.0, (b, n, l, d), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let gf = (fused * &up)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let gc = (composed * &up)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let (gf, gc) = (gf.backward().unwrap(), gc.backward().unwrap());
+        let err = rel_err(&f32_of(gf.get(&x).unwrap()), &f32_of(gc.get(&x).unwrap()));
+        assert!(err < tol, "{dtype:?}: gradients differ by {err:e}");
+    }
+}
+
+#[test]
+fn causal_softmax_matches_the_composed_one() {
+    use ternlab::model::qwen3::{attention_probs, causal_mask};
+    let dev = gpu();
+    for l in [1, 7, 64, 300] {
+        let mask = causal_mask(l, &dev).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Var::from_tensor(
+                &Tensor::randn(0f32, 3.0, (2, 4, l, l), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let scale = 0.125;
+            let fused = attention_probs(x.as_tensor(), scale, &mask, true).unwrap();
+            let composed = attention_probs(x.as_tensor(), scale, &mask, false).unwrap();
+            assert_eq!(fused.dtype(), dtype);
+            let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            let err = rel_err(&f32_of(&fused), &f32_of(&composed));
+            assert!(err < tol, "L={l} {dtype:?}: values differ by {err:e}");
+            let up = Tensor::randn(0f32, 1.0, (2, 4, l, l), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let gf = (fused * &up)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let gc = (composed * &up)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let (gf, gc) = (gf.backward().unwrap(), gc.backward().unwrap());
+            let err = rel_err(&f32_of(gf.get(&x).unwrap()), &f32_of(gc.get(&x).unwrap()));
+            assert!(
+                err < tol * 5.0,
+                "L={l} {dtype:?}: gradients differ by {err:e}"
+            );
+        }
+    }
+}

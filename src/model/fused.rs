@@ -4,6 +4,12 @@
 //!
 //! - `ternary_weight`: one pass from the f32 latent W to W_t in the compute dtype (f32 or
 //!   bf16), one warp per group; its backward is the straight-through identity, cast to f32.
+//! - `rms_norm`: RMSNorm forward in one kernel (a warp per row), backward in two (dx per row;
+//!   dw per column over blocks of 64 rows), instead of ~8 and ~20 composed ops.
+//! - `rope`: RoPE forward and backward as one elementwise kernel each (instead of narrow,
+//!   negate, concatenate, two products and a sum, and their backward).
+//! - `causal_softmax`: scale, causal mask and softmax of attention scores in one kernel (a warp
+//!   per row, f32 arithmetic), backward in one, instead of ~8 and ~15 composed ops.
 //! - `AdamW` (in `crate::optim`) uses `adamw_step`: one kernel per parameter updates the
 //!   weight and both moments in place.
 
@@ -21,12 +27,54 @@ pub fn ternary_weight(w: &Tensor, group: usize, dtype: DType, fused: bool) -> Re
     ste_weight(w, group)?.to_dtype(dtype)
 }
 
+/// RMSNorm of `x` over its last dimension with the f32 weight `w`, in x's dtype; `None` when
+/// the fused kernel does not apply (not CUDA, not fused, or a non-contiguous input), for the
+/// caller to run the composed version.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused && x.device().is_cuda() && x.is_contiguous() {
+        return x.apply_op2(w, cuda::RmsNorm { eps: eps as f32 }).map(Some);
+    }
+    let _ = (x, w, eps, fused);
+    Ok(None)
+}
+
+/// RoPE of `x` (B, N, L, D), contiguous, with (L, D) f32 tables; `None` where the fused
+/// kernel does not apply.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused && x.device().is_cuda() && x.is_contiguous() {
+        return x
+            .apply_op3(cos, sin, cuda::Rope { backward: false })
+            .map(Some);
+    }
+    let _ = (x, cos, sin, fused);
+    Ok(None)
+}
+
+/// Causal softmax of `scale * scores` over the last dim of (..., L, L), in the scores' dtype
+/// (f32 arithmetic); `None` where the fused kernel does not apply.
+pub fn causal_softmax(scores: &Tensor, scale: f64, fused: bool) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused && scores.device().is_cuda() && scores.is_contiguous() {
+        return scores
+            .apply_op1(cuda::CausalSoftmax {
+                scale: scale as f32,
+            })
+            .map(Some);
+    }
+    let _ = (scores, scale, fused);
+    Ok(None)
+}
+
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+    use candle_core::{
+        CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
+    };
     use std::sync::OnceLock;
 
     const SOURCE: &str = r#"
@@ -56,6 +104,168 @@ extern "C" __global__ void NAME(const float* w, OUT_T* out, long groups, int g) 
 #define ID(v) (v)
 TERNARIZE(ternarize_f32, float, ID)
 TERNARIZE(ternarize_bf16, unsigned short, f32_to_bf16)
+
+__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float ld(const unsigned short* p, long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(unsigned short* p, long i, float v) { p[i] = f32_to_bf16(v); }
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// RMSNorm, one warp per row of d: y = x * rsqrt(mean(x^2) + eps) * w, in f32 arithmetic.
+template <typename T>
+__device__ void rmsnorm_fwd(const T* x, const float* w, T* y, long rows, int d, float eps) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const T* xr = x + row * d;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float v = ld(xr, i); ss += v * v; }
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    for (int i = lane; i < d; i += 32) st(y + row * d, i, ld(xr, i) * r * w[i]);
+}
+
+// dx_j = r * g_j - r^3 * x_j / d * sum_i g_i x_i, with g = w * dy.
+template <typename T>
+__device__ void rmsnorm_bwd_x(const T* x, const float* w, const T* dy, T* dx, long rows, int d,
+                              float eps) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const T* xr = x + row * d;
+    const T* gr = dy + row * d;
+    float ss = 0.f, gx = 0.f;
+    for (int i = lane; i < d; i += 32) {
+        float v = ld(xr, i);
+        ss += v * v;
+        gx += w[i] * ld(gr, i) * v;
+    }
+    ss = warp_sum(ss);
+    gx = warp_sum(gx);
+    float r = rsqrtf(ss / d + eps);
+    float c = r * r * r * gx / d;
+    for (int i = lane; i < d; i += 32) st(dx + row * d, i, r * w[i] * ld(gr, i) - c * ld(xr, i));
+}
+
+// dw_j = sum over rows of dy_j * x_j * r_row: a block takes 64 rows, its warps find their r,
+// its threads sum their columns, one atomic add per column per block.
+template <typename T>
+__device__ void rmsnorm_bwd_w(const T* x, const T* dy, float* dw, long rows, int d, float eps) {
+    __shared__ float rs[64];
+    long first = (long)blockIdx.x * 64;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int k = warp; k < 64; k += warps) {
+        long row = first + k;
+        float ss = 0.f;
+        if (row < rows) for (int i = lane; i < d; i += 32) { float v = ld(x + row * d, i); ss += v * v; }
+        ss = warp_sum(ss);
+        if (lane == 0) rs[k] = rsqrtf(ss / d + eps);
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float acc = 0.f;
+        for (int k = 0; k < 64 && first + k < rows; k++) {
+            long row = first + k;
+            acc += ld(dy + row * d, j) * ld(x + row * d, j) * rs[k];
+        }
+        atomicAdd(dw + j, acc);
+    }
+}
+
+#define RMS_KERNELS(SUF, T)                                                                   \
+extern "C" __global__ void rmsnorm_fwd_##SUF(const T* x, const float* w, T* y, long rows,     \
+                                             int d, float eps) {                              \
+    rmsnorm_fwd<T>(x, w, y, rows, d, eps);                                                    \
+}                                                                                             \
+extern "C" __global__ void rmsnorm_bwd_x_##SUF(const T* x, const float* w, const T* dy,       \
+                                               T* dx, long rows, int d, float eps) {          \
+    rmsnorm_bwd_x<T>(x, w, dy, dx, rows, d, eps);                                             \
+}                                                                                             \
+extern "C" __global__ void rmsnorm_bwd_w_##SUF(const T* x, const T* dy, float* dw, long rows, \
+                                               int d, float eps) {                            \
+    rmsnorm_bwd_w<T>(x, dy, dw, rows, d, eps);                                                \
+}
+RMS_KERNELS(f32, float)
+RMS_KERNELS(bf16, unsigned short)
+
+// RoPE on x (B, N, L, D) with cos, sin (L, D): y = x * cos + rotate_half(x) * sin, where
+// rotate_half(x) = (-x[D/2:], x[:D/2]). `sign` = +1 forward; the backward is the transpose:
+// dx = dy * cos + unrotate(dy * sin), the same loop with the sin terms moved across.
+template <typename T>
+__device__ void rope(const T* x, const float* cos, const float* sin, T* y, long n, int l, int d,
+                     int backward) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n) return;
+    int i = idx % d;
+    int pos = (idx / d) % l;
+    int h = d / 2;
+    long base = idx - i;
+    const float* c = cos + (long)pos * d;
+    const float* s = sin + (long)pos * d;
+    float v = ld(x, idx) * c[i];
+    if (!backward) {
+        v += i < h ? -ld(x, base + i + h) * s[i] : ld(x, base + i - h) * s[i];
+    } else {
+        v += i < h ? ld(x, base + i + h) * s[i + h] : -ld(x, base + i - h) * s[i - h];
+    }
+    st(y, idx, v);
+}
+
+// Causal softmax over the last dim of scores (..., L, L): row r is query position r % L and
+// sees keys 0..=r % L; computed in f32. `scale` multiplies the scores first.
+template <typename T>
+__device__ void causal_softmax(const T* x, T* p, long rows, int l, float scale) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int q = row % l;
+    const T* xr = x + row * l;
+    float m = -INFINITY;
+    for (int j = lane; j <= q; j += 32) m = fmaxf(m, ld(xr, j) * scale);
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float sum = 0.f;
+    for (int j = lane; j <= q; j += 32) sum += __expf(ld(xr, j) * scale - m);
+    sum = warp_sum(sum);
+    float inv = 1.f / sum;
+    for (int j = lane; j < l; j += 32)
+        st(p + row * l, j, j <= q ? __expf(ld(xr, j) * scale - m) * inv : 0.f);
+}
+
+// dx = scale * p * (dy - sum(dy * p)) per row.
+template <typename T>
+__device__ void causal_softmax_bwd(const T* p, const T* dy, T* dx, long rows, int l,
+                                   float scale) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const T* pr = p + row * l;
+    const T* gr = dy + row * l;
+    float dot = 0.f;
+    for (int j = lane; j < l; j += 32) dot += ld(pr, j) * ld(gr, j);
+    dot = warp_sum(dot);
+    for (int j = lane; j < l; j += 32)
+        st(dx + row * l, j, scale * ld(pr, j) * (ld(gr, j) - dot));
+}
+
+#define ATTN_KERNELS(SUF, T)                                                                  \
+extern "C" __global__ void rope_##SUF(const T* x, const float* c, const float* s, T* y,        \
+                                      long n, int l, int d, int backward) {                    \
+    rope<T>(x, c, s, y, n, l, d, backward);                                                   \
+}                                                                                             \
+extern "C" __global__ void causal_softmax_##SUF(const T* x, T* p, long rows, int l,           \
+                                                float scale) {                                \
+    causal_softmax<T>(x, p, rows, l, scale);                                                  \
+}                                                                                             \
+extern "C" __global__ void causal_softmax_bwd_##SUF(const T* p, const T* dy, T* dx, long rows,\
+                                                    int l, float scale) {                     \
+    causal_softmax_bwd<T>(p, dy, dx, rows, l, scale);                                         \
+}
+ATTN_KERNELS(f32, float)
+ATTN_KERNELS(bf16, unsigned short)
 
 extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* g, long n,
                                      float lr, float b1, float b2, float eps, float decay,
@@ -151,6 +361,430 @@ extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* 
 
         fn bwd(&self, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
             Ok(Some(grad.to_dtype(w.dtype())?))
+        }
+    }
+
+    /// Launch shape for one warp per row.
+    fn warp_per_row(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((rows as u64 * 32).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn contiguous<'a, T: candle_core::cuda_backend::CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        what: &str,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("{what}: the fused kernel needs a contiguous tensor");
+        };
+        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+    }
+
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        match dtype {
+            DType::F32 => Ok("f32"),
+            DType::BF16 => Ok("bf16"),
+            other => candle_core::bail!("fused kernels take f32 or bf16, not {other:?}"),
+        }
+    }
+
+    /// RMSNorm over the last dimension: (x (..., d) in f32 or bf16, w (d) f32) -> y like x.
+    pub struct RmsNorm {
+        pub eps: f32,
+    }
+
+    impl CustomOp2 for RmsNorm {
+        fn name(&self) -> &'static str {
+            "rms-norm"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused RMSNorm runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            xs: &CudaStorage,
+            xl: &Layout,
+            ws: &CudaStorage,
+            wl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = xs.device().clone();
+            let d = wl.shape().elem_count();
+            let n = xl.shape().elem_count();
+            let rows = (n / d) as i64;
+            let w = contiguous::<f32>(ws, wl, "RMSNorm weight")?;
+            let (d32, eps) = (d as i32, self.eps);
+            let name = format!("rmsnorm_fwd_{}", suffix(xs.dtype())?);
+            let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+            let cfg = warp_per_row(rows as usize);
+            macro_rules! run {
+                ($t:ty) => {{
+                    let x = contiguous::<$t>(xs, xl, "RMSNorm input")?;
+                    let y = unsafe { dev.alloc::<$t>(n)? };
+                    let mut b = f.builder();
+                    b.arg(&x).arg(&w).arg(&y).arg(&rows).arg(&d32).arg(&eps);
+                    unsafe { b.launch(cfg) }.w()?;
+                    CudaStorage::wrap_cuda_slice(y, dev.clone())
+                }};
+            }
+            let y = match xs.dtype() {
+                DType::F32 => run!(f32),
+                _ => run!(half::bf16),
+            };
+            Ok((y, xl.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            w: &Tensor,
+            _y: &Tensor,
+            dy: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let dy = dy.contiguous()?;
+            let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBackX { eps: self.eps })?;
+            let dw = x.apply_op2_no_bwd(
+                &dy,
+                &RmsNormBackW {
+                    eps: self.eps,
+                    d: w.elem_count(),
+                },
+            )?;
+            Ok((Some(dx), Some(dw)))
+        }
+    }
+
+    /// (x, w, dy) -> dx, like x.
+    struct RmsNormBackX {
+        eps: f32,
+    }
+
+    impl candle_core::CustomOp3 for RmsNormBackX {
+        fn name(&self) -> &'static str {
+            "rms-norm-backward-x"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused RMSNorm runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            xs: &CudaStorage,
+            xl: &Layout,
+            ws: &CudaStorage,
+            wl: &Layout,
+            gs: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = xs.device().clone();
+            let d = wl.shape().elem_count();
+            let n = xl.shape().elem_count();
+            let rows = (n / d) as i64;
+            let w = contiguous::<f32>(ws, wl, "RMSNorm weight")?;
+            let (d32, eps) = (d as i32, self.eps);
+            let name = format!("rmsnorm_bwd_x_{}", suffix(xs.dtype())?);
+            let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+            let cfg = warp_per_row(rows as usize);
+            macro_rules! run {
+                ($t:ty) => {{
+                    let x = contiguous::<$t>(xs, xl, "RMSNorm input")?;
+                    let g = contiguous::<$t>(gs, gl, "RMSNorm output gradient")?;
+                    let dx = unsafe { dev.alloc::<$t>(n)? };
+                    let mut b = f.builder();
+                    b.arg(&x)
+                        .arg(&w)
+                        .arg(&g)
+                        .arg(&dx)
+                        .arg(&rows)
+                        .arg(&d32)
+                        .arg(&eps);
+                    unsafe { b.launch(cfg) }.w()?;
+                    CudaStorage::wrap_cuda_slice(dx, dev.clone())
+                }};
+            }
+            let dx = match xs.dtype() {
+                DType::F32 => run!(f32),
+                _ => run!(half::bf16),
+            };
+            Ok((dx, xl.shape().clone()))
+        }
+    }
+
+    /// (x, dy) -> dw (d), f32.
+    struct RmsNormBackW {
+        eps: f32,
+        d: usize,
+    }
+
+    impl CustomOp2 for RmsNormBackW {
+        fn name(&self) -> &'static str {
+            "rms-norm-backward-w"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused RMSNorm runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            xs: &CudaStorage,
+            xl: &Layout,
+            gs: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = xs.device().clone();
+            let d = self.d;
+            let n = xl.shape().elem_count();
+            let rows = (n / d) as i64;
+            let (d32, eps) = (d as i32, self.eps);
+            let name = format!("rmsnorm_bwd_w_{}", suffix(xs.dtype())?);
+            let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((rows as u64).div_ceil(64) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let dw = dev.alloc_zeros::<f32>(d)?;
+            macro_rules! run {
+                ($t:ty) => {{
+                    let x = contiguous::<$t>(xs, xl, "RMSNorm input")?;
+                    let g = contiguous::<$t>(gs, gl, "RMSNorm output gradient")?;
+                    let mut b = f.builder();
+                    b.arg(&x).arg(&g).arg(&dw).arg(&rows).arg(&d32).arg(&eps);
+                    unsafe { b.launch(cfg) }.w()?;
+                }};
+            }
+            match xs.dtype() {
+                DType::F32 => run!(f32),
+                _ => run!(half::bf16),
+            }
+            Ok((CudaStorage::wrap_cuda_slice(dw, dev), Shape::from(d)))
+        }
+    }
+
+    /// Allocates an output like `xs` and launches `kernel` with (input views..., output,
+    /// extra args...) for f32 or bf16 storage.
+    macro_rules! launch_like {
+        ($dev:expr, $dtype:expr, $n:expr, $cfg:expr, $kernel:expr, [$($input:expr),*], [$($arg:expr),*]) => {{
+            let f = $dev.get_or_load_custom_func(
+                &format!("{}_{}", $kernel, suffix($dtype)?),
+                MODULE,
+                ptx()?,
+            )?;
+            macro_rules! go {
+                ($t:ty) => {{
+                    let out = unsafe { $dev.alloc::<$t>($n)? };
+                    let mut b = f.builder();
+                    $( let v = $input.view::<$t>()?; b.arg(&v); )*
+                    b.arg(&out);
+                    $( b.arg(&$arg); )*
+                    unsafe { b.launch($cfg) }.w()?;
+                    CudaStorage::wrap_cuda_slice(out, $dev.clone())
+                }};
+            }
+            match $dtype {
+                DType::F32 => go!(f32),
+                _ => go!(half::bf16),
+            }
+        }};
+    }
+
+    /// A storage and its layout, viewed as a contiguous slice of T.
+    struct In<'a>(&'a CudaStorage, &'a Layout);
+
+    impl<'a> In<'a> {
+        fn view<T: candle_core::cuda_backend::CudaDType>(
+            &self,
+        ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+            contiguous::<T>(self.0, self.1, "fused kernel input")
+        }
+    }
+
+    /// RoPE on (B, N, L, D) with f32 cos / sin tables (L, D); backward = the transposed rotation.
+    pub struct Rope {
+        pub backward: bool,
+    }
+
+    impl candle_core::CustomOp3 for Rope {
+        fn name(&self) -> &'static str {
+            "rope"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused RoPE runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            xs: &CudaStorage,
+            xl: &Layout,
+            cs: &CudaStorage,
+            cl: &Layout,
+            ss: &CudaStorage,
+            sl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = xs.device().clone();
+            let (l, d) = cl.shape().dims2()?;
+            let n = xl.shape().elem_count();
+            let cos = contiguous::<f32>(cs, cl, "RoPE cos")?;
+            let sin = contiguous::<f32>(ss, sl, "RoPE sin")?;
+            let (n64, l32, d32, bwd) = (n as i64, l as i32, d as i32, i32::from(self.backward));
+            let f = dev.get_or_load_custom_func(
+                &format!("rope_{}", suffix(xs.dtype())?),
+                MODULE,
+                ptx()?,
+            )?;
+            let cfg = LaunchConfig::for_num_elems(n as u32);
+            macro_rules! go {
+                ($t:ty) => {{
+                    let x = contiguous::<$t>(xs, xl, "RoPE input")?;
+                    let y = unsafe { dev.alloc::<$t>(n)? };
+                    let mut b = f.builder();
+                    b.arg(&x).arg(&cos).arg(&sin).arg(&y);
+                    b.arg(&n64).arg(&l32).arg(&d32).arg(&bwd);
+                    unsafe { b.launch(cfg) }.w()?;
+                    CudaStorage::wrap_cuda_slice(y, dev.clone())
+                }};
+            }
+            let y = match xs.dtype() {
+                DType::F32 => go!(f32),
+                _ => go!(half::bf16),
+            };
+            Ok((y, xl.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            _x: &Tensor,
+            cos: &Tensor,
+            sin: &Tensor,
+            _y: &Tensor,
+            dy: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let dx = dy
+                .contiguous()?
+                .apply_op3_no_bwd(cos, sin, &Rope { backward: true })?;
+            Ok((Some(dx), None, None))
+        }
+    }
+
+    /// Causal softmax of `scale * scores` over the last dim of (..., L, L), in f32 arithmetic,
+    /// output in the scores' dtype.
+    pub struct CausalSoftmax {
+        pub scale: f32,
+    }
+
+    impl CustomOp1 for CausalSoftmax {
+        fn name(&self) -> &'static str {
+            "causal-softmax"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused causal softmax runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = xs.device().clone();
+            let l = xl.shape().dims().last().copied().unwrap_or(1);
+            let n = xl.shape().elem_count();
+            let rows = (n / l) as i64;
+            let (l32, scale) = (l as i32, self.scale);
+            let p = launch_like!(
+                dev,
+                xs.dtype(),
+                n,
+                warp_per_row(rows as usize),
+                "causal_softmax",
+                [In(xs, xl)],
+                [rows, l32, scale]
+            );
+            Ok((p, xl.shape().clone()))
+        }
+
+        fn bwd(&self, _x: &Tensor, p: &Tensor, dp: &Tensor) -> Result<Option<Tensor>> {
+            let dp = dp.contiguous()?;
+            Ok(Some(p.apply_op2_no_bwd(
+                &dp,
+                &CausalSoftmaxBack { scale: self.scale },
+            )?))
+        }
+    }
+
+    struct CausalSoftmaxBack {
+        scale: f32,
+    }
+
+    impl CustomOp2 for CausalSoftmaxBack {
+        fn name(&self) -> &'static str {
+            "causal-softmax-backward"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused causal softmax runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            ps: &CudaStorage,
+            pl: &Layout,
+            gs: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = ps.device().clone();
+            let l = pl.shape().dims().last().copied().unwrap_or(1);
+            let n = pl.shape().elem_count();
+            let rows = (n / l) as i64;
+            let (l32, scale) = (l as i32, self.scale);
+            let dx = launch_like!(
+                dev,
+                ps.dtype(),
+                n,
+                warp_per_row(rows as usize),
+                "causal_softmax_bwd",
+                [In(ps, pl), In(gs, gl)],
+                [rows, l32, scale]
+            );
+            Ok((dx, pl.shape().clone()))
         }
     }
 

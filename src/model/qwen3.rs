@@ -122,19 +122,14 @@ impl Linear {
 pub struct RmsNorm {
     weight: Tensor, // (N,)
     eps: f64,
+    fused: bool,
 }
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let x = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        if dtype == DType::F32 {
-            // transformers rounds to the input dtype before scaling; in f32 that is the same.
-            x.broadcast_mul(&self.weight)
-        } else {
-            x.broadcast_mul(&self.weight)?.to_dtype(dtype)
+        match super::fused::rms_norm(x, &self.weight, self.eps, self.fused)? {
+            Some(y) => Ok(y),
+            None => rms_norm_composed(x, &self.weight, self.eps),
         }
     }
 
@@ -142,7 +137,22 @@ impl RmsNorm {
         Self {
             weight: self.weight.detach(),
             eps: self.eps,
+            fused: self.fused,
         }
+    }
+}
+
+/// RMSNorm as composed candle ops (the CPU / Metal path, and the fused kernel's reference).
+pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let x = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+    if dtype == DType::F32 {
+        // transformers rounds to the input dtype before scaling; in f32 that is the same.
+        x.broadcast_mul(weight)
+    } else {
+        x.broadcast_mul(weight)?.to_dtype(dtype)
     }
 }
 
@@ -171,8 +181,12 @@ impl Rope {
         })
     }
 
-    /// `x * cos + rotate_half(x) * sin` for x of shape (B, N, L, D).
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x * cos + rotate_half(x) * sin` for x of shape (B, N, L, D); one fused kernel on CUDA
+    /// when `fused`.
+    pub fn apply(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if let Some(y) = super::fused::rope(x, &self.cos, &self.sin, fused)? {
+            return Ok(y);
+        }
         let d = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -181,6 +195,18 @@ impl Rope {
         let sin = self.sin.to_dtype(x.dtype())?;
         x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
     }
+}
+
+/// Attention probabilities from raw scores `q k^T` (B, H, L, L): scaled, causally masked,
+/// softmax in f32, returned in the scores' dtype. One fused kernel on CUDA when `fused`.
+pub fn attention_probs(scores: &Tensor, scale: f64, mask: &Tensor, fused: bool) -> Result<Tensor> {
+    if let Some(p) = super::fused::causal_softmax(scores, scale, fused)? {
+        return Ok(p);
+    }
+    let s = (scores * scale)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(mask)?;
+    candle_nn::ops::softmax(&s, D::Minus1)?.to_dtype(scores.dtype())
 }
 
 /// (L, L) additive causal mask: 0 on and below the diagonal, -inf above.
@@ -202,6 +228,7 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    fused: bool,
 }
 
 impl Attention {
@@ -217,18 +244,14 @@ impl Attention {
         let v = self.v_proj.forward(x)?.reshape((b, l, k, d))?;
         let v = v.transpose(1, 2)?.contiguous()?;
         // 2. rotary position embedding
-        let q = rope.apply(&q)?;
-        let kk = rope.apply(&kk)?;
+        let q = rope.apply(&q, self.fused)?;
+        let kk = rope.apply(&kk, self.fused)?;
         // 3. grouped-query attention without repeating K and V: query heads k*R .. k*R+R
         //    share key/value head k, so (B, H, L, D) -> (B, K, R*L, D).
         let q = q.reshape((b, k, r * l, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&kk.t()?)? * scale)?; // (B, K, R*L, L)
-        let scores = scores
-            .reshape((b, h, l, l))?
-            .to_dtype(DType::F32)?
-            .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(x.dtype())?;
+        let scores = q.matmul(&kk.t()?)?.reshape((b, h, l, l))?; // (B, K, R*L, L) -> (B, H, L, L)
+        let probs = attention_probs(&scores, scale, mask, self.fused)?;
         let out = probs.reshape((b, k, r * l, l))?.matmul(&v)?; // (B, K, R*L, D)
                                                                 // 4. merge heads: (B, H, L, D) -> (B, L, H*D) and project out
         let out = out
@@ -370,6 +393,7 @@ impl Qwen3 {
                 Ok::<_, candle_core::Error>(RmsNorm {
                     weight: param(params, name, &[n])?,
                     eps: cfg.rms_norm_eps,
+                    fused: false,
                 })
             };
             let q_norm = norm(&mut params, format!("{p}.self_attn.q_norm.weight"), d)?;
@@ -392,6 +416,7 @@ impl Qwen3 {
                     num_heads: h,
                     num_kv_heads: k,
                     head_dim: d,
+                    fused: false,
                 },
                 post_attention_layernorm,
                 mlp: Mlp {
@@ -404,6 +429,7 @@ impl Qwen3 {
         let norm = RmsNorm {
             weight: param(&mut params, "model.norm.weight".into(), &[e])?,
             eps: cfg.rms_norm_eps,
+            fused: false,
         };
         let lm_head = if cfg.tie_word_embeddings {
             None
@@ -429,6 +455,7 @@ impl Qwen3 {
     /// Uses the fused CUDA kernels (on a CUDA device; elsewhere the composed ops run anyway).
     pub fn with_fused(mut self, on: bool) -> Self {
         for layer in &mut self.layers {
+            layer.self_attn.fused = on;
             let a = &mut layer.self_attn;
             let m = &mut layer.mlp;
             for lin in [
@@ -442,7 +469,16 @@ impl Qwen3 {
             ] {
                 lin.fused = on;
             }
+            for norm in [
+                &mut layer.input_layernorm,
+                &mut layer.post_attention_layernorm,
+                &mut a.q_norm,
+                &mut a.k_norm,
+            ] {
+                norm.fused = on;
+            }
         }
+        self.norm.fused = on;
         self
     }
 

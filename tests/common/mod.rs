@@ -67,13 +67,15 @@ pub fn fixture_model(projections: &[String], group_size: usize) -> (Qwen3, Param
         projections: projections.to_vec(),
         group_size: ternlab::spec::GroupSize::Columns(group_size),
     };
-    Qwen3::new(
+    let (model, params) = Qwen3::new(
         &fixture_config(),
         fixture_weights(),
         &ternary,
         &test_device(),
     )
-    .unwrap()
+    .unwrap();
+    // Every fused kernel on: they run where the device is CUDA; elsewhere the composed ops do.
+    (model.with_fused(true), params)
 }
 
 /// max |a - b| / max |b|: the relative error of `a` against the reference `b`.
