@@ -224,7 +224,7 @@ __device__ void causal_softmax(const T* x, T* p, long rows, int l, float scale) 
     if (row >= rows) return;
     int q = row % l;
     const T* xr = x + row * l;
-    float m = -INFINITY;
+    float m = __int_as_float(0xff800000);  // -inf (NVRTC has no math.h)
     for (int j = lane; j <= q; j += 32) m = fmaxf(m, ld(xr, j) * scale);
     for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     float sum = 0.f;
