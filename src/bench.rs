@@ -4,7 +4,7 @@
 //! peak and device memory.
 
 use crate::data::Batcher;
-use crate::model::{cross_entropy, Qwen3Config};
+use crate::model::Qwen3Config;
 use crate::optim::AdamW;
 use crate::run::PreparedRun;
 use crate::train::lr_at;
@@ -158,7 +158,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         let by_phase = step >= warmup + steps;
         let start = Instant::now();
         opt.set_learning_rate(lr_at(t, step));
-        let loss = cross_entropy(&model.forward(&x)?, &y)?;
+        let loss = model.loss(&model.forward(&x)?, &y)?;
         let t_fwd = by_phase.then(|| sync_time(&device, start)).transpose()?;
         let grads = loss.backward()?;
         let t_bwd = by_phase.then(|| sync_time(&device, start)).transpose()?;

@@ -5,7 +5,7 @@
 use crate::data::{eval_starts, windows, Batcher};
 use crate::faults::{self, Fault, FaultKind};
 use crate::model::ternary::check_ternary;
-use crate::model::{cross_entropy, Params, Qwen3};
+use crate::model::{Params, Qwen3};
 use crate::optim::AdamW;
 use crate::spec::TrainSpec;
 use anyhow::Result;
@@ -110,7 +110,7 @@ pub fn train(
         let lr = lr_at(t, step);
         opt.set_learning_rate(lr);
         let (x, y) = batcher.next_batch(&device)?;
-        let loss = cross_entropy(&model.forward(&x)?, &y)?;
+        let loss = model.loss(&model.forward(&x)?, &y)?;
         // Reading the loss is the step's one host sync.
         let mut loss_value = loss.to_scalar::<f32>()? as f64;
         if fault_now == Some(FaultKind::Nan) {
@@ -164,7 +164,7 @@ pub fn heldout_nll(model: &Qwen3, tokens: &[u32], seq_len: usize, batch: usize) 
     let mut count = 0usize;
     for chunk in starts.chunks(batch.max(1)) {
         let (x, y) = windows(tokens, chunk, seq_len, model.device())?;
-        let mean = cross_entropy(&model.forward(&x)?, &y)?.to_scalar::<f32>()? as f64;
+        let mean = model.loss(&model.forward(&x)?, &y)?.to_scalar::<f32>()? as f64;
         let n = chunk.len() * seq_len;
         nll_sum += mean * n as f64;
         count += n;

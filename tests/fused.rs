@@ -248,3 +248,89 @@ fn causal_softmax_matches_the_composed_one() {
         }
     }
 }
+
+#[test]
+fn silu_gate_matches_the_composed_one() {
+    use ternlab::model::fused::silu_mul;
+    let dev = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        let g = Var::from_tensor(
+            &Tensor::randn(0f32, 2.0, (5, 300), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let u = Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (5, 300), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let fused = silu_mul(g.as_tensor(), u.as_tensor(), true)
+            .unwrap()
+            .unwrap();
+        let composed = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+        let err = rel_err(&f32_of(&fused), &f32_of(&composed));
+        assert!(err < tol, "{dtype:?}: values differ by {err:e}");
+        let up = Tensor::randn(0f32, 1.0, (5, 300), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let gf = (fused * &up)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let gc = (composed * &up)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let (gf, gc) = (gf.backward().unwrap(), gc.backward().unwrap());
+        for (name, v) in [("gate", &g), ("up", &u)] {
+            let err = rel_err(&f32_of(gf.get(v).unwrap()), &f32_of(gc.get(v).unwrap()));
+            assert!(err < tol, "{dtype:?}: d{name} differs by {err:e}");
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_matches_the_composed_one() {
+    use ternlab::model::qwen3::cross_entropy_with;
+    let dev = gpu();
+    // A Qwen3-sized vocabulary, and a small one.
+    for v in [151_936usize, 37] {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Var::from_tensor(
+                &Tensor::randn(0f32, 3.0, (2, 9, v), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let t: Vec<u32> = (0..18u32).map(|i| (i * 7919) % v as u32).collect();
+            let t = Tensor::from_vec(t, (2, 9), &dev).unwrap();
+            let fused = cross_entropy_with(x.as_tensor(), &t, true).unwrap();
+            let composed = cross_entropy_with(x.as_tensor(), &t, false).unwrap();
+            let (f, c) = (
+                fused.to_scalar::<f32>().unwrap(),
+                composed.to_scalar::<f32>().unwrap(),
+            );
+            assert!(
+                (f - c).abs() < 1e-4 * c.abs(),
+                "V={v} {dtype:?}: loss {f} vs {c}"
+            );
+            let (gf, gc) = (fused.backward().unwrap(), composed.backward().unwrap());
+            let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let err = rel_err(&f32_of(gf.get(&x).unwrap()), &f32_of(gc.get(&x).unwrap()));
+            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            assert!(err < tol, "V={v} {dtype:?}: gradients differ by {err:e}");
+        }
+    }
+}

@@ -10,6 +10,9 @@
 //!   negate, concatenate, two products and a sum, and their backward).
 //! - `causal_softmax`: scale, causal mask and softmax of attention scores in one kernel (a warp
 //!   per row, f32 arithmetic), backward in one, instead of ~8 and ~15 composed ops.
+//! - `silu_mul`: the SwiGLU gate `silu(g) * u`, one kernel forward, two backward.
+//! - `cross_entropy`: per-row log-sum-exp and loss in one kernel (a block per row), the
+//!   logits' gradient in one more, in the logits' dtype: no f32 copy of (N, V) logits.
 //! - `AdamW` (in `crate::optim`) uses `adamw_step`: one kernel per parameter updates the
 //!   weight and both moments in place.
 
@@ -64,6 +67,28 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, fused: bool) -> Result<Option
             .map(Some);
     }
     let _ = (scores, scale, fused);
+    Ok(None)
+}
+
+/// `silu(g) * u`; `None` where the fused kernel does not apply.
+pub fn silu_mul(g: &Tensor, u: &Tensor, fused: bool) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused && g.device().is_cuda() && g.is_contiguous() && u.is_contiguous() {
+        return g.apply_op2(u, cuda::SiluMul).map(Some);
+    }
+    let _ = (g, u, fused);
+    Ok(None)
+}
+
+/// Mean token cross-entropy of logits (N, V) against u32 targets (N), f32 scalar; `None`
+/// where the fused kernel does not apply.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, fused: bool) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused && logits.device().is_cuda() && logits.is_contiguous() {
+        let rows = logits.apply_op2(&targets.contiguous()?, cuda::CrossEntropy)?;
+        return rows.narrow(1, 0, 1)?.mean_all().map(Some);
+    }
+    let _ = (logits, targets, fused);
     Ok(None)
 }
 
@@ -266,6 +291,95 @@ extern "C" __global__ void causal_softmax_bwd_##SUF(const T* p, const T* dy, T* 
 }
 ATTN_KERNELS(f32, float)
 ATTN_KERNELS(bf16, unsigned short)
+
+// y = silu(g) * u, and its two gradients.
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+template <typename T>
+__device__ void silu_mul(const T* g, const T* u, T* y, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float a = ld(g, i);
+    st(y, i, a * sigmoid(a) * ld(u, i));
+}
+template <typename T>
+__device__ void silu_mul_bwd_g(const T* g, const T* u, const T* dy, T* dg, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float a = ld(g, i), sg = sigmoid(a);
+    st(dg, i, ld(dy, i) * ld(u, i) * sg * (1.f + a * (1.f - sg)));
+}
+template <typename T>
+__device__ void silu_mul_bwd_u(const T* g, const T* dy, T* du, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float a = ld(g, i);
+    st(du, i, ld(dy, i) * a * sigmoid(a));
+}
+
+// Cross-entropy per row of logits (rows, v) against targets, one block per row, online
+// log-sum-exp in f32: out[2 r] = lse - x[target], out[2 r + 1] = lse.
+__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
+    float mx = fmaxf(m, m2);
+    if (mx == __int_as_float(0xff800000)) return;
+    s = s * __expf(m - mx) + s2 * __expf(m2 - mx);
+    m = mx;
+}
+template <typename T>
+__device__ void cross_entropy(const T* x, const unsigned int* y, float* out, long rows, int v) {
+    __shared__ float sm[32], ss[32];
+    long row = blockIdx.x;
+    const T* xr = x + row * v;
+    float m = __int_as_float(0xff800000), s = 0.f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) merge(m, s, ld(xr, j), 1.f);
+    for (int o = 16; o > 0; o /= 2) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        merge(m, s, m2, s2);
+    }
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = sm[0], S = ss[0];
+        for (int w = 1; w < warps; w++) merge(M, S, sm[w], ss[w]);
+        float lse = M + __logf(S);
+        out[2 * row] = lse - ld(xr, y[row]);
+        out[2 * row + 1] = lse;
+    }
+}
+// dx = g_r * (softmax(x) - onehot(target)); lg[2 r] = lse, lg[2 r + 1] = g_r.
+template <typename T>
+__device__ void cross_entropy_bwd(const T* x, const unsigned int* y, const float* lg, T* dx,
+                                  long rows, int v) {
+    long row = blockIdx.x;
+    float lse = lg[2 * row], g = lg[2 * row + 1];
+    unsigned int t = y[row];
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        float p = __expf(ld(x + row * v, j) - lse);
+        st(dx + row * v, j, g * (p - (j == t ? 1.f : 0.f)));
+    }
+}
+
+#define MISC_KERNELS(SUF, T)                                                                  \
+extern "C" __global__ void silu_mul_##SUF(const T* g, const T* u, T* y, long n) {              \
+    silu_mul<T>(g, u, y, n);                                                                  \
+}                                                                                             \
+extern "C" __global__ void silu_mul_bwd_g_##SUF(const T* g, const T* u, const T* dy, T* dg,   \
+                                                long n) {                                     \
+    silu_mul_bwd_g<T>(g, u, dy, dg, n);                                                       \
+}                                                                                             \
+extern "C" __global__ void silu_mul_bwd_u_##SUF(const T* g, const T* dy, T* du, long n) {     \
+    silu_mul_bwd_u<T>(g, dy, du, n);                                                          \
+}                                                                                             \
+extern "C" __global__ void cross_entropy_##SUF(const T* x, const unsigned int* y, float* out, \
+                                               long rows, int v) {                            \
+    cross_entropy<T>(x, y, out, rows, v);                                                     \
+}                                                                                             \
+extern "C" __global__ void cross_entropy_bwd_##SUF(const T* x, const unsigned int* y,         \
+                                                   const float* lg, T* dx, long rows, int v) { \
+    cross_entropy_bwd<T>(x, y, lg, dx, rows, v);                                              \
+}
+MISC_KERNELS(f32, float)
+MISC_KERNELS(bf16, unsigned short)
 
 extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* g, long n,
                                      float lr, float b1, float b2, float eps, float decay,
@@ -785,6 +899,281 @@ extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* 
                 [rows, l32, scale]
             );
             Ok((dx, pl.shape().clone()))
+        }
+    }
+
+    /// `silu(g) * u` (the SwiGLU gate), forward and backward in one elementwise kernel each.
+    pub struct SiluMul;
+
+    impl CustomOp2 for SiluMul {
+        fn name(&self) -> &'static str {
+            "silu-mul"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused SiLU gate runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            gs: &CudaStorage,
+            gl: &Layout,
+            us: &CudaStorage,
+            ul: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = gs.device().clone();
+            let n = gl.shape().elem_count();
+            let n64 = n as i64;
+            let cfg = LaunchConfig::for_num_elems(n as u32);
+            let y = launch_like!(
+                dev,
+                gs.dtype(),
+                n,
+                cfg,
+                "silu_mul",
+                [In(gs, gl), In(us, ul)],
+                [n64]
+            );
+            Ok((y, gl.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            g: &Tensor,
+            u: &Tensor,
+            _y: &Tensor,
+            dy: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let dy = dy.contiguous()?;
+            let dg = g.apply_op3_no_bwd(u, &dy, &SiluMulBackG)?;
+            let du = g.apply_op2_no_bwd(&dy, &SiluMulBackU)?;
+            Ok((Some(dg), Some(du)))
+        }
+    }
+
+    struct SiluMulBackG;
+
+    impl candle_core::CustomOp3 for SiluMulBackG {
+        fn name(&self) -> &'static str {
+            "silu-mul-backward-gate"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused SiLU gate runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            gs: &CudaStorage,
+            gl: &Layout,
+            us: &CudaStorage,
+            ul: &Layout,
+            ds: &CudaStorage,
+            dl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = gs.device().clone();
+            let n = gl.shape().elem_count();
+            let n64 = n as i64;
+            let cfg = LaunchConfig::for_num_elems(n as u32);
+            let dg = launch_like!(
+                dev,
+                gs.dtype(),
+                n,
+                cfg,
+                "silu_mul_bwd_g",
+                [In(gs, gl), In(us, ul), In(ds, dl)],
+                [n64]
+            );
+            Ok((dg, gl.shape().clone()))
+        }
+    }
+
+    struct SiluMulBackU;
+
+    impl CustomOp2 for SiluMulBackU {
+        fn name(&self) -> &'static str {
+            "silu-mul-backward-up"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused SiLU gate runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            gs: &CudaStorage,
+            gl: &Layout,
+            ds: &CudaStorage,
+            dl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = gs.device().clone();
+            let n = gl.shape().elem_count();
+            let n64 = n as i64;
+            let cfg = LaunchConfig::for_num_elems(n as u32);
+            let du = launch_like!(
+                dev,
+                gs.dtype(),
+                n,
+                cfg,
+                "silu_mul_bwd_u",
+                [In(gs, gl), In(ds, dl)],
+                [n64]
+            );
+            Ok((du, gl.shape().clone()))
+        }
+    }
+
+    /// Per-row cross-entropy of logits (rows, V) in f32 or bf16 against u32 targets (rows):
+    /// out (rows, 2) f32 = [loss, log-sum-exp]. The backward writes the logits' gradient in
+    /// their dtype in one pass; no f32 copy of the logits is ever made.
+    pub struct CrossEntropy;
+
+    fn ce_launch(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    impl CustomOp2 for CrossEntropy {
+        fn name(&self) -> &'static str {
+            "cross-entropy"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused cross-entropy runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            xs: &CudaStorage,
+            xl: &Layout,
+            ys: &CudaStorage,
+            yl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = xs.device().clone();
+            let (rows, v) = xl.shape().dims2()?;
+            let (rows64, v32) = (rows as i64, v as i32);
+            let y = contiguous::<u32>(ys, yl, "cross-entropy targets")?;
+            let out = dev.alloc_zeros::<f32>(2 * rows)?;
+            let f = dev.get_or_load_custom_func(
+                &format!("cross_entropy_{}", suffix(xs.dtype())?),
+                MODULE,
+                ptx()?,
+            )?;
+            macro_rules! go {
+                ($t:ty) => {{
+                    let x = contiguous::<$t>(xs, xl, "logits")?;
+                    let mut b = f.builder();
+                    b.arg(&x).arg(&y).arg(&out).arg(&rows64).arg(&v32);
+                    unsafe { b.launch(ce_launch(rows)) }.w()?;
+                }};
+            }
+            match xs.dtype() {
+                DType::F32 => go!(f32),
+                _ => go!(half::bf16),
+            }
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev),
+                Shape::from((rows, 2)),
+            ))
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            y: &Tensor,
+            out: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            // (rows, 2) = [lse, d loss_r]: the two per-row numbers the backward kernel needs.
+            let lg =
+                Tensor::cat(&[&out.narrow(1, 1, 1)?, &grad.narrow(1, 0, 1)?], 1)?.contiguous()?;
+            let dx = x.apply_op3_no_bwd(y, &lg, &CrossEntropyBack)?;
+            Ok((Some(dx), None))
+        }
+    }
+
+    struct CrossEntropyBack;
+
+    impl candle_core::CustomOp3 for CrossEntropyBack {
+        fn name(&self) -> &'static str {
+            "cross-entropy-backward"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused cross-entropy runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            xs: &CudaStorage,
+            xl: &Layout,
+            ys: &CudaStorage,
+            yl: &Layout,
+            ls: &CudaStorage,
+            ll: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = xs.device().clone();
+            let (rows, v) = xl.shape().dims2()?;
+            let (rows64, v32) = (rows as i64, v as i32);
+            let y = contiguous::<u32>(ys, yl, "cross-entropy targets")?;
+            let lg = contiguous::<f32>(ls, ll, "cross-entropy row terms")?;
+            let f = dev.get_or_load_custom_func(
+                &format!("cross_entropy_bwd_{}", suffix(xs.dtype())?),
+                MODULE,
+                ptx()?,
+            )?;
+            macro_rules! go {
+                ($t:ty) => {{
+                    let x = contiguous::<$t>(xs, xl, "logits")?;
+                    let dx = unsafe { dev.alloc::<$t>(rows * v)? };
+                    let mut b = f.builder();
+                    b.arg(&x).arg(&y).arg(&lg).arg(&dx).arg(&rows64).arg(&v32);
+                    unsafe { b.launch(ce_launch(rows)) }.w()?;
+                    CudaStorage::wrap_cuda_slice(dx, dev.clone())
+                }};
+            }
+            let dx = match xs.dtype() {
+                DType::F32 => go!(f32),
+                _ => go!(half::bf16),
+            };
+            Ok((dx, xl.shape().clone()))
         }
     }
 

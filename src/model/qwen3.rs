@@ -288,8 +288,12 @@ pub struct Mlp {
 impl Mlp {
     /// down(silu(gate(x)) * up(x)): (B, L, E) -> (B, L, F) -> (B, L, E)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let h = match super::fused::silu_mul(&gate, &up, self.gate_proj.fused)? {
+            Some(h) => h,
+            None => (gate.silu()? * up)?,
+        };
+        self.down_proj.forward(&h)
     }
 
     fn linears(&self) -> [&Linear; 3] {
@@ -482,6 +486,11 @@ impl Qwen3 {
         self
     }
 
+    /// Mean token cross-entropy of this model's logits (fused on CUDA when asked for).
+    pub fn loss(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        cross_entropy_with(logits, targets, self.is_fused())
+    }
+
     /// Whether the fused CUDA kernels are asked for (see `with_fused`).
     pub fn is_fused(&self) -> bool {
         self.layers
@@ -565,9 +574,19 @@ impl Qwen3 {
     }
 }
 
-/// Mean token cross-entropy in f32: logits (B, L, V), targets (B, L) -> scalar.
+/// Mean token cross-entropy in f32: logits (B, L, V), targets (B, L) -> scalar. One fused
+/// kernel on CUDA (see `Qwen3::loss`); this composed version runs elsewhere.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    cross_entropy_with(logits, targets, false)
+}
+
+/// As `cross_entropy`, with the fused CUDA kernel when `fused`.
+pub fn cross_entropy_with(logits: &Tensor, targets: &Tensor, fused: bool) -> Result<Tensor> {
     let v = logits.dim(D::Minus1)?;
-    let logits = logits.to_dtype(DType::F32)?.reshape(((), v))?;
-    candle_nn::loss::cross_entropy(&logits, &targets.flatten_all()?)
+    let logits = logits.reshape(((), v))?;
+    let targets = targets.flatten_all()?;
+    if let Some(loss) = super::fused::cross_entropy(&logits, &targets, fused)? {
+        return Ok(loss);
+    }
+    candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &targets)
 }
