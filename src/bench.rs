@@ -186,12 +186,13 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
     let flops = flops_per_step(&p.model_cfg, d.batch_size, d.seq_len);
     let name = device_name(&device);
     let achieved = flops / median / 1e12;
-    let peak = peak_tflops(&name, &t.dtype);
+    let dtype = crate::run::resolved_dtype(&t.dtype, &device);
+    let peak = peak_tflops(&name, &dtype);
     Ok(BenchResult {
         run_id: p.run_id.clone(),
         device: device_label,
         device_name: name,
-        dtype: t.dtype.clone(),
+        dtype,
         batch_size: d.batch_size,
         seq_len: d.seq_len,
         timed_steps: steps,

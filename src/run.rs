@@ -195,7 +195,10 @@ impl PreparedRun {
         let (model, params) = Qwen3::new(&self.model_cfg, weights, &ternary, device)?;
         Ok((
             model
-                .with_compute_dtype(compute_dtype(&self.spec.train.dtype))
+                .with_compute_dtype(compute_dtype(&resolved_dtype(
+                    &self.spec.train.dtype,
+                    device,
+                )))
                 .with_fused(self.spec.run.fused),
             params,
         ))
@@ -209,7 +212,19 @@ impl PreparedRun {
     }
 }
 
-/// The activations' dtype of `train.dtype`; "tf32" also lets CUDA f32 matmuls use TF32.
+/// `train.dtype` on `device`: "auto" is bf16 on CUDA (with the fused kernels it trains like
+/// f32 there, at twice the speed) and f32 elsewhere (candle's CPU bf16 is slow and sums in
+/// bf16).
+pub fn resolved_dtype(dtype: &str, device: &candle_core::Device) -> String {
+    match (dtype, device) {
+        ("auto", candle_core::Device::Cuda(_)) => "bf16".into(),
+        ("auto", _) => "f32".into(),
+        (d, _) => d.into(),
+    }
+}
+
+/// The activations' dtype of a resolved `train.dtype`; "tf32" also lets CUDA f32 matmuls use
+/// TF32.
 pub fn compute_dtype(dtype: &str) -> candle_core::DType {
     #[cfg(feature = "cuda")]
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(dtype == "tf32");
@@ -315,7 +330,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         config: serde_json::to_value(&p.spec)?,
         seed: t.seed,
         device: device_name,
-        dtype: t.dtype.clone(),
+        dtype: resolved_dtype(&t.dtype, &device),
         model_origin: p.origin_name(),
         n_params: params.num_elements(),
         ternary_bad: verification.bad,

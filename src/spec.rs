@@ -119,8 +119,9 @@ pub struct TrainSpec {
     pub eps: f64,
     pub weight_decay: f64,
     pub seed: u64,
-    /// Compute precision: "f32"; "tf32" (f32 with TF32 matmuls on CUDA); "bf16" (bf16
-    /// activations and matmuls; f32 latents, optimizer state, ternarization, norms and loss).
+    /// Compute precision: "auto" (bf16 on CUDA, f32 elsewhere); "f32"; "tf32" (f32 with TF32
+    /// matmuls on CUDA); "bf16" (bf16 activations and matmuls; f32 latents, optimizer state,
+    /// ternarization scales, norms, softmax and loss). See bench/RESULTS.md for why.
     pub dtype: String,
 }
 
@@ -203,7 +204,7 @@ impl Default for TrainSpec {
             eps: 1e-8,
             weight_decay: 0.0,
             seed: 0,
-            dtype: "f32".into(),
+            dtype: "auto".into(),
         }
     }
 }
@@ -409,7 +410,7 @@ fn bad(file: &Path, key: &str, value: impl std::fmt::Debug, want: &str) -> anyho
 }
 
 pub const SAMPLINGS: &[&str] = &["random", "sequential"];
-pub const DTYPES: &[&str] = &["f32", "tf32", "bf16"];
+pub const DTYPES: &[&str] = &["auto", "f32", "tf32", "bf16"];
 
 impl Spec {
     /// Checks every value that can be checked without the model or the data.

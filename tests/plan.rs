@@ -240,3 +240,15 @@ fn bad_specs_name_the_key() {
         }
     }
 }
+
+#[test]
+fn auto_dtype_resolves_by_device() {
+    let _env = serial();
+    use candle_core::Device;
+    use ternlab::run::resolved_dtype;
+    assert_eq!(Spec::default().train.dtype, "auto");
+    // bf16 only where the fused CUDA kernels run; the CPU keeps f32.
+    assert_eq!(resolved_dtype("auto", &Device::Cpu), "f32");
+    assert_eq!(resolved_dtype("bf16", &Device::Cpu), "bf16");
+    assert_eq!(resolved_dtype("tf32", &Device::Cpu), "tf32");
+}
