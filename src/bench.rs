@@ -10,7 +10,6 @@ use crate::run::PreparedRun;
 use crate::train::lr_at;
 use anyhow::Result;
 use candle_core::Device;
-use candle_nn::optim::ParamsAdamW;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -135,17 +134,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
     };
     let (model, params) = p.build_model(&device)?;
     let (t, d) = (&p.spec.train, &p.spec.data);
-    let mut opt = AdamW::new(
-        params.vars(),
-        ParamsAdamW {
-            lr: lr_at(t, 0),
-            beta1: t.betas[0],
-            beta2: t.betas[1],
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-        model.is_fused(),
-    )?;
+    let mut opt = AdamW::for_run(params.vars(), t, model.is_fused())?;
     let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, p.sampling, t.seed)?;
     let mut times = Vec::with_capacity(steps);
     let mut phases: [Vec<f64>; 3] = Default::default();

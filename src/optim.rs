@@ -22,6 +22,19 @@ impl AdamW {
         Ok(AdamW::Composed(candle_nn::AdamW::new(vars, params)?))
     }
 
+    /// The optimizer of a run: the spec's betas, eps and weight decay, the schedule's lr at
+    /// step 0.
+    pub fn for_run(vars: Vec<Var>, t: &crate::spec::TrainSpec, fused: bool) -> Result<Self> {
+        let params = ParamsAdamW {
+            lr: crate::train::lr_at(t, 0),
+            beta1: t.betas[0],
+            beta2: t.betas[1],
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        };
+        Self::new(vars, params, fused)
+    }
+
     pub fn set_learning_rate(&mut self, lr: f64) {
         match self {
             AdamW::Composed(o) => o.set_learning_rate(lr),

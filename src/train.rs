@@ -10,7 +10,6 @@ use crate::optim::AdamW;
 use crate::spec::TrainSpec;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use candle_nn::optim::ParamsAdamW;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
@@ -79,17 +78,7 @@ pub fn train(
     on_step: &mut dyn FnMut(&StepRecord) -> Result<()>,
 ) -> Result<TrainResult> {
     let device = model.device().clone();
-    let mut opt = AdamW::new(
-        params.vars(),
-        ParamsAdamW {
-            lr: lr_at(t, 0),
-            beta1: t.betas[0],
-            beta2: t.betas[1],
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-        model.is_fused(),
-    )?;
+    let mut opt = AdamW::for_run(params.vars(), t, model.is_fused())?;
     let (b, l) = (val.batch_size, val.seq_len);
     let start = Instant::now();
     let mut losses = Vec::with_capacity(t.steps);
