@@ -11,74 +11,18 @@
 
 mod common;
 
-use serde_json::Value;
-use std::collections::BTreeMap;
+use common::cli::{
+    command, corpus, on_spec, plan_ids, plan_states, quote, read_json, snapshot, spec_args,
+    spec_text, ternlab, trained_ids, write_spec, Ran,
+};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// What one `ternlab` invocation did.
-struct Ran {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ran {
-    fn show(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-/// `ternlab ARGS` in `cwd`, without inherited `TERNLAB_*` variables, plus `env`.
-fn command(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(common::ternlab_bin());
-    cmd.args(args).current_dir(cwd);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TERNLAB_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
-}
-
-fn ternlab(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Ran {
-    let out = command(cwd, args, env)
-        .output()
-        .expect("the ternlab binary starts");
-    Ran {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn spec_args<'a>(cmd: &'a str, spec: &'a Path, results: &'a Path) -> Vec<&'a str> {
-    vec![
-        cmd,
-        spec.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-    ]
-}
-
-/// `ternlab <cmd> <spec> --results <results> [extra...]`, run in the spec's folder.
-fn on_spec(cmd: &str, spec: &Path, results: &Path, extra: &[&str], env: &[(&str, &str)]) -> Ran {
-    let mut args = spec_args(cmd, spec, results);
-    args.extend_from_slice(extra);
-    ternlab(spec.parent().unwrap(), &args, env)
-}
 
 /// A `ternlab <cmd>` running in the background, its output going to files.
 struct Background {
@@ -172,131 +116,6 @@ impl Drop for Background {
     }
 }
 
-fn quote(s: &str) -> String {
-    toml::Value::String(s.into()).to_string()
-}
-
-fn corpus() -> String {
-    common::repo_root()
-        .join("data/train_data.txt")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-/// A tiny spec: the `tiny` preset on the bundled corpus, 3 steps of 2 x 32 tokens on the CPU.
-/// `set` replaces or adds `section.key` lines (an empty value removes the key); `tail` is
-/// appended as written (a `[sweep]` table).
-fn spec_text(name: &str, set: &[(&str, &str)], tail: &str) -> String {
-    let mut sections: Vec<(String, Vec<(String, String)>)> = [
-        ("model", vec![("preset", quote("tiny"))]),
-        (
-            "data",
-            vec![
-                ("path", quote(&corpus())),
-                ("seq_len", "32".into()),
-                ("batch_size", "2".into()),
-            ],
-        ),
-        (
-            "train",
-            vec![("steps", "3".into()), ("warmup_steps", "1".into())],
-        ),
-        (
-            "eval",
-            vec![
-                ("max_new_tokens", "2".into()),
-                ("prompts", "[\"The\"]".into()),
-            ],
-        ),
-        ("run", vec![("device", quote("cpu"))]),
-    ]
-    .into_iter()
-    .map(|(s, kv)| {
-        (
-            s.to_string(),
-            kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-        )
-    })
-    .collect();
-    for (path, value) in set {
-        let (section, key) = path.split_once('.').expect("section.key");
-        let idx = match sections.iter().position(|(s, _)| s == section) {
-            Some(i) => i,
-            None => {
-                sections.push((section.to_string(), Vec::new()));
-                sections.len() - 1
-            }
-        };
-        let lines = &mut sections[idx].1;
-        lines.retain(|(k, _)| k != key);
-        if !value.is_empty() {
-            lines.push((key.to_string(), value.to_string()));
-        }
-    }
-    let mut text = format!("name = {}\n", quote(name));
-    for (section, lines) in &sections {
-        text.push_str(&format!("\n[{section}]\n"));
-        for (k, v) in lines {
-            text.push_str(&format!("{k} = {v}\n"));
-        }
-    }
-    text.push('\n');
-    text.push_str(tail);
-    text
-}
-
-fn write_spec(dir: &Path, file: &str, text: &str) -> PathBuf {
-    let path = dir.join(file);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// The (run id, state) rows of `ternlab plan`'s output.
-fn plan_states(spec: &Path, results: &Path) -> BTreeMap<String, String> {
-    let out = on_spec("plan", spec, results, &[], &[]);
-    assert_eq!(out.code, Some(0), "plan failed: {}", out.show());
-    out.stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("run "))
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next().unwrap().to_string(), w.next().unwrap().to_string())
-        })
-        .collect()
-}
-
-/// The run ids of a spec, in plan order.
-fn plan_ids(spec: &Path, results: &Path) -> Vec<String> {
-    let out = on_spec("plan", spec, results, &[], &[]);
-    assert_eq!(out.code, Some(0), "plan failed: {}", out.show());
-    out.stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("run "))
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next().map(String::from))
-        .collect()
-}
-
-/// Run ids that a sweep trained, from its `<id>: building the model on ...` lines.
-fn trained_ids(stderr: &str) -> Vec<String> {
-    stderr
-        .lines()
-        .filter_map(|l| {
-            l.split_once(": building the model on ")
-                .map(|(id, _)| id.to_string())
-        })
-        .collect()
-}
-
-fn read_json(path: &Path) -> Value {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
-}
-
 /// Data rows of a loss.csv (after the header).
 fn csv_rows(path: &Path) -> usize {
     std::fs::read_to_string(path)
@@ -304,13 +123,6 @@ fn csv_rows(path: &Path) -> usize {
         .lines()
         .count()
         .saturating_sub(1)
-}
-
-fn snapshot(path: &Path) -> (String, SystemTime) {
-    (
-        std::fs::read_to_string(path).unwrap(),
-        std::fs::metadata(path).unwrap().modified().unwrap(),
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,7 +415,7 @@ fn nan_loss_is_a_diverged_result_not_retrained_without_force() {
         &[("TERNLAB_INJECT", "nan@2")],
     );
     assert_eq!(out.code, Some(1), "{}", out.show());
-    let ids = plan_ids(&spec, &results);
+    let ids = plan_ids(&spec, &results, &[]);
     let dir = results.join("nan").join(&ids[0]);
     let status = read_json(&dir.join("status.json"));
     assert_eq!(status["status"], "diverged", "{status}");
@@ -638,10 +450,8 @@ fn nan_loss_is_a_diverged_result_not_retrained_without_force() {
 }
 
 /// A diverged run writes NaN metrics (val_nll, val_ppl) to report.json, where serde_json makes
-/// them `null`; `Report` then fails to parse it, so `compare` and `plot` refuse the whole
-/// experiment instead of leaving the diverged run out (main.rs counts "diverged" runs as
-/// "not shown"). This test asserts the intended behaviour and FAILS with the current code
-/// (see the report).
+/// them `null`; the report must still read back, so that `compare` and `plot` leave the
+/// diverged run out instead of refusing the whole experiment.
 #[test]
 fn compare_and_plot_leave_out_a_diverged_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -697,7 +507,7 @@ fn an_error_during_training_marks_the_run_failed() {
         &[("TERNLAB_INJECT", "error@1")],
     );
     assert_eq!(out.code, Some(1), "{}", out.show());
-    let ids = plan_ids(&spec, &results);
+    let ids = plan_ids(&spec, &results, &[]);
     let dir = results.join("err").join(&ids[0]);
     let status = read_json(&dir.join("status.json"));
     assert_eq!(status["status"], "failed");
@@ -727,7 +537,7 @@ fn a_panic_marks_the_run_failed_and_the_sweep_goes_on() {
         "pan.toml",
         &spec_text("pan", &[], "[sweep]\n\"train.seed\" = [0, 1]\n"),
     );
-    let ids = plan_ids(&spec, &results);
+    let ids = plan_ids(&spec, &results, &[]);
     let out = on_spec(
         "sweep",
         &spec,
@@ -795,7 +605,7 @@ fn sigint_stops_the_sweep_promptly_and_marks_the_run_interrupted() {
     let tmp = tempfile::tempdir().unwrap();
     let results = tmp.path().join("results");
     let spec = slow_spec(tmp.path());
-    let ids = plan_ids(&spec, &results);
+    let ids = plan_ids(&spec, &results, &[]);
     let exp = results.join("slow");
     let mut bg = Background::start("sweep", &spec, &results, "sweep");
     bg.wait_for_rows(&exp.join(&ids[0]).join("loss.csv"), 3);
@@ -843,7 +653,7 @@ fn a_killed_run_is_unfinished_and_only_it_trains_again() {
         "kill.toml",
         &spec_text("kill", &[], "[sweep]\n\"train.steps\" = [3, 50]\n"),
     );
-    let ids = plan_ids(&spec, &results);
+    let ids = plan_ids(&spec, &results, &[]);
     assert!(ids[0].starts_with("steps=3_") && ids[1].starts_with("steps=50_"));
     let exp = results.join("kill");
     let (short, long) = (exp.join(&ids[0]), exp.join(&ids[1]));
@@ -891,7 +701,7 @@ fn two_concurrent_sweeps_train_each_run_once() {
         "conc.toml",
         &spec_text("conc", &[], "[sweep]\n\"train.seed\" = [0, 1, 2, 3]\n"),
     );
-    let ids = plan_ids(&spec, &results);
+    let ids = plan_ids(&spec, &results, &[]);
     assert_eq!(ids.len(), 4);
     let mut a = Background::start("sweep", &spec, &results, "a");
     let mut b = Background::start("sweep", &spec, &results, "b");

@@ -10,180 +10,17 @@
 
 mod common;
 
+use common::cli::{
+    on_spec, plan_ids, plan_rows, read_json, snapshot, spec_text, ternlab, trained_ids, write_spec,
+};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::SystemTime;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// What one `ternlab` invocation did.
-struct Ran {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ran {
-    fn show(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs `ternlab ARGS` in `cwd` without any inherited `TERNLAB_*` variable, plus `env`.
-fn ternlab(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Ran {
-    let mut cmd = Command::new(common::ternlab_bin());
-    cmd.args(args).current_dir(cwd);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TERNLAB_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("the ternlab binary starts");
-    Ran {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// `ternlab <cmd> <spec> --results <results> [extra...]`.
-fn on_spec(cmd: &str, spec: &Path, results: &Path, extra: &[&str], env: &[(&str, &str)]) -> Ran {
-    let mut args = vec![
-        cmd,
-        spec.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    ternlab(spec.parent().unwrap(), &args, env)
-}
-
-fn quote(s: &str) -> String {
-    toml::Value::String(s.into()).to_string()
-}
-
-/// A tiny spec: the `tiny` preset on the bundled corpus, 3 steps of 2 x 32 tokens on the CPU.
-/// `set` replaces or adds `section.key` lines (an empty value removes the key); `tail` is
-/// appended as written (a `[sweep]` table).
-fn spec_text(name: &str, set: &[(&str, &str)], tail: &str) -> String {
-    let data = common::repo_root().join("data/train_data.txt");
-    let mut sections: Vec<(String, Vec<(String, String)>)> = [
-        ("model", vec![("preset", quote("tiny"))]),
-        (
-            "data",
-            vec![
-                ("path", quote(data.to_str().unwrap())),
-                ("seq_len", "32".into()),
-                ("batch_size", "2".into()),
-            ],
-        ),
-        (
-            "train",
-            vec![("steps", "3".into()), ("warmup_steps", "1".into())],
-        ),
-        (
-            "eval",
-            vec![
-                ("max_new_tokens", "2".into()),
-                ("prompts", "[\"The\"]".into()),
-            ],
-        ),
-        ("run", vec![("device", quote("cpu"))]),
-    ]
-    .into_iter()
-    .map(|(s, kv)| {
-        (
-            s.to_string(),
-            kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-        )
-    })
-    .collect();
-    for (path, value) in set {
-        let (section, key) = path.split_once('.').expect("section.key");
-        let idx = match sections.iter().position(|(s, _)| s == section) {
-            Some(i) => i,
-            None => {
-                sections.push((section.to_string(), Vec::new()));
-                sections.len() - 1
-            }
-        };
-        let lines = &mut sections[idx].1;
-        lines.retain(|(k, _)| k != key);
-        if !value.is_empty() {
-            lines.push((key.to_string(), value.to_string()));
-        }
-    }
-    let mut text = format!("name = {}\n", quote(name));
-    for (section, lines) in &sections {
-        text.push_str(&format!("\n[{section}]\n"));
-        for (k, v) in lines {
-            text.push_str(&format!("{k} = {v}\n"));
-        }
-    }
-    text.push('\n');
-    text.push_str(tail);
-    text
-}
-
-fn write_spec(dir: &Path, file: &str, text: &str) -> PathBuf {
-    let path = dir.join(file);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// The (run id, state) rows of `ternlab plan`'s output.
-fn plan_rows(stdout: &str) -> Vec<(String, String)> {
-    stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("run "))
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next().unwrap().to_string(), w.next().unwrap().to_string())
-        })
-        .collect()
-}
-
-fn plan_ids(spec: &Path, results: &Path, set: &[&str]) -> Vec<String> {
-    let mut extra = Vec::new();
-    for s in set {
-        extra.extend(["--set", s]);
-    }
-    let out = on_spec("plan", spec, results, &extra, &[]);
-    assert_eq!(out.code, Some(0), "plan failed: {}", out.show());
-    plan_rows(&out.stdout)
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect()
-}
-
-/// Run ids that a sweep trained, from its `<id>: building the model on ...` lines.
-fn trained_ids(stderr: &str) -> Vec<String> {
-    stderr
-        .lines()
-        .filter_map(|l| {
-            l.split_once(": building the model on ")
-                .map(|(id, _)| id.to_string())
-        })
-        .collect()
-}
-
-fn read_json(path: &Path) -> Value {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
-}
 
 fn curve(report: &Value) -> Vec<f64> {
     report["loss_curve"]
@@ -203,14 +40,6 @@ fn run_dirs(exp: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// The text and modification time of a file, to prove it was not rewritten.
-fn snapshot(path: &Path) -> (String, SystemTime) {
-    (
-        std::fs::read_to_string(path).unwrap(),
-        std::fs::metadata(path).unwrap().modified().unwrap(),
-    )
 }
 
 /// The hex config-hash suffix of a run id.
@@ -446,10 +275,8 @@ fn plan_zip_axis_moves_its_keys_together() {
     assert!(out.stderr.contains("sweep.zip"), "{}", out.show());
 }
 
-/// plan.rs documents "Axes are crossed in the order written, the last one varying fastest",
-/// but the `[sweep]` table is a `toml::Table` without the `preserve_order` feature (a sorted
-/// map), so axes are crossed in alphabetical key order instead. This test asserts the
-/// documented behaviour and FAILS with the current code (see the report).
+/// Axes are crossed in the order written, the last one varying fastest (plan.rs), not in the
+/// alphabetical order of a sorted TOML table.
 #[test]
 fn plan_crosses_axes_in_the_order_written() {
     let tmp = tempfile::tempdir().unwrap();
@@ -660,10 +487,9 @@ fn a_changed_key_makes_new_runs_beside_the_old_and_compare_shows_both() {
     }
 }
 
-/// A `--set` that pins a grid axis drops that key from the run id, so after the full sweep
-/// `sweep --set train.seed=0` trains the seed-0 configs again into new folders (same config
-/// hash, other id) and `compare` then counts seed 0 twice (seeds [0, 0, 1], n = 3). This test
-/// asserts that no seed is counted twice and FAILS with the current code (see the report).
+/// A `--set` that pins a grid axis keeps that key in the run id, so after the full sweep
+/// `sweep --set train.seed=0` finds the seed-0 runs done instead of training them again under
+/// other ids, and `compare` never counts a seed twice.
 #[test]
 fn pinning_a_seed_after_the_full_sweep_does_not_count_that_seed_twice() {
     let tmp = tempfile::tempdir().unwrap();

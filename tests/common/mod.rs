@@ -2,6 +2,8 @@
 //! torch 2.11 / transformers 5.17, see tests/fixtures/parity/tokens.json) and small helpers.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
