@@ -78,4 +78,4 @@ if want profile && command -v nsys >/dev/null; then
 elif want profile; then
   echo "== no nsys on this machine"; ls /usr/local/cuda*/bin 2>/dev/null | head
 fi
-tar czf "$final/results.tgz" -C "$out" json tiny
+tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny 2>/dev/null)
