@@ -76,13 +76,9 @@ impl Linear {
             Some(g) => ternary_weight(&self.weight, g, x.dtype(), self.fused)?,
             None => self.weight.to_dtype(x.dtype())?,
         };
-        let (out, inp) = w.dims2()?;
-        let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
-        let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
-        let mut shape = lead;
-        shape.push(out);
-        y.reshape(shape)
+        // x is (N, in): activations stay 2-D between layers, so no reshape is recorded (each
+        // recorded op costs the backward pass a zero fill and an add in candle).
+        x.matmul(&w.t()?)
     }
 
     pub fn is_ternary(&self) -> bool {
@@ -232,8 +228,14 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
+    /// x (B*L, E) -> (B*L, E), for `b` sequences of `l` tokens.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        (b, l): (usize, usize),
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
         let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let r = h / k;
         // 1. project and split heads, normalise q and k per head: (B, L, N, D) -> (B, N, L, D)
@@ -253,11 +255,11 @@ impl Attention {
         let scores = q.matmul(&kk.t()?)?.reshape((b, h, l, l))?; // (B, K, R*L, L) -> (B, H, L, L)
         let probs = attention_probs(&scores, scale, mask, self.fused)?;
         let out = probs.reshape((b, k, r * l, l))?.matmul(&v)?; // (B, K, R*L, D)
-                                                                // 4. merge heads: (B, H, L, D) -> (B, L, H*D) and project out
+                                                                // 4. merge heads: (B, H, L, D) -> (B*L, H*D) and project out
         let out = out
             .reshape((b, h, l, d))?
             .transpose(1, 2)?
-            .reshape((b, l, h * d))?;
+            .reshape((b * l, h * d))?;
         self.o_proj.forward(&out)
     }
 
@@ -318,10 +320,17 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+    /// x (B*L, E) -> (B*L, E).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        bl: (usize, usize),
+        rope: &Rope,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
         let h = (x + self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, mask)?)?;
+            .forward(&self.input_layernorm.forward(x)?, bl, rope, mask)?)?;
         &h + self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h)?)?
@@ -510,16 +519,15 @@ impl Qwen3 {
         let (b, l) = ids.dims2()?;
         let rope = Rope::new(&self.cfg, l, &self.device)?;
         let mask = causal_mask(l, &self.device)?;
-        let e = self.cfg.hidden_size;
+        // (B*L, E) from here to the head
         let mut x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, l, e))?
             .to_dtype(self.compute_dtype)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &rope, &mask)?;
+            x = layer.forward(&x, (b, l), &rope, &mask)?;
         }
-        let x = self.norm.forward(&x)?.reshape((b * l, e))?;
+        let x = self.norm.forward(&x)?;
         let head = self
             .lm_head
             .as_ref()
