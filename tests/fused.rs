@@ -15,47 +15,79 @@ fn gpu() -> Device {
     Device::new_cuda(0).expect("the fused tests need a CUDA device")
 }
 
+/// A trainable tensor of N(0, std) values in `dtype`.
+fn var(shape: &[usize], std: f32, dtype: DType, dev: &Device) -> Var {
+    let t = Tensor::randn(0f32, std, shape, dev).unwrap();
+    Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+}
+
+fn f32_of(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::F32).unwrap()
+}
+
+/// `fused` and `composed`, computed from `inputs`, agree within `tol` (relative): their values,
+/// and the gradient reaching each input (of the output itself when it is a scalar, else of its
+/// product with a random upstream gradient). `grad_tol` bounds the gradients.
+fn assert_agree(
+    what: &str,
+    inputs: &[&Var],
+    fused: Tensor,
+    composed: Tensor,
+    tol: f64,
+    grad_tol: f64,
+) {
+    assert_eq!(fused.dtype(), composed.dtype(), "{what}: dtype");
+    let err = rel_err(&f32_of(&fused), &f32_of(&composed));
+    assert!(err < tol, "{what}: values differ by {err:e}");
+    let to_loss = |t: Tensor, up: &Option<Tensor>| match up {
+        None => t,
+        Some(u) => (t * u)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap(),
+    };
+    let up = (fused.rank() > 0).then(|| {
+        let u = Tensor::randn(0f32, 1.0, fused.shape(), fused.device()).unwrap();
+        u.to_dtype(fused.dtype()).unwrap()
+    });
+    let gf = to_loss(fused, &up).backward().unwrap();
+    let gc = to_loss(composed, &up).backward().unwrap();
+    for (i, v) in inputs.iter().enumerate() {
+        let (a, b) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+        assert_eq!(a.dtype(), v.dtype(), "{what}: gradient {i} dtype");
+        let err = rel_err(&f32_of(a), &f32_of(b));
+        assert!(
+            err < grad_tol,
+            "{what}: gradient of input {i} differs by {err:e}"
+        );
+    }
+}
+
+/// Values to 1e-5 in f32; bf16 rounds outputs to 8 bits of mantissa.
+fn tol(dtype: DType, f32_tol: f64, bf16_tol: f64) -> f64 {
+    if dtype == DType::F32 {
+        f32_tol
+    } else {
+        bf16_tol
+    }
+}
+
 #[test]
 fn ternary_projection_matches_the_composed_one() {
     let dev = gpu();
     for (rows, cols, group) in [(64, 256, 128), (96, 384, 32), (8, 3072, 3072)] {
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.05, (rows, cols), &dev).unwrap()).unwrap();
+        let w = var(&[rows, cols], 0.05, DType::F32, &dev);
         for dtype in [DType::F32, DType::BF16] {
-            let fused = ternary_weight(w.as_tensor(), group, dtype, true).unwrap();
-            let composed = ternary_weight(w.as_tensor(), group, dtype, false).unwrap();
-            assert_eq!(fused.dtype(), dtype);
-            let (f, c) = (
-                fused.to_dtype(DType::F32).unwrap(),
-                composed.to_dtype(DType::F32).unwrap(),
-            );
-            let err = rel_err(&f, &c);
-            assert!(
-                err < 1e-6,
-                "{rows}x{cols} g{group} {dtype:?}: values differ by {err:e}"
-            );
             // The gradient reaching the latent is the straight-through identity in both.
-            let up = Tensor::randn(0f32, 1.0, (rows, cols), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let gf = (fused * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (composed * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let (gf, gc) = (gf.get(&w).unwrap(), gc.get(&w).unwrap());
-            assert_eq!(gf.dtype(), DType::F32);
-            let err = rel_err(gf, gc);
-            assert!(
-                err < 1e-6,
-                "{rows}x{cols} g{group} {dtype:?}: gradients differ by {err:e}"
+            assert_agree(
+                &format!("{rows}x{cols} g{group} {dtype:?}"),
+                &[&w],
+                ternary_weight(w.as_tensor(), group, dtype, true).unwrap(),
+                ternary_weight(w.as_tensor(), group, dtype, false).unwrap(),
+                1e-6,
+                1e-6,
             );
         }
     }
@@ -81,22 +113,18 @@ fn fused_adamw_matches_candles() {
     let mut composed = candle_nn::AdamW::new(vec![b.clone()], params).unwrap();
     for step in 0..5 {
         let target = Tensor::randn(0f32, 1.0, (33, 65), &dev).unwrap();
-        let loss_a = (a.as_tensor() - &target)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let loss_b = (b.as_tensor() - &target)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap();
+        let loss = |v: &Var| {
+            (v.as_tensor() - &target)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
         fused.set_learning_rate(1e-2 / (step + 1) as f64);
         composed.set_learning_rate(1e-2 / (step + 1) as f64);
-        fused.step(&loss_a.backward().unwrap()).unwrap();
-        composed.step(&loss_b.backward().unwrap()).unwrap();
+        fused.step(&loss(&a).backward().unwrap()).unwrap();
+        composed.step(&loss(&b).backward().unwrap()).unwrap();
         let err = rel_err(a.as_tensor(), b.as_tensor());
         assert!(err < 1e-6, "step {step}: fused AdamW differs by {err:e}");
     }
@@ -111,48 +139,20 @@ fn rms_norm_matches_the_composed_one() {
     // q/k norms (head dim 128 over many rows) and layer norms (hidden 1024).
     for (rows, d) in [(4 * 256 * 16, 128), (4 * 256, 1024), (3, 40)] {
         for dtype in [DType::F32, DType::BF16] {
-            let x = Var::from_tensor(
-                &Tensor::randn(0f32, 2.0, (rows, d), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap(),
-            )
-            .unwrap();
+            let x = var(&[rows, d], 2.0, dtype, &dev);
             let w = Var::from_tensor(&(Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap())
                 .unwrap();
-            let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6, true)
-                .unwrap()
-                .unwrap();
-            let composed = rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
-            assert_eq!(fused.dtype(), dtype);
-            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-            let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let err = rel_err(&f32_of(&fused), &f32_of(&composed));
-            assert!(err < tol, "{rows}x{d} {dtype:?}: values differ by {err:e}");
-            let up = Tensor::randn(0f32, 1.0, (rows, d), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let gf = (fused * &up)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sum_all()
-                .unwrap();
-            let gc = (composed * &up)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sum_all()
-                .unwrap();
-            let (gf, gc) = (gf.backward().unwrap(), gc.backward().unwrap());
-            for (name, v) in [("x", &x), ("w", &w)] {
-                let err = rel_err(&f32_of(gf.get(v).unwrap()), &f32_of(gc.get(v).unwrap()));
-                assert!(
-                    err < tol * 10.0,
-                    "{rows}x{d} {dtype:?}: d{name} differs by {err:e}"
-                );
-            }
+            let t = tol(dtype, 1e-5, 1e-2);
+            assert_agree(
+                &format!("{rows}x{d} {dtype:?}"),
+                &[&x, &w],
+                rms_norm(x.as_tensor(), w.as_tensor(), 1e-6, true)
+                    .unwrap()
+                    .unwrap(),
+                rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-6).unwrap(),
+                t,
+                t * 10.0,
+            );
         }
     }
 }
@@ -166,38 +166,16 @@ fn rope_matches_the_composed_one() {
     let (b, n, l, d) = (2, 3, 17, cfg.head_dim);
     let rope = Rope::new(&cfg, l, &dev).unwrap();
     for dtype in [DType::F32, DType::BF16] {
-        let x = Var::from_tensor(
-            &Tensor::randn(0f32, 1.0, (b, n, l, d), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap(),
-        )
-        .unwrap();
-        let fused = rope.apply(x.as_tensor(), true).unwrap();
-        let composed = rope.apply(x.as_tensor(), false).unwrap();
-        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
-        let err = rel_err(&f32_of(&fused), &f32_of(&composed));
-        assert!(err < tol, "{dtype:?}: values differ by {err:e}");
-        let up = Tensor::randn(0f32, 1.0, (b, n, l, d), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let gf = (fused * &up)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let gc = (composed * &up)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let (gf, gc) = (gf.backward().unwrap(), gc.backward().unwrap());
-        let err = rel_err(&f32_of(gf.get(&x).unwrap()), &f32_of(gc.get(&x).unwrap()));
-        assert!(err < tol, "{dtype:?}: gradients differ by {err:e}");
+        let x = var(&[b, n, l, d], 1.0, dtype, &dev);
+        let t = tol(dtype, 1e-6, 1e-2);
+        assert_agree(
+            &format!("{dtype:?}"),
+            &[&x],
+            rope.apply(x.as_tensor(), true).unwrap(),
+            rope.apply(x.as_tensor(), false).unwrap(),
+            t,
+            t,
+        );
     }
 }
 
@@ -208,42 +186,15 @@ fn causal_softmax_matches_the_composed_one() {
     for l in [1, 7, 64, 300] {
         let mask = causal_mask(l, &dev).unwrap();
         for dtype in [DType::F32, DType::BF16] {
-            let x = Var::from_tensor(
-                &Tensor::randn(0f32, 3.0, (2, 4, l, l), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap(),
-            )
-            .unwrap();
-            let scale = 0.125;
-            let fused = attention_probs(x.as_tensor(), scale, &mask, true).unwrap();
-            let composed = attention_probs(x.as_tensor(), scale, &mask, false).unwrap();
-            assert_eq!(fused.dtype(), dtype);
-            let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-            let err = rel_err(&f32_of(&fused), &f32_of(&composed));
-            assert!(err < tol, "L={l} {dtype:?}: values differ by {err:e}");
-            let up = Tensor::randn(0f32, 1.0, (2, 4, l, l), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let gf = (fused * &up)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sum_all()
-                .unwrap();
-            let gc = (composed * &up)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sum_all()
-                .unwrap();
-            let (gf, gc) = (gf.backward().unwrap(), gc.backward().unwrap());
-            let err = rel_err(&f32_of(gf.get(&x).unwrap()), &f32_of(gc.get(&x).unwrap()));
-            assert!(
-                err < tol * 5.0,
-                "L={l} {dtype:?}: gradients differ by {err:e}"
+            let x = var(&[2, 4, l, l], 3.0, dtype, &dev);
+            let t = tol(dtype, 1e-5, 2e-2);
+            assert_agree(
+                &format!("L={l} {dtype:?}"),
+                &[&x],
+                attention_probs(x.as_tensor(), 0.125, &mask, true).unwrap(),
+                attention_probs(x.as_tensor(), 0.125, &mask, false).unwrap(),
+                t,
+                t * 5.0,
             );
         }
     }
@@ -254,49 +205,19 @@ fn silu_gate_matches_the_composed_one() {
     use ternlab::model::fused::silu_mul;
     let dev = gpu();
     for dtype in [DType::F32, DType::BF16] {
-        let g = Var::from_tensor(
-            &Tensor::randn(0f32, 2.0, (5, 300), &dev)
+        let g = var(&[5, 300], 2.0, dtype, &dev);
+        let u = var(&[5, 300], 1.0, dtype, &dev);
+        let t = tol(dtype, 1e-5, 2e-2);
+        assert_agree(
+            &format!("{dtype:?}"),
+            &[&g, &u],
+            silu_mul(g.as_tensor(), u.as_tensor(), true)
                 .unwrap()
-                .to_dtype(dtype)
                 .unwrap(),
-        )
-        .unwrap();
-        let u = Var::from_tensor(
-            &Tensor::randn(0f32, 1.0, (5, 300), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap(),
-        )
-        .unwrap();
-        let fused = silu_mul(g.as_tensor(), u.as_tensor(), true)
-            .unwrap()
-            .unwrap();
-        let composed = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
-        let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-        let err = rel_err(&f32_of(&fused), &f32_of(&composed));
-        assert!(err < tol, "{dtype:?}: values differ by {err:e}");
-        let up = Tensor::randn(0f32, 1.0, (5, 300), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let gf = (fused * &up)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let gc = (composed * &up)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let (gf, gc) = (gf.backward().unwrap(), gc.backward().unwrap());
-        for (name, v) in [("gate", &g), ("up", &u)] {
-            let err = rel_err(&f32_of(gf.get(v).unwrap()), &f32_of(gc.get(v).unwrap()));
-            assert!(err < tol, "{dtype:?}: d{name} differs by {err:e}");
-        }
+            (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap(),
+            t,
+            t,
+        );
     }
 }
 
@@ -307,30 +228,18 @@ fn cross_entropy_matches_the_composed_one() {
     // A Qwen3-sized vocabulary, and a small one.
     for v in [151_936usize, 37] {
         for dtype in [DType::F32, DType::BF16] {
-            let x = Var::from_tensor(
-                &Tensor::randn(0f32, 3.0, (2, 9, v), &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap(),
-            )
-            .unwrap();
+            let x = var(&[2, 9, v], 3.0, dtype, &dev);
             let t: Vec<u32> = (0..18u32).map(|i| (i * 7919) % v as u32).collect();
             let t = Tensor::from_vec(t, (2, 9), &dev).unwrap();
-            let fused = cross_entropy_with(x.as_tensor(), &t, true).unwrap();
-            let composed = cross_entropy_with(x.as_tensor(), &t, false).unwrap();
-            let (f, c) = (
-                fused.to_scalar::<f32>().unwrap(),
-                composed.to_scalar::<f32>().unwrap(),
+            // The loss is f32 either way: 1e-4 relative; the logits' gradient in their dtype.
+            assert_agree(
+                &format!("V={v} {dtype:?}"),
+                &[&x],
+                cross_entropy_with(x.as_tensor(), &t, true).unwrap(),
+                cross_entropy_with(x.as_tensor(), &t, false).unwrap(),
+                1e-4,
+                tol(dtype, 1e-5, 2e-2),
             );
-            assert!(
-                (f - c).abs() < 1e-4 * c.abs(),
-                "V={v} {dtype:?}: loss {f} vs {c}"
-            );
-            let (gf, gc) = (fused.backward().unwrap(), composed.backward().unwrap());
-            let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let err = rel_err(&f32_of(gf.get(&x).unwrap()), &f32_of(gc.get(&x).unwrap()));
-            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-            assert!(err < tol, "V={v} {dtype:?}: gradients differ by {err:e}");
         }
     }
 }
