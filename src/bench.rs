@@ -45,8 +45,9 @@ pub struct BenchResult {
     pub achieved_tflops: f64,
     pub peak_tflops: Option<f64>,
     pub share_of_peak: Option<f64>,
-    /// Device memory in use at the fullest point, minus what was in use before the model
-    /// (cuMemGetInfo: includes the allocator's cached pool). None on CPU and Metal.
+    /// The most device memory in use at once over the steps, weights and optimizer state
+    /// included (the memory pool's high watermark, like torch's max_memory_allocated). None on
+    /// CPU and Metal.
     pub peak_memory_gib: Option<f64>,
     pub last_loss: f64,
     pub ternlab: String,
@@ -82,32 +83,6 @@ pub fn peak_tflops(device_name: &str, dtype: &str) -> Option<f64> {
     })
 }
 
-struct Memory {
-    baseline: Option<usize>,
-    peak: Option<usize>,
-}
-
-impl Memory {
-    fn used(device: &Device) -> Option<usize> {
-        match device {
-            #[cfg(feature = "cuda")]
-            Device::Cuda(d) => d
-                .cuda_stream()
-                .context()
-                .mem_get_info()
-                .ok()
-                .map(|(free, total)| total - free),
-            _ => None,
-        }
-    }
-
-    fn sample(&mut self, device: &Device) {
-        if let Some(u) = Self::used(device) {
-            self.peak = Some(self.peak.map_or(u, |p| p.max(u)));
-        }
-    }
-}
-
 fn device_name(device: &Device) -> String {
     match device {
         #[cfg(feature = "cuda")]
@@ -128,14 +103,13 @@ fn sync_time(device: &Device, start: Instant) -> Result<f64> {
 
 pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult> {
     let (device, device_label) = crate::device::open(p.device)?;
-    let mut mem = Memory {
-        baseline: Memory::used(&device),
-        peak: None,
-    };
     let (model, params) = p.build_model(&device)?;
     let (t, d) = (&p.spec.train, &p.spec.data);
     let mut opt = AdamW::for_run(params.vars(), t, model.is_fused())?;
     let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, p.sampling, t.seed)?;
+    // From here on, as torch.cuda.reset_peak_memory_stats before the reference's loop: the
+    // weights and optimizer state count, as they are in use.
+    crate::device::reset_peak_memory(&device);
     let mut times = Vec::with_capacity(steps);
     let mut phases: [Vec<f64>; 3] = Default::default();
     let mut last_loss = f64::NAN;
@@ -162,7 +136,6 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         } else if step >= warmup {
             times.push(total);
         }
-        mem.sample(&device);
     }
     let median_of = |xs: &[f64]| {
         let mut v = xs.to_vec();
@@ -197,10 +170,8 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         achieved_tflops: achieved,
         peak_tflops: peak,
         share_of_peak: peak.map(|pk| achieved / pk),
-        peak_memory_gib: match (mem.baseline, mem.peak) {
-            (Some(b), Some(p)) => Some(p.saturating_sub(b) as f64 / (1u64 << 30) as f64),
-            _ => None,
-        },
+        peak_memory_gib: crate::device::peak_memory_bytes(&device)
+            .map(|b| b as f64 / (1u64 << 30) as f64),
         last_loss,
         ternlab: env!("CARGO_PKG_VERSION").into(),
     })

@@ -258,6 +258,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         p.run_id
     ));
     let (model, params) = p.build_model(&device)?;
+    crate::device::reset_peak_memory(&device);
     let (t, d) = (&p.spec.train, &p.spec.data);
     let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, p.sampling, t.seed)?;
     let val = ValDuringTraining {
@@ -339,7 +340,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         wall_time_s: wall.elapsed().as_secs_f64(),
         train_time_s: result.train_seconds,
         tokens_per_s: tokens_trained as f64 / result.train_seconds.max(1e-9),
-        peak_memory_bytes: None,
+        peak_memory_bytes: crate::device::peak_memory_bytes(&device),
         versions: Versions::current(),
     };
     write_json_atomic(&dir.join("report.json"), &report)?;
