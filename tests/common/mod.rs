@@ -80,21 +80,45 @@ pub fn fixture_model(projections: &[String], group_size: usize) -> (Qwen3, Param
     (model.with_fused(true), params)
 }
 
-/// max |a - b| / max |b|: the relative error of `a` against the reference `b`.
-pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let b = &b.to_device(a.device()).unwrap();
-    let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-    let max_diff = diff.max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
-    let scale = b
-        .abs()
+/// max |t| (as f32 arithmetic, whatever t's dtype).
+pub fn max_abs(t: &Tensor) -> f64 {
+    let t = t.to_dtype(candle_core::DType::F32).unwrap();
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
         .max(0)
         .unwrap()
         .to_scalar::<f32>()
-        .unwrap() as f64;
-    max_diff / scale.max(1e-30)
+        .unwrap() as f64
+}
+
+/// max |a - b| / max |b|: the relative error of `a` against the reference `b`.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let b = &b.to_device(a.device()).unwrap();
+    max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-30)
+}
+
+/// Every parameter has a finite, non-zero gradient in `grads`.
+pub fn assert_every_gradient_nonzero(params: &Params, grads: &candle_core::backprop::GradStore) {
+    assert!(params.named.len() > 10);
+    for (name, var) in &params.named {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        assert_eq!(g.dtype(), candle_core::DType::F32, "{name}: gradient dtype");
+        let norm = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "{name}: gradient |g|_1 = {norm}"
+        );
+    }
 }
 
 /// Path of the built `ternlab` binary (for CLI tests).
