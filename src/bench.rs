@@ -142,9 +142,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         v.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
         v[v.len() / 2]
     };
-    let mut sorted = times.clone();
-    sorted.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
-    let median = sorted[sorted.len() / 2];
+    let median = median_of(&times);
     let flops = flops_per_step(&p.model_cfg, d.batch_size, d.seq_len);
     let name = device_name(&device);
     let achieved = flops / median / 1e12;
@@ -164,7 +162,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         median_backward_s: median_of(&phases[1]),
         median_optimizer_s: median_of(&phases[2]),
         mean_step_s: times.iter().sum::<f64>() / times.len() as f64,
-        min_step_s: sorted[0],
+        min_step_s: times.iter().copied().fold(f64::INFINITY, f64::min),
         tokens_per_s: (d.batch_size * d.seq_len) as f64 / median,
         model_tflop_per_step: flops / 1e12,
         achieved_tflops: achieved,

@@ -81,22 +81,24 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
     let bad = |key: &str, msg: String| -> anyhow::Error {
         BadInput(format!("{}: key `{key}`: {msg}", file.display())).into()
     };
-    let (origin, checkpoint) = match &spec.model.preset {
-        Some(p) => (ModelOrigin::Preset(p.clone()), None),
-        None => {
-            let c = resolve_checkpoint(&spec.model.source, &spec.model.revision)
-                .map_err(|e| bad("model.source", format!("{e:#}")))?;
-            (ModelOrigin::Checkpoint(c.clone()), Some(c))
-        }
+    let origin = match &spec.model.preset {
+        Some(p) => ModelOrigin::Preset(p.clone()),
+        None => ModelOrigin::Checkpoint(
+            resolve_checkpoint(&spec.model.source, &spec.model.revision)
+                .map_err(|e| bad("model.source", format!("{e:#}")))?,
+        ),
     };
-    let tokenizer = load_tokenizer(spec, file, checkpoint.as_ref())?;
-    let model_cfg = match (&origin, &checkpoint) {
-        (ModelOrigin::Preset(p), _) => {
+    let checkpoint = match &origin {
+        ModelOrigin::Checkpoint(c) => Some(c),
+        ModelOrigin::Preset(_) => None,
+    };
+    let tokenizer = load_tokenizer(spec, file, checkpoint)?;
+    let model_cfg = match &origin {
+        ModelOrigin::Preset(p) => {
             Qwen3Config::preset(p, tokenizer.get_vocab_size(true)).expect("checked preset")
         }
-        (_, Some(c)) => Qwen3Config::from_hf_json(&c.config)
+        ModelOrigin::Checkpoint(c) => Qwen3Config::from_hf_json(&c.config)
             .map_err(|e| bad("model.source", format!("{e:#}")))?,
-        _ => unreachable!("a checkpoint origin has files"),
     };
     if tokenizer.get_vocab_size(true) > model_cfg.vocab_size {
         return Err(bad(
@@ -176,7 +178,7 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
 
 impl PreparedRun {
     pub fn run_dir(&self, results: &Path) -> PathBuf {
-        results.join(&self.spec.name).join(&self.run_id)
+        crate::runner::run_dir(results, &self.spec.name, &self.run_id)
     }
 
     /// Builds the model with its initial weights on `device`.
