@@ -121,9 +121,10 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         let by_phase = step >= warmup + steps;
         let start = Instant::now();
         opt.set_learning_rate(lr_at(t, step));
-        let loss = model.loss(&model.forward(&x)?, &y)?;
+        let fwd = model.train_forward(&x, &y)?;
+        let loss = fwd.loss.clone();
         let t_fwd = by_phase.then(|| sync_time(&device, start)).transpose()?;
-        let grads = loss.backward()?;
+        let grads = fwd.backward(&model)?;
         let t_bwd = by_phase.then(|| sync_time(&device, start)).transpose()?;
         opt.step(&grads)?;
         last_loss = loss.to_scalar::<f32>()? as f64;

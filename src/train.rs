@@ -99,9 +99,9 @@ pub fn train(
         let lr = lr_at(t, step);
         opt.set_learning_rate(lr);
         let (x, y) = batcher.next_batch(&device)?;
-        let loss = model.loss(&model.forward(&x)?, &y)?;
+        let fwd = model.train_forward(&x, &y)?;
         // Reading the loss is the step's one host sync.
-        let mut loss_value = loss.to_scalar::<f32>()? as f64;
+        let mut loss_value = fwd.loss.to_scalar::<f32>()? as f64;
         if fault_now == Some(FaultKind::Nan) {
             loss_value = f64::NAN;
         }
@@ -115,7 +115,7 @@ pub fn train(
                 train_seconds: start.elapsed().as_secs_f64(),
             });
         }
-        let grads = loss.backward()?;
+        let grads = fwd.backward(model)?;
         opt.step(&grads)?;
         losses.push(loss_value);
         let last = step + 1 == t.steps;

@@ -39,9 +39,10 @@ fn every_parameter_receives_a_nonzero_gradient() {
         let tokens: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % v).collect();
         let mut b = Batcher::new(&tokens, 16, 2, Sampling::Sequential, 0).unwrap();
         let (x, y) = b.next_batch(&test_device()).unwrap();
-        let grads = cross_entropy(&model.forward(&x).unwrap(), &y)
+        let grads = model
+            .train_forward(&x, &y)
             .unwrap()
-            .backward()
+            .backward(&model)
             .unwrap();
         assert_every_gradient_nonzero(&params, &grads);
     }
@@ -75,9 +76,10 @@ fn ste_gradient_equals_dense_gradient_at_the_ternary_weight() {
     let mut b = Batcher::new(&m.tokens, m.seq_len, m.batch_size, Sampling::Sequential, 0).unwrap();
     let (x, y) = b.next_batch(&test_device()).unwrap();
     let grads = |model: &Qwen3| {
-        cross_entropy(&model.forward(&x).unwrap(), &y)
+        model
+            .train_forward(&x, &y)
             .unwrap()
-            .backward()
+            .backward(model)
             .unwrap()
     };
     let (g_ste, g_dense) = (grads(&ste_model), grads(&dense_model));

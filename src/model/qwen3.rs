@@ -61,11 +61,11 @@ fn take(weights: &mut Weights, name: &str, shape: &[usize], device: &Device) -> 
 /// A bias-free linear layer `y = x W^T`, optionally ternary (forward with `W_t`, STE backward).
 #[derive(Clone)]
 pub struct Linear {
-    weight: Tensor, // (out, in)
-    ternary_group: Option<usize>,
-    name: String,
+    pub(crate) weight: Tensor, // (out, in)
+    pub(crate) ternary_group: Option<usize>,
+    pub(crate) name: String,
     /// Use the fused CUDA ternary projection where the weight is on a CUDA device.
-    fused: bool,
+    pub(crate) fused: bool,
 }
 
 impl Linear {
@@ -116,9 +116,9 @@ impl Linear {
 /// weight (so its gradient is summed in f32), return the input's dtype.
 #[derive(Clone)]
 pub struct RmsNorm {
-    weight: Tensor, // (N,)
-    eps: f64,
-    fused: bool,
+    pub(crate) weight: Tensor, // (N,)
+    pub(crate) eps: f64,
+    pub(crate) fused: bool,
 }
 
 impl RmsNorm {
@@ -154,8 +154,8 @@ pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor
 
 /// Rotary position embedding tables for positions 0..L: `cos`, `sin` of shape (L, D).
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 impl Rope {
@@ -215,16 +215,16 @@ pub fn causal_mask(seq_len: usize, device: &Device) -> Result<Tensor> {
 
 #[derive(Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    fused: bool,
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) q_norm: RmsNorm,
+    pub(crate) k_norm: RmsNorm,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) fused: bool,
 }
 
 impl Attention {
@@ -282,9 +282,9 @@ impl Attention {
 
 #[derive(Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
 }
 
 impl Mlp {
@@ -313,10 +313,10 @@ impl Mlp {
 
 #[derive(Clone)]
 pub struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) self_attn: Attention,
+    pub(crate) post_attention_layernorm: RmsNorm,
+    pub(crate) mlp: Mlp,
 }
 
 impl DecoderLayer {
@@ -347,13 +347,13 @@ pub struct TernarySpec {
 #[derive(Clone)]
 pub struct Qwen3 {
     pub cfg: Qwen3Config,
-    embed_tokens: Tensor,    // (V, E)
-    lm_head: Option<Tensor>, // (V, E) when untied
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    device: Device,
+    pub(crate) embed_tokens: Tensor,    // (V, E)
+    pub(crate) lm_head: Option<Tensor>, // (V, E) when untied
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: RmsNorm,
+    pub(crate) device: Device,
     /// dtype of activations and matmuls; parameters stay f32.
-    compute_dtype: DType,
+    pub(crate) compute_dtype: DType,
 }
 
 impl Qwen3 {
@@ -578,6 +578,51 @@ impl Qwen3 {
             norm: self.norm.frozen(),
             device: self.device.clone(),
             compute_dtype: self.compute_dtype,
+        })
+    }
+}
+
+/// The forward half of a training step: the mean loss (f32 scalar), and what the backward
+/// needs. On CUDA with the fused kernels this is the hand-written step of
+/// `fused::cuda::step` (no autograd graph); elsewhere the composed graph and candle's autograd.
+pub struct StepForward {
+    pub loss: Tensor,
+    tape: StepTape,
+}
+
+enum StepTape {
+    Autograd,
+    #[cfg(feature = "cuda")]
+    Cuda(Box<super::fused::cuda::step::Tape>),
+}
+
+impl StepForward {
+    /// Gradients of the loss for every parameter (f32), keyed by the parameters' tensors.
+    pub fn backward(self, model: &Qwen3) -> Result<candle_core::backprop::GradStore> {
+        let _ = model;
+        match self.tape {
+            StepTape::Autograd => self.loss.backward(),
+            #[cfg(feature = "cuda")]
+            StepTape::Cuda(tape) => super::fused::cuda::step::backward(model, *tape),
+        }
+    }
+}
+
+impl Qwen3 {
+    /// Forward pass and loss of a training batch: ids and targets (B, L).
+    pub fn train_forward(&self, ids: &Tensor, targets: &Tensor) -> Result<StepForward> {
+        #[cfg(feature = "cuda")]
+        if self.is_fused() && self.device.is_cuda() {
+            let (loss, tape) = super::fused::cuda::step::forward(self, ids, targets)?;
+            return Ok(StepForward {
+                loss,
+                tape: StepTape::Cuda(Box::new(tape)),
+            });
+        }
+        let loss = self.loss(&self.forward(ids)?, targets)?;
+        Ok(StepForward {
+            loss,
+            tape: StepTape::Autograd,
         })
     }
 }

@@ -291,3 +291,171 @@ extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* 
     v[i] = vi;
     p[i] = p[i] * decay - lr * (mi * scale_m) / (sqrtf(vi * scale_v) + eps);
 }
+
+// ---- The hand-written training step (src/model/fused/cuda/step.rs) ----
+
+// Embedding gather with the cast to the compute dtype: out (n, e) = emb[ids] (f32).
+template <typename T>
+__device__ void embed_fwd(const float* emb, const unsigned int* ids, T* out, long n, int e) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * e) return;
+    long t = i / e;
+    st(out, i, emb[(long)ids[t] * e + i % e]);
+}
+
+// Embedding backward: demb[ids[t]] += dx[t] (f32 atomics, every token at once).
+template <typename T>
+__device__ void embed_bwd(const T* dx, const unsigned int* ids, float* demb, long n, int e) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * e) return;
+    long t = i / e;
+    atomicAdd(demb + (long)ids[t] * e + i % e, ld(dx, i));
+}
+
+// q/k RMSNorm, RoPE and the head transpose in one pass, one warp per row of d:
+// x (B, L, heads, d) -> y (B, heads, L, d) = rope(x * rsqrt(mean(x^2) + eps) * w).
+template <typename T>
+__device__ void norm_rope(const T* x, const float* w, const float* cos, const float* sin, T* y,
+                          long rows, int heads, int l, int d, float eps) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    long bl = row / heads;
+    int hh = row % heads, pos = bl % l;
+    long b = bl / l;
+    const T* xr = x + row * d;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float v = ld(xr, i); ss += v * v; }
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    T* yr = y + ((b * heads + hh) * l + pos) * d;
+    const float* c = cos + (long)pos * d;
+    const float* s = sin + (long)pos * d;
+    int h = d / 2;
+    for (int i = lane; i < h; i += 32) {
+        float a = ld(xr, i) * r * w[i], z = ld(xr, i + h) * r * w[i + h];
+        st(yr, i, a * c[i] - z * s[i]);
+        st(yr, i + h, z * c[i + h] + a * s[i + h]);
+    }
+}
+
+// The transpose of RoPE and of the head transpose: dy (B, heads, L, d) -> g (B, L, heads, d).
+template <typename T>
+__device__ void rope_bwd_untranspose(const T* dy, const float* cos, const float* sin, T* g,
+                                     long n, int heads, int l, int d) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n) return;
+    int i = idx % d;
+    long row = idx / d;  // (b, pos, hh)
+    int hh = row % heads;
+    long bl = row / heads;
+    int pos = bl % l;
+    long b = bl / l;
+    const T* dr = dy + ((b * heads + hh) * l + pos) * d;
+    const float* c = cos + (long)pos * d;
+    const float* s = sin + (long)pos * d;
+    int h = d / 2;
+    float v = ld(dr, i) * c[i];
+    v += i < h ? ld(dr, i + h) * s[i + h] : -ld(dr, i - h) * s[i - h];
+    st(g, idx, v);
+}
+
+// dx += the RMSNorm input gradient (the residual stream's gradient, accumulated in place).
+template <typename T>
+__device__ void rmsnorm_bwd_x_add(const T* x, const float* w, const T* dy, T* dx, long rows,
+                                  int d, float eps) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const T* xr = x + row * d;
+    const T* gr = dy + row * d;
+    float ss = 0.f, gx = 0.f;
+    for (int i = lane; i < d; i += 32) {
+        float v = ld(xr, i);
+        ss += v * v;
+        gx += w[i] * ld(gr, i) * v;
+    }
+    ss = warp_sum(ss);
+    gx = warp_sum(gx);
+    float r = rsqrtf(ss / d + eps);
+    float c = r * r * r * gx / d;
+    T* out = dx + row * d;
+    for (int i = lane; i < d; i += 32) st(out, i, ld(out, i) + r * w[i] * ld(gr, i) - c * ld(xr, i));
+}
+
+// Both SwiGLU gradients in one pass.
+template <typename T>
+__device__ void silu_mul_bwd(const T* g, const T* u, const T* dy, T* dg, T* du, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float a = ld(g, i), sg = sigmoid(a), d = ld(dy, i);
+    st(dg, i, d * ld(u, i) * sg * (1.f + a * (1.f - sg)));
+    st(du, i, d * a * sg);
+}
+
+// Cross-entropy forward and backward in one kernel, one block per row: loss[r] = lse - x[t],
+// then the row of logits is overwritten by its gradient, scale * (softmax(x) - onehot(t)).
+template <typename T>
+__device__ void cross_entropy_grad(T* x, const unsigned int* y, float* loss, long rows, int v,
+                                   float scale) {
+    __shared__ float sm[32], ss[32];
+    __shared__ float lse_s;
+    long row = blockIdx.x;
+    T* xr = x + row * v;
+    float m = __int_as_float(0xff800000), s = 0.f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) merge(m, s, ld(xr, j), 1.f);
+    for (int o = 16; o > 0; o /= 2) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        merge(m, s, m2, s2);
+    }
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+    __syncthreads();
+    unsigned int t = y[row];
+    if (threadIdx.x == 0) {
+        float M = sm[0], S = ss[0];
+        for (int w = 1; w < warps; w++) merge(M, S, sm[w], ss[w]);
+        float lse = M + __logf(S);
+        loss[row] = lse - ld(xr, t);
+        lse_s = lse;
+    }
+    __syncthreads();
+    float lse = lse_s;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        float p = __expf(ld(xr, j) - lse);
+        st(xr, j, scale * (p - (j == t ? 1.f : 0.f)));
+    }
+}
+
+#define STEP_KERNELS(SUF, T)                                                                   \
+extern "C" __global__ void embed_fwd_##SUF(const float* emb, const unsigned int* ids, T* out,  \
+                                           long n, int e) {                                    \
+    embed_fwd<T>(emb, ids, out, n, e);                                                         \
+}                                                                                              \
+extern "C" __global__ void embed_bwd_##SUF(const T* dx, const unsigned int* ids, float* demb,  \
+                                           long n, int e) {                                    \
+    embed_bwd<T>(dx, ids, demb, n, e);                                                         \
+}                                                                                              \
+extern "C" __global__ void norm_rope_##SUF(const T* x, const float* w, const float* c,         \
+                                           const float* s, T* y, long rows, int heads, int l,  \
+                                           int d, float eps) {                                 \
+    norm_rope<T>(x, w, c, s, y, rows, heads, l, d, eps);                                       \
+}                                                                                              \
+extern "C" __global__ void rope_bwd_untranspose_##SUF(const T* dy, const float* c,             \
+                                                      const float* s, T* g, long n, int heads, \
+                                                      int l, int d) {                          \
+    rope_bwd_untranspose<T>(dy, c, s, g, n, heads, l, d);                                      \
+}                                                                                              \
+extern "C" __global__ void rmsnorm_bwd_x_add_##SUF(const T* x, const float* w, const T* dy,    \
+                                                   T* dx, long rows, int d, float eps) {       \
+    rmsnorm_bwd_x_add<T>(x, w, dy, dx, rows, d, eps);                                          \
+}                                                                                              \
+extern "C" __global__ void silu_mul_bwd_##SUF(const T* g, const T* u, const T* dy, T* dg,      \
+                                              T* du, long n) {                                 \
+    silu_mul_bwd<T>(g, u, dy, dg, du, n);                                                      \
+}                                                                                              \
+extern "C" __global__ void cross_entropy_grad_##SUF(T* x, const unsigned int* y, float* loss,  \
+                                                    long rows, int v, float scale) {           \
+    cross_entropy_grad<T>(x, y, loss, rows, v, scale);                                         \
+}
+STEP_KERNELS(f32, float)
+STEP_KERNELS(bf16, unsigned short)

@@ -140,6 +140,7 @@ mod attention;
 mod loss;
 mod mlp;
 mod norm;
+pub mod step;
 mod ternary;
 
 pub use adamw::adamw_step;
