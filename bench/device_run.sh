@@ -68,14 +68,13 @@ if want tiny; then
       --set train.seed=$seed --results "$out/tiny" | grep completed
   done; done
 fi
-if want profile && command -v nsys >/dev/null; then
-  echo "== nsys: where a bf16 4x256 step goes"
-  nsys profile -o "$out/prof" --force-overwrite true $tl bench --set run.device=cuda \
-    --set train.dtype=bf16 --steps 5 --warmup 2 --out "$out/json/profiled.json" >/dev/null 2>&1
-  nsys stats --report cuda_gpu_kern_sum --format csv "$out/prof.nsys-rep" 2>/dev/null \
-    | head -40 | cut -c1-200
-  nsys stats --report cuda_api_sum "$out/prof.nsys-rep" 2>/dev/null | head -20 | cut -c1-160
-elif want profile; then
-  echo "== no nsys on this machine"; ls /usr/local/cuda*/bin 2>/dev/null | head
+if want profile; then
+  # Each op of the CUDA step timed alone (a device sync around it): where a step goes.
+  for shape in "4 256" "16 1024"; do set -- $shape
+    echo "== profile: bf16 $1 x $2 (TERNLAB_PROFILE=1)"
+    TERNLAB_PROFILE=1 $tl bench --set run.device=cuda --set train.dtype=bf16 \
+      --set data.batch_size=$1 --set data.seq_len=$2 --steps 3 --warmup 2 \
+      --out "$out/json/profile-$1x$2.json" 2>&1 >/dev/null | head -40
+  done
 fi
 tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny 2>/dev/null)

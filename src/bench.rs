@@ -96,6 +96,36 @@ fn device_name(device: &Device) -> String {
     }
 }
 
+/// The CUDA step's per-op times (`TERNLAB_PROFILE=1`), empty elsewhere.
+fn take_profile() -> Vec<(String, f64, usize)> {
+    #[cfg(feature = "cuda")]
+    return crate::model::fused::cuda::step::take_profile();
+    #[cfg(not(feature = "cuda"))]
+    Vec::new()
+}
+
+/// Prints the profile to stderr: ms per step by op, largest first.
+fn print_profile(mut ops: Vec<(String, f64, usize)>, steps: usize) {
+    if ops.is_empty() {
+        return;
+    }
+    ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = ops.iter().map(|o| o.1).sum();
+    eprintln!(
+        "profile (TERNLAB_PROFILE=1, each op timed alone): {:.2} ms per step in {} kinds of op",
+        total * 1e3 / steps as f64,
+        ops.len()
+    );
+    for (name, secs, calls) in ops {
+        eprintln!(
+            "{:>9.3} ms {:>5.1}% {:>6} calls/step  {name}",
+            secs * 1e3 / steps as f64,
+            100.0 * secs / total,
+            calls / steps
+        );
+    }
+}
+
 fn sync_time(device: &Device, start: Instant) -> Result<f64> {
     device.synchronize()?;
     Ok(start.elapsed().as_secs_f64())
@@ -116,6 +146,9 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
     // Untimed-by-phase steps first (the real cadence: one sync per step), then the same
     // number with a sync after each phase.
     for step in 0..warmup + 2 * steps {
+        if step == warmup {
+            take_profile();
+        }
         let (x, y) = batcher.next_batch(&device)?;
         device.synchronize()?;
         let by_phase = step >= warmup + steps;
@@ -143,6 +176,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         v.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
         v[v.len() / 2]
     };
+    print_profile(take_profile(), 2 * steps);
     let median = median_of(&times);
     let flops = flops_per_step(&p.model_cfg, d.batch_size, d.seq_len);
     let name = device_name(&device);

@@ -354,6 +354,8 @@ pub struct Qwen3 {
     pub(crate) device: Device,
     /// dtype of activations and matmuls; parameters stay f32.
     pub(crate) compute_dtype: DType,
+    /// The CUDA step's block of query positions in causal attention (None: automatic).
+    pub(crate) attention_chunk: Option<usize>,
 }
 
 impl Qwen3 {
@@ -457,6 +459,7 @@ impl Qwen3 {
             norm,
             device: device.clone(),
             compute_dtype: DType::F32,
+            attention_chunk: None,
         };
         Ok((model, params))
     }
@@ -511,6 +514,14 @@ impl Qwen3 {
     /// projection, norms, softmax and the loss stay f32.
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         self.compute_dtype = dtype;
+        self
+    }
+
+    /// The hand-written CUDA step computes causal attention in blocks of `positions` query
+    /// positions, each against the keys up to its end (default: 256 from L = 512 on, else the
+    /// whole sequence). Other paths ignore it.
+    pub fn with_attention_chunk(mut self, positions: usize) -> Self {
+        self.attention_chunk = Some(positions);
         self
     }
 
@@ -578,6 +589,7 @@ impl Qwen3 {
             norm: self.norm.frozen(),
             device: self.device.clone(),
             compute_dtype: self.compute_dtype,
+            attention_chunk: self.attention_chunk,
         })
     }
 }

@@ -52,26 +52,53 @@ __device__ void rmsnorm_fwd(const T* x, const float* w, T* y, long rows, int d, 
     for (int i = lane; i < d; i += 32) st(y + row * d, i, ld(xr, i) * r * w[i]);
 }
 
-// dx_j = r * g_j - r^3 * x_j / d * sum_i g_i x_i, with g = w * dy.
-template <typename T>
-__device__ void rmsnorm_bwd_x(const T* x, const float* w, const T* dy, T* dx, long rows, int d,
-                              float eps) {
+// dx_j = r * g_j - r^3 * x_j / d * sum_i g_i x_i, with g = w * dy; written to dx, or added
+// to it when ADD (the residual stream's gradient). The first 32 * NPL entries of a row stay in
+// registers between the two passes (NPL = 4 for head-sized rows, 32 for hidden-sized ones).
+template <typename T, bool ADD, int NPL>
+__device__ void rmsnorm_bwd_x_rows(const T* __restrict__ x, const float* __restrict__ w,
+                                   const T* __restrict__ dy, T* __restrict__ dx, long rows,
+                                   int d, float eps) {
     long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
     const T* xr = x + row * d;
     const T* gr = dy + row * d;
+    T* out = dx + row * d;
+    float xv[NPL], gv[NPL];
     float ss = 0.f, gx = 0.f;
-    for (int i = lane; i < d; i += 32) {
-        float v = ld(xr, i);
-        ss += v * v;
-        gx += w[i] * ld(gr, i) * v;
+#pragma unroll
+    for (int t = 0; t < NPL; t++) {
+        int i = lane + 32 * t;
+        if (i < d) {
+            float a = ld(xr, i), g = w[i] * ld(gr, i);
+            xv[t] = a;
+            gv[t] = g;
+            ss += a * a;
+            gx += g * a;
+        }
+    }
+    for (int i = lane + 32 * NPL; i < d; i += 32) {
+        float a = ld(xr, i), g = w[i] * ld(gr, i);
+        ss += a * a;
+        gx += g * a;
     }
     ss = warp_sum(ss);
     gx = warp_sum(gx);
     float r = rsqrtf(ss / d + eps);
     float c = r * r * r * gx / d;
-    for (int i = lane; i < d; i += 32) st(dx + row * d, i, r * w[i] * ld(gr, i) - c * ld(xr, i));
+#pragma unroll
+    for (int t = 0; t < NPL; t++) {
+        int i = lane + 32 * t;
+        if (i < d) {
+            float v = r * gv[t] - c * xv[t];
+            st(out, i, ADD ? ld(out, i) + v : v);
+        }
+    }
+    for (int i = lane + 32 * NPL; i < d; i += 32) {
+        float v = r * w[i] * ld(gr, i) - c * ld(xr, i);
+        st(out, i, ADD ? ld(out, i) + v : v);
+    }
 }
 
 // dw_j = sum over rows of dy_j * x_j * r_row: a block takes 64 rows, its warps find their r,
@@ -106,7 +133,11 @@ extern "C" __global__ void rmsnorm_fwd_##SUF(const T* x, const float* w, T* y, l
 }                                                                                             \
 extern "C" __global__ void rmsnorm_bwd_x_##SUF(const T* x, const float* w, const T* dy,       \
                                                T* dx, long rows, int d, float eps) {          \
-    rmsnorm_bwd_x<T>(x, w, dy, dx, rows, d, eps);                                             \
+    rmsnorm_bwd_x_rows<T, false, 32>(x, w, dy, dx, rows, d, eps);                             \
+}                                                                                             \
+extern "C" __global__ void rmsnorm_bwd_x_small_##SUF(const T* x, const float* w, const T* dy, \
+                                                     T* dx, long rows, int d, float eps) {    \
+    rmsnorm_bwd_x_rows<T, false, 4>(x, w, dy, dx, rows, d, eps);                              \
 }                                                                                             \
 extern "C" __global__ void rmsnorm_bwd_w_##SUF(const T* x, const T* dy, float* dw, long rows, \
                                                int d, float eps) {                            \
@@ -165,13 +196,15 @@ __device__ void causal_softmax_bwd(const T* p, const T* dy, T* dx, long rows, in
     long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
+    // p is 0 above the diagonal, so only keys 0..=q are read; the rest of dx is 0.
+    int q = row % l;
     const T* pr = p + row * l;
     const T* gr = dy + row * l;
     float dot = 0.f;
-    for (int j = lane; j < l; j += 32) dot += ld(pr, j) * ld(gr, j);
+    for (int j = lane; j <= q; j += 32) dot += ld(pr, j) * ld(gr, j);
     dot = warp_sum(dot);
     for (int j = lane; j < l; j += 32)
-        st(dx + row * l, j, scale * ld(pr, j) * (ld(gr, j) - dot));
+        st(dx + row * l, j, j <= q ? scale * ld(pr, j) * (ld(gr, j) - dot) : 0.f);
 }
 
 #define ATTN_KERNELS(SUF, T)                                                                  \
@@ -313,10 +346,11 @@ __device__ void embed_bwd(const T* dx, const unsigned int* ids, float* demb, lon
 }
 
 // q/k RMSNorm, RoPE and the head transpose in one pass, one warp per row of d:
-// x (B, L, heads, d) -> y (B, heads, L, d) = rope(x * rsqrt(mean(x^2) + eps) * w).
+// x (B, L, heads, d) -> y (B, heads / group, L, group, d) = rope(x * rsqrt(mean(x^2) + eps) * w):
+// the query heads that share a key/value head (group of them) sit together, position-major.
 template <typename T>
 __device__ void norm_rope(const T* x, const float* w, const float* cos, const float* sin, T* y,
-                          long rows, int heads, int l, int d, float eps) {
+                          long rows, int heads, int group, int l, int d, float eps) {
     long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
@@ -324,10 +358,12 @@ __device__ void norm_rope(const T* x, const float* w, const float* cos, const fl
     int hh = row % heads, pos = bl % l;
     long b = bl / l;
     const T* xr = x + row * d;
+    // Head hh = kv * group + r goes to row ((b, kv), pos, r) of (B, heads / group, L, group, d).
+    long out_row = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
     float ss = 0.f;
     for (int i = lane; i < d; i += 32) { float v = ld(xr, i); ss += v * v; }
     float r = rsqrtf(warp_sum(ss) / d + eps);
-    T* yr = y + ((b * heads + hh) * l + pos) * d;
+    T* yr = y + out_row * d;
     const float* c = cos + (long)pos * d;
     const float* s = sin + (long)pos * d;
     int h = d / 2;
@@ -338,62 +374,128 @@ __device__ void norm_rope(const T* x, const float* w, const float* cos, const fl
     }
 }
 
-// The transpose of RoPE and of the head transpose: dy (B, heads, L, d) -> g (B, L, heads, d).
+// The transpose of RoPE and of the head transpose, one warp per row of d:
+// dy (B, heads / group, L, group, d) -> g (B, L, heads, d).
 template <typename T>
-__device__ void rope_bwd_untranspose(const T* dy, const float* cos, const float* sin, T* g,
-                                     long n, int heads, int l, int d) {
-    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n) return;
-    int i = idx % d;
-    long row = idx / d;  // (b, pos, hh)
+__device__ void rope_bwd_untranspose(const T* __restrict__ dy, const float* __restrict__ cos,
+                                     const float* __restrict__ sin, T* __restrict__ g,
+                                     long rows, int heads, int group, int l, int d) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;  // (b, pos, hh)
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
     int hh = row % heads;
     long bl = row / heads;
     int pos = bl % l;
     long b = bl / l;
-    const T* dr = dy + ((b * heads + hh) * l + pos) * d;
+    long in_row = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
+    const T* dr = dy + in_row * d;
     const float* c = cos + (long)pos * d;
     const float* s = sin + (long)pos * d;
+    T* out = g + row * d;
     int h = d / 2;
-    float v = ld(dr, i) * c[i];
-    v += i < h ? ld(dr, i + h) * s[i + h] : -ld(dr, i - h) * s[i - h];
-    st(g, idx, v);
+    for (int i = lane; i < h; i += 32) {
+        float lo = ld(dr, i), hi = ld(dr, i + h);
+        st(out, i, lo * c[i] + hi * s[i + h]);
+        st(out, i + h, hi * c[i + h] - lo * s[i]);
+    }
 }
 
-// dx += the RMSNorm input gradient (the residual stream's gradient, accumulated in place).
+// Two neighbouring values at an even index (one 4- or 8-byte access).
+__device__ __forceinline__ void ld2(const float* p, long i, float& a, float& b) {
+    float2 v = *(const float2*)(p + i);
+    a = v.x;
+    b = v.y;
+}
+__device__ __forceinline__ void ld2(const unsigned short* p, long i, float& a, float& b) {
+    unsigned int v = *(const unsigned int*)(p + i);
+    a = __uint_as_float(v << 16);
+    b = __uint_as_float(v & 0xffff0000u);
+}
+__device__ __forceinline__ void st2(float* p, long i, float a, float b) {
+    *(float2*)(p + i) = make_float2(a, b);
+}
+__device__ __forceinline__ void st2(unsigned short* p, long i, float a, float b) {
+    *(unsigned int*)(p + i) = (unsigned int)f32_to_bf16(a) | ((unsigned int)f32_to_bf16(b) << 16);
+}
+
+// Elementwise kernels over pairs: thread i takes elements 2i and 2i+1 (n even).
 template <typename T>
-__device__ void rmsnorm_bwd_x_add(const T* x, const float* w, const T* dy, T* dx, long rows,
-                                  int d, float eps) {
-    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    const T* xr = x + row * d;
-    const T* gr = dy + row * d;
-    float ss = 0.f, gx = 0.f;
-    for (int i = lane; i < d; i += 32) {
-        float v = ld(xr, i);
-        ss += v * v;
-        gx += w[i] * ld(gr, i) * v;
+__device__ void silu_mul2(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y,
+                          long n) {
+    long i = 2 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= n) return;
+    if (i + 1 == n) {  // odd n: the last element alone
+        float a = ld(g, i);
+        st(y, i, a * sigmoid(a) * ld(u, i));
+        return;
     }
-    ss = warp_sum(ss);
-    gx = warp_sum(gx);
-    float r = rsqrtf(ss / d + eps);
-    float c = r * r * r * gx / d;
-    T* out = dx + row * d;
-    for (int i = lane; i < d; i += 32) st(out, i, ld(out, i) + r * w[i] * ld(gr, i) - c * ld(xr, i));
+    float a0, a1, u0, u1;
+    ld2(g, i, a0, a1);
+    ld2(u, i, u0, u1);
+    st2(y, i, a0 * sigmoid(a0) * u0, a1 * sigmoid(a1) * u1);
+}
+
+// y = a + b (the residual stream), two elements per thread.
+template <typename T>
+__device__ void add2(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
+                     long n) {
+    long i = 2 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= n) return;
+    if (i + 1 == n) {
+        st(y, i, ld(a, i) + ld(b, i));
+        return;
+    }
+    float a0, a1, b0, b1;
+    ld2(a, i, a0, a1);
+    ld2(b, i, b0, b1);
+    st2(y, i, a0 + b0, a1 + b1);
 }
 
 // Both SwiGLU gradients in one pass.
 template <typename T>
-__device__ void silu_mul_bwd(const T* g, const T* u, const T* dy, T* dg, T* du, long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+__device__ void silu_mul_bwd(const T* __restrict__ g, const T* __restrict__ u,
+                             const T* __restrict__ dy, T* __restrict__ dg, T* __restrict__ du,
+                             long n) {
+    long i = 2 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= n) return;
-    float a = ld(g, i), sg = sigmoid(a), d = ld(dy, i);
-    st(dg, i, d * ld(u, i) * sg * (1.f + a * (1.f - sg)));
-    st(du, i, d * a * sg);
+    float a[2], uu[2], d[2], og[2], ou[2];
+    bool pair = i + 1 < n;  // odd n: the last element alone
+    if (pair) {
+        ld2(g, i, a[0], a[1]);
+        ld2(u, i, uu[0], uu[1]);
+        ld2(dy, i, d[0], d[1]);
+    } else {
+        a[0] = ld(g, i), uu[0] = ld(u, i), d[0] = ld(dy, i);
+        a[1] = uu[1] = d[1] = 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+        float sg = sigmoid(a[k]);
+        og[k] = d[k] * uu[k] * sg * (1.f + a[k] * (1.f - sg));
+        ou[k] = d[k] * a[k] * sg;
+    }
+    if (pair) {
+        st2(dg, i, og[0], og[1]);
+        st2(du, i, ou[0], ou[1]);
+    } else {
+        st(dg, i, og[0]);
+        st(du, i, ou[0]);
+    }
 }
 
-// Cross-entropy forward and backward in one kernel, one block per row: loss[r] = lse - x[t],
-// then the row of logits is overwritten by its gradient, scale * (softmax(x) - onehot(t)).
+// (m, s) <- the log-sum-exp state of (m, s) and (m2, s2), with one exponential.
+__device__ __forceinline__ void merge1(float& m, float& s, float m2, float s2) {
+    if (m2 <= m) {
+        s += s2 * __expf(m2 - m);
+    } else {
+        s = s * __expf(m - m2) + s2;
+        m = m2;
+    }
+}
+
+// Cross-entropy forward and backward in one kernel, one block per row (v even): loss[r] =
+// lse - x[t], then the row of logits is overwritten by its gradient,
+// scale * (softmax(x) - onehot(t)).
 template <typename T>
 __device__ void cross_entropy_grad(T* x, const unsigned int* y, float* loss, long rows, int v,
                                    float scale) {
@@ -401,11 +503,22 @@ __device__ void cross_entropy_grad(T* x, const unsigned int* y, float* loss, lon
     __shared__ float lse_s;
     long row = blockIdx.x;
     T* xr = x + row * v;
-    float m = __int_as_float(0xff800000), s = 0.f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) merge(m, s, ld(xr, j), 1.f);
+    float m = -3.0e38f, s = 0.f;
+    // Pairs of logits per access where every row starts at an even element (v even).
+    bool pairs = (v % 2) == 0;
+    if (pairs) {
+        for (int j = 2 * threadIdx.x; j < v; j += 2 * blockDim.x) {
+            float a, b;
+            ld2(xr, j, a, b);
+            float hi = fmaxf(a, b);
+            merge1(m, s, hi, 1.f + __expf(fminf(a, b) - hi));
+        }
+    } else {
+        for (int j = threadIdx.x; j < v; j += blockDim.x) merge1(m, s, ld(xr, j), 1.f);
+    }
     for (int o = 16; o > 0; o /= 2) {
         float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        merge(m, s, m2, s2);
+        merge1(m, s, m2, s2);
     }
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     if (lane == 0) { sm[warp] = m; ss[warp] = s; }
@@ -413,17 +526,139 @@ __device__ void cross_entropy_grad(T* x, const unsigned int* y, float* loss, lon
     unsigned int t = y[row];
     if (threadIdx.x == 0) {
         float M = sm[0], S = ss[0];
-        for (int w = 1; w < warps; w++) merge(M, S, sm[w], ss[w]);
+        for (int w = 1; w < warps; w++) merge1(M, S, sm[w], ss[w]);
         float lse = M + __logf(S);
         loss[row] = lse - ld(xr, t);
         lse_s = lse;
     }
     __syncthreads();
     float lse = lse_s;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        float p = __expf(ld(xr, j) - lse);
-        st(xr, j, scale * (p - (j == t ? 1.f : 0.f)));
+    if (pairs) {
+        for (int j = 2 * threadIdx.x; j < v; j += 2 * blockDim.x) {
+            float a, b;
+            ld2(xr, j, a, b);
+            float ga = scale * (__expf(a - lse) - (j == t ? 1.f : 0.f));
+            float gb = scale * (__expf(b - lse) - (j + 1 == t ? 1.f : 0.f));
+            st2(xr, j, ga, gb);
+        }
+    } else {
+        for (int j = threadIdx.x; j < v; j += blockDim.x)
+            st(xr, j, scale * (__expf(ld(xr, j) - lse) - (j == t ? 1.f : 0.f)));
     }
+}
+
+// Causal softmax of attention scores laid out ((b, kv), pos, r) x keys, in place allowed: row
+// `row` is query position (row / group) % l and sees keys 0..=pos. Scores were computed only
+// up to the end of the position's block of `chunk` positions, so only that much is written
+// (zeros past the diagonal).
+template <typename T>
+__device__ void attn_softmax(const T* x, T* p, long rows, int l, int group, int chunk,
+                             float scale) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int q = (row / group) % l;
+    int end = min(l, (q / chunk + 1) * chunk);
+    const T* xr = x + row * l;
+    float m = -3.0e38f;
+    for (int j = lane; j <= q; j += 32) m = fmaxf(m, ld(xr, j) * scale);
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float sum = 0.f;
+    for (int j = lane; j <= q; j += 32) sum += __expf(ld(xr, j) * scale - m);
+    float inv = 1.f / warp_sum(sum);
+    for (int j = lane; j < end; j += 32)
+        st(p + row * l, j, j <= q ? __expf(ld(xr, j) * scale - m) * inv : 0.f);
+}
+
+// dx = scale * p * (dy - sum(dy * p)) per row, over the same causal part as attn_softmax.
+template <typename T>
+__device__ void attn_softmax_bwd(const T* p, const T* dy, T* dx, long rows, int l, int group,
+                                 int chunk, float scale) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int q = (row / group) % l;
+    int end = min(l, (q / chunk + 1) * chunk);
+    const T* pr = p + row * l;
+    const T* gr = dy + row * l;
+    float dot = 0.f;
+    for (int j = lane; j <= q; j += 32) dot += ld(pr, j) * ld(gr, j);
+    dot = warp_sum(dot);
+    for (int j = lane; j < end; j += 32)
+        st(dx + row * l, j, j <= q ? scale * ld(pr, j) * (ld(gr, j) - dot) : 0.f);
+}
+
+// The whole RMSNorm backward in one pass over x and dy, for rows of d <= 32 * NPL (used for the
+// head-sized q/k norms): dx and dw (f32, zeroed by the caller). A block of 8 warps takes `per_block`
+// rows, a warp one row at a time with the row in registers; each lane sums dy * x * r over its
+// warp's rows for its columns, the warps' sums meet in shared memory, one atomic add per column
+// per block.
+template <typename T, int NPL>
+__device__ void rmsnorm_bwd_fused(const T* __restrict__ x, const float* __restrict__ w,
+                                  const T* __restrict__ dy, T* __restrict__ dx,
+                                  float* __restrict__ dw, long rows, int d, float eps,
+                                  int per_block) {
+    __shared__ float part[8][32 * NPL];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float acc[NPL];
+#pragma unroll
+    for (int t = 0; t < NPL; t++) acc[t] = 0.f;
+    long first = (long)blockIdx.x * per_block;
+    for (int k = warp; k < per_block; k += 8) {
+        long row = first + k;
+        if (row >= rows) break;
+        const T* xr = x + row * d;
+        const T* gr = dy + row * d;
+        T* out = dx + row * d;
+        float xv[NPL], gv[NPL];
+        float ss = 0.f, gx = 0.f;
+#pragma unroll
+        for (int t = 0; t < NPL; t++) {
+            int i = lane + 32 * t;
+            xv[t] = 0.f;
+            gv[t] = 0.f;
+            if (i < d) {
+                xv[t] = ld(xr, i);
+                gv[t] = ld(gr, i);
+                ss += xv[t] * xv[t];
+                gx += w[i] * gv[t] * xv[t];
+            }
+        }
+        ss = warp_sum(ss);
+        gx = warp_sum(gx);
+        float r = rsqrtf(ss / d + eps);
+        float c = r * r * r * gx / d;
+#pragma unroll
+        for (int t = 0; t < NPL; t++) {
+            int i = lane + 32 * t;
+            if (i < d) {
+                float v = r * w[i] * gv[t] - c * xv[t];
+                st(out, i, v);
+                acc[t] += gv[t] * xv[t] * r;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NPL; t++) part[warp][lane + 32 * t] = acc[t];
+    __syncthreads();
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float sum = 0.f;
+        for (int k = 0; k < 8; k++) sum += part[k][j];
+        atomicAdd(dw + j, sum);
+    }
+}
+
+// (A, B, C, row) -> (A, C, B, row): swaps two middle axes of rows of `words` 4-byte words
+// (the head transposes), one word per thread.
+extern "C" __global__ void swap_axes(const unsigned int* __restrict__ x,
+                                     unsigned int* __restrict__ y, unsigned int total, int words,
+                                     int nb, int nc) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    unsigned int w = i % words, r = i / words;
+    unsigned int c = r % nc, ab = r / nc;
+    unsigned int b = ab % nb, a = ab / nb;
+    y[((a * nc + c) * nb + b) * (unsigned int)words + w] = x[i];
 }
 
 #define STEP_KERNELS(SUF, T)                                                                   \
@@ -436,18 +671,38 @@ extern "C" __global__ void embed_bwd_##SUF(const T* dx, const unsigned int* ids,
     embed_bwd<T>(dx, ids, demb, n, e);                                                         \
 }                                                                                              \
 extern "C" __global__ void norm_rope_##SUF(const T* x, const float* w, const float* c,         \
-                                           const float* s, T* y, long rows, int heads, int l,  \
-                                           int d, float eps) {                                 \
-    norm_rope<T>(x, w, c, s, y, rows, heads, l, d, eps);                                       \
+                                           const float* s, T* y, long rows, int heads,         \
+                                           int group, int l, int d, float eps) {               \
+    norm_rope<T>(x, w, c, s, y, rows, heads, group, l, d, eps);                                \
 }                                                                                              \
 extern "C" __global__ void rope_bwd_untranspose_##SUF(const T* dy, const float* c,             \
-                                                      const float* s, T* g, long n, int heads, \
-                                                      int l, int d) {                          \
-    rope_bwd_untranspose<T>(dy, c, s, g, n, heads, l, d);                                      \
+                                                      const float* s, T* g, long rows,         \
+                                                      int heads, int group, int l, int d) {    \
+    rope_bwd_untranspose<T>(dy, c, s, g, rows, heads, group, l, d);                            \
+}                                                                                              \
+extern "C" __global__ void rmsnorm_bwd_fused_small_##SUF(const T* x, const float* w,           \
+                                                         const T* dy, T* dx, float* dw,        \
+                                                         long rows, int d, float eps,          \
+                                                         int per_block) {                      \
+    rmsnorm_bwd_fused<T, 4>(x, w, dy, dx, dw, rows, d, eps, per_block);                        \
+}                                                                                              \
+extern "C" __global__ void attn_softmax_##SUF(const T* x, T* p, long rows, int l, int group,   \
+                                              int chunk, float scale) {                        \
+    attn_softmax<T>(x, p, rows, l, group, chunk, scale);                                       \
+}                                                                                              \
+extern "C" __global__ void attn_softmax_bwd_##SUF(const T* p, const T* dy, T* dx, long rows,   \
+                                                  int l, int group, int chunk, float scale) {  \
+    attn_softmax_bwd<T>(p, dy, dx, rows, l, group, chunk, scale);                              \
 }                                                                                              \
 extern "C" __global__ void rmsnorm_bwd_x_add_##SUF(const T* x, const float* w, const T* dy,    \
                                                    T* dx, long rows, int d, float eps) {       \
-    rmsnorm_bwd_x_add<T>(x, w, dy, dx, rows, d, eps);                                          \
+    rmsnorm_bwd_x_rows<T, true, 32>(x, w, dy, dx, rows, d, eps);                                \
+}                                                                                              \
+extern "C" __global__ void add2_##SUF(const T* a, const T* b, T* y, long n) {                \
+    add2<T>(a, b, y, n);                                                                       \
+}                                                                                              \
+extern "C" __global__ void silu_mul2_##SUF(const T* g, const T* u, T* y, long n) {             \
+    silu_mul2<T>(g, u, y, n);                                                                  \
 }                                                                                              \
 extern "C" __global__ void silu_mul_bwd_##SUF(const T* g, const T* u, const T* dy, T* dg,      \
                                               T* du, long n) {                                 \

@@ -94,7 +94,9 @@ impl candle_core::CustomOp3 for RmsNormBackX {
         let rows = (n / d) as i64;
         let w = contiguous::<f32>(ws, wl, "RMSNorm weight")?;
         let (d32, eps) = (d as i32, self.eps);
-        let name = format!("rmsnorm_bwd_x_{}", suffix(xs.dtype())?);
+        // Head-sized rows (q/k norms) keep fewer values per lane in registers.
+        let small = if d <= 128 { "_small" } else { "" };
+        let name = format!("rmsnorm_bwd_x{small}_{}", suffix(xs.dtype())?);
         let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
         let cfg = warp_per_row(rows as usize);
         macro_rules! run {
@@ -119,6 +121,15 @@ impl candle_core::CustomOp3 for RmsNormBackX {
             _ => run!(half::bf16),
         };
         Ok((dx, xl.shape().clone()))
+    }
+}
+
+/// The weight gradient's launch: a block per 64 rows, a thread per column up to 256.
+pub(super) fn rms_norm_bwd_w_launch(rows: usize, d: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(64) as u32, 1, 1),
+        block_dim: (d.next_multiple_of(32).min(256) as u32, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -149,11 +160,7 @@ impl CustomOp2 for RmsNormBackW {
         let (d32, eps) = (d as i32, self.eps);
         let name = format!("rmsnorm_bwd_w_{}", suffix(xs.dtype())?);
         let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
-        let cfg = LaunchConfig {
-            grid_dim: ((rows as u64).div_ceil(64) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = rms_norm_bwd_w_launch(rows as usize, d);
         let dw = dev.alloc_zeros::<f32>(d)?;
         macro_rules! run {
             ($t:ty) => {{

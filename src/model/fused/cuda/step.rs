@@ -23,11 +23,31 @@ use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as bsys};
 use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::{CudaDevice, Device, Storage};
 
+/// `TERNLAB_PROFILE=1`: every kernel, GEMM and copy of the step runs alone (a device sync
+/// before and after) and its time is added to a table by name; `ternlab bench` prints it.
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TERNLAB_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+type Profile = std::collections::BTreeMap<String, (f64, usize)>;
+static PROFILE: std::sync::Mutex<Profile> = std::sync::Mutex::new(Profile::new());
+
+/// The profile so far (name -> (seconds, calls)), emptied.
+pub fn take_profile() -> Vec<(String, f64, usize)> {
+    let mut p = PROFILE.lock().expect("profile lock");
+    std::mem::take(&mut *p)
+        .into_iter()
+        .map(|(k, (s, n))| (k, s, n))
+        .collect()
+}
+
 /// A kernel argument.
 enum Arg {
     P(u64),
     I64(i64),
     I32(i32),
+    U32(u32),
     F32(f32),
 }
 use Arg::*;
@@ -59,17 +79,34 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
-/// A row-major matrix operand of a GEMM: its address and whether it is used transposed.
+/// A row-major matrix operand of a GEMM: its address, whether it is used transposed, and its
+/// row stride in elements (0: packed).
 #[derive(Clone, Copy)]
 struct M {
     p: u64,
     t: bool,
+    ld: usize,
+}
+
+impl M {
+    /// The same matrix `rows` rows and `cols` columns further on (a block of a bigger one).
+    fn at(self, elems: usize, dtype: DType) -> Self {
+        Self {
+            p: self.p + (elems * dtype.size_in_bytes()) as u64,
+            ..self
+        }
+    }
+
+    fn ld(self, ld: usize) -> Self {
+        Self { ld, ..self }
+    }
 }
 
 fn m(t: &Tensor) -> Result<M> {
     Ok(M {
         p: ptr(t)?,
         t: false,
+        ld: 0,
     })
 }
 
@@ -77,7 +114,37 @@ fn mt(t: &Tensor) -> Result<M> {
     Ok(M {
         p: ptr(t)?,
         t: true,
+        ld: 0,
     })
+}
+
+/// A GEMM's output: address, row stride (0: packed) and dtype.
+#[derive(Clone, Copy)]
+struct Out {
+    p: u64,
+    ld: usize,
+    dtype: DType,
+}
+
+fn out(t: &Tensor) -> Result<Out> {
+    Ok(Out {
+        p: ptr(t)?,
+        ld: 0,
+        dtype: t.dtype(),
+    })
+}
+
+impl Out {
+    fn at(self, elems: usize) -> Self {
+        Self {
+            p: self.p + (elems * self.dtype.size_in_bytes()) as u64,
+            ..self
+        }
+    }
+
+    fn ld(self, ld: usize) -> Self {
+        Self { ld, ..self }
+    }
 }
 
 struct Ctx {
@@ -93,24 +160,47 @@ impl Ctx {
         unsafe { Tensor::empty(shape, dtype, &self.device) }
     }
 
+    /// Runs `f`, timed alone under `name` when profiling.
+    fn timed<R>(&self, name: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        if !profiling() {
+            return f();
+        }
+        self.device.synchronize()?;
+        let start = std::time::Instant::now();
+        let r = f()?;
+        self.device.synchronize()?;
+        let dt = start.elapsed().as_secs_f64();
+        let mut p = PROFILE.lock().expect("profile lock");
+        let e = p.entry(name.to_string()).or_default();
+        e.0 += dt;
+        e.1 += 1;
+        Ok(r)
+    }
+
     fn act(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         self.empty(shape, self.cd)
     }
 
     fn launch(&self, kernel: &str, dtype: DType, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        let name = format!("{kernel}_{}", suffix(dtype)?);
-        let f = self.dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
-        let mut b = f.builder();
-        for a in args {
-            match a {
-                P(p) => b.arg(p),
-                I64(v) => b.arg(v),
-                I32(v) => b.arg(v),
-                F32(v) => b.arg(v),
-            };
-        }
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(())
+        self.launch_named(&format!("{kernel}_{}", suffix(dtype)?), cfg, args)
+    }
+
+    fn launch_named(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        self.timed(name, || {
+            let f = self.dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+            let mut b = f.builder();
+            for a in args {
+                match a {
+                    P(p) => b.arg(p),
+                    I64(v) => b.arg(v),
+                    I32(v) => b.arg(v),
+                    U32(v) => b.arg(v),
+                    F32(v) => b.arg(v),
+                };
+            }
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })
     }
 
     /// Row-major `C (m, n) = op(A) (m, k) @ op(B) (k, n) + beta * C`, `batch` times with the
@@ -123,7 +213,7 @@ impl Ctx {
         (mm, nn, kk): (usize, usize, usize),
         a: M,
         b: M,
-        c: &Tensor,
+        c: Out,
         beta: f32,
         batch: usize,
         (sa, sb, sc): (usize, usize, usize),
@@ -140,47 +230,97 @@ impl Ctx {
                 bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F
             };
         // cuBLAS is column-major: compute C^T (n, m) = op(B)^T @ op(A)^T.
+        // A row-major matrix with row stride ld is, column-major, its transpose with the same
+        // leading dimension.
+        let or = |ld: usize, packed: usize| if ld == 0 { packed } else { ld };
         let (op_b, ldb) = if b.t {
-            (CUBLAS_OP_T, kk)
+            (CUBLAS_OP_T, or(b.ld, kk))
         } else {
-            (CUBLAS_OP_N, nn)
+            (CUBLAS_OP_N, or(b.ld, nn))
         };
         let (op_a, lda) = if a.t {
-            (CUBLAS_OP_T, mm)
+            (CUBLAS_OP_T, or(a.ld, mm))
         } else {
-            (CUBLAS_OP_N, kk)
+            (CUBLAS_OP_N, or(a.ld, kk))
         };
+        let ldc = or(c.ld, nn);
         let (alpha, beta) = (1f32, beta);
         let blas_handle = self.dev.cublas_handle();
-        let cp = ptr(c)?;
-        unsafe {
-            blas::gemm_strided_batched_ex(
-                *blas_handle.handle(),
-                op_b,
-                op_a,
-                nn as i32,
-                mm as i32,
-                kk as i32,
-                &alpha as *const f32 as *const _,
-                b.p as *const _,
-                ty(self.cd),
-                ldb as i32,
-                sb as i64,
-                a.p as *const _,
-                ty(self.cd),
-                lda as i32,
-                sa as i64,
-                &beta as *const f32 as *const _,
-                cp as *mut _,
-                ty(c.dtype()),
-                nn as i32,
-                sc as i64,
-                batch as i32,
-                compute,
-                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        let cp = c.p;
+        let name = if profiling() {
+            let t = |x: bool| if x { "T" } else { "" };
+            format!(
+                "gemm {mm}x{nn}x{kk}{}{} x{batch}{}",
+                t(a.t),
+                t(b.t),
+                if c.dtype == DType::F32 { " ->f32" } else { "" }
             )
+        } else {
+            String::new()
+        };
+        self.timed(&name, || {
+            unsafe {
+                blas::gemm_strided_batched_ex(
+                    *blas_handle.handle(),
+                    op_b,
+                    op_a,
+                    nn as i32,
+                    mm as i32,
+                    kk as i32,
+                    &alpha as *const f32 as *const _,
+                    b.p as *const _,
+                    ty(self.cd),
+                    ldb as i32,
+                    sb as i64,
+                    a.p as *const _,
+                    ty(self.cd),
+                    lda as i32,
+                    sa as i64,
+                    &beta as *const f32 as *const _,
+                    cp as *mut _,
+                    ty(c.dtype),
+                    ldc as i32,
+                    sc as i64,
+                    batch as i32,
+                    compute,
+                    bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                )
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("cuBLAS GEMM: {e:?}")))
+        })
+    }
+
+    /// a + b, same shape (the residual stream).
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let y = self.empty(a.shape(), a.dtype())?;
+        let n = a.elem_count();
+        let args = [P(ptr(a)?), P(ptr(b)?), P(ptr(&y)?), I64(n as i64)];
+        self.launch("add2", a.dtype(), elementwise(n.div_ceil(2)), &args)?;
+        Ok(y)
+    }
+
+    /// x (a, nb, nc, row) -> (a, nc, nb, row), contiguous: the head transposes.
+    fn swap_axes(
+        &self,
+        x: &Tensor,
+        (a, nb, nc, row): (usize, usize, usize, usize),
+    ) -> Result<Tensor> {
+        let y = self.empty((a, nc, nb, row), x.dtype())?;
+        let bytes = row * x.dtype().size_in_bytes();
+        if !bytes.is_multiple_of(4) || a * nb * nc * bytes / 4 > u32::MAX as usize {
+            candle_core::bail!("head transpose of rows of {bytes} bytes: needs whole 4-byte words");
         }
-        .map_err(|e| candle_core::Error::Msg(format!("cuBLAS GEMM: {e:?}")))
+        let (words, total) = (bytes / 4, a * nb * nc * bytes / 4);
+        let args = [
+            P(ptr(x)?),
+            P(ptr(&y)?),
+            U32(total as u32),
+            I32(words as i32),
+            I32(nb as i32),
+            I32(nc as i32),
+        ];
+        self.launch_named("swap_axes", elementwise(total), &args)?;
+        Ok(y)
     }
 
     /// `x (n, in) @ w^T` with w (out, in): a projection's output, (n, out).
@@ -188,7 +328,7 @@ impl Ctx {
         let (n, inp) = x.dims2()?;
         let out_dim = w.dim(0)?;
         let y = self.act((n, out_dim))?;
-        self.gemm((n, out_dim, inp), m(x)?, mt(w)?, &y, 0., 1, (0, 0, 0))?;
+        self.gemm((n, out_dim, inp), m(x)?, mt(w)?, out(&y)?, 0., 1, (0, 0, 0))?;
         Ok(y)
     }
 
@@ -196,7 +336,15 @@ impl Ctx {
     fn project_back_x(&self, dy: &Tensor, w: &Tensor, dx: &Tensor, beta: f32) -> Result<()> {
         let (n, out_dim) = dy.dims2()?;
         let inp = w.dim(1)?;
-        self.gemm((n, inp, out_dim), m(dy)?, m(w)?, dx, beta, 1, (0, 0, 0))
+        self.gemm(
+            (n, inp, out_dim),
+            m(dy)?,
+            m(w)?,
+            out(dx)?,
+            beta,
+            1,
+            (0, 0, 0),
+        )
     }
 
     /// `dw = dy^T (out, n) @ x (n, in)`, in f32.
@@ -204,7 +352,15 @@ impl Ctx {
         let (n, out_dim) = dy.dims2()?;
         let inp = x.dim(1)?;
         let dw = self.empty((out_dim, inp), DType::F32)?;
-        self.gemm((out_dim, inp, n), mt(dy)?, m(x)?, &dw, 0., 1, (0, 0, 0))?;
+        self.gemm(
+            (out_dim, inp, n),
+            mt(dy)?,
+            m(x)?,
+            out(&dw)?,
+            0.,
+            1,
+            (0, 0, 0),
+        )?;
         Ok(dw)
     }
 
@@ -212,7 +368,7 @@ impl Ctx {
     fn weight(&self, lin: &Linear) -> Result<Tensor> {
         let w = lin.weight.detach();
         let Some(g) = lin.ternary_group else {
-            return w.to_dtype(self.cd);
+            return self.timed("cast weight", || w.to_dtype(self.cd));
         };
         let (out_dim, inp) = w.dims2()?;
         let wt = self.act((out_dim, inp))?;
@@ -254,6 +410,31 @@ impl Ctx {
     ) -> Result<Tensor> {
         let (rows, d) = x.dims2()?;
         let eps = norm.eps as f32;
+        let dw = self.timed("zeros", || Tensor::zeros(d, DType::F32, &self.device))?;
+        if d <= 128 && !add {
+            // Head-sized rows (the q/k norms): one kernel for dx and dw. (For hidden-sized rows
+            // the one-kernel version measured slower than these two on an H200.)
+            let per_block = 64;
+            let kernel = "rmsnorm_bwd_fused_small";
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(per_block) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let args = [
+                P(ptr(x)?),
+                P(ptr(&norm.weight)?),
+                P(ptr(dy)?),
+                P(ptr(dx)?),
+                P(ptr(&dw)?),
+                I64(rows as i64),
+                I32(d as i32),
+                F32(eps),
+                I32(per_block as i32),
+            ];
+            self.launch(kernel, self.cd, cfg, &args)?;
+            return Ok(dw);
+        }
         let kernel = if add {
             "rmsnorm_bwd_x_add"
         } else {
@@ -269,12 +450,7 @@ impl Ctx {
             F32(eps),
         ];
         self.launch(kernel, self.cd, warp_per_row(rows), &args)?;
-        let dw = Tensor::zeros(d, DType::F32, &self.device)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(64) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = rms_norm_bwd_w_launch(rows, d);
         let args = [
             P(ptr(x)?),
             P(ptr(dy)?),
@@ -288,6 +464,194 @@ impl Ctx {
     }
 }
 
+/// Causal grouped-query attention, by (batch, key/value head) group: the R = H / K query heads
+/// of a group sit together position-major, q as (B, K, L, R, D), so that a block of query
+/// positions is one block of rows for every head of the group. Scores (B, K, L * R, L) are
+/// computed block by block of `chunk` positions, each against the keys up to the block's end
+/// only: from L = 512 on, blocks of 256 positions skip 3/8 of the square's GEMM work (L = 1024)
+/// and its memory traffic.
+struct Attn {
+    b: usize,
+    k: usize,
+    r: usize,
+    l: usize,
+    d: usize,
+    chunk: usize,
+    scale: f32,
+}
+
+impl Attn {
+    fn new(model: &Qwen3, b: usize, l: usize) -> Self {
+        let cfg = &model.cfg;
+        let (h, k, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let chunk = model
+            .attention_chunk
+            .unwrap_or(if l >= 512 { 256 } else { l })
+            .clamp(1, l.max(1));
+        Self {
+            b,
+            k,
+            r: h / k,
+            l,
+            d,
+            chunk,
+            scale: 1.0 / (d as f32).sqrt(),
+        }
+    }
+
+    /// (first position, positions) of each block.
+    fn blocks(&self) -> Vec<(usize, usize)> {
+        (0..self.l)
+            .step_by(self.chunk)
+            .map(|c0| (c0, self.chunk.min(self.l - c0)))
+            .collect()
+    }
+
+    fn softmax_args(&self, p: u64, g: Option<u64>, out: u64) -> Vec<Arg> {
+        let mut args = vec![P(p)];
+        args.extend(g.map(P));
+        args.extend([
+            P(out),
+            I64((self.b * self.k * self.l * self.r) as i64),
+            I32(self.l as i32),
+            I32(self.r as i32),
+            I32(self.chunk as i32),
+            F32(self.scale),
+        ]);
+        args
+    }
+
+    /// (probabilities (B*K, L*R, L), output (B*K, L*R, D)) from qr (B*K, L*R, D) and kr, vt
+    /// (B*K, L, D).
+    fn forward(
+        &self,
+        ctx: &Ctx,
+        qr: &Tensor,
+        kr: &Tensor,
+        vt: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, k, r, l, d, cd) = (self.b, self.k, self.r, self.l, self.d, ctx.cd);
+        let batch = b * k;
+        let probs = ctx.act((batch, l * r, l))?;
+        for (c0, cn) in self.blocks() {
+            let kend = c0 + cn;
+            ctx.gemm(
+                (cn * r, kend, d),
+                m(qr)?.at(c0 * r * d, cd),
+                mt(kr)?,
+                out(&probs)?.at(c0 * r * l).ld(l),
+                0.,
+                batch,
+                (l * r * d, l * d, l * r * l),
+            )?;
+        }
+        let pp = ptr(&probs)?;
+        let rows = batch * l * r;
+        ctx.launch(
+            "attn_softmax",
+            cd,
+            warp_per_row(rows),
+            &self.softmax_args(pp, None, pp),
+        )?;
+        let att = ctx.act((batch, l * r, d))?;
+        for (c0, cn) in self.blocks() {
+            let kend = c0 + cn;
+            ctx.gemm(
+                (cn * r, d, kend),
+                m(&probs)?.at(c0 * r * l, cd).ld(l),
+                m(vt)?,
+                out(&att)?.at(c0 * r * d),
+                0.,
+                batch,
+                (l * r * l, l * d, l * r * d),
+            )?;
+        }
+        Ok((probs, att))
+    }
+
+    /// (dqr, dkr, dvt) from the output's gradient datt (B*K, L*R, D).
+    fn backward(
+        &self,
+        ctx: &Ctx,
+        qr: &Tensor,
+        kr: &Tensor,
+        vt: &Tensor,
+        probs: &Tensor,
+        datt: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, k, r, l, d, cd) = (self.b, self.k, self.r, self.l, self.d, ctx.cd);
+        let batch = b * k;
+        let blocks = self.blocks();
+        let dp = ctx.act((batch, l * r, l))?;
+        for &(c0, cn) in &blocks {
+            let kend = c0 + cn;
+            ctx.gemm(
+                (cn * r, kend, d),
+                m(datt)?.at(c0 * r * d, cd),
+                mt(vt)?,
+                out(&dp)?.at(c0 * r * l).ld(l),
+                0.,
+                batch,
+                (l * r * d, l * d, l * r * l),
+            )?;
+        }
+        // dV and dK sum over the blocks of query positions; the last block sees every key, so
+        // it goes first and sets them, the others add to their leading keys.
+        let dvt = ctx.act((batch, l, d))?;
+        for (i, &(c0, cn)) in blocks.iter().rev().enumerate() {
+            let kend = c0 + cn;
+            ctx.gemm(
+                (kend, d, cn * r),
+                mt(probs)?.at(c0 * r * l, cd).ld(l),
+                m(datt)?.at(c0 * r * d, cd),
+                out(&dvt)?,
+                if i == 0 { 0. } else { 1. },
+                batch,
+                (l * r * l, l * r * d, l * d),
+            )?;
+        }
+        let dpp = ptr(&dp)?;
+        let rows = batch * l * r;
+        ctx.launch(
+            "attn_softmax_bwd",
+            cd,
+            warp_per_row(rows),
+            &self.softmax_args(ptr(probs)?, Some(dpp), dpp),
+        )?;
+        let dqr = ctx.act((batch, l * r, d))?;
+        for &(c0, cn) in &blocks {
+            let kend = c0 + cn;
+            ctx.gemm(
+                (cn * r, d, kend),
+                m(&dp)?.at(c0 * r * l, cd).ld(l),
+                m(kr)?,
+                out(&dqr)?.at(c0 * r * d),
+                0.,
+                batch,
+                (l * r * l, l * d, l * r * d),
+            )?;
+        }
+        let dkr = ctx.act((batch, l, d))?;
+        for (i, &(c0, cn)) in blocks.iter().rev().enumerate() {
+            let kend = c0 + cn;
+            ctx.gemm(
+                (kend, d, cn * r),
+                mt(&dp)?.at(c0 * r * l, cd).ld(l),
+                m(qr)?.at(c0 * r * d, cd),
+                out(&dkr)?,
+                if i == 0 { 0. } else { 1. },
+                batch,
+                (l * r * l, l * r * d, l * d),
+            )?;
+        }
+        Ok((dqr, dkr, dvt))
+    }
+}
+
 /// What one decoder layer keeps for its backward.
 struct LayerTape {
     /// q, k, v, o, gate, up, down as multiplied (compute dtype; `W_t` where ternary).
@@ -297,12 +661,12 @@ struct LayerTape {
     /// q and k before their norm, (N, heads * D)
     q: Tensor,
     k: Tensor,
-    /// after norm + RoPE, (B, heads, L, D)
+    /// after norm + RoPE: q (B*K, L*R, D), k (B*K, L, D); see `Attn`
     qr: Tensor,
     kr: Tensor,
-    /// (B, K, L, D)
+    /// (B*K, L, D)
     vt: Tensor,
-    /// (B, H, L, L)
+    /// (B*K, L*R, L)
     probs: Tensor,
     /// attention output with heads merged, (N, H * D)
     merged: Tensor,
@@ -351,7 +715,7 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
     let ids = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
     let targets = targets.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
     let rope = Rope::new(cfg, l, &model.device)?;
-    let scale = 1.0 / (d as f32).sqrt();
+    let attn = Attn::new(model, b, l);
 
     let mut x = ctx.act((n, e))?;
     let args = [
@@ -363,8 +727,9 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
     ];
     ctx.launch("embed_fwd", ctx.cd, elementwise(n * e), &args)?;
 
-    let norm_rope = |t: &Tensor, norm: &RmsNorm, heads: usize| -> Result<Tensor> {
-        let y = ctx.act((b, heads, l, d))?;
+    // q as (B, K, L, R, D), k as (B, K, L, D): see `Attn`.
+    let norm_rope = |t: &Tensor, norm: &RmsNorm, heads: usize, group: usize| -> Result<Tensor> {
+        let y = ctx.act((b * heads / group, l * group, d))?;
         let args = [
             P(ptr(t)?),
             P(ptr(&norm.weight)?),
@@ -373,6 +738,7 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
             P(ptr(&y)?),
             I64((n * heads) as i64),
             I32(heads as i32),
+            I32(group as i32),
             I32(l as i32),
             I32(d as i32),
             F32(norm.eps as f32),
@@ -397,53 +763,23 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
         let q = ctx.project(&xn1, &w[0])?;
         let kk = ctx.project(&xn1, &w[1])?;
         let v = ctx.project(&xn1, &w[2])?;
-        let qr = norm_rope(&q, &at.q_norm, h)?;
-        let kr = norm_rope(&kk, &at.k_norm, k)?;
-        let vt = v.reshape((b, l, k, d))?.transpose(1, 2)?.contiguous()?;
-        // Grouped-query attention: query heads k*R .. k*R+R share key/value head k, so each
-        // (batch, kv head) is one GEMM over R*L query rows.
-        let probs = ctx.act((b, h, l, l))?;
-        let batch = b * k;
-        ctx.gemm(
-            (r * l, l, d),
-            m(&qr)?,
-            mt(&kr)?,
-            &probs,
-            0.,
-            batch,
-            (r * l * d, l * d, r * l * l),
-        )?;
-        let pp = ptr(&probs)?;
-        let args = [
-            P(pp),
-            P(pp),
-            I64((b * h * l) as i64),
-            I32(l as i32),
-            F32(scale),
-        ];
-        ctx.launch("causal_softmax", ctx.cd, warp_per_row(b * h * l), &args)?;
-        let att = ctx.act((b, h, l, d))?;
-        ctx.gemm(
-            (r * l, d, l),
-            m(&probs)?,
-            m(&vt)?,
-            &att,
-            0.,
-            batch,
-            (r * l * l, l * d, r * l * d),
-        )?;
-        let merged = att.transpose(1, 2)?.contiguous()?.reshape((n, h * d))?;
+        let qr = norm_rope(&q, &at.q_norm, h, r)?;
+        let kr = norm_rope(&kk, &at.k_norm, k, 1)?;
+        let vt = ctx.swap_axes(&v, (b, l, k, d))?;
+        let (probs, att) = attn.forward(&ctx, &qr, &kr, &vt)?;
+        let merged = ctx.swap_axes(&att, (b, k, l, r * d))?.reshape((n, h * d))?;
+        drop(att);
         let o = ctx.project(&merged, &w[3])?;
-        let hres = (&x + o)?;
+        let hres = ctx.add(&x, &o)?;
         let xn2 = ctx.rms_norm(&hres, &layer.post_attention_layernorm)?;
         let g = ctx.project(&xn2, &w[4])?;
         let u = ctx.project(&xn2, &w[5])?;
         let f = g.dim(1)?;
         let a = ctx.act((n, f))?;
         let args = [P(ptr(&g)?), P(ptr(&u)?), P(ptr(&a)?), I64((n * f) as i64)];
-        ctx.launch("silu_mul", ctx.cd, elementwise(n * f), &args)?;
+        ctx.launch("silu_mul2", ctx.cd, elementwise((n * f).div_ceil(2)), &args)?;
         let down = ctx.project(&a, &w[6])?;
-        let next = (&hres + down)?;
+        let next = ctx.add(&hres, &down)?;
         layers.push(LayerTape {
             w,
             x,
@@ -468,14 +804,14 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
         .lm_head
         .as_ref()
         .unwrap_or(&model.embed_tokens)
-        .detach()
-        .to_dtype(ctx.cd)?;
+        .detach();
+    let head = ctx.timed("cast head", || head.to_dtype(ctx.cd))?;
     let logits = ctx.act((n, vocab))?;
     ctx.gemm(
         (n, vocab, e),
         m(&xf)?,
         mt(&head)?,
-        &logits,
+        out(&logits)?,
         0.,
         1,
         (0, 0, 0),
@@ -495,7 +831,7 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
         shared_mem_bytes: 0,
     };
     ctx.launch("cross_entropy_grad", ctx.cd, cfg, &args)?;
-    let loss = rows.mean_all()?;
+    let loss = ctx.timed("loss mean", || rows.mean_all())?;
     Ok((
         loss,
         Tape {
@@ -534,7 +870,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         cfg.head_dim,
     );
     let r = h / k;
-    let scale = 1.0 / (d as f32).sqrt();
+    let attn = Attn::new(model, b, l);
     let mut grads = GradStore::default();
 
     // Output head and final norm.
@@ -543,7 +879,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         (n, e, vocab),
         m(&dlogits)?,
         m(&head)?,
-        &dxf,
+        out(&dxf)?,
         0.,
         1,
         (0, 0, 0),
@@ -553,7 +889,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         (vocab, e, n),
         mt(&dlogits)?,
         m(&xf)?,
-        &dhead,
+        out(&dhead)?,
         0.,
         1,
         (0, 0, 0),
@@ -564,22 +900,23 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
     grads.insert(&model.norm.weight, dw);
     drop((dxf, x_last));
 
-    let rope_back = |dy: &Tensor, heads: usize| -> Result<Tensor> {
+    let rope_back = |dy: &Tensor, heads: usize, group: usize| -> Result<Tensor> {
         let g = ctx.act((n, heads * d))?;
         let args = [
             P(ptr(dy)?),
             P(ptr(&rope.cos)?),
             P(ptr(&rope.sin)?),
             P(ptr(&g)?),
-            I64((n * heads * d) as i64),
+            I64((n * heads) as i64),
             I32(heads as i32),
+            I32(group as i32),
             I32(l as i32),
             I32(d as i32),
         ];
         ctx.launch(
             "rope_bwd_untranspose",
             ctx.cd,
-            elementwise(n * heads * d),
+            warp_per_row(n * heads),
             &args,
         )?;
         Ok(g)
@@ -603,7 +940,12 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
             P(ptr(&du)?),
             I64((n * f) as i64),
         ];
-        ctx.launch("silu_mul_bwd", ctx.cd, elementwise(n * f), &args)?;
+        ctx.launch(
+            "silu_mul_bwd",
+            ctx.cd,
+            elementwise((n * f).div_ceil(2)),
+            &args,
+        )?;
         drop(da);
         let dxn2 = ctx.act((n, e))?;
         ctx.project_back_x(&dg, wg, &dxn2, 0.)?;
@@ -619,66 +961,12 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         let dmerged = ctx.act((n, h * d))?;
         ctx.project_back_x(&dx, wo, &dmerged, 0.)?;
         grads.insert(&at.o_proj.weight, ctx.project_back_w(&dx, &t.merged)?);
-        let datt = dmerged
-            .reshape((b, l, h, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let datt = ctx.swap_axes(&dmerged, (b, l, k, r * d))?;
         drop(dmerged);
-        let batch = b * k;
-        let dp = ctx.act((b, h, l, l))?;
-        ctx.gemm(
-            (r * l, l, d),
-            m(&datt)?,
-            mt(&t.vt)?,
-            &dp,
-            0.,
-            batch,
-            (r * l * d, l * d, r * l * l),
-        )?;
-        let dvt = ctx.act((b, k, l, d))?;
-        ctx.gemm(
-            (l, d, r * l),
-            mt(&t.probs)?,
-            m(&datt)?,
-            &dvt,
-            0.,
-            batch,
-            (r * l * l, r * l * d, l * d),
-        )?;
+        let (dqr, dkr, dvt) = attn.backward(&ctx, &t.qr, &t.kr, &t.vt, &t.probs, &datt)?;
         drop(datt);
-        let dpp = ptr(&dp)?;
-        let args = [
-            P(ptr(&t.probs)?),
-            P(dpp),
-            P(dpp),
-            I64((b * h * l) as i64),
-            I32(l as i32),
-            F32(scale),
-        ];
-        ctx.launch("causal_softmax_bwd", ctx.cd, warp_per_row(b * h * l), &args)?;
-        let dqr = ctx.act((b, h, l, d))?;
-        ctx.gemm(
-            (r * l, d, l),
-            m(&dp)?,
-            m(&t.kr)?,
-            &dqr,
-            0.,
-            batch,
-            (r * l * l, l * d, r * l * d),
-        )?;
-        let dkr = ctx.act((b, k, l, d))?;
-        ctx.gemm(
-            (l, d, r * l),
-            mt(&dp)?,
-            m(&t.qr)?,
-            &dkr,
-            0.,
-            batch,
-            (r * l * l, r * l * d, l * d),
-        )?;
-        drop(dp);
-        let gq = rope_back(&dqr, h)?;
-        let gk = rope_back(&dkr, k)?;
+        let gq = rope_back(&dqr, h, r)?;
+        let gk = rope_back(&dkr, k, 1)?;
         drop((dqr, dkr));
         let dq = ctx.act((n * h, d))?;
         let dw = ctx.rms_norm_back(
@@ -700,7 +988,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         grads.insert(&at.k_norm.weight, dw);
         drop((gq, gk));
         let (dq, dk) = (dq.reshape((n, h * d))?, dk.reshape((n, k * d))?);
-        let dv = dvt.transpose(1, 2)?.contiguous()?.reshape((n, k * d))?;
+        let dv = ctx.swap_axes(&dvt, (b, k, l, d))?.reshape((n, k * d))?;
         drop(dvt);
         let dxn1 = ctx.act((n, e))?;
         ctx.project_back_x(&dq, wq, &dxn1, 0.)?;
@@ -719,7 +1007,9 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
     let demb = match &model.lm_head {
         Some(lm_head) => {
             grads.insert(lm_head, dhead);
-            Tensor::zeros((vocab, e), DType::F32, &ctx.device)?
+            ctx.timed("zeros", || {
+                Tensor::zeros((vocab, e), DType::F32, &ctx.device)
+            })?
         }
         None => dhead,
     };
