@@ -249,30 +249,43 @@ __device__ void silu_mul_bwd_u(const T* g, const T* dy, T* du, long n) {
 
 // Cross-entropy per row of logits (rows, v) against targets, one block per row, online
 // log-sum-exp in f32: out[2 r] = lse - x[target], out[2 r + 1] = lse.
-__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
-    float mx = fmaxf(m, m2);
-    if (mx == __int_as_float(0xff800000)) return;
-    s = s * __expf(m - mx) + s2 * __expf(m2 - mx);
-    m = mx;
+// (m, s) <- the log-sum-exp state of (m, s) and (m2, s2), with one exponential.
+__device__ __forceinline__ void merge1(float& m, float& s, float m2, float s2) {
+    if (m2 <= m) {
+        s += s2 * __expf(m2 - m);
+    } else {
+        s = s * __expf(m - m2) + s2;
+        m = m2;
+    }
 }
-template <typename T>
-__device__ void cross_entropy(const T* x, const unsigned int* y, float* out, long rows, int v) {
-    __shared__ float sm[32], ss[32];
-    long row = blockIdx.x;
-    const T* xr = x + row * v;
-    float m = __int_as_float(0xff800000), s = 0.f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) merge(m, s, ld(xr, j), 1.f);
+
+// The log-sum-exp of the (m, s) states of a block's threads, returned to every thread.
+__device__ float block_lse(float m, float s) {
+    __shared__ float sm[32], ss[32], lse;
     for (int o = 16; o > 0; o /= 2) {
         float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        merge(m, s, m2, s2);
+        merge1(m, s, m2, s2);
     }
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     if (lane == 0) { sm[warp] = m; ss[warp] = s; }
     __syncthreads();
     if (threadIdx.x == 0) {
         float M = sm[0], S = ss[0];
-        for (int w = 1; w < warps; w++) merge(M, S, sm[w], ss[w]);
-        float lse = M + __logf(S);
+        for (int w = 1; w < warps; w++) merge1(M, S, sm[w], ss[w]);
+        lse = M + __logf(S);
+    }
+    __syncthreads();
+    return lse;
+}
+
+template <typename T>
+__device__ void cross_entropy(const T* x, const unsigned int* y, float* out, long rows, int v) {
+    long row = blockIdx.x;
+    const T* xr = x + row * v;
+    float m = -3.0e38f, s = 0.f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) merge1(m, s, ld(xr, j), 1.f);
+    float lse = block_lse(m, s);
+    if (threadIdx.x == 0) {
         out[2 * row] = lse - ld(xr, y[row]);
         out[2 * row + 1] = lse;
     }
@@ -483,24 +496,12 @@ __device__ void silu_mul_bwd(const T* __restrict__ g, const T* __restrict__ u,
     }
 }
 
-// (m, s) <- the log-sum-exp state of (m, s) and (m2, s2), with one exponential.
-__device__ __forceinline__ void merge1(float& m, float& s, float m2, float s2) {
-    if (m2 <= m) {
-        s += s2 * __expf(m2 - m);
-    } else {
-        s = s * __expf(m - m2) + s2;
-        m = m2;
-    }
-}
-
 // Cross-entropy forward and backward in one kernel, one block per row (v even): loss[r] =
 // lse - x[t], then the row of logits is overwritten by its gradient,
 // scale * (softmax(x) - onehot(t)).
 template <typename T>
 __device__ void cross_entropy_grad(T* x, const unsigned int* y, float* loss, long rows, int v,
                                    float scale) {
-    __shared__ float sm[32], ss[32];
-    __shared__ float lse_s;
     long row = blockIdx.x;
     T* xr = x + row * v;
     float m = -3.0e38f, s = 0.f;
@@ -516,23 +517,10 @@ __device__ void cross_entropy_grad(T* x, const unsigned int* y, float* loss, lon
     } else {
         for (int j = threadIdx.x; j < v; j += blockDim.x) merge1(m, s, ld(xr, j), 1.f);
     }
-    for (int o = 16; o > 0; o /= 2) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        merge1(m, s, m2, s2);
-    }
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
-    __syncthreads();
+    float lse = block_lse(m, s);
     unsigned int t = y[row];
-    if (threadIdx.x == 0) {
-        float M = sm[0], S = ss[0];
-        for (int w = 1; w < warps; w++) merge1(M, S, sm[w], ss[w]);
-        float lse = M + __logf(S);
-        loss[row] = lse - ld(xr, t);
-        lse_s = lse;
-    }
-    __syncthreads();
-    float lse = lse_s;
+    if (threadIdx.x == 0) loss[row] = lse - ld(xr, t);
+    __syncthreads();  // x[t] is read before any thread overwrites the row
     if (pairs) {
         for (int j = 2 * threadIdx.x; j < v; j += 2 * blockDim.x) {
             float a, b;

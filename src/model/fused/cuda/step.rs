@@ -525,6 +525,68 @@ impl Attn {
         args
     }
 
+    /// Scores of query-major rows against keys, block by block: a (B*K, L*R, D) and keys
+    /// (B*K, L, D) -> (B*K, L*R, L), each block's rows filled up to its last key.
+    fn scores(&self, ctx: &Ctx, a: &Tensor, keys: &Tensor) -> Result<Tensor> {
+        let (r, l, d, batch) = (self.r, self.l, self.d, self.b * self.k);
+        let s = ctx.act((batch, l * r, l))?;
+        for (c0, cn) in self.blocks() {
+            ctx.gemm(
+                (cn * r, c0 + cn, d),
+                m(a)?.at(c0 * r * d, ctx.cd),
+                mt(keys)?,
+                out(&s)?.at(c0 * r * l).ld(l),
+                0.,
+                batch,
+                (l * r * d, l * d, l * r * l),
+            )?;
+        }
+        Ok(s)
+    }
+
+    /// Rows of weights over keys times per-key values, block by block: p (B*K, L*R, L) and
+    /// values (B*K, L, D) -> (B*K, L*R, D).
+    fn mix(&self, ctx: &Ctx, p: &Tensor, values: &Tensor) -> Result<Tensor> {
+        let (r, l, d, batch) = (self.r, self.l, self.d, self.b * self.k);
+        let y = ctx.act((batch, l * r, d))?;
+        for (c0, cn) in self.blocks() {
+            ctx.gemm(
+                (cn * r, d, c0 + cn),
+                m(p)?.at(c0 * r * l, ctx.cd).ld(l),
+                m(values)?,
+                out(&y)?.at(c0 * r * d),
+                0.,
+                batch,
+                (l * r * l, l * d, l * r * d),
+            )?;
+        }
+        Ok(y)
+    }
+
+    /// The per-key sum `p^T @ g` over all query rows: p (B*K, L*R, L), g (B*K, L*R, D) ->
+    /// (B*K, L, D). The last block sees every key, so it goes first and sets the result; the
+    /// others add to their leading keys.
+    fn per_key(&self, ctx: &Ctx, p: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (r, l, d, batch) = (self.r, self.l, self.d, self.b * self.k);
+        let y = ctx.act((batch, l, d))?;
+        for (i, (c0, cn)) in self.blocks().into_iter().rev().enumerate() {
+            ctx.gemm(
+                (c0 + cn, d, cn * r),
+                mt(p)?.at(c0 * r * l, ctx.cd).ld(l),
+                m(g)?.at(c0 * r * d, ctx.cd),
+                out(&y)?,
+                if i == 0 { 0. } else { 1. },
+                batch,
+                (l * r * l, l * r * d, l * d),
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn rows(&self) -> usize {
+        self.b * self.k * self.l * self.r
+    }
+
     /// (probabilities (B*K, L*R, L), output (B*K, L*R, D)) from qr (B*K, L*R, D) and kr, vt
     /// (B*K, L, D).
     fn forward(
@@ -534,42 +596,11 @@ impl Attn {
         kr: &Tensor,
         vt: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (b, k, r, l, d, cd) = (self.b, self.k, self.r, self.l, self.d, ctx.cd);
-        let batch = b * k;
-        let probs = ctx.act((batch, l * r, l))?;
-        for (c0, cn) in self.blocks() {
-            let kend = c0 + cn;
-            ctx.gemm(
-                (cn * r, kend, d),
-                m(qr)?.at(c0 * r * d, cd),
-                mt(kr)?,
-                out(&probs)?.at(c0 * r * l).ld(l),
-                0.,
-                batch,
-                (l * r * d, l * d, l * r * l),
-            )?;
-        }
+        let probs = self.scores(ctx, qr, kr)?;
         let pp = ptr(&probs)?;
-        let rows = batch * l * r;
-        ctx.launch(
-            "attn_softmax",
-            cd,
-            warp_per_row(rows),
-            &self.softmax_args(pp, None, pp),
-        )?;
-        let att = ctx.act((batch, l * r, d))?;
-        for (c0, cn) in self.blocks() {
-            let kend = c0 + cn;
-            ctx.gemm(
-                (cn * r, d, kend),
-                m(&probs)?.at(c0 * r * l, cd).ld(l),
-                m(vt)?,
-                out(&att)?.at(c0 * r * d),
-                0.,
-                batch,
-                (l * r * l, l * d, l * r * d),
-            )?;
-        }
+        let args = self.softmax_args(pp, None, pp);
+        ctx.launch("attn_softmax", ctx.cd, warp_per_row(self.rows()), &args)?;
+        let att = self.mix(ctx, &probs, vt)?;
         Ok((probs, att))
     }
 
@@ -583,71 +614,14 @@ impl Attn {
         probs: &Tensor,
         datt: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, k, r, l, d, cd) = (self.b, self.k, self.r, self.l, self.d, ctx.cd);
-        let batch = b * k;
-        let blocks = self.blocks();
-        let dp = ctx.act((batch, l * r, l))?;
-        for &(c0, cn) in &blocks {
-            let kend = c0 + cn;
-            ctx.gemm(
-                (cn * r, kend, d),
-                m(datt)?.at(c0 * r * d, cd),
-                mt(vt)?,
-                out(&dp)?.at(c0 * r * l).ld(l),
-                0.,
-                batch,
-                (l * r * d, l * d, l * r * l),
-            )?;
-        }
-        // dV and dK sum over the blocks of query positions; the last block sees every key, so
-        // it goes first and sets them, the others add to their leading keys.
-        let dvt = ctx.act((batch, l, d))?;
-        for (i, &(c0, cn)) in blocks.iter().rev().enumerate() {
-            let kend = c0 + cn;
-            ctx.gemm(
-                (kend, d, cn * r),
-                mt(probs)?.at(c0 * r * l, cd).ld(l),
-                m(datt)?.at(c0 * r * d, cd),
-                out(&dvt)?,
-                if i == 0 { 0. } else { 1. },
-                batch,
-                (l * r * l, l * r * d, l * d),
-            )?;
-        }
+        let dp = self.scores(ctx, datt, vt)?;
+        let dvt = self.per_key(ctx, probs, datt)?;
+        // The softmax backward overwrites dP with the scores' gradient dS.
         let dpp = ptr(&dp)?;
-        let rows = batch * l * r;
-        ctx.launch(
-            "attn_softmax_bwd",
-            cd,
-            warp_per_row(rows),
-            &self.softmax_args(ptr(probs)?, Some(dpp), dpp),
-        )?;
-        let dqr = ctx.act((batch, l * r, d))?;
-        for &(c0, cn) in &blocks {
-            let kend = c0 + cn;
-            ctx.gemm(
-                (cn * r, d, kend),
-                m(&dp)?.at(c0 * r * l, cd).ld(l),
-                m(kr)?,
-                out(&dqr)?.at(c0 * r * d),
-                0.,
-                batch,
-                (l * r * l, l * d, l * r * d),
-            )?;
-        }
-        let dkr = ctx.act((batch, l, d))?;
-        for (i, &(c0, cn)) in blocks.iter().rev().enumerate() {
-            let kend = c0 + cn;
-            ctx.gemm(
-                (kend, d, cn * r),
-                mt(&dp)?.at(c0 * r * l, cd).ld(l),
-                m(qr)?.at(c0 * r * d, cd),
-                out(&dkr)?,
-                if i == 0 { 0. } else { 1. },
-                batch,
-                (l * r * l, l * r * d, l * d),
-            )?;
-        }
+        let args = self.softmax_args(ptr(probs)?, Some(dpp), dpp);
+        ctx.launch("attn_softmax_bwd", ctx.cd, warp_per_row(self.rows()), &args)?;
+        let dqr = self.mix(ctx, &dp, kr)?;
+        let dkr = self.per_key(ctx, &dp, qr)?;
         Ok((dqr, dkr, dvt))
     }
 }
