@@ -286,14 +286,16 @@ fn hand_written_step_matches_autograd() {
             let run = |fused: bool, chunk: Option<usize>| {
                 let mut m = model.clone().with_compute_dtype(dtype).with_fused(fused);
                 if let Some(c) = chunk {
-                    m = m.with_attention_chunk(c);
+                    // Blocked attention, and the probabilities recomputed in the backward.
+                    m = m.with_attention_chunk(c).with_attention_recompute(true);
                 }
                 let fwd = m.train_forward(&x, &y).unwrap();
                 let loss = fwd.loss.to_scalar::<f32>().unwrap();
                 (loss, fwd.backward(&m).unwrap())
             };
             let (loss_c, g_c) = run(false, None);
-            // Attention in one block, and in blocks of 16 positions (16, 16, 5).
+            // Attention in one block with its probabilities kept, and in blocks of 16 positions
+            // (16, 16, 5) with them recomputed.
             for chunk in [None, Some(16)] {
                 let (loss_h, g_h) = run(true, chunk);
                 let what = format!("tied={tied} {dtype:?} chunk={chunk:?}");

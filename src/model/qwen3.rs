@@ -356,6 +356,9 @@ pub struct Qwen3 {
     pub(crate) compute_dtype: DType,
     /// The CUDA step's block of query positions in causal attention (None: automatic).
     pub(crate) attention_chunk: Option<usize>,
+    /// Whether the CUDA step recomputes attention probabilities in the backward instead of
+    /// keeping them (None: automatic, when keeping them would take over a quarter of the card).
+    pub(crate) attention_recompute: Option<bool>,
 }
 
 impl Qwen3 {
@@ -460,6 +463,7 @@ impl Qwen3 {
             device: device.clone(),
             compute_dtype: DType::F32,
             attention_chunk: None,
+            attention_recompute: None,
         };
         Ok((model, params))
     }
@@ -522,6 +526,14 @@ impl Qwen3 {
     /// whole sequence). Other paths ignore it.
     pub fn with_attention_chunk(mut self, positions: usize) -> Self {
         self.attention_chunk = Some(positions);
+        self
+    }
+
+    /// Whether the hand-written CUDA step recomputes each layer's attention probabilities in
+    /// the backward instead of keeping all of them (default: only when keeping them would take
+    /// over a quarter of the card's memory). Same values either way.
+    pub fn with_attention_recompute(mut self, on: bool) -> Self {
+        self.attention_recompute = Some(on);
         self
     }
 
@@ -590,6 +602,7 @@ impl Qwen3 {
             device: self.device.clone(),
             compute_dtype: self.compute_dtype,
             attention_chunk: self.attention_chunk,
+            attention_recompute: self.attention_recompute,
         })
     }
 }

@@ -478,6 +478,8 @@ struct Attn {
     d: usize,
     chunk: usize,
     scale: f32,
+    /// Keep no probabilities between the passes: the backward recomputes each layer's.
+    recompute: bool,
 }
 
 impl Attn {
@@ -492,6 +494,17 @@ impl Attn {
             .attention_chunk
             .unwrap_or(if l >= 512 { 256 } else { l })
             .clamp(1, l.max(1));
+        // Every layer's probabilities, kept for the backward, may take a quarter of the card;
+        // past that, each layer's are recomputed in the backward (one more score GEMM and
+        // softmax per layer, the same values).
+        let stored = model.layers.len() * b * h * l * l * model.compute_dtype.size_in_bytes();
+        let recompute = model.attention_recompute.unwrap_or_else(|| {
+            let total = match &model.device {
+                Device::Cuda(dev) => dev.cuda_stream().context().mem_get_info().map(|m| m.1),
+                _ => Ok(usize::MAX),
+            };
+            stored > total.unwrap_or(usize::MAX) / 4
+        });
         Self {
             b,
             k,
@@ -500,6 +513,7 @@ impl Attn {
             d,
             chunk,
             scale: 1.0 / (d as f32).sqrt(),
+            recompute,
         }
     }
 
@@ -596,12 +610,18 @@ impl Attn {
         kr: &Tensor,
         vt: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        let probs = self.probs(ctx, qr, kr)?;
+        let att = self.mix(ctx, &probs, vt)?;
+        Ok((probs, att))
+    }
+
+    /// The attention probabilities (B*K, L*R, L).
+    fn probs(&self, ctx: &Ctx, qr: &Tensor, kr: &Tensor) -> Result<Tensor> {
         let probs = self.scores(ctx, qr, kr)?;
         let pp = ptr(&probs)?;
         let args = self.softmax_args(pp, None, pp);
         ctx.launch("attn_softmax", ctx.cd, warp_per_row(self.rows()), &args)?;
-        let att = self.mix(ctx, &probs, vt)?;
-        Ok((probs, att))
+        Ok(probs)
     }
 
     /// (dqr, dkr, dvt) from the output's gradient datt (B*K, L*R, D).
@@ -640,8 +660,8 @@ struct LayerTape {
     kr: Tensor,
     /// (B*K, L, D)
     vt: Tensor,
-    /// (B*K, L*R, L)
-    probs: Tensor,
+    /// (B*K, L*R, L); None when the backward recomputes them
+    probs: Option<Tensor>,
     /// attention output with heads merged, (N, H * D)
     merged: Tensor,
     h: Tensor,
@@ -763,7 +783,7 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
             qr,
             kr,
             vt,
-            probs,
+            probs: (!attn.recompute).then_some(probs),
             merged,
             h: hres,
             xn2,
@@ -937,7 +957,12 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         grads.insert(&at.o_proj.weight, ctx.project_back_w(&dx, &t.merged)?);
         let datt = ctx.swap_axes(&dmerged, (b, l, k, r * d))?;
         drop(dmerged);
-        let (dqr, dkr, dvt) = attn.backward(&ctx, &t.qr, &t.kr, &t.vt, &t.probs, &datt)?;
+        let probs = match &t.probs {
+            Some(p) => p.clone(),
+            None => attn.probs(&ctx, &t.qr, &t.kr)?,
+        };
+        let (dqr, dkr, dvt) = attn.backward(&ctx, &t.qr, &t.kr, &t.vt, &probs, &datt)?;
+        drop(probs);
         drop(datt);
         let gq = rope_back(&dqr, h, r)?;
         let gk = rope_back(&dkr, k, 1)?;
