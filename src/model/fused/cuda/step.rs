@@ -9,8 +9,14 @@
 //!   themselves (beta = 1); the residual stream's gradient is accumulated in place by the
 //!   RMSNorm backward kernel;
 //! - q/k RMSNorm, RoPE and the head transpose are one kernel each way;
+//! - causal attention runs by blocks of query positions against the keys up to each block's
+//!   end (`Attn`), and recomputes its probabilities in the backward when keeping every
+//!   layer's would take over a quarter of the card;
 //! - the cross-entropy kernel overwrites the logits with their gradient (no second (N, V)
-//!   buffer), and the embedding gradient is one scatter-add over all tokens.
+//!   buffer), and the embedding gradient is one scatter-add over all tokens (f32 atomics, so
+//!   GPU runs are not bitwise reproducible).
+//!
+//! `TERNLAB_PROFILE=1` times every op alone (see `take_profile`).
 //!
 //! Same arithmetic as the composed graph (`Qwen3::forward` + autograd), which stays the
 //! reference: `tests/fused.rs` compares the two, and the parity test runs through this step
