@@ -17,40 +17,37 @@ pub fn adamw_step(
     step: usize,
 ) -> Result<()> {
     let g = g.contiguous()?;
-    let n = p.elem_count() as i64;
-    let (ps, pl) = p.storage_and_layout();
-    let (ms, ml) = m.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (gs, gl) = g.storage_and_layout();
-    fn cuda(s: &candle_core::Storage) -> Result<&CudaStorage> {
-        match s {
-            candle_core::Storage::Cuda(c) => Ok(c),
-            _ => candle_core::bail!("fused AdamW: a tensor is not on the GPU"),
+    let n = p.elem_count();
+    for (t, what) in [
+        (p, "parameter"),
+        (m, "first moment"),
+        (v, "second moment"),
+        (&g, "gradient"),
+    ] {
+        if t.dtype() != DType::F32 {
+            candle_core::bail!("fused AdamW: the {what} is {:?}, not f32", t.dtype());
         }
     }
-    let (ps, ms, vs, gs) = (cuda(&ps)?, cuda(&ms)?, cuda(&vs)?, cuda(&gs)?);
-    let dev = ps.device().clone();
-    let (pv, mv, vv, gv) = (
-        contiguous_f32(ps, pl, "AdamW parameter")?,
-        contiguous_f32(ms, ml, "AdamW first moment")?,
-        contiguous_f32(vs, vl, "AdamW second moment")?,
-        contiguous_f32(gs, gl, "AdamW gradient")?,
-    );
+    let candle_core::Device::Cuda(dev) = p.device() else {
+        candle_core::bail!("fused AdamW: the parameter is not on the GPU");
+    };
     let (b1, b2) = betas;
     let scale_m = (1.0 / (1.0 - b1.powi(step as i32))) as f32;
     let scale_v = (1.0 / (1.0 - b2.powi(step as i32))) as f32;
-    let (lr32, b1, b2, eps) = (lr as f32, b1 as f32, b2 as f32, eps as f32);
     let decay = (1.0 - lr * weight_decay) as f32;
-    let f = dev.get_or_load_custom_func("adamw_f32", MODULE, ptx()?)?;
-    let mut b = f.builder();
-    b.arg(&pv).arg(&mv).arg(&vv).arg(&gv).arg(&n);
-    b.arg(&lr32)
-        .arg(&b1)
-        .arg(&b2)
-        .arg(&eps)
-        .arg(&decay)
-        .arg(&scale_m)
-        .arg(&scale_v);
-    unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
-    Ok(())
+    let args = [
+        P(ptr(p)?),
+        P(ptr(m)?),
+        P(ptr(v)?),
+        P(ptr(&g)?),
+        I64(n as i64),
+        F32(lr as f32),
+        F32(b1 as f32),
+        F32(b2 as f32),
+        F32(eps as f32),
+        F32(decay),
+        F32(scale_m),
+        F32(scale_v),
+    ];
+    launch(dev, "adamw_f32", elementwise(n), &args)
 }

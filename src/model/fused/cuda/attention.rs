@@ -23,30 +23,21 @@ impl candle_core::CustomOp3 for Rope {
         ss: &CudaStorage,
         sl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device().clone();
+        let dev = xs.device();
         let (l, d) = cl.shape().dims2()?;
         let n = xl.shape().elem_count();
-        let cos = contiguous::<f32>(cs, cl, "RoPE cos")?;
-        let sin = contiguous::<f32>(ss, sl, "RoPE sin")?;
-        let (n64, l32, d32, bwd) = (n as i64, l as i32, d as i32, i32::from(self.backward));
-        let f =
-            dev.get_or_load_custom_func(&format!("rope_{}", suffix(xs.dtype())?), MODULE, ptx()?)?;
-        let cfg = LaunchConfig::for_num_elems(n as u32);
-        macro_rules! go {
-            ($t:ty) => {{
-                let x = contiguous::<$t>(xs, xl, "RoPE input")?;
-                let y = unsafe { dev.alloc::<$t>(n)? };
-                let mut b = f.builder();
-                b.arg(&x).arg(&cos).arg(&sin).arg(&y);
-                b.arg(&n64).arg(&l32).arg(&d32).arg(&bwd);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(y, dev.clone())
-            }};
-        }
-        let y = match xs.dtype() {
-            DType::F32 => go!(f32),
-            _ => go!(half::bf16),
-        };
+        let (y, yp) = alloc(dev, xs.dtype(), n, false)?;
+        let args = [
+            P(sptr(xs, xl, "RoPE input")?),
+            P(sptr(cs, cl, "RoPE cos")?),
+            P(sptr(ss, sl, "RoPE sin")?),
+            P(yp),
+            I64(n as i64),
+            I32(l as i32),
+            I32(d as i32),
+            I32(i32::from(self.backward)),
+        ];
+        launch(dev, &kernel("rope", xs.dtype())?, elementwise(n), &args)?;
         Ok((y, xl.shape().clone()))
     }
 
@@ -65,6 +56,28 @@ impl candle_core::CustomOp3 for Rope {
     }
 }
 
+/// Runs a causal-softmax kernel (one warp per row of the last dim L of the first input) into a
+/// new tensor like the first input.
+fn softmax_rows(
+    base: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let (s0, l0) = inputs[0];
+    let dev = s0.device();
+    let l = l0.shape().dims().last().copied().unwrap_or(1);
+    let n = l0.shape().elem_count();
+    let rows = n / l;
+    let (y, yp) = alloc(dev, s0.dtype(), n, false)?;
+    let mut args = inputs
+        .iter()
+        .map(|(s, lay)| Ok(P(sptr(s, lay, "attention scores")?)))
+        .collect::<Result<Vec<_>>>()?;
+    args.extend([P(yp), I64(rows as i64), I32(l as i32), F32(scale)]);
+    launch(dev, &kernel(base, s0.dtype())?, warp_per_row(rows), &args)?;
+    Ok((y, l0.shape().clone()))
+}
+
 /// Causal softmax of `scale * scores` over the last dim of (..., L, L), in f32 arithmetic,
 /// output in the scores' dtype.
 pub struct CausalSoftmax {
@@ -79,21 +92,7 @@ impl CustomOp1 for CausalSoftmax {
     cuda_only!(1, "causal softmax");
 
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device().clone();
-        let l = xl.shape().dims().last().copied().unwrap_or(1);
-        let n = xl.shape().elem_count();
-        let rows = (n / l) as i64;
-        let (l32, scale) = (l as i32, self.scale);
-        let p = launch_like!(
-            dev,
-            xs.dtype(),
-            n,
-            warp_per_row(rows as usize),
-            "causal_softmax",
-            [In(xs, xl)],
-            [rows, l32, scale]
-        );
-        Ok((p, xl.shape().clone()))
+        softmax_rows("causal_softmax", &[(xs, xl)], self.scale)
     }
 
     fn bwd(&self, _x: &Tensor, p: &Tensor, dp: &Tensor) -> Result<Option<Tensor>> {
@@ -123,20 +122,6 @@ impl CustomOp2 for CausalSoftmaxBack {
         gs: &CudaStorage,
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = ps.device().clone();
-        let l = pl.shape().dims().last().copied().unwrap_or(1);
-        let n = pl.shape().elem_count();
-        let rows = (n / l) as i64;
-        let (l32, scale) = (l as i32, self.scale);
-        let dx = launch_like!(
-            dev,
-            ps.dtype(),
-            n,
-            warp_per_row(rows as usize),
-            "causal_softmax_bwd",
-            [In(ps, pl), In(gs, gl)],
-            [rows, l32, scale]
-        );
-        Ok((dx, pl.shape().clone()))
+        softmax_rows("causal_softmax_bwd", &[(ps, pl), (gs, gl)], self.scale)
     }
 }

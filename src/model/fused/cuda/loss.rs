@@ -7,7 +7,8 @@ use super::*;
 /// their dtype in one pass; no f32 copy of the logits is ever made.
 pub struct CrossEntropy;
 
-fn ce_launch(rows: usize) -> LaunchConfig {
+/// One block of 512 threads per row of logits.
+pub(super) fn ce_launch(rows: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (512, 1, 1),
@@ -29,32 +30,23 @@ impl CustomOp2 for CrossEntropy {
         ys: &CudaStorage,
         yl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device().clone();
+        let dev = xs.device();
         let (rows, v) = xl.shape().dims2()?;
-        let (rows64, v32) = (rows as i64, v as i32);
-        let y = contiguous::<u32>(ys, yl, "cross-entropy targets")?;
-        let out = dev.alloc_zeros::<f32>(2 * rows)?;
-        let f = dev.get_or_load_custom_func(
-            &format!("cross_entropy_{}", suffix(xs.dtype())?),
-            MODULE,
-            ptx()?,
+        let (out, op) = alloc(dev, DType::F32, 2 * rows, true)?;
+        let args = [
+            P(sptr(xs, xl, "logits")?),
+            P(sptr(ys, yl, "cross-entropy targets")?),
+            P(op),
+            I64(rows as i64),
+            I32(v as i32),
+        ];
+        launch(
+            dev,
+            &kernel("cross_entropy", xs.dtype())?,
+            ce_launch(rows),
+            &args,
         )?;
-        macro_rules! go {
-            ($t:ty) => {{
-                let x = contiguous::<$t>(xs, xl, "logits")?;
-                let mut b = f.builder();
-                b.arg(&x).arg(&y).arg(&out).arg(&rows64).arg(&v32);
-                unsafe { b.launch(ce_launch(rows)) }.w()?;
-            }};
-        }
-        match xs.dtype() {
-            DType::F32 => go!(f32),
-            _ => go!(half::bf16),
-        }
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev),
-            Shape::from((rows, 2)),
-        ))
+        Ok((out, Shape::from((rows, 2))))
     }
 
     fn bwd(
@@ -89,30 +81,19 @@ impl candle_core::CustomOp3 for CrossEntropyBack {
         ls: &CudaStorage,
         ll: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device().clone();
+        let dev = xs.device();
         let (rows, v) = xl.shape().dims2()?;
-        let (rows64, v32) = (rows as i64, v as i32);
-        let y = contiguous::<u32>(ys, yl, "cross-entropy targets")?;
-        let lg = contiguous::<f32>(ls, ll, "cross-entropy row terms")?;
-        let f = dev.get_or_load_custom_func(
-            &format!("cross_entropy_bwd_{}", suffix(xs.dtype())?),
-            MODULE,
-            ptx()?,
-        )?;
-        macro_rules! go {
-            ($t:ty) => {{
-                let x = contiguous::<$t>(xs, xl, "logits")?;
-                let dx = unsafe { dev.alloc::<$t>(rows * v)? };
-                let mut b = f.builder();
-                b.arg(&x).arg(&y).arg(&lg).arg(&dx).arg(&rows64).arg(&v32);
-                unsafe { b.launch(ce_launch(rows)) }.w()?;
-                CudaStorage::wrap_cuda_slice(dx, dev.clone())
-            }};
-        }
-        let dx = match xs.dtype() {
-            DType::F32 => go!(f32),
-            _ => go!(half::bf16),
-        };
+        let (dx, dxp) = alloc(dev, xs.dtype(), rows * v, false)?;
+        let args = [
+            P(sptr(xs, xl, "logits")?),
+            P(sptr(ys, yl, "cross-entropy targets")?),
+            P(sptr(ls, ll, "cross-entropy row terms")?),
+            P(dxp),
+            I64(rows as i64),
+            I32(v as i32),
+        ];
+        let name = kernel("cross_entropy_bwd", xs.dtype())?;
+        launch(dev, &name, ce_launch(rows), &args)?;
         Ok((dx, xl.shape().clone()))
     }
 }

@@ -5,6 +5,21 @@ use super::*;
 /// `silu(g) * u` (the SwiGLU gate), forward and backward in one elementwise kernel each.
 pub struct SiluMul;
 
+/// Runs the elementwise kernel `base` over the inputs into a new tensor like the first.
+fn map(base: &str, inputs: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
+    let (s0, l0) = inputs[0];
+    let dev = s0.device();
+    let n = l0.shape().elem_count();
+    let (y, yp) = alloc(dev, s0.dtype(), n, false)?;
+    let mut args = inputs
+        .iter()
+        .map(|(s, l)| Ok(P(sptr(s, l, "SiLU gate input")?)))
+        .collect::<Result<Vec<_>>>()?;
+    args.extend([P(yp), I64(n as i64)]);
+    launch(dev, &kernel(base, s0.dtype())?, elementwise(n), &args)?;
+    Ok((y, l0.shape().clone()))
+}
+
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "silu-mul"
@@ -19,20 +34,7 @@ impl CustomOp2 for SiluMul {
         us: &CudaStorage,
         ul: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = gs.device().clone();
-        let n = gl.shape().elem_count();
-        let n64 = n as i64;
-        let cfg = LaunchConfig::for_num_elems(n as u32);
-        let y = launch_like!(
-            dev,
-            gs.dtype(),
-            n,
-            cfg,
-            "silu_mul",
-            [In(gs, gl), In(us, ul)],
-            [n64]
-        );
-        Ok((y, gl.shape().clone()))
+        map("silu_mul", &[(gs, gl), (us, ul)])
     }
 
     fn bwd(
@@ -67,20 +69,7 @@ impl candle_core::CustomOp3 for SiluMulBackG {
         ds: &CudaStorage,
         dl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = gs.device().clone();
-        let n = gl.shape().elem_count();
-        let n64 = n as i64;
-        let cfg = LaunchConfig::for_num_elems(n as u32);
-        let dg = launch_like!(
-            dev,
-            gs.dtype(),
-            n,
-            cfg,
-            "silu_mul_bwd_g",
-            [In(gs, gl), In(us, ul), In(ds, dl)],
-            [n64]
-        );
-        Ok((dg, gl.shape().clone()))
+        map("silu_mul_bwd_g", &[(gs, gl), (us, ul), (ds, dl)])
     }
 }
 
@@ -100,19 +89,6 @@ impl CustomOp2 for SiluMulBackU {
         ds: &CudaStorage,
         dl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = gs.device().clone();
-        let n = gl.shape().elem_count();
-        let n64 = n as i64;
-        let cfg = LaunchConfig::for_num_elems(n as u32);
-        let du = launch_like!(
-            dev,
-            gs.dtype(),
-            n,
-            cfg,
-            "silu_mul_bwd_u",
-            [In(gs, gl), In(ds, dl)],
-            [n64]
-        );
-        Ok((du, gl.shape().clone()))
+        map("silu_mul_bwd_u", &[(gs, gl), (ds, dl)])
     }
 }

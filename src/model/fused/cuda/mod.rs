@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
 };
 use std::sync::OnceLock;
 
@@ -58,15 +58,88 @@ fn ptx() -> Result<&'static str> {
     .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
-fn contiguous_f32<'a>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-    let Some((start, end)) = l.contiguous_offsets() else {
+/// A kernel argument: a device address or a scalar.
+pub(super) enum Arg {
+    P(u64),
+    I64(i64),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+}
+use Arg::*;
+
+/// The device address of the first element of a contiguous storage view.
+fn sptr(s: &CudaStorage, l: &Layout, what: &str) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let Some((start, _)) = l.contiguous_offsets() else {
         candle_core::bail!("{what}: the fused kernel needs a contiguous tensor");
     };
-    Ok(s.as_cuda_slice::<f32>()?.slice(start..end))
+    let stream = s.device().cuda_stream();
+    let (p, size) = match s.dtype() {
+        DType::F32 => (s.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+        DType::BF16 => (s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
+        DType::U32 => (s.as_cuda_slice::<u32>()?.device_ptr(&stream).0, 4),
+        other => candle_core::bail!("{what}: the fused kernels do not take {other:?}"),
+    };
+    Ok(p + (start * size) as u64)
+}
+
+/// The device address of a contiguous CUDA tensor's first element.
+fn ptr(t: &Tensor) -> Result<u64> {
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(cs) = &*s else {
+        candle_core::bail!("the fused kernels need every tensor on the GPU");
+    };
+    sptr(cs, l, "fused kernel input")
+}
+
+/// A new uninitialised (or zeroed) buffer of `n` elements of `dtype` on `dev`, and its address.
+fn alloc(dev: &CudaDevice, dtype: DType, n: usize, zeroed: bool) -> Result<(CudaStorage, u64)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let stream = dev.cuda_stream();
+    macro_rules! go {
+        ($t:ty) => {{
+            let slice = if zeroed {
+                dev.alloc_zeros::<$t>(n)?
+            } else {
+                unsafe { dev.alloc::<$t>(n)? }
+            };
+            let p = slice.device_ptr(&stream).0;
+            (CudaStorage::wrap_cuda_slice(slice, dev.clone()), p)
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => go!(f32),
+        DType::BF16 => go!(half::bf16),
+        other => candle_core::bail!("fused kernels write f32 or bf16, not {other:?}"),
+    })
+}
+
+/// Launches the kernel `name` of ternlab's module.
+fn launch(dev: &CudaDevice, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    let f = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+    let mut b = f.builder();
+    for a in args {
+        match a {
+            P(p) => b.arg(p),
+            I64(v) => b.arg(v),
+            I32(v) => b.arg(v),
+            U32(v) => b.arg(v),
+            F32(v) => b.arg(v),
+        };
+    }
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// The name of a kernel's f32 or bf16 instance.
+fn kernel(base: &str, dtype: DType) -> Result<String> {
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!("fused kernels take f32 or bf16, not {other:?}"),
+    };
+    Ok(format!("{base}_{suffix}"))
 }
 
 /// Launch shape for one warp per row.
@@ -78,60 +151,12 @@ fn warp_per_row(rows: usize) -> LaunchConfig {
     }
 }
 
-fn contiguous<'a, T: candle_core::cuda_backend::CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: the fused kernel needs a contiguous tensor");
-    };
-    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
-}
-
-fn suffix(dtype: DType) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        other => candle_core::bail!("fused kernels take f32 or bf16, not {other:?}"),
-    }
-}
-
-/// Allocates an output like `xs` and launches `kernel` with (input views..., output,
-/// extra args...) for f32 or bf16 storage.
-macro_rules! launch_like {
-    ($dev:expr, $dtype:expr, $n:expr, $cfg:expr, $kernel:expr, [$($input:expr),*], [$($arg:expr),*]) => {{
-        let f = $dev.get_or_load_custom_func(
-            &format!("{}_{}", $kernel, suffix($dtype)?),
-            MODULE,
-            ptx()?,
-        )?;
-        macro_rules! go {
-            ($t:ty) => {{
-                let out = unsafe { $dev.alloc::<$t>($n)? };
-                let mut b = f.builder();
-                $( let v = $input.view::<$t>()?; b.arg(&v); )*
-                b.arg(&out);
-                $( b.arg(&$arg); )*
-                unsafe { b.launch($cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, $dev.clone())
-            }};
-        }
-        match $dtype {
-            DType::F32 => go!(f32),
-            _ => go!(half::bf16),
-        }
-    }};
-}
-
-/// A storage and its layout, viewed as a contiguous slice of T.
-struct In<'a>(&'a CudaStorage, &'a Layout);
-
-impl<'a> In<'a> {
-    fn view<T: candle_core::cuda_backend::CudaDType>(
-        &self,
-    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-        contiguous::<T>(self.0, self.1, "fused kernel input")
+/// Launch shape for one thread per item.
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 

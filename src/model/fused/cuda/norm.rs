@@ -21,29 +21,20 @@ impl CustomOp2 for RmsNorm {
         ws: &CudaStorage,
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device().clone();
-        let d = wl.shape().elem_count();
-        let n = xl.shape().elem_count();
-        let rows = (n / d) as i64;
-        let w = contiguous::<f32>(ws, wl, "RMSNorm weight")?;
-        let (d32, eps) = (d as i32, self.eps);
-        let name = format!("rmsnorm_fwd_{}", suffix(xs.dtype())?);
-        let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
-        let cfg = warp_per_row(rows as usize);
-        macro_rules! run {
-            ($t:ty) => {{
-                let x = contiguous::<$t>(xs, xl, "RMSNorm input")?;
-                let y = unsafe { dev.alloc::<$t>(n)? };
-                let mut b = f.builder();
-                b.arg(&x).arg(&w).arg(&y).arg(&rows).arg(&d32).arg(&eps);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(y, dev.clone())
-            }};
-        }
-        let y = match xs.dtype() {
-            DType::F32 => run!(f32),
-            _ => run!(half::bf16),
-        };
+        let dev = xs.device();
+        let (n, d) = (xl.shape().elem_count(), wl.shape().elem_count());
+        let rows = n / d;
+        let (y, yp) = alloc(dev, xs.dtype(), n, false)?;
+        let args = [
+            P(sptr(xs, xl, "RMSNorm input")?),
+            P(sptr(ws, wl, "RMSNorm weight")?),
+            P(yp),
+            I64(rows as i64),
+            I32(d as i32),
+            F32(self.eps),
+        ];
+        let name = kernel("rmsnorm_fwd", xs.dtype())?;
+        launch(dev, &name, warp_per_row(rows), &args)?;
         Ok((y, xl.shape().clone()))
     }
 
@@ -88,38 +79,26 @@ impl candle_core::CustomOp3 for RmsNormBackX {
         gs: &CudaStorage,
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device().clone();
-        let d = wl.shape().elem_count();
-        let n = xl.shape().elem_count();
-        let rows = (n / d) as i64;
-        let w = contiguous::<f32>(ws, wl, "RMSNorm weight")?;
-        let (d32, eps) = (d as i32, self.eps);
+        let dev = xs.device();
+        let (n, d) = (xl.shape().elem_count(), wl.shape().elem_count());
+        let rows = n / d;
+        let (dx, dxp) = alloc(dev, xs.dtype(), n, false)?;
+        let args = [
+            P(sptr(xs, xl, "RMSNorm input")?),
+            P(sptr(ws, wl, "RMSNorm weight")?),
+            P(sptr(gs, gl, "RMSNorm output gradient")?),
+            P(dxp),
+            I64(rows as i64),
+            I32(d as i32),
+            F32(self.eps),
+        ];
         // Head-sized rows (q/k norms) keep fewer values per lane in registers.
-        let small = if d <= 128 { "_small" } else { "" };
-        let name = format!("rmsnorm_bwd_x{small}_{}", suffix(xs.dtype())?);
-        let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
-        let cfg = warp_per_row(rows as usize);
-        macro_rules! run {
-            ($t:ty) => {{
-                let x = contiguous::<$t>(xs, xl, "RMSNorm input")?;
-                let g = contiguous::<$t>(gs, gl, "RMSNorm output gradient")?;
-                let dx = unsafe { dev.alloc::<$t>(n)? };
-                let mut b = f.builder();
-                b.arg(&x)
-                    .arg(&w)
-                    .arg(&g)
-                    .arg(&dx)
-                    .arg(&rows)
-                    .arg(&d32)
-                    .arg(&eps);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(dx, dev.clone())
-            }};
-        }
-        let dx = match xs.dtype() {
-            DType::F32 => run!(f32),
-            _ => run!(half::bf16),
+        let base = if d <= 128 {
+            "rmsnorm_bwd_x_small"
+        } else {
+            "rmsnorm_bwd_x"
         };
+        launch(dev, &kernel(base, xs.dtype())?, warp_per_row(rows), &args)?;
         Ok((dx, xl.shape().clone()))
     }
 }
@@ -153,28 +132,20 @@ impl CustomOp2 for RmsNormBackW {
         gs: &CudaStorage,
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = xs.device().clone();
+        let dev = xs.device();
         let d = self.d;
-        let n = xl.shape().elem_count();
-        let rows = (n / d) as i64;
-        let (d32, eps) = (d as i32, self.eps);
-        let name = format!("rmsnorm_bwd_w_{}", suffix(xs.dtype())?);
-        let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
-        let cfg = rms_norm_bwd_w_launch(rows as usize, d);
-        let dw = dev.alloc_zeros::<f32>(d)?;
-        macro_rules! run {
-            ($t:ty) => {{
-                let x = contiguous::<$t>(xs, xl, "RMSNorm input")?;
-                let g = contiguous::<$t>(gs, gl, "RMSNorm output gradient")?;
-                let mut b = f.builder();
-                b.arg(&x).arg(&g).arg(&dw).arg(&rows).arg(&d32).arg(&eps);
-                unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        match xs.dtype() {
-            DType::F32 => run!(f32),
-            _ => run!(half::bf16),
-        }
-        Ok((CudaStorage::wrap_cuda_slice(dw, dev), Shape::from(d)))
+        let rows = xl.shape().elem_count() / d;
+        let (dw, dwp) = alloc(dev, DType::F32, d, true)?;
+        let args = [
+            P(sptr(xs, xl, "RMSNorm input")?),
+            P(sptr(gs, gl, "RMSNorm output gradient")?),
+            P(dwp),
+            I64(rows as i64),
+            I32(d as i32),
+            F32(self.eps),
+        ];
+        let name = kernel("rmsnorm_bwd_w", xs.dtype())?;
+        launch(dev, &name, rms_norm_bwd_w_launch(rows, d), &args)?;
+        Ok((dw, Shape::from(d)))
     }
 }

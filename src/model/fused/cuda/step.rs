@@ -26,8 +26,7 @@ use super::*;
 use crate::model::qwen3::{Linear, Qwen3, RmsNorm, Rope};
 use candle_core::backprop::GradStore;
 use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as bsys};
-use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-use candle_core::{CudaDevice, Device, Storage};
+use candle_core::Device;
 
 /// `TERNLAB_PROFILE=1`: every kernel, GEMM and copy of the step runs alone (a device sync
 /// before and after) and its time is added to a table by name; `ternlab bench` prints it.
@@ -46,43 +45,6 @@ pub fn take_profile() -> Vec<(String, f64, usize)> {
         .into_iter()
         .map(|(k, (s, n))| (k, s, n))
         .collect()
-}
-
-/// A kernel argument.
-enum Arg {
-    P(u64),
-    I64(i64),
-    I32(i32),
-    U32(u32),
-    F32(f32),
-}
-use Arg::*;
-
-/// The device address of a contiguous CUDA tensor's first element.
-fn ptr(t: &Tensor) -> Result<u64> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*s else {
-        candle_core::bail!("the CUDA training step needs every tensor on the GPU");
-    };
-    let Some((start, _)) = l.contiguous_offsets() else {
-        candle_core::bail!("the CUDA training step needs contiguous tensors");
-    };
-    let stream = cs.device().cuda_stream();
-    let (p, size) = match cs.dtype() {
-        DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
-        DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
-        DType::U32 => (cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0, 4),
-        other => candle_core::bail!("the CUDA training step does not take {other:?} tensors"),
-    };
-    Ok(p + (start * size) as u64)
-}
-
-fn elementwise(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 /// A row-major matrix operand of a GEMM: its address, whether it is used transposed, and its
@@ -187,26 +149,12 @@ impl Ctx {
         self.empty(shape, self.cd)
     }
 
-    fn launch(&self, kernel: &str, dtype: DType, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        self.launch_named(&format!("{kernel}_{}", suffix(dtype)?), cfg, args)
+    fn launch(&self, base: &str, dtype: DType, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        self.launch_named(&kernel(base, dtype)?, cfg, args)
     }
 
     fn launch_named(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        self.timed(name, || {
-            let f = self.dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
-            let mut b = f.builder();
-            for a in args {
-                match a {
-                    P(p) => b.arg(p),
-                    I64(v) => b.arg(v),
-                    I32(v) => b.arg(v),
-                    U32(v) => b.arg(v),
-                    F32(v) => b.arg(v),
-                };
-            }
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(())
-        })
+        self.timed(name, || launch(&self.dev, name, cfg, args))
     }
 
     /// Row-major `C (m, n) = op(A) (m, k) @ op(B) (k, n) + beta * C`, `batch` times with the
@@ -378,14 +326,11 @@ impl Ctx {
         };
         let (out_dim, inp) = w.dims2()?;
         let wt = self.act((out_dim, inp))?;
-        let groups = out_dim * inp / g;
-        let cfg = LaunchConfig {
-            grid_dim: ((groups * 32).div_ceil(256) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let args = [P(ptr(&w)?), P(ptr(&wt)?), I64(groups as i64), I32(g as i32)];
-        self.launch("ternarize", self.cd, cfg, &args)?;
+        let n = out_dim * inp;
+        let name = kernel("ternarize", self.cd)?;
+        self.timed(&name, || {
+            ternary::ternarize(&self.dev, ptr(&w)?, ptr(&wt)?, n, g, self.cd)
+        })?;
         Ok(wt)
     }
 
@@ -825,12 +770,7 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
         I32(vocab as i32),
         F32(1.0 / n as f32),
     ];
-    let cfg = LaunchConfig {
-        grid_dim: (n as u32, 1, 1),
-        block_dim: (512, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    ctx.launch("cross_entropy_grad", ctx.cd, cfg, &args)?;
+    ctx.launch("cross_entropy_grad", ctx.cd, loss::ce_launch(n), &args)?;
     let loss = ctx.timed("loss mean", || rows.mean_all())?;
     Ok((
         loss,

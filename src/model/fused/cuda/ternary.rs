@@ -9,6 +9,29 @@ pub struct TernaryProjection {
     pub dtype: DType,
 }
 
+/// Launches the ternarize kernel: `n` f32 weights at `w` to `W_t` in `dtype` at `out`, one
+/// warp per group of `group` weights.
+pub(super) fn ternarize(
+    dev: &CudaDevice,
+    w: u64,
+    out: u64,
+    n: usize,
+    group: usize,
+    dtype: DType,
+) -> Result<()> {
+    if group == 0 || !n.is_multiple_of(group) {
+        candle_core::bail!("group size {group} does not divide {n} weights");
+    }
+    let groups = n / group;
+    let args = [P(w), P(out), I64(groups as i64), I32(group as i32)];
+    launch(
+        dev,
+        &kernel("ternarize", dtype)?,
+        warp_per_row(groups),
+        &args,
+    )
+}
+
 impl CustomOp1 for TernaryProjection {
     fn name(&self) -> &'static str {
         "ternary-projection"
@@ -17,40 +40,14 @@ impl CustomOp1 for TernaryProjection {
     cuda_only!(1, "ternary projection");
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = s.device().clone();
-        let w = contiguous_f32(s, l, "ternary projection")?;
-        let n = l.shape().elem_count();
-        let g = self.group;
-        if g == 0 || !n.is_multiple_of(g) {
-            candle_core::bail!("group size {g} does not divide {n} weights");
+        if s.dtype() != DType::F32 {
+            candle_core::bail!("the ternary projection takes f32 latent weights");
         }
-        let groups = (n / g) as i64;
-        let threads = 256u32;
-        let cfg = LaunchConfig {
-            grid_dim: ((groups as u64 * 32).div_ceil(threads as u64) as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let g32 = g as i32;
-        let out = match self.dtype {
-            DType::F32 => {
-                let out = unsafe { dev.alloc::<f32>(n)? };
-                let f = dev.get_or_load_custom_func("ternarize_f32", MODULE, ptx()?)?;
-                let mut b = f.builder();
-                b.arg(&w).arg(&out).arg(&groups).arg(&g32);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, dev)
-            }
-            DType::BF16 => {
-                let out = unsafe { dev.alloc::<half::bf16>(n)? };
-                let f = dev.get_or_load_custom_func("ternarize_bf16", MODULE, ptx()?)?;
-                let mut b = f.builder();
-                b.arg(&w).arg(&out).arg(&groups).arg(&g32);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, dev)
-            }
-            other => candle_core::bail!("ternary projection to {other:?} is not supported"),
-        };
+        let dev = s.device();
+        let n = l.shape().elem_count();
+        let (out, op) = alloc(dev, self.dtype, n, false)?;
+        let w = sptr(s, l, "ternary projection")?;
+        ternarize(dev, w, op, n, self.group, self.dtype)?;
         Ok((out, l.shape().clone()))
     }
 
