@@ -28,6 +28,8 @@ pub struct BenchResult {
     pub device: String,
     pub device_name: String,
     pub dtype: String,
+    /// "cuda-step" or "autograd" (see `Qwen3::trainer`).
+    pub trainer: String,
     pub batch_size: usize,
     pub seq_len: usize,
     pub timed_steps: usize,
@@ -188,6 +190,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         device: device_label,
         device_name: name,
         dtype,
+        trainer: model.trainer().into(),
         batch_size: d.batch_size,
         seq_len: d.seq_len,
         timed_steps: steps,

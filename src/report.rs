@@ -81,6 +81,10 @@ pub struct Report {
     pub seed: u64,
     pub device: String,
     pub dtype: String,
+    /// How gradients were computed: "cuda-step" (the hand-written CUDA step) or "autograd"
+    /// (the composed graph and candle's autograd; CPU, Metal, or CUDA with `run.fused = false`).
+    #[serde(default)]
+    pub trainer: String,
     pub model_origin: String,
     pub n_params: usize,
     pub ternary_bad: usize,

@@ -334,6 +334,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         seed: t.seed,
         device: device_name,
         dtype: resolved_dtype(&t.dtype, &device),
+        trainer: model.trainer().into(),
         model_origin: p.origin_name(),
         n_params: params.num_elements(),
         ternary_bad: verification.bad,

@@ -133,6 +133,8 @@ fn run_writes_config_curve_status_and_a_full_report() {
         );
     }
     assert_eq!(report["status"], "completed");
+    // The CPU trains through the composed graph and autograd.
+    assert_eq!(report["trainer"], "autograd");
     assert_eq!(report["run_id"], id.as_str());
     assert_eq!(report["num_steps"], 4);
     assert_eq!(report["batch_size"], 2);

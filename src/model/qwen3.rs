@@ -634,6 +634,16 @@ impl StepForward {
 }
 
 impl Qwen3 {
+    /// Which training step `train_forward` takes: "cuda-step" (hand-written, CUDA with the
+    /// fused kernels) or "autograd".
+    pub fn trainer(&self) -> &'static str {
+        if cfg!(feature = "cuda") && self.is_fused() && self.device.is_cuda() {
+            "cuda-step"
+        } else {
+            "autograd"
+        }
+    }
+
     /// Forward pass and loss of a training batch: ids and targets (B, L).
     pub fn train_forward(&self, ids: &Tensor, targets: &Tensor) -> Result<StepForward> {
         #[cfg(feature = "cuda")]
