@@ -52,9 +52,39 @@ __device__ void rmsnorm_fwd(const T* x, const float* w, T* y, long rows, int d, 
     for (int i = lane; i < d; i += 32) st(y + row * d, i, ld(xr, i) * r * w[i]);
 }
 
-// dx_j = r * g_j - r^3 * x_j / d * sum_i g_i x_i, with g = w * dy; written to dx, or added
-// to it when ADD (the residual stream's gradient). The first 32 * NPL entries of a row stay in
-// registers between the two passes (NPL = 4 for head-sized rows, 32 for hidden-sized ones).
+// One row of the RMSNorm backward, held by a warp: loads x and dy (their first 32 * NPL
+// entries into registers, zeros past d) and finds r = rsqrt(mean(x^2) + eps) and
+// c = r^3 / d * sum_i w_i dy_i x_i, so that dx_i = r * w_i * dy_i - c * x_i.
+template <typename T, int NPL>
+__device__ void rms_row_back(const T* xr, const float* w, const T* gr, int d, float eps,
+                             int lane, float (&xv)[NPL], float (&gv)[NPL], float& r,
+                             float& c) {
+    float ss = 0.f, gx = 0.f;
+#pragma unroll
+    for (int t = 0; t < NPL; t++) {
+        int i = lane + 32 * t;
+        xv[t] = 0.f;
+        gv[t] = 0.f;
+        if (i < d) {
+            xv[t] = ld(xr, i);
+            gv[t] = ld(gr, i);
+            ss += xv[t] * xv[t];
+            gx += w[i] * gv[t] * xv[t];
+        }
+    }
+    for (int i = lane + 32 * NPL; i < d; i += 32) {
+        float a = ld(xr, i);
+        ss += a * a;
+        gx += w[i] * ld(gr, i) * a;
+    }
+    ss = warp_sum(ss);
+    gx = warp_sum(gx);
+    r = rsqrtf(ss / d + eps);
+    c = r * r * r * gx / d;
+}
+
+// dx (rows, d), written, or added to when ADD (the residual stream's gradient); one warp per
+// row (NPL = 4 for head-sized rows, 32 for hidden-sized ones).
 template <typename T, bool ADD, int NPL>
 __device__ void rmsnorm_bwd_x_rows(const T* __restrict__ x, const float* __restrict__ w,
                                    const T* __restrict__ dy, T* __restrict__ dx, long rows,
@@ -65,33 +95,13 @@ __device__ void rmsnorm_bwd_x_rows(const T* __restrict__ x, const float* __restr
     const T* xr = x + row * d;
     const T* gr = dy + row * d;
     T* out = dx + row * d;
-    float xv[NPL], gv[NPL];
-    float ss = 0.f, gx = 0.f;
+    float xv[NPL], gv[NPL], r, c;
+    rms_row_back<T, NPL>(xr, w, gr, d, eps, lane, xv, gv, r, c);
 #pragma unroll
     for (int t = 0; t < NPL; t++) {
         int i = lane + 32 * t;
         if (i < d) {
-            float a = ld(xr, i), g = w[i] * ld(gr, i);
-            xv[t] = a;
-            gv[t] = g;
-            ss += a * a;
-            gx += g * a;
-        }
-    }
-    for (int i = lane + 32 * NPL; i < d; i += 32) {
-        float a = ld(xr, i), g = w[i] * ld(gr, i);
-        ss += a * a;
-        gx += g * a;
-    }
-    ss = warp_sum(ss);
-    gx = warp_sum(gx);
-    float r = rsqrtf(ss / d + eps);
-    float c = r * r * r * gx / d;
-#pragma unroll
-    for (int t = 0; t < NPL; t++) {
-        int i = lane + 32 * t;
-        if (i < d) {
-            float v = r * gv[t] - c * xv[t];
+            float v = r * (w[i] * gv[t]) - c * xv[t];
             st(out, i, ADD ? ld(out, i) + v : v);
         }
     }
@@ -223,15 +233,8 @@ extern "C" __global__ void causal_softmax_bwd_##SUF(const T* p, const T* dy, T* 
 ATTN_KERNELS(f32, float)
 ATTN_KERNELS(bf16, unsigned short)
 
-// y = silu(g) * u, and its two gradients.
+// The two gradients of y = silu(g) * u (the forward is silu_mul2 below).
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
-template <typename T>
-__device__ void silu_mul(const T* g, const T* u, T* y, long n) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float a = ld(g, i);
-    st(y, i, a * sigmoid(a) * ld(u, i));
-}
 template <typename T>
 __device__ void silu_mul_bwd_g(const T* g, const T* u, const T* dy, T* dg, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -304,9 +307,6 @@ __device__ void cross_entropy_bwd(const T* x, const unsigned int* y, const float
 }
 
 #define MISC_KERNELS(SUF, T)                                                                  \
-extern "C" __global__ void silu_mul_##SUF(const T* g, const T* u, T* y, long n) {              \
-    silu_mul<T>(g, u, y, n);                                                                  \
-}                                                                                             \
 extern "C" __global__ void silu_mul_bwd_g_##SUF(const T* g, const T* u, const T* dy, T* dg,   \
                                                 long n) {                                     \
     silu_mul_bwd_g<T>(g, u, dy, dg, n);                                                       \
@@ -598,24 +598,8 @@ __device__ void rmsnorm_bwd_fused(const T* __restrict__ x, const float* __restri
         const T* xr = x + row * d;
         const T* gr = dy + row * d;
         T* out = dx + row * d;
-        float xv[NPL], gv[NPL];
-        float ss = 0.f, gx = 0.f;
-#pragma unroll
-        for (int t = 0; t < NPL; t++) {
-            int i = lane + 32 * t;
-            xv[t] = 0.f;
-            gv[t] = 0.f;
-            if (i < d) {
-                xv[t] = ld(xr, i);
-                gv[t] = ld(gr, i);
-                ss += xv[t] * xv[t];
-                gx += w[i] * gv[t] * xv[t];
-            }
-        }
-        ss = warp_sum(ss);
-        gx = warp_sum(gx);
-        float r = rsqrtf(ss / d + eps);
-        float c = r * r * r * gx / d;
+        float xv[NPL], gv[NPL], r, c;
+        rms_row_back<T, NPL>(xr, w, gr, d, eps, lane, xv, gv, r, c);
 #pragma unroll
         for (int t = 0; t < NPL; t++) {
             int i = lane + 32 * t;

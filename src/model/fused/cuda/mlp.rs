@@ -5,8 +5,13 @@ use super::*;
 /// `silu(g) * u` (the SwiGLU gate), forward and backward in one elementwise kernel each.
 pub struct SiluMul;
 
-/// Runs the elementwise kernel `base` over the inputs into a new tensor like the first.
-fn map(base: &str, inputs: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
+/// Runs the elementwise kernel `base` over the inputs into a new tensor like the first, with
+/// each thread taking `per_thread` consecutive elements.
+fn map(
+    base: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    per_thread: usize,
+) -> Result<(CudaStorage, Shape)> {
     let (s0, l0) = inputs[0];
     let dev = s0.device();
     let n = l0.shape().elem_count();
@@ -16,7 +21,8 @@ fn map(base: &str, inputs: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, S
         .map(|(s, l)| Ok(P(sptr(s, l, "SiLU gate input")?)))
         .collect::<Result<Vec<_>>>()?;
     args.extend([P(yp), I64(n as i64)]);
-    launch(dev, &kernel(base, s0.dtype())?, elementwise(n), &args)?;
+    let cfg = elementwise(n.div_ceil(per_thread));
+    launch(dev, &kernel(base, s0.dtype())?, cfg, &args)?;
     Ok((y, l0.shape().clone()))
 }
 
@@ -34,7 +40,8 @@ impl CustomOp2 for SiluMul {
         us: &CudaStorage,
         ul: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        map("silu_mul", &[(gs, gl), (us, ul)])
+        // Two neighbouring values per thread.
+        map("silu_mul2", &[(gs, gl), (us, ul)], 2)
     }
 
     fn bwd(
@@ -69,7 +76,7 @@ impl candle_core::CustomOp3 for SiluMulBackG {
         ds: &CudaStorage,
         dl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        map("silu_mul_bwd_g", &[(gs, gl), (us, ul), (ds, dl)])
+        map("silu_mul_bwd_g", &[(gs, gl), (us, ul), (ds, dl)], 1)
     }
 }
 
@@ -89,6 +96,6 @@ impl CustomOp2 for SiluMulBackU {
         ds: &CudaStorage,
         dl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        map("silu_mul_bwd_u", &[(gs, gl), (ds, dl)])
+        map("silu_mul_bwd_u", &[(gs, gl), (ds, dl)], 1)
     }
 }

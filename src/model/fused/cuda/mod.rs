@@ -172,6 +172,6 @@ pub use adamw::adamw_step;
 pub use attention::{CausalSoftmax, Rope};
 pub use loss::CrossEntropy;
 pub use mlp::SiluMul;
-use norm::rms_norm_bwd_w_launch;
 pub use norm::RmsNorm;
+use norm::RmsNormBackW;
 pub use ternary::TernaryProjection;

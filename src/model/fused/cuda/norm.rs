@@ -104,7 +104,7 @@ impl candle_core::CustomOp3 for RmsNormBackX {
 }
 
 /// The weight gradient's launch: a block per 64 rows, a thread per column up to 256.
-pub(super) fn rms_norm_bwd_w_launch(rows: usize, d: usize) -> LaunchConfig {
+fn rms_norm_bwd_w_launch(rows: usize, d: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.div_ceil(64) as u32, 1, 1),
         block_dim: (d.next_multiple_of(32).min(256) as u32, 1, 1),
@@ -113,9 +113,9 @@ pub(super) fn rms_norm_bwd_w_launch(rows: usize, d: usize) -> LaunchConfig {
 }
 
 /// (x, dy) -> dw (d), f32.
-struct RmsNormBackW {
-    eps: f32,
-    d: usize,
+pub(super) struct RmsNormBackW {
+    pub eps: f32,
+    pub d: usize,
 }
 
 impl CustomOp2 for RmsNormBackW {

@@ -324,29 +324,21 @@ impl Ctx {
         let Some(g) = lin.ternary_group else {
             return self.timed("cast weight", || w.to_dtype(self.cd));
         };
-        let (out_dim, inp) = w.dims2()?;
-        let wt = self.act((out_dim, inp))?;
-        let n = out_dim * inp;
+        let op = TernaryProjection {
+            group: g,
+            dtype: self.cd,
+        };
         let name = kernel("ternarize", self.cd)?;
-        self.timed(&name, || {
-            ternary::ternarize(&self.dev, ptr(&w)?, ptr(&wt)?, n, g, self.cd)
-        })?;
-        Ok(wt)
+        self.timed(&name, || w.apply_op1_no_bwd(&op))
     }
 
+    /// RMSNorm forward: the fused op, recording nothing.
     fn rms_norm(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
-        let (rows, d) = x.dims2()?;
-        let y = self.act((rows, d))?;
-        let args = [
-            P(ptr(x)?),
-            P(ptr(&norm.weight)?),
-            P(ptr(&y)?),
-            I64(rows as i64),
-            I32(d as i32),
-            F32(norm.eps as f32),
-        ];
-        self.launch("rmsnorm_fwd", self.cd, warp_per_row(rows), &args)?;
-        Ok(y)
+        let op = super::RmsNorm {
+            eps: norm.eps as f32,
+        };
+        let name = kernel("rmsnorm_fwd", self.cd)?;
+        self.timed(&name, || x.apply_op2_no_bwd(&norm.weight, &op))
     }
 
     /// The RMSNorm backward for the input x (rows, d) given dy: written to `dx`, or added to
@@ -361,12 +353,11 @@ impl Ctx {
     ) -> Result<Tensor> {
         let (rows, d) = x.dims2()?;
         let eps = norm.eps as f32;
-        let dw = self.timed("zeros", || Tensor::zeros(d, DType::F32, &self.device))?;
         if d <= 128 && !add {
             // Head-sized rows (the q/k norms): one kernel for dx and dw. (For hidden-sized rows
             // the one-kernel version measured slower than these two on an H200.)
             let per_block = 64;
-            let kernel = "rmsnorm_bwd_fused_small";
+            let dw = self.timed("zeros", || Tensor::zeros(d, DType::F32, &self.device))?;
             let cfg = LaunchConfig {
                 grid_dim: (rows.div_ceil(per_block) as u32, 1, 1),
                 block_dim: (256, 1, 1),
@@ -383,10 +374,12 @@ impl Ctx {
                 F32(eps),
                 I32(per_block as i32),
             ];
-            self.launch(kernel, self.cd, cfg, &args)?;
+            self.launch("rmsnorm_bwd_fused_small", self.cd, cfg, &args)?;
             return Ok(dw);
         }
-        let kernel = if add {
+        // The input gradient written to dx or added to it (the residual stream's gradient),
+        // then the weight gradient by the fused op's own backward kernel.
+        let base = if add {
             "rmsnorm_bwd_x_add"
         } else {
             "rmsnorm_bwd_x"
@@ -400,18 +393,9 @@ impl Ctx {
             I32(d as i32),
             F32(eps),
         ];
-        self.launch(kernel, self.cd, warp_per_row(rows), &args)?;
-        let cfg = rms_norm_bwd_w_launch(rows, d);
-        let args = [
-            P(ptr(x)?),
-            P(ptr(dy)?),
-            P(ptr(&dw)?),
-            I64(rows as i64),
-            I32(d as i32),
-            F32(eps),
-        ];
-        self.launch("rmsnorm_bwd_w", self.cd, cfg, &args)?;
-        Ok(dw)
+        self.launch(base, self.cd, warp_per_row(rows), &args)?;
+        let name = kernel("rmsnorm_bwd_w", self.cd)?;
+        self.timed(&name, || x.apply_op2_no_bwd(dy, &RmsNormBackW { eps, d }))
     }
 }
 
@@ -626,7 +610,8 @@ struct LayerTape {
 pub struct Tape {
     ctx: Ctx,
     ids: Tensor,
-    bl: (usize, usize),
+    /// The step's attention: shape, blocks, and whether probabilities are recomputed.
+    attn: Attn,
     rope: Rope,
     layers: Vec<LayerTape>,
     x_last: Tensor,
@@ -719,10 +704,7 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
         let xn2 = ctx.rms_norm(&hres, &layer.post_attention_layernorm)?;
         let g = ctx.project(&xn2, &w[4])?;
         let u = ctx.project(&xn2, &w[5])?;
-        let f = g.dim(1)?;
-        let a = ctx.act((n, f))?;
-        let args = [P(ptr(&g)?), P(ptr(&u)?), P(ptr(&a)?), I64((n * f) as i64)];
-        ctx.launch("silu_mul2", ctx.cd, elementwise((n * f).div_ceil(2)), &args)?;
+        let a = ctx.timed("silu_mul", || g.apply_op2_no_bwd(&u, &SiluMul))?;
         let down = ctx.project(&a, &w[6])?;
         let next = ctx.add(&hres, &down)?;
         layers.push(LayerTape {
@@ -777,7 +759,7 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
         Tape {
             ctx,
             ids,
-            bl: (b, l),
+            attn,
             rope,
             layers,
             x_last: x,
@@ -793,7 +775,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
     let Tape {
         ctx,
         ids,
-        bl: (b, l),
+        attn,
         rope,
         mut layers,
         x_last,
@@ -802,6 +784,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         dlogits,
     } = tape;
     let cfg = &model.cfg;
+    let (b, l) = (attn.b, attn.l);
     let n = b * l;
     let (e, vocab) = (cfg.hidden_size, cfg.vocab_size);
     let (h, k, d) = (
@@ -810,7 +793,6 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         cfg.head_dim,
     );
     let r = h / k;
-    let attn = Attn::new(model, b, l);
     let mut grads = GradStore::default();
 
     // Output head and final norm.

@@ -9,29 +9,6 @@ pub struct TernaryProjection {
     pub dtype: DType,
 }
 
-/// Launches the ternarize kernel: `n` f32 weights at `w` to `W_t` in `dtype` at `out`, one
-/// warp per group of `group` weights.
-pub(super) fn ternarize(
-    dev: &CudaDevice,
-    w: u64,
-    out: u64,
-    n: usize,
-    group: usize,
-    dtype: DType,
-) -> Result<()> {
-    if group == 0 || !n.is_multiple_of(group) {
-        candle_core::bail!("group size {group} does not divide {n} weights");
-    }
-    let groups = n / group;
-    let args = [P(w), P(out), I64(groups as i64), I32(group as i32)];
-    launch(
-        dev,
-        &kernel("ternarize", dtype)?,
-        warp_per_row(groups),
-        &args,
-    )
-}
-
 impl CustomOp1 for TernaryProjection {
     fn name(&self) -> &'static str {
         "ternary-projection"
@@ -46,8 +23,24 @@ impl CustomOp1 for TernaryProjection {
         let dev = s.device();
         let n = l.shape().elem_count();
         let (out, op) = alloc(dev, self.dtype, n, false)?;
-        let w = sptr(s, l, "ternary projection")?;
-        ternarize(dev, w, op, n, self.group, self.dtype)?;
+        let g = self.group;
+        if g == 0 || !n.is_multiple_of(g) {
+            candle_core::bail!("group size {g} does not divide {n} weights");
+        }
+        // One warp per group of g weights.
+        let groups = n / g;
+        let args = [
+            P(sptr(s, l, "ternary projection")?),
+            P(op),
+            I64(groups as i64),
+            I32(g as i32),
+        ];
+        launch(
+            dev,
+            &kernel("ternarize", self.dtype)?,
+            warp_per_row(groups),
+            &args,
+        )?;
         Ok((out, l.shape().clone()))
     }
 
