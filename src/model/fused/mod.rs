@@ -16,6 +16,10 @@
 //!   logits' gradient in one more, in the logits' dtype: no f32 copy of (N, V) logits.
 //! - `AdamW` (in `crate::optim`) uses `adamw_step`: one kernel per parameter updates the
 //!   weight and both moments in place.
+//!
+//! Training on CUDA goes through `cuda::step`, which calls these ops and kernels of its own
+//! directly, with a hand-written backward; the ops' own backward passes serve autograd on a
+//! fused model (and the tests that compare each op with its composed version).
 
 use super::ternary::ste_weight;
 use candle_core::{DType, Result, Tensor};
