@@ -1,101 +1,235 @@
-//! AdamW over all parameters: the composed candle version (CPU, Metal, and the reference), or
-//! one fused CUDA kernel per parameter that updates the weight and both moments in one pass.
+//! AdamW over all parameters, in either of two arithmetics that the spec chooses:
+//!
+//! - the seed's (`train.bias_correction = false`, the default): MLX's `optim.AdamW`, which has
+//!   no bias correction, `p <- p * (1 - lr * wd) - lr * m / (sqrt(v) + eps)`, with the moments
+//!   kept in each parameter's own dtype and, for a bf16 parameter, every operation rounded to
+//!   bf16 as MLX does (MLX casts lr, the betas and eps to the gradient's dtype, and the
+//!   gradient of a bf16 parameter is bf16);
+//! - PyTorch's and candle's (`train.bias_correction = true`): moments divided by
+//!   `1 - beta^t`, the arithmetic of `candle_nn::AdamW`, which the transformers parity test
+//!   checks against PyTorch's AdamW.
+//!
+//! Each operation is written in the order the reference writes it, so that f32 results agree
+//! to the last bit where the reference's do. The composed version (candle ops) runs on the
+//! CPU and Metal and is the reference for the fused CUDA kernels (one kernel per parameter).
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Var};
-use candle_nn::optim::{Optimizer, ParamsAdamW};
+use candle_core::{DType, Result, Tensor, Var};
 
-pub enum AdamW {
-    Composed(candle_nn::AdamW),
-    #[cfg(feature = "cuda")]
-    Fused(FusedAdamW),
+/// The hyper-parameters of one step (the learning rate changes every step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub bias_correction: bool,
+}
+
+/// A host scalar as MLX hands it to an operation on `dtype` arrays: rounded to f32 (Python
+/// floats become f32 arrays), then to the array's dtype. Returned as f64, exactly.
+pub fn scalar_in(x: f64, dtype: DType) -> f64 {
+    let x = x as f32;
+    match dtype {
+        DType::BF16 => half::bf16::from_f32(x).to_f64(),
+        DType::F16 => half::f16::from_f32(x).to_f64(),
+        _ => x as f64,
+    }
+}
+
+/// The per-step constants of one parameter's update, as the reference computes them on the
+/// host (`1 - beta` in f64, then into the parameter's dtype).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepConstants {
+    pub lr: f64,
+    pub b1: f64,
+    pub one_minus_b1: f64,
+    pub b2: f64,
+    pub one_minus_b2: f64,
+    pub eps: f64,
+    /// `1 - lr * wd`, the weight decay factor.
+    pub decay: f64,
+    /// f32 with bias correction: `1 / (1 - beta^t)` for m and v (candle's formula).
+    pub scale_m: f64,
+    pub scale_v: f64,
+    /// Low precision with bias correction (MLX's formula): `lr / (1 - b1^t)` and
+    /// `rsqrt(1 - b2^t)` in the parameter's dtype.
+    pub c1: f64,
+    pub c2: f64,
+}
+
+impl StepConstants {
+    pub fn new(p: &AdamWParams, step: usize, dtype: DType) -> Self {
+        let s = |x| scalar_in(x, dtype);
+        let (b1, b2) = (p.beta1, p.beta2);
+        let lr = s(p.lr);
+        let decay = if dtype == DType::F32 {
+            // MLX: 1 - lr * wd in f32 (lr is an f32 array); candle: (1 - lr * wd) in f64, then
+            // f32. Both are 1 exactly without weight decay, the seed's case.
+            if p.bias_correction {
+                s(1.0 - p.lr * p.weight_decay)
+            } else {
+                let lw = (lr as f32) * (p.weight_decay as f32);
+                (1f32 - lw) as f64
+            }
+        } else {
+            let lw = s(lr * s(p.weight_decay));
+            s(1.0 - lw)
+        };
+        let t = step as i32;
+        // MLX divides in f32 and rounds (bf16 arithmetic), and takes rsqrt of an f32 scalar.
+        let c1 = s(((lr as f32) / (s(1.0 - b1.powi(t)) as f32)) as f64);
+        let c2 = s((1.0 / ((1.0 - b2.powi(t)) as f32).sqrt()) as f64);
+        Self {
+            lr,
+            b1: s(b1),
+            one_minus_b1: s(1.0 - b1),
+            b2: s(b2),
+            one_minus_b2: s(1.0 - b2),
+            eps: s(p.eps),
+            decay,
+            scale_m: s(1.0 / (1.0 - b1.powi(t))),
+            scale_v: s(1.0 / (1.0 - b2.powi(t))),
+            c1,
+            c2,
+        }
+    }
+}
+
+/// One parameter with its two moments (in the parameter's dtype).
+struct Slot {
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+}
+
+pub struct AdamW {
+    slots: Vec<Slot>,
+    pub params: AdamWParams,
+    step_t: usize,
+    /// One CUDA kernel per parameter (when the parameters live on a CUDA device).
+    fused: bool,
 }
 
 impl AdamW {
-    /// The fused kernel when `fused` and the parameters live on a CUDA device.
-    pub fn new(vars: Vec<Var>, params: ParamsAdamW, fused: bool) -> Result<Self> {
-        #[cfg(feature = "cuda")]
-        if fused && vars.first().is_some_and(|v| v.device().is_cuda()) {
-            return Ok(AdamW::Fused(FusedAdamW::new(vars, params)?));
-        }
-        let _ = fused;
-        Ok(AdamW::Composed(candle_nn::AdamW::new(vars, params)?))
+    /// The fused kernels when `fused` and the parameters live on a CUDA device.
+    pub fn new(vars: Vec<Var>, params: AdamWParams, fused: bool) -> Result<Self> {
+        let fused = fused && cfg!(feature = "cuda") && vars.iter().all(|v| v.device().is_cuda());
+        let slots = vars
+            .into_iter()
+            .map(|var| {
+                let m = var.zeros_like()?;
+                let v = var.zeros_like()?;
+                Ok(Slot { var, m, v })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            slots,
+            params,
+            step_t: 0,
+            fused,
+        })
     }
 
-    /// The optimizer of a run: the spec's betas, eps and weight decay, the schedule's lr at
-    /// step 0.
+    /// The optimizer of a run: the spec's betas, eps, weight decay and bias correction, the
+    /// schedule's lr at step 0.
     pub fn for_run(vars: Vec<Var>, t: &crate::spec::TrainSpec, fused: bool) -> Result<Self> {
-        let params = ParamsAdamW {
+        let params = AdamWParams {
             lr: crate::train::lr_at(t, 0),
             beta1: t.betas[0],
             beta2: t.betas[1],
             eps: t.eps,
             weight_decay: t.weight_decay,
+            bias_correction: t.bias_correction,
         };
         Self::new(vars, params, fused)
     }
 
+    pub fn is_fused(&self) -> bool {
+        self.fused
+    }
+
     pub fn set_learning_rate(&mut self, lr: f64) {
-        match self {
-            AdamW::Composed(o) => o.set_learning_rate(lr),
-            #[cfg(feature = "cuda")]
-            AdamW::Fused(o) => o.params.lr = lr,
-        }
+        self.params.lr = lr;
     }
 
+    /// The first and second moments of `var` (for tests), if it is one of the parameters.
+    pub fn moments(&self, var: &Var) -> Option<(&Tensor, &Tensor)> {
+        self.slots
+            .iter()
+            .find(|s| s.var.as_tensor().id() == var.as_tensor().id())
+            .map(|s| (&s.m, &s.v))
+    }
+
+    /// One update of every parameter that has a gradient in `grads`.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        match self {
-            AdamW::Composed(o) => o.step(grads),
-            #[cfg(feature = "cuda")]
-            AdamW::Fused(o) => o.step(grads),
-        }
-    }
-}
-
-#[cfg(feature = "cuda")]
-pub struct FusedAdamW {
-    /// (parameter, first moment, second moment)
-    state: Vec<(Var, candle_core::Tensor, candle_core::Tensor)>,
-    params: ParamsAdamW,
-    step_t: usize,
-}
-
-#[cfg(feature = "cuda")]
-impl FusedAdamW {
-    fn new(vars: Vec<Var>, params: ParamsAdamW) -> Result<Self> {
-        let state = vars
-            .into_iter()
-            .map(|v| {
-                let m = v.zeros_like()?;
-                let s = v.zeros_like()?;
-                Ok((v, m, s))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            state,
-            params,
-            step_t: 0,
-        })
-    }
-
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step_t += 1;
-        let p = &self.params;
-        for (var, m, v) in &self.state {
-            if let Some(g) = grads.get(var) {
+        for slot in &mut self.slots {
+            let Some(g) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
+            let k = StepConstants::new(&self.params, self.step_t, slot.var.dtype());
+            #[cfg(feature = "cuda")]
+            if self.fused {
                 crate::model::fused::cuda::adamw_step(
-                    var.as_tensor(),
-                    m,
-                    v,
+                    slot.var.as_tensor(),
+                    &slot.m,
+                    &slot.v,
                     g,
-                    p.lr,
-                    (p.beta1, p.beta2),
-                    p.eps,
-                    p.weight_decay,
-                    self.step_t,
+                    &k,
+                    self.params.bias_correction,
                 )?;
+                continue;
             }
+            let (p, m, v) = composed_step(
+                slot.var.as_tensor(),
+                &slot.m,
+                &slot.v,
+                g,
+                &k,
+                self.params.bias_correction,
+            )?;
+            slot.var.set(&p)?;
+            slot.m = m;
+            slot.v = v;
         }
         Ok(())
     }
+}
+
+/// One AdamW update as candle ops: returns the new (parameter, m, v). Every operation runs in
+/// the parameter's dtype, one rounding each, as the references do (`x.affine(a, 0.)` is one
+/// product; adding 0 is exact).
+pub fn composed_step(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    k: &StepConstants,
+    bias_correction: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = p.dtype();
+    // The gradient in the parameter's dtype (MLX's gradient of a bf16 parameter is bf16).
+    let g = g.to_dtype(dtype)?;
+    let m = (m.affine(k.b1, 0.)? + g.affine(k.one_minus_b1, 0.)?)?;
+    let v = (v.affine(k.b2, 0.)? + g.sqr()?.affine(k.one_minus_b2, 0.)?)?;
+    let p = if k.decay == 1.0 {
+        p.clone()
+    } else {
+        p.affine(k.decay, 0.)?
+    };
+    let update = match (bias_correction, dtype) {
+        // candle's AdamW: m_hat / (sqrt(v_hat) + eps) * lr
+        (true, DType::F32) => {
+            let m_hat = m.affine(k.scale_m, 0.)?;
+            let v_hat = v.affine(k.scale_v, 0.)?;
+            (m_hat / v_hat.sqrt()?.affine(1., k.eps)?)?.affine(k.lr, 0.)?
+        }
+        // MLX with bias correction: (c1 * m) / (sqrt(v) * c2 + eps)
+        (true, _) => (m.affine(k.c1, 0.)? / v.sqrt()?.affine(k.c2, 0.)?.affine(1., k.eps)?)?,
+        // MLX: lr * m / (sqrt(v) + eps)
+        (false, _) => (m.affine(k.lr, 0.)? / v.sqrt()?.affine(1., k.eps)?)?,
+    };
+    Ok(((p - update)?, m, v))
 }

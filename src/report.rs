@@ -85,6 +85,15 @@ pub struct Report {
     /// (the composed graph and candle's autograd; CPU, Metal, or CUDA with `run.fused = false`).
     #[serde(default)]
     pub trainer: String,
+    /// Whose optimizer and parameter precision ran: "seed" (MLX's AdamW without bias
+    /// correction, dense parameters in the checkpoint's dtype), "pytorch" (bias correction, all
+    /// parameters f32), or "mixed" (any other combination of the two keys).
+    #[serde(default)]
+    pub semantics: String,
+    /// The dtype the dense (not ternarized) parameters trained in: "bf16" for a Qwen3
+    /// checkpoint or a preset under `train.dense_dtype = "checkpoint"`, else "f32".
+    #[serde(default)]
+    pub dense_dtype: String,
     pub model_origin: String,
     pub n_params: usize,
     pub ternary_bad: usize,

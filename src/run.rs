@@ -11,7 +11,7 @@ use crate::report::{
     head_mean, tail_mean, write_atomic, write_json_atomic, LossCurveWriter, Report, Sample,
     Versions,
 };
-use crate::spec::{BadInput, Spec};
+use crate::spec::{BadInput, DenseDtype, Spec};
 use crate::train::{self, Outcome, StepRecord, ValDuringTraining};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -39,6 +39,8 @@ pub struct PreparedRun {
     pub device: DeviceChoice,
     pub config_hash: String,
     pub run_id: String,
+    /// Where greedy generation stops (see `train::eos_ids`).
+    pub eos_ids: Vec<u32>,
 }
 
 fn load_tokenizer(
@@ -161,6 +163,9 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
         "sequential" => Sampling::Sequential,
         _ => Sampling::Random,
     };
+    let model_dir = checkpoint.and_then(|c| c.config.parent());
+    let eos_ids =
+        train::eos_ids(model_dir, &tokenizer).map_err(|e| bad("model.source", format!("{e:#}")))?;
     let device = crate::device::parse(&spec.run.device).expect("checked device");
     crate::device::check_built(device).map_err(|e| bad("run.device", format!("{e:#}")))?;
     Ok(PreparedRun {
@@ -173,6 +178,7 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
         device,
         config_hash: planned.config_hash.clone(),
         run_id: planned.id.clone(),
+        eos_ids,
     })
 }
 
@@ -186,10 +192,15 @@ impl PreparedRun {
         &self,
         device: &candle_core::Device,
     ) -> Result<(Qwen3, crate::model::Params)> {
-        let weights = match &self.origin {
+        let mut weights = match &self.origin {
             ModelOrigin::Preset(_) => random_weights(&self.model_cfg, self.spec.train.seed)?,
             ModelOrigin::Checkpoint(c) => read_weights(c)?,
         };
+        if self.spec.train.dense_dtype == DenseDtype::F32 {
+            for t in weights.values_mut() {
+                *t = t.to_dtype(candle_core::DType::F32)?;
+            }
+        }
         let ternary = TernarySpec {
             projections: self.spec.quant.projections.clone(),
             group_size: self.spec.quant.group_size,
@@ -233,6 +244,26 @@ pub fn compute_dtype(dtype: &str) -> candle_core::DType {
     match dtype {
         "bf16" => candle_core::DType::BF16,
         _ => candle_core::DType::F32,
+    }
+}
+
+/// Which reference a run's optimizer and parameter precision follow (report.json's
+/// `semantics`).
+pub fn semantics(t: &crate::spec::TrainSpec) -> &'static str {
+    match (t.bias_correction, t.dense_dtype) {
+        (false, DenseDtype::Checkpoint) => "seed",
+        (true, DenseDtype::F32) => "pytorch",
+        _ => "mixed",
+    }
+}
+
+/// A dtype as reports spell it.
+pub fn dtype_name(d: candle_core::DType) -> &'static str {
+    match d {
+        candle_core::DType::F32 => "f32",
+        candle_core::DType::BF16 => "bf16",
+        candle_core::DType::F16 => "f16",
+        _ => "other",
     }
 }
 
@@ -295,8 +326,13 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         let nll = train::heldout_nll(&frozen, &p.corpus.val, d.seq_len, d.batch_size)?;
         let mut samples = Vec::new();
         for prompt in &p.spec.eval.prompts {
-            let generation =
-                train::generate_greedy(&frozen, &p.tokenizer, prompt, p.spec.eval.max_new_tokens)?;
+            let generation = train::generate_greedy(
+                &frozen,
+                &p.tokenizer,
+                &p.eos_ids,
+                prompt,
+                p.spec.eval.max_new_tokens,
+            )?;
             samples.push(Sample {
                 prompt: prompt.clone(),
                 generation,
@@ -335,6 +371,8 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         device: device_name,
         dtype: resolved_dtype(&t.dtype, &device),
         trainer: model.trainer().into(),
+        semantics: semantics(t).into(),
+        dense_dtype: dtype_name(model.dense_dtype()).into(),
         model_origin: p.origin_name(),
         n_params: params.num_elements(),
         ternary_bad: verification.bad,

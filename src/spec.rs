@@ -123,6 +123,31 @@ pub struct TrainSpec {
     /// matmuls on CUDA); "bf16" (bf16 activations and matmuls; f32 latents, optimizer state,
     /// ternarization scales, norms, softmax and loss). See bench/RESULTS.md for why.
     pub dtype: String,
+    /// AdamW's `1 - beta^t` bias correction. false: MLX's `optim.AdamW` as the seed uses it
+    /// (`p - lr * m / (sqrt(v) + eps)`); true: PyTorch's and candle's AdamW.
+    pub bias_correction: bool,
+    /// The dtype of the parameters that are not ternarized (embeddings and a tied head, norms,
+    /// projections left out of `quant.projections`), of their AdamW moments and of their update
+    /// arithmetic. "checkpoint" (the seed): as stored in the checkpoint (bf16 for Qwen3 and the
+    /// presets); "f32": promoted to f32 like the ternary latents (PyTorch-style mixed precision).
+    pub dense_dtype: DenseDtype,
+}
+
+/// `train.dense_dtype`: see `TrainSpec::dense_dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DenseDtype {
+    Checkpoint,
+    F32,
+}
+
+impl std::fmt::Display for DenseDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DenseDtype::Checkpoint => "checkpoint",
+            DenseDtype::F32 => "f32",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +230,8 @@ impl Default for TrainSpec {
             weight_decay: 0.0,
             seed: 0,
             dtype: "auto".into(),
+            bias_correction: false,
+            dense_dtype: DenseDtype::Checkpoint,
         }
     }
 }

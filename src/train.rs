@@ -10,6 +10,7 @@ use crate::optim::AdamW;
 use crate::spec::TrainSpec;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+use std::path::Path;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
@@ -187,18 +188,67 @@ pub fn verify_ternary(model: &Qwen3) -> Result<TernaryVerification> {
     })
 }
 
-/// End-of-sequence ids: whichever of the usual Qwen / generic markers the tokenizer knows.
-pub fn eos_ids(tokenizer: &Tokenizer) -> Vec<u32> {
-    ["<|endoftext|>", "<|im_end|>", "</s>", "<eos>"]
-        .iter()
-        .filter_map(|t| tokenizer.token_to_id(t))
-        .collect()
+/// Where greedy generation stops, as mlx_lm decides it for the seed: the `eos_token_id` of
+/// the checkpoint's config.json (one id or a list), replaced by generation_config.json's when
+/// that has one, plus the id of tokenizer_config.json's `eos_token`. Without any of these (the
+/// presets), whichever of the usual Qwen / generic end markers the tokenizer knows.
+pub fn eos_ids(model_dir: Option<&Path>, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+    let read = |name: &str| -> Result<Option<serde_json::Value>> {
+        let Some(path) = model_dir.map(|d| d.join(name)).filter(|p| p.is_file()) else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(&path)?;
+        let v = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        Ok(Some(v))
+    };
+    let ids_of = |v: &serde_json::Value| -> Vec<u32> {
+        match v {
+            serde_json::Value::Number(n) => n.as_u64().map(|i| i as u32).into_iter().collect(),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|i| i as u32)
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let mut ids = Vec::new();
+    if let Some(cfg) = read("config.json")? {
+        ids = ids_of(&cfg["eos_token_id"]);
+    }
+    if let Some(gen) = read("generation_config.json")? {
+        let from_gen = ids_of(&gen["eos_token_id"]);
+        if !from_gen.is_empty() {
+            ids = from_gen;
+        }
+    }
+    let mut tokenizer_eos = None;
+    if let Some(tc) = read("tokenizer_config.json")? {
+        let eos = &tc["eos_token"];
+        let content = eos.as_str().or_else(|| eos["content"].as_str());
+        tokenizer_eos = content.and_then(|t| tokenizer.token_to_id(t));
+    }
+    if ids.is_empty() && tokenizer_eos.is_none() && model_dir.is_none() {
+        ids = ["<|endoftext|>", "<|im_end|>", "</s>", "<eos>"]
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t))
+            .collect();
+    }
+    ids.extend(tokenizer_eos);
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
 }
 
-/// Greedy continuation of `prompt` (the text after the prompt, as mlx_lm's `generate`).
+/// Greedy continuation of `prompt`: the generated text after the prompt, stopping before the
+/// first id of `eos` or after `max_new_tokens` tokens, decoded as mlx_lm's `generate` returns
+/// it (its streaming detokenizer for byte-level BPE drops one leading space of the
+/// generation).
 pub fn generate_greedy(
     model: &Qwen3,
     tokenizer: &Tokenizer,
+    eos: &[u32],
     prompt: &str,
     max_new_tokens: usize,
 ) -> Result<String> {
@@ -207,7 +257,6 @@ pub fn generate_greedy(
         .map_err(|e| anyhow::anyhow!("tokenizing prompt {prompt:?}: {e}"))?;
     let mut ids: Vec<u32> = enc.get_ids().to_vec();
     anyhow::ensure!(!ids.is_empty(), "prompt {prompt:?} tokenizes to nothing");
-    let eos = eos_ids(tokenizer);
     let prompt_len = ids.len();
     let device: &Device = model.device();
     for _ in 0..max_new_tokens {
@@ -220,7 +269,15 @@ pub fn generate_greedy(
         }
         ids.push(next);
     }
-    tokenizer
+    let text = tokenizer
         .decode(&ids[prompt_len..], false)
-        .map_err(|e| anyhow::anyhow!("decoding: {e}"))
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+    let byte_level = matches!(
+        tokenizer.get_decoder(),
+        Some(tokenizers::DecoderWrapper::ByteLevel(_))
+    );
+    Ok(match text.strip_prefix(' ') {
+        Some(rest) if byte_level => rest.to_string(),
+        _ => text,
+    })
 }

@@ -563,7 +563,7 @@ fn unsupported_configs_are_refused_naming_the_key() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn bf16_and_f16_checkpoints_load_as_rounded_f32() {
+fn bf16_and_f16_checkpoints_compute_as_their_values_in_f32() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = fixture_config();
     let f32_weights = fixture_weights();
@@ -589,11 +589,23 @@ fn bf16_and_f16_checkpoints_load_as_rounded_f32() {
             loaded.values().all(|t| t.dtype() == dtype),
             "{dtype:?}: read as stored"
         );
-        let (model, params) = build(&cfg, loaded);
+        // Dense parameters keep the checkpoint's dtype (train.dense_dtype = "checkpoint"),
+        // ternary latents become f32.
+        let (model, params) = build(&cfg, loaded.clone());
         assert!(
-            params.named.iter().all(|(_, v)| v.dtype() == DType::F32),
-            "{dtype:?}: parameters are f32"
+            params.named.iter().all(|(_, v)| v.dtype() == dtype),
+            "{dtype:?}: dense parameters keep the checkpoint's dtype"
         );
+        let ternary = TernarySpec {
+            projections: vec!["q_proj".into(), "down_proj".into()],
+            group_size: ternlab::spec::GroupSize::Columns(16),
+        };
+        let (_, params) = Qwen3::new(&cfg, loaded, &ternary, &Device::Cpu).unwrap();
+        for (name, v) in &params.named {
+            let latent = name.ends_with("q_proj.weight") || name.ends_with("down_proj.weight");
+            let want = if latent { DType::F32 } else { dtype };
+            assert_eq!(v.dtype(), want, "{dtype:?}: {name}");
+        }
         let got = logits(&model);
 
         let rounded: Weights = f32_weights

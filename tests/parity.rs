@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use ternlab::data::{Batcher, Sampling};
-use ternlab::spec::TrainSpec;
+use ternlab::spec::{DenseDtype, TrainSpec};
 use ternlab::train::{lr_at, train, Outcome, ValDuringTraining};
 
 fn fixture_train_spec(m: &FixtureMeta) -> TrainSpec {
@@ -23,6 +23,9 @@ fn fixture_train_spec(m: &FixtureMeta) -> TrainSpec {
         weight_decay: m.weight_decay,
         seed: 0,
         dtype: "f32".into(),
+        // PyTorch's semantics: the bias-corrected AdamW, every parameter in f32.
+        bias_correction: true,
+        dense_dtype: DenseDtype::F32,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Where a model comes from: a local Hugging Face directory, a hub repo id resolved through the
 //! standard Hugging Face cache (HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE, the revision), or a
 //! built-in preset with seeded random init. Single-file and sharded safetensors; bf16, f16 and
-//! f32 checkpoints all become f32 parameters.
+//! f32 checkpoints (the model decides which parameters become f32).
 
 use super::config::Qwen3Config;
 use super::qwen3::Weights;
@@ -246,7 +246,9 @@ pub fn read_weights(files: &CheckpointFiles) -> Result<Weights> {
 }
 
 /// Seeded random init as transformers' Qwen3 `_init_weights`: every matrix N(0, 0.02),
-/// every norm weight 1. Same seed, same weights, on every machine.
+/// every norm weight 1, stored in bf16 as Qwen3 checkpoints ship (so a preset trains like the
+/// real model: bf16 embeddings and norms under `train.dense_dtype = "checkpoint"`). Same seed,
+/// same weights, on every machine.
 pub fn random_weights(cfg: &Qwen3Config, seed: u64) -> Result<Weights> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let normal = Normal::new(0f32, 0.02).expect("valid std");
@@ -283,6 +285,9 @@ pub fn random_weights(cfg: &Qwen3Config, seed: u64) -> Result<Weights> {
     w.insert("model.norm.weight".into(), ones(e)?);
     if !cfg.tie_word_embeddings {
         matrix(&mut w, "lm_head.weight".into(), v, e)?;
+    }
+    for t in w.values_mut() {
+        *t = t.to_dtype(DType::BF16)?;
     }
     Ok(w)
 }

@@ -32,8 +32,8 @@ impl Params {
         self.named.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// Registers `tensor` (already f32, on the training device) as a trainable parameter and
-    /// returns the tensor the model computes with (it shares the parameter's storage).
+    /// Registers `tensor` (in its training dtype, on the training device) as a trainable
+    /// parameter and returns the tensor the model computes with (it shares the parameter's storage).
     fn add(&mut self, name: String, tensor: Tensor) -> Result<Tensor> {
         let var = Var::from_tensor(&tensor)?;
         let t = var.as_tensor().clone();
@@ -45,7 +45,15 @@ impl Params {
 /// Source of initial weights: a checkpoint's tensors by name.
 pub type Weights = HashMap<String, Tensor>;
 
-fn take(weights: &mut Weights, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+/// The checkpoint tensor `name` on `device`, as f32 when `f32` (the ternary latents), else in
+/// the checkpoint's own dtype.
+fn take(
+    weights: &mut Weights,
+    name: &str,
+    shape: &[usize],
+    f32: bool,
+    device: &Device,
+) -> Result<Tensor> {
     let t = weights
         .remove(name)
         .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no tensor {name}")))?;
@@ -55,7 +63,8 @@ fn take(weights: &mut Weights, name: &str, shape: &[usize], device: &Device) -> 
             t.dims()
         );
     }
-    t.to_dtype(DType::F32)?.to_device(device)
+    let dtype = if f32 { DType::F32 } else { t.dtype() };
+    t.to_dtype(dtype)?.to_device(device)
 }
 
 /// A bias-free linear layer `y = x W^T`, optionally ternary (forward with `W_t`, STE backward).
@@ -112,8 +121,8 @@ impl Linear {
     }
 }
 
-/// Root-mean-square norm as transformers' Qwen3RMSNorm: normalise in f32, scale by the f32
-/// weight (so its gradient is summed in f32), return the input's dtype.
+/// Root-mean-square norm as transformers' Qwen3RMSNorm: normalise in f32, scale by the weight
+/// widened to f32 (so its gradient is summed in f32), return the input's dtype.
 #[derive(Clone)]
 pub struct RmsNorm {
     pub(crate) weight: Tensor, // (N,)
@@ -123,10 +132,13 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match super::fused::rms_norm(x, &self.weight, self.eps, self.fused)? {
-            Some(y) => Ok(y),
-            None => rms_norm_composed(x, &self.weight, self.eps),
+        if self.fused && x.device().is_cuda() {
+            let w = self.weight.to_dtype(DType::F32)?;
+            if let Some(y) = super::fused::rms_norm(x, &w, self.eps, self.fused)? {
+                return Ok(y);
+            }
         }
+        rms_norm_composed(x, &self.weight, self.eps)
     }
 
     fn frozen(&self) -> Self {
@@ -139,16 +151,26 @@ impl RmsNorm {
 }
 
 /// RMSNorm as composed candle ops (the CPU / Metal path, and the fused kernel's reference).
+/// Normalises in f32. An f32 input is scaled by the weight in f32. A bf16 input with a bf16
+/// weight (the first layer's input under the seed's bf16 embedding, see `Qwen3::forward`) is
+/// rounded to bf16 and then scaled with one more rounding, as MLX and transformers compute it
+/// (the product is formed in f32, exactly, so that the weight's gradient sums in f32). A bf16
+/// input with an f32 weight is scaled in f32 and rounded once.
 pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
     let x = x.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let w = weight.to_dtype(DType::F32)?;
     if dtype == DType::F32 {
-        // transformers rounds to the input dtype before scaling; in f32 that is the same.
-        x.broadcast_mul(weight)
+        x.broadcast_mul(&w)
+    } else if weight.dtype() == dtype {
+        x.to_dtype(dtype)?
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&w)?
+            .to_dtype(dtype)
     } else {
-        x.broadcast_mul(weight)?.to_dtype(dtype)
+        x.broadcast_mul(&w)?.to_dtype(dtype)
     }
 }
 
@@ -320,17 +342,19 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// x (B*L, E) -> (B*L, E).
+    /// x (B*L, E) -> (B*L, E) in the compute dtype `cd`. x may come in a lower precision
+    /// (the seed's bf16 embedding rows): its norm then returns that precision, and the
+    /// projections and the residual sum promote to `cd`, as MLX's type promotion does.
     pub fn forward(
         &self,
         x: &Tensor,
         bl: (usize, usize),
         rope: &Rope,
         mask: &Tensor,
+        cd: DType,
     ) -> Result<Tensor> {
-        let h = (x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, bl, rope, mask)?)?;
+        let xn = self.input_layernorm.forward(x)?.to_dtype(cd)?;
+        let h = (x.to_dtype(cd)? + self.self_attn.forward(&xn, bl, rope, mask)?)?;
         &h + self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h)?)?
@@ -352,7 +376,7 @@ pub struct Qwen3 {
     pub(crate) layers: Vec<DecoderLayer>,
     pub(crate) norm: RmsNorm,
     pub(crate) device: Device,
-    /// dtype of activations and matmuls; parameters stay f32.
+    /// dtype of activations and matmuls; ternary latents are f32, other parameters as loaded.
     pub(crate) compute_dtype: DType,
     /// The CUDA step's block of query positions in causal attention (None: automatic).
     pub(crate) attention_chunk: Option<usize>,
@@ -362,8 +386,11 @@ pub struct Qwen3 {
 }
 
 impl Qwen3 {
-    /// Builds the model from checkpoint tensors (any float dtype; stored as f32 parameters).
-    /// Tied checkpoints carry no `lm_head.weight`; if one is present anyway it is ignored.
+    /// Builds the model from checkpoint tensors (f32, bf16 or f16). The ternary layers' latent
+    /// weights become f32; every other parameter keeps the dtype it has in `weights` (the
+    /// seed's `train.dense_dtype = "checkpoint"`; the caller converts them beforehand for
+    /// "f32"). Tied checkpoints carry no `lm_head.weight`; if one is present anyway it is
+    /// ignored.
     pub fn new(
         cfg: &Qwen3Config,
         mut weights: Weights,
@@ -377,22 +404,28 @@ impl Qwen3 {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let mut param = |params: &mut Params, name: String, shape: &[usize]| -> Result<Tensor> {
-            let t = take(&mut weights, &name, shape, device)?;
-            params.add(name, t)
-        };
-        let embed_tokens = param(&mut params, "model.embed_tokens.weight".into(), &[v, e])?;
+        let mut param =
+            |params: &mut Params, name: String, shape: &[usize], f32: bool| -> Result<Tensor> {
+                let t = take(&mut weights, &name, shape, f32, device)?;
+                params.add(name, t)
+            };
+        let embed_tokens = param(
+            &mut params,
+            "model.embed_tokens.weight".into(),
+            &[v, e],
+            false,
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut linear = |params: &mut Params, part: &str, proj: &str, shape: &[usize]| {
                 let name = format!("{p}.{part}.{proj}.weight");
-                let weight = param(params, name.clone(), shape)?;
                 let ternary_group = ternary
                     .projections
                     .iter()
                     .any(|x| x == proj)
                     .then_some(ternary.group_size.for_width(shape[1]));
+                let weight = param(params, name.clone(), shape, ternary_group.is_some())?;
                 Ok::<_, candle_core::Error>(Linear {
                     weight,
                     ternary_group,
@@ -409,7 +442,7 @@ impl Qwen3 {
             let down = linear(&mut params, "mlp", "down_proj", &[e, f])?;
             let mut norm = |params: &mut Params, name: String, n: usize| {
                 Ok::<_, candle_core::Error>(RmsNorm {
-                    weight: param(params, name, &[n])?,
+                    weight: param(params, name, &[n], false)?,
                     eps: cfg.rms_norm_eps,
                     fused: false,
                 })
@@ -445,14 +478,14 @@ impl Qwen3 {
             });
         }
         let norm = RmsNorm {
-            weight: param(&mut params, "model.norm.weight".into(), &[e])?,
+            weight: param(&mut params, "model.norm.weight".into(), &[e], false)?,
             eps: cfg.rms_norm_eps,
             fused: false,
         };
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(param(&mut params, "lm_head.weight".into(), &[v, e])?)
+            Some(param(&mut params, "lm_head.weight".into(), &[v, e], false)?)
         };
         let model = Self {
             cfg: cfg.clone(),
@@ -470,6 +503,11 @@ impl Qwen3 {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype of the parameters that are not ternarized (that of the embedding).
+    pub fn dense_dtype(&self) -> DType {
+        self.embed_tokens.dtype()
     }
 
     /// Uses the fused CUDA kernels (on a CUDA device; elsewhere the composed ops run anyway).
@@ -542,13 +580,16 @@ impl Qwen3 {
         let (b, l) = ids.dims2()?;
         let rope = Rope::new(&self.cfg, l, &self.device)?;
         let mask = causal_mask(l, &self.device)?;
-        // (B*L, E) from here to the head
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(self.compute_dtype)?;
+        // (B*L, E) from here to the head. Under f32 compute a bf16 embedding's rows enter the
+        // first layer as they are, as in the seed (MLX); see `DecoderLayer::forward`.
+        let rows = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
+        let mut x = if self.compute_dtype == DType::F32 {
+            rows
+        } else {
+            rows.to_dtype(self.compute_dtype)?
+        };
         for layer in &self.layers {
-            x = layer.forward(&x, (b, l), &rope, &mask)?;
+            x = layer.forward(&x, (b, l), &rope, &mask, self.compute_dtype)?;
         }
         let x = self.norm.forward(&x)?;
         let head = self

@@ -1,53 +1,59 @@
-//! One in-place AdamW step of an f32 parameter.
+//! One in-place AdamW step of an f32 or bf16 parameter (see `crate::optim` for the two
+//! arithmetics; the kernels reproduce the composed version there to the bit).
 
 use super::*;
+use crate::optim::StepConstants;
 
-/// One AdamW step of one f32 parameter, in place: `p`, `m`, `v` updated from `g`.
-/// Same arithmetic as candle_nn's AdamW (and PyTorch's), in one pass.
-#[allow(clippy::too_many_arguments)]
+/// One AdamW step of one parameter, in place: `p`, `m`, `v` (all f32, or all bf16) updated
+/// from the gradient `g` (f32, or the parameter's dtype).
 pub fn adamw_step(
     p: &Tensor,
     m: &Tensor,
     v: &Tensor,
     g: &Tensor,
-    lr: f64,
-    betas: (f64, f64),
-    eps: f64,
-    weight_decay: f64,
-    step: usize,
+    k: &StepConstants,
+    bias_correction: bool,
 ) -> Result<()> {
-    let g = g.contiguous()?;
-    let n = p.elem_count();
-    for (t, what) in [
-        (p, "parameter"),
-        (m, "first moment"),
-        (v, "second moment"),
-        (&g, "gradient"),
-    ] {
-        if t.dtype() != DType::F32 {
-            candle_core::bail!("fused AdamW: the {what} is {:?}, not f32", t.dtype());
+    let dtype = p.dtype();
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        candle_core::bail!(
+            "fused AdamW: a {dtype:?} parameter (train.dense_dtype = \"checkpoint\" on an {dtype:?} \
+             checkpoint); the CUDA kernels take f32 or bf16: set train.dense_dtype = \"f32\""
+        );
+    }
+    for (t, what) in [(m, "first moment"), (v, "second moment")] {
+        if t.dtype() != dtype {
+            candle_core::bail!("fused AdamW: the {what} is {:?}, not {dtype:?}", t.dtype());
         }
     }
+    // A bf16 gradient widens to f32 exactly; the kernel rounds f32 gradients to bf16 itself.
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
     let candle_core::Device::Cuda(dev) = p.device() else {
         candle_core::bail!("fused AdamW: the parameter is not on the GPU");
     };
-    let (b1, b2) = betas;
-    let scale_m = (1.0 / (1.0 - b1.powi(step as i32))) as f32;
-    let scale_v = (1.0 / (1.0 - b2.powi(step as i32))) as f32;
-    let decay = (1.0 - lr * weight_decay) as f32;
+    let n = p.elem_count();
+    let f = |x: f64| F32(x as f32);
+    let (corr_a, corr_b) = if dtype == DType::F32 {
+        (k.scale_m, k.scale_v)
+    } else {
+        (k.c1, k.c2)
+    };
     let args = [
         P(ptr(p)?),
         P(ptr(m)?),
         P(ptr(v)?),
         P(ptr(&g)?),
         I64(n as i64),
-        F32(lr as f32),
-        F32(b1 as f32),
-        F32(b2 as f32),
-        F32(eps as f32),
-        F32(decay),
-        F32(scale_m),
-        F32(scale_v),
+        f(k.lr),
+        f(k.b1),
+        f(k.one_minus_b1),
+        f(k.b2),
+        f(k.one_minus_b2),
+        f(k.eps),
+        f(k.decay),
+        f(corr_a),
+        f(corr_b),
+        I32(bias_correction as i32),
     ];
-    launch(dev, "adamw_f32", elementwise(n), &args)
+    launch(dev, &kernel("adamw", dtype)?, elementwise(n), &args)
 }

@@ -120,6 +120,9 @@ struct Ctx {
     device: Device,
     /// Activations and matmul inputs.
     cd: DType,
+    /// The norm weights widened to f32 for the kernels, by parameter (bf16 weights under
+    /// `train.dense_dtype = "checkpoint"`), made once per step.
+    norm_f32: std::cell::RefCell<std::collections::HashMap<candle_core::TensorId, Tensor>>,
 }
 
 impl Ctx {
@@ -332,13 +335,29 @@ impl Ctx {
         self.timed(&name, || w.apply_op1_no_bwd(&op))
     }
 
+    /// A norm's weight in f32, as the kernels read it.
+    fn norm_weight(&self, norm: &RmsNorm) -> Result<Tensor> {
+        let w = &norm.weight;
+        if w.dtype() == DType::F32 {
+            return Ok(w.clone());
+        }
+        let mut cache = self.norm_f32.borrow_mut();
+        if let Some(t) = cache.get(&w.id()) {
+            return Ok(t.clone());
+        }
+        let t = self.timed("cast norm weight", || w.detach().to_dtype(DType::F32))?;
+        cache.insert(w.id(), t.clone());
+        Ok(t)
+    }
+
     /// RMSNorm forward: the fused op, recording nothing.
     fn rms_norm(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
         let op = super::RmsNorm {
             eps: norm.eps as f32,
         };
+        let w = self.norm_weight(norm)?;
         let name = kernel("rmsnorm_fwd", self.cd)?;
-        self.timed(&name, || x.apply_op2_no_bwd(&norm.weight, &op))
+        self.timed(&name, || x.apply_op2_no_bwd(&w, &op))
     }
 
     /// The RMSNorm backward for the input x (rows, d) given dy: written to `dx`, or added to
@@ -353,6 +372,7 @@ impl Ctx {
     ) -> Result<Tensor> {
         let (rows, d) = x.dims2()?;
         let eps = norm.eps as f32;
+        let w = self.norm_weight(norm)?;
         if d <= 128 && !add {
             // Head-sized rows (the q/k norms): one kernel for dx and dw. (For hidden-sized rows
             // the one-kernel version measured slower than these two on an H200.)
@@ -365,7 +385,7 @@ impl Ctx {
             };
             let args = [
                 P(ptr(x)?),
-                P(ptr(&norm.weight)?),
+                P(ptr(&w)?),
                 P(ptr(dy)?),
                 P(ptr(dx)?),
                 P(ptr(&dw)?),
@@ -386,7 +406,7 @@ impl Ctx {
         };
         let args = [
             P(ptr(x)?),
-            P(ptr(&norm.weight)?),
+            P(ptr(&w)?),
             P(ptr(dy)?),
             P(ptr(dx)?),
             I64(rows as i64),
@@ -631,6 +651,7 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
         dev: dev.clone(),
         device: model.device.clone(),
         cd: model.compute_dtype,
+        norm_f32: Default::default(),
     };
     let cfg = &model.cfg;
     let (b, l) = ids.dims2()?;
@@ -647,22 +668,32 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
     let rope = Rope::new(cfg, l, &model.device)?;
     let attn = Attn::new(model, b, l);
 
-    let mut x = ctx.act((n, e))?;
-    let args = [
-        P(ptr(&model.embed_tokens)?),
-        P(ptr(&ids)?),
-        P(ptr(&x)?),
-        I64(n as i64),
-        I32(e as i32),
-    ];
-    ctx.launch("embed_fwd", ctx.cd, elementwise(n * e), &args)?;
+    let emb = &model.embed_tokens;
+    let mut x = if emb.dtype() == DType::F32 {
+        let x = ctx.act((n, e))?;
+        let args = [
+            P(ptr(emb)?),
+            P(ptr(&ids)?),
+            P(ptr(&x)?),
+            I64(n as i64),
+            I32(e as i32),
+        ];
+        ctx.launch("embed_fwd", ctx.cd, elementwise(n * e), &args)?;
+        x
+    } else {
+        // A bf16 embedding (the checkpoint's): gather its rows, then the compute dtype.
+        ctx.timed("embed gather", || {
+            emb.detach().index_select(&ids, 0)?.to_dtype(ctx.cd)
+        })?
+    };
 
     // q as (B, K, L, R, D), k as (B, K, L, D): see `Attn`.
     let norm_rope = |t: &Tensor, norm: &RmsNorm, heads: usize, group: usize| -> Result<Tensor> {
         let y = ctx.act((b * heads / group, l * group, d))?;
+        let w = ctx.norm_weight(norm)?;
         let args = [
             P(ptr(t)?),
-            P(ptr(&norm.weight)?),
+            P(ptr(&w)?),
             P(ptr(&rope.cos)?),
             P(ptr(&rope.sin)?),
             P(ptr(&y)?),
