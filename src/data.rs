@@ -1,11 +1,12 @@
 //! Corpus -> paragraphs -> train / held-out token streams -> batches, exactly as the seed:
 //! paragraphs are split on blank lines and stripped, the last `val_fraction` of them are held
 //! out, each side is joined with "\n\n" and tokenized without added special tokens.
+//! Random batches are the seed's too: numpy's `default_rng(seed).integers(0, n - L - 1, B)`
+//! each step (src/numpy_rng.rs), so a run trains on the same windows as the MLX script.
 
+use crate::numpy_rng::{default_rng, Generator};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
@@ -70,7 +71,8 @@ impl Corpus {
 /// How training windows are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sampling {
-    /// Uniform random offsets from a generator seeded with the run's seed (the seed's recipe).
+    /// The seed's recipe: each step, numpy's `default_rng(seed).integers(0, n - L - 1, B)`
+    /// (one generator for the whole run), so the offsets equal the MLX script's for the seed.
     Random,
     /// Non-overlapping windows in order: window k = tokens[k*L .. k*L + L + 1]; batch i holds
     /// windows (i*B + b) mod K for K = (n - 1) / L. Token-for-token comparable across tools.
@@ -83,7 +85,7 @@ pub struct Batcher<'a> {
     seq_len: usize,
     batch_size: usize,
     sampling: Sampling,
-    rng: ChaCha8Rng,
+    rng: Generator,
     step: usize,
 }
 
@@ -106,7 +108,7 @@ impl<'a> Batcher<'a> {
             seq_len,
             batch_size,
             sampling,
-            rng: ChaCha8Rng::seed_from_u64(seed),
+            rng: default_rng(seed),
             step: 0,
         })
     }
@@ -116,10 +118,13 @@ impl<'a> Batcher<'a> {
         let (l, b) = (self.seq_len, self.batch_size);
         let starts = match self.sampling {
             Sampling::Random => {
-                // As numpy's integers(0, n - L - 1): the last start leaves room for the target.
-                let max_start = self.tokens.len() - l - 1;
-                (0..b)
-                    .map(|_| self.rng.random_range(0..max_start))
+                // The seed's `rng.integers(0, n - L - 1, size=(B,))`: the last start leaves room
+                // for the shifted target. `new` checked n > L + 1, so the range is not empty.
+                let max_start = (self.tokens.len() - l - 1) as i64;
+                self.rng
+                    .integers(0, max_start, b)
+                    .into_iter()
+                    .map(|s| s as usize)
                     .collect()
             }
             Sampling::Sequential => {

@@ -10,6 +10,7 @@ pub mod data;
 pub mod device;
 pub mod faults;
 pub mod model;
+pub mod numpy_rng;
 pub mod optim;
 pub mod plan;
 pub mod plot;

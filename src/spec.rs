@@ -42,7 +42,7 @@ pub struct DataSpec {
     pub val_fraction: f64,
     pub seq_len: usize,
     pub batch_size: usize,
-    /// "random" (seeded uniform offsets, the seed's) or "sequential".
+    /// "random" (numpy's `default_rng(seed).integers` offsets, the seed's) or "sequential".
     pub sampling: String,
 }
 

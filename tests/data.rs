@@ -50,6 +50,55 @@ fn random_batches_are_seeded_and_in_range() {
 }
 
 #[test]
+fn random_batches_are_numpys_offsets() {
+    // tests/fixtures/numpy_offsets.json (scripts/make_numpy_offsets.py, numpy 2.4.6): three
+    // consecutive default_rng(seed).integers(0, high, size=(B,)) per case. A corpus of
+    // n = high + L + 1 tokens gives the seed's max_start = n - L - 1 = high.
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/numpy_offsets.json"
+    );
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut checked = 0;
+    for case in fixture["grid"].as_array().unwrap() {
+        let (high, size) = (
+            case["high"].as_u64().unwrap(),
+            case["size"].as_u64().unwrap(),
+        );
+        // B = 4 is the seed's; an odd B also carries a 32-bit half from step to step.
+        if !(high == 24_000 || high == 175_000) || !(size == 4 || size == 7) {
+            continue;
+        }
+        let seed = case["seed"].as_u64().unwrap();
+        let seq_len = if high == 24_000 { 64 } else { 256 };
+        let tokens: Vec<u32> = (0..high as u32 + seq_len as u32 + 1).collect();
+        let mut b = Batcher::new(&tokens, seq_len, size as usize, Sampling::Random, seed).unwrap();
+        for (step, call) in case["calls"].as_array().unwrap().iter().enumerate() {
+            let want: Vec<usize> = call
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            if step == 0 {
+                // The batch itself: token ids equal positions here, so row b starts at want[b].
+                let (x, y) = b.next_batch(&Device::Cpu).unwrap();
+                let (x, y) = (x.to_vec2::<u32>().unwrap(), y.to_vec2::<u32>().unwrap());
+                for (row, &s) in want.iter().enumerate() {
+                    assert_eq!(x[row][0] as usize, s, "seed {seed} high {high} row {row}");
+                    assert_eq!(y[row][seq_len - 1] as usize, s + seq_len);
+                }
+            } else {
+                assert_eq!(b.next_starts(), want, "seed {seed} high {high} step {step}");
+            }
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 24, "6 seeds x 2 corpus sizes x 2 batch sizes");
+}
+
+#[test]
 fn eval_windows_are_the_seeds() {
     // n = 10, L = 3: n_windows = 9 / 3 = 3; windows start 0, 3, 6 (6 + 3 < 10).
     assert_eq!(eval_starts(10, 3), vec![0, 3, 6]);
