@@ -78,9 +78,11 @@ impl StepConstants {
             s(1.0 - lw)
         };
         let t = step as i32;
-        // MLX divides in f32 and rounds (bf16 arithmetic), and takes rsqrt of an f32 scalar.
-        let c1 = s(((lr as f32) / (s(1.0 - b1.powi(t)) as f32)) as f64);
-        let c2 = s((1.0 / ((1.0 - b2.powi(t)) as f32).sqrt()) as f64);
+        // MLX's `1 - b ** step` is an f32 array (step is an array), so lr / (1 - b1^t) and
+        // rsqrt(1 - b2^t) are f32 operations, rounded once into the parameter's dtype.
+        let one_minus_pow = |b: f64| 1f32 - (b as f32).powf(t as f32);
+        let c1 = s(((lr as f32) / one_minus_pow(b1)) as f64);
+        let c2 = s((1f32 / one_minus_pow(b2).sqrt()) as f64);
         Self {
             lr,
             b1: s(b1),
