@@ -7,23 +7,25 @@
 # in the same environment), cuda-run-env.sh and ref_ternary_torch.py (copies from ../shared).
 # Writes $OUT/log.txt and $OUT/results.tgz (every JSON result and the tiny runs).
 #
-#   bash bench/device_run.sh [SECTION...]    sections: parity bench ref big tiny profile
-#                                            (default: all but profile)
+#   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
+#                                            baseline (default: parity seed bench ref big tiny)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 final=${OUT:-/tmp/ternlab-bench}; out=/tmp/ternlab-work; mkdir -p "$final" "$out/json"
 exec > >(tee -a "$final/log.txt") 2>&1
 # The test binaries find their fixtures through the path they were built in.
 mkdir -p /work && [[ -e /work/main ]] || ln -s "$PWD" /work/main
-for b in ternlab parity gradients fused; do
+for b in ternlab parity gradients fused seed_parity; do
   [[ -f .device/$b.xz ]] && xz -dkf .device/$b.xz && chmod +x .device/$b
 done
+# seed_parity runs the ternlab binary where its build put it.
+mkdir -p /work/target-cuda/release && ln -sf "$PWD/.device/ternlab" /work/target-cuda/release/ternlab
 source .device/cuda-run-env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 date -u
 export PYTHONUNBUFFERED=1
 
-sections=${*:-parity bench ref big tiny}
+sections=${*:-parity seed bench ref big tiny}
 want() { [[ " $sections " == *" $1 "* ]]; }
 
 if want parity; then
@@ -32,6 +34,12 @@ TERNLAB_TEST_DEVICE=cuda .device/parity --test-threads 1 --nocapture
 TERNLAB_TEST_DEVICE=cuda .device/gradients --test-threads 1
 echo "== fused kernels against the composed ops"
 .device/fused --test-threads 1
+fi
+
+if want seed; then
+echo "== seed parity through the hand-written step: f32, then bf16 compute (fixture: scripts/make_seed_fixture.py)"
+TERNLAB_TEST_DEVICE=cuda TERNLAB_TEST_DTYPE=f32 .device/seed_parity --test-threads 1 --nocapture 2>&1 | grep -vE '^\s+[0-9]+:|^\s+at '
+TERNLAB_TEST_DEVICE=cuda TERNLAB_TEST_DTYPE=bf16 .device/seed_parity --test-threads 1 --nocapture 2>&1 | grep -vE '^\s+[0-9]+:|^\s+at '
 fi
 
 tl=.device/ternlab
@@ -77,4 +85,17 @@ if want profile; then
       --out "$out/json/profile-$1x$2.json" 2>&1 >/dev/null | head -40
   done
 fi
-tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny 2>/dev/null)
+if want baseline; then
+  echo "== the 250-step baseline on a Qwen3-0.6B-shaped checkpoint, f32 and bf16 x 5 seeds"
+  ckpt=/tmp/qwen3-0.6b-random
+  mkdir -p /tmp/qwen3-tok && cp .device/qwen3/tokenizer_config.json /tmp/qwen3-tok/ &&
+    xz -dc .device/qwen3/tokenizer.json.xz > /tmp/qwen3-tok/tokenizer.json
+  python3 bench/qwen3-0.6b/make_checkpoint.py /tmp/qwen3-tok $ckpt
+  time $tl run experiments/baseline.toml --set model.source=$ckpt --set run.device=cuda \
+    --results "$out/baseline" 2>&1 | grep -vE "step +[0-9]+/"
+  $tl sweep bench/baseline-seeds.toml --set model.source=$ckpt --set run.device=cuda \
+    --results "$out/baseline" 2>&1 | grep -vE "step +[0-9]+/"
+  $tl compare "$out/baseline/baseline-seeds" --metric val_nll
+  $tl compare "$out/baseline/baseline" --format json | head -c 3000
+fi
+tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny baseline 2>/dev/null)

@@ -9,9 +9,10 @@ source ../shared/tools/cuda-offline-build.sh
 cargo build --release --features cuda
 mkdir -p .device
 cp "$CARGO_TARGET_DIR/release/ternlab" .device/ternlab
-cargo test --release --features cuda --no-run --test parity --test gradients --test fused 2>&1 |
+cargo test --release --features cuda --no-run --test parity --test gradients --test fused \
+  --test seed_parity 2>&1 |
   sed -n 's/.*Executable tests\/\([a-z_]*\)\.rs (\(.*\))/\1 \2/p' |
   while read -r name exe; do cp "$exe" ".device/$name"; done
-(cd .device && for b in ternlab parity gradients fused; do xz -T2 -6 -f "$b"; done)
+(cd .device && for b in ternlab parity gradients fused seed_parity; do xz -T2 -6 -f "$b"; done)
 cp ../shared/tools/cuda-run-env.sh ../shared/bench/ref_ternary_torch.py .device/
 ls -la .device

@@ -12,6 +12,17 @@ use ternlab::data::{Batcher, Sampling};
 use ternlab::spec::{DenseDtype, TrainSpec};
 use ternlab::train::{lr_at, train, Outcome, ValDuringTraining};
 
+// Bounds about 10x above what this test measures (the largest over tensors, CPU, f32; see its
+// printed numbers): entry-wise (see `elementwise_err`) 5.0e-4 for logits and 2.8e-4 for
+// gradients, against the largest entry 6.2e-7 and 1.9e-6; losses equal to 4.8e-7. On an H100
+// through the hand-written CUDA step the same test stays within these bounds
+// (bench/RESULTS.md).
+const LOGITS_ENTRYWISE: f64 = 5e-3;
+const LOGITS_OF_MAX: f64 = 6e-6;
+const GRAD_ENTRYWISE: f64 = 3e-3;
+const GRAD_OF_MAX: f64 = 2e-5;
+const LOSS_ABS: f64 = 5e-6;
+
 fn fixture_train_spec(m: &FixtureMeta) -> TrainSpec {
     TrainSpec {
         steps: m.steps,
@@ -41,9 +52,19 @@ fn dense_logits_match_transformers() {
     let (x, _) = batch0(&m);
     let logits = model.forward(&x).unwrap();
     let reference = &fixture_tensors()["logits_dense"];
-    let err = rel_err(&logits, reference);
-    eprintln!("dense logits: relative error {err:e}");
-    assert!(err < 1e-5, "dense logits relative error {err:e}");
+    let (err, max_err) = (
+        elementwise_err(&logits, reference),
+        rel_err(&logits, reference),
+    );
+    eprintln!("dense logits: relative error {err:e} entry-wise, {max_err:e} of the largest");
+    assert!(
+        err < LOGITS_ENTRYWISE,
+        "dense logits relative error {err:e}"
+    );
+    assert!(
+        max_err < LOGITS_OF_MAX,
+        "dense logits relative error {max_err:e}"
+    );
 }
 
 #[test]
@@ -54,9 +75,19 @@ fn ternary_logits_match_transformers() {
     let (x, _) = batch0(&m);
     let logits = model.forward(&x).unwrap();
     let reference = &fixture_tensors()["logits_ternary"];
-    let err = rel_err(&logits, reference);
-    eprintln!("ternary logits: relative error {err:e}");
-    assert!(err < 1e-5, "ternary logits relative error {err:e}");
+    let (err, max_err) = (
+        elementwise_err(&logits, reference),
+        rel_err(&logits, reference),
+    );
+    eprintln!("ternary logits: relative error {err:e} entry-wise, {max_err:e} of the largest");
+    assert!(
+        err < LOGITS_ENTRYWISE,
+        "ternary logits relative error {err:e}"
+    );
+    assert!(
+        max_err < LOGITS_OF_MAX,
+        "ternary logits relative error {max_err:e}"
+    );
 }
 
 #[test]
@@ -82,9 +113,16 @@ fn step0_gradients_match_transformers() {
         let g = grads
             .get(var)
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let err = rel_err(g, reference);
-        eprintln!("gradient {name}: relative error {err:e}");
-        assert!(err < 1e-4, "gradient of {name}: relative error {err:e}");
+        let (err, max_err) = (elementwise_err(g, reference), rel_err(g, reference));
+        eprintln!("gradient {name}: relative error {err:e} entry-wise, {max_err:e} of the largest");
+        assert!(
+            err < GRAD_ENTRYWISE,
+            "gradient of {name}: relative error {err:e}"
+        );
+        assert!(
+            max_err < GRAD_OF_MAX,
+            "gradient of {name}: relative error {max_err:e}"
+        );
     }
 }
 
@@ -111,9 +149,12 @@ fn loss_curve_matches_transformers() {
     assert_eq!(result.outcome, Outcome::Completed);
     assert_eq!(result.losses.len(), m.losses.len());
     for (step, (ours, theirs)) in result.losses.iter().zip(&m.losses).enumerate() {
-        eprintln!("step {step}: ternlab {ours:.6} transformers {theirs:.6}");
+        eprintln!(
+            "step {step}: ternlab {ours:.6} transformers {theirs:.6} ({:.2e})",
+            (ours - theirs).abs()
+        );
         assert!(
-            (ours - theirs).abs() < 1e-3,
+            (ours - theirs).abs() < LOSS_ABS,
             "step {step}: ternlab {ours} vs transformers {theirs}"
         );
     }

@@ -93,6 +93,29 @@ pub fn max_abs(t: &Tensor) -> f64 {
         .unwrap() as f64
 }
 
+/// The largest entry-wise relative error of `a` against the reference `b`:
+/// max_i |a_i - b_i| / max(|b_i|, 1e-3 max|b|). Unlike dividing by the largest entry, an error
+/// in a small entry shows; the floor keeps entries near zero from dominating.
+pub fn elementwise_err(a: &Tensor, b: &Tensor) -> f64 {
+    let f = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (f(a), f(b));
+    assert_eq!(a.len(), b.len());
+    let floor = 1e-3 * b.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs() / (y.abs() as f64).max(floor).max(1e-30))
+        .fold(0f64, f64::max)
+}
+
 /// max |a - b| / max |b|: the relative error of `a` against the reference `b`.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let b = &b.to_device(a.device()).unwrap();
