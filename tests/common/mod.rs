@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod hub_server;
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
