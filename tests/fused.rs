@@ -6,10 +6,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::optim::{Optimizer, ParamsAdamW};
-use common::rel_err;
+use common::{max_abs, rel_err};
 use ternlab::model::fused::ternary_weight;
-use ternlab::optim::AdamW;
+use ternlab::optim::{AdamW, AdamWParams};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("the fused tests need a CUDA device")
@@ -93,42 +92,68 @@ fn ternary_projection_matches_the_composed_one() {
     }
 }
 
+/// The fused AdamW kernels give the composed optimizer's result on the CPU to the bit (every
+/// operation in the same order, one rounding each): f32 and bf16 parameters, with and without
+/// bias correction, with weight decay.
 #[test]
-fn fused_adamw_matches_candles() {
+fn fused_adamw_matches_the_composed_one_bit_for_bit() {
     let dev = gpu();
-    let params = ParamsAdamW {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
-    let init = Tensor::randn(0f32, 1.0, (33, 65), &dev).unwrap();
-    let (a, b) = (
-        Var::from_tensor(&init).unwrap(),
-        Var::from_tensor(&init).unwrap(),
-    );
-    let mut fused = AdamW::new(vec![a.clone()], params.clone(), true).unwrap();
-    assert!(matches!(fused, AdamW::Fused(_)));
-    let mut composed = candle_nn::AdamW::new(vec![b.clone()], params).unwrap();
-    for step in 0..5 {
-        let target = Tensor::randn(0f32, 1.0, (33, 65), &dev).unwrap();
-        let loss = |v: &Var| {
-            (v.as_tensor() - &target)
+    for dtype in [DType::F32, DType::BF16] {
+        for bias_correction in [false, true] {
+            let params = AdamWParams {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                bias_correction,
+            };
+            let init = Tensor::randn(0f32, 1.0, (33, 65), &dev)
                 .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-        };
-        fused.set_learning_rate(1e-2 / (step + 1) as f64);
-        composed.set_learning_rate(1e-2 / (step + 1) as f64);
-        fused.step(&loss(&a).backward().unwrap()).unwrap();
-        composed.step(&loss(&b).backward().unwrap()).unwrap();
-        let err = rel_err(a.as_tensor(), b.as_tensor());
-        assert!(err < 1e-6, "step {step}: fused AdamW differs by {err:e}");
+                .to_dtype(dtype)
+                .unwrap();
+            let a = Var::from_tensor(&init).unwrap();
+            let b = Var::from_tensor(&init.to_device(&Device::Cpu).unwrap()).unwrap();
+            let mut fused = AdamW::new(vec![a.clone()], params, true).unwrap();
+            assert!(fused.is_fused());
+            let mut composed = AdamW::new(vec![b.clone()], params, false).unwrap();
+            for step in 0..5 {
+                // An f32 gradient, as the hand-written step makes them.
+                let g = Tensor::randn(0f32, 1.0, (33, 65), &dev).unwrap();
+                let mut ga = candle_core::backprop::GradStore::default();
+                ga.insert(a.as_tensor(), g.clone());
+                let mut gb = candle_core::backprop::GradStore::default();
+                gb.insert(b.as_tensor(), g.to_device(&Device::Cpu).unwrap());
+                fused.set_learning_rate(1e-2 / (step + 1) as f64);
+                composed.set_learning_rate(1e-2 / (step + 1) as f64);
+                fused.step(&ga).unwrap();
+                composed.step(&gb).unwrap();
+                let what = format!("{dtype:?} bias_correction={bias_correction} step {step}");
+                let diff = max_abs(
+                    &(f32_of(a.as_tensor()).to_device(&Device::Cpu).unwrap()
+                        - f32_of(b.as_tensor()))
+                    .unwrap(),
+                );
+                assert_eq!(diff, 0.0, "{what}: fused AdamW differs by {diff:e}");
+                let (ma, va) = fused.moments(&a).unwrap();
+                let (mb, vb) = composed.moments(&b).unwrap();
+                assert_eq!(
+                    ma.dtype(),
+                    dtype,
+                    "{what}: moments in the parameter's dtype"
+                );
+                for (x, y) in [(ma, mb), (va, vb)] {
+                    let d =
+                        max_abs(&(f32_of(x).to_device(&Device::Cpu).unwrap() - f32_of(y)).unwrap());
+                    assert_eq!(d, 0.0, "{what}: moments differ by {d:e}");
+                }
+            }
+            assert!(
+                rel_err(&f32_of(a.as_tensor()), &f32_of(&init)) > 1e-3,
+                "the parameter moved"
+            );
+        }
     }
-    assert!(rel_err(a.as_tensor(), &init) > 1e-3, "the parameter moved");
 }
 
 #[test]
@@ -270,49 +295,64 @@ fn hand_written_step_matches_autograd() {
                 .to_vec(),
             group_size: ternlab::spec::GroupSize::Columns(32),
         };
-        let weights = random_weights(&cfg, 3).unwrap();
-        let (model, params) = Qwen3::new(&cfg, weights, &ternary, &dev).unwrap();
-        let ids: Vec<u32> = (0..3 * 37u32)
-            .map(|i| (i * 7919 + 5) % vocab as u32)
-            .collect();
-        let x = Tensor::from_vec(ids.clone(), (3, 37), &dev).unwrap();
-        let y = Tensor::from_vec(
-            ids[1..].iter().chain(&[7]).copied().collect(),
-            (3, 37),
-            &dev,
-        )
-        .unwrap();
-        for dtype in [DType::F32, DType::BF16] {
-            let run = |fused: bool, chunk: Option<usize>| {
-                let mut m = model.clone().with_compute_dtype(dtype).with_fused(fused);
-                if let Some(c) = chunk {
-                    // Blocked attention, and the probabilities recomputed in the backward.
-                    m = m.with_attention_chunk(c).with_attention_recompute(true);
-                }
-                let fwd = m.train_forward(&x, &y).unwrap();
-                let loss = fwd.loss.to_scalar::<f32>().unwrap();
-                (loss, fwd.backward(&m).unwrap())
-            };
-            let (loss_c, g_c) = run(false, None);
-            // Attention in one block with its probabilities kept, and in blocks of 16 positions
-            // (16, 16, 5) with them recomputed.
-            for chunk in [None, Some(16)] {
-                let (loss_h, g_h) = run(true, chunk);
-                let what = format!("tied={tied} {dtype:?} chunk={chunk:?}");
-                let t = tol(dtype, 1e-4, 3e-2);
-                assert!(
-                    ((loss_h - loss_c) / loss_c).abs() < t as f32 / 10.0,
-                    "{what}: loss {loss_h} vs {loss_c}"
-                );
-                // One gradient per parameter and nothing else (autograd's store also holds
-                // intermediate tensors' gradients).
-                assert_eq!(g_h.get_ids().count(), params.named.len(), "{what}");
-                for (name, v) in &params.named {
-                    let (a, b) = (g_h.get(v).unwrap(), g_c.get(v).unwrap());
-                    assert_eq!(a.dtype(), DType::F32, "{what}: {name} gradient dtype");
-                    let err = rel_err(a, b);
-                    eprintln!("{what} {name}: relative error {err:e}");
-                    assert!(err < t, "{what}: gradient of {name} differs by {err:e}");
+        for dense in [DType::F32, DType::BF16] {
+            // Dense parameters in f32 (the step's arithmetic against autograd's), and in the
+            // checkpoint's bf16 (the seed's default), where autograd's gradients of them are bf16.
+            let weights = random_weights(&cfg, 3)
+                .unwrap()
+                .into_iter()
+                .map(|(k, t)| (k, t.to_dtype(dense).unwrap()))
+                .collect();
+            let (model, params) = Qwen3::new(&cfg, weights, &ternary, &dev).unwrap();
+            let ids: Vec<u32> = (0..3 * 37u32)
+                .map(|i| (i * 7919 + 5) % vocab as u32)
+                .collect();
+            let x = Tensor::from_vec(ids.clone(), (3, 37), &dev).unwrap();
+            let y = Tensor::from_vec(
+                ids[1..].iter().chain(&[7]).copied().collect(),
+                (3, 37),
+                &dev,
+            )
+            .unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let run = |fused: bool, chunk: Option<usize>| {
+                    let mut m = model.clone().with_compute_dtype(dtype).with_fused(fused);
+                    if let Some(c) = chunk {
+                        // Blocked attention, and the probabilities recomputed in the backward.
+                        m = m.with_attention_chunk(c).with_attention_recompute(true);
+                    }
+                    let fwd = m.train_forward(&x, &y).unwrap();
+                    let loss = fwd.loss.to_scalar::<f32>().unwrap();
+                    (loss, fwd.backward(&m).unwrap())
+                };
+                let (loss_c, g_c) = run(false, None);
+                // Attention in one block with its probabilities kept, and in blocks of 16 positions
+                // (16, 16, 5) with them recomputed.
+                for chunk in [None, Some(16)] {
+                    let (loss_h, g_h) = run(true, chunk);
+                    let what = format!("tied={tied} {dtype:?} dense {dense:?} chunk={chunk:?}");
+                    let t = match (dtype, dense) {
+                        (DType::F32, DType::F32) => 1e-4,
+                        // autograd rounds a bf16 parameter's gradient to bf16 (and sums the
+                        // embedding's in bf16); the step keeps f32
+                        (DType::F32, _) => 1e-2,
+                        // measured up to 3.1e-2 (the untied q_norm weights, H200)
+                        _ => 4e-2,
+                    };
+                    assert!(
+                        ((loss_h - loss_c) / loss_c).abs() < t as f32 / 10.0,
+                        "{what}: loss {loss_h} vs {loss_c}"
+                    );
+                    // One gradient per parameter and nothing else (autograd's store also holds
+                    // intermediate tensors' gradients).
+                    assert_eq!(g_h.get_ids().count(), params.named.len(), "{what}");
+                    for (name, v) in &params.named {
+                        let (a, b) = (g_h.get(v).unwrap(), g_c.get(v).unwrap());
+                        assert_eq!(a.dtype(), DType::F32, "{what}: {name} gradient dtype");
+                        let err = rel_err(a, b);
+                        eprintln!("{what} {name}: relative error {err:e}");
+                        assert!(err < t, "{what}: gradient of {name} differs by {err:e}");
+                    }
                 }
             }
         }

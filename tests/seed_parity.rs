@@ -21,9 +21,9 @@ fn fixture_dir() -> PathBuf {
     repo_root().join("tests/fixtures/seed")
 }
 
-/// How close ternlab must come to the seed. Measured on this project's 2-core CPU machine (f32):
-/// see the numbers printed by the test and the closing note of the issue that added it; the
-/// bounds sit about 10x above them.
+/// How close ternlab must come to the seed, about 5-10x above what the test measures (it prints
+/// its numbers): on the CPU in f32, every step within 1.9e-4 relative and the held-out NLL
+/// within 1.9e-4; through the CUDA step on an H200 in f32 1.3e-4 and 4.2e-4.
 struct Bounds {
     /// max over steps of |ternlab - seed| / seed
     step_loss_rel: f64,
@@ -40,11 +40,12 @@ fn bounds(dtype: &str) -> Bounds {
             val_nll_abs: 1e-3,
             same_samples: true,
         },
-        // bf16 activations and matmuls against the seed's f32: rounding, not semantics.
+        // bf16 activations and matmuls against the seed's f32: on an H200 through the
+        // hand-written step 3.6e-4 and 7.1e-4 (bench/RESULTS.md).
         "bf16" => Bounds {
-            step_loss_rel: 2e-2,
-            val_nll_abs: 2e-2,
-            same_samples: false,
+            step_loss_rel: 4e-3,
+            val_nll_abs: 7e-3,
+            same_samples: true,
         },
         other => panic!("TERNLAB_TEST_DTYPE={other:?}: expected f32 or bf16"),
     }

@@ -119,7 +119,9 @@ pub fn elementwise_err(a: &Tensor, b: &Tensor) -> f64 {
 
 /// max |a - b| / max |b|: the relative error of `a` against the reference `b`.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let b = &b.to_device(a.device()).unwrap();
+    let f32 = candle_core::DType::F32;
+    let a = &a.to_dtype(f32).unwrap();
+    let b = &b.to_device(a.device()).unwrap().to_dtype(f32).unwrap();
     max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-30)
 }
 

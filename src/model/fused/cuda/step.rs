@@ -399,6 +399,22 @@ impl Ctx {
         }
         // The input gradient written to dx or added to it (the residual stream's gradient),
         // then the weight gradient by the fused op's own backward kernel.
+        self.rms_norm_back_x(x, &w, eps, dy, dx, add)?;
+        let name = kernel("rmsnorm_bwd_w", self.cd)?;
+        self.timed(&name, || x.apply_op2_no_bwd(dy, &RmsNormBackW { eps, d }))
+    }
+
+    /// The RMSNorm input gradient for the f32 weight `w`, written to `dx` or added to it.
+    fn rms_norm_back_x(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        eps: f32,
+        dy: &Tensor,
+        dx: &Tensor,
+        add: bool,
+    ) -> Result<()> {
+        let (rows, d) = x.dims2()?;
         let base = if add {
             "rmsnorm_bwd_x_add"
         } else {
@@ -406,16 +422,57 @@ impl Ctx {
         };
         let args = [
             P(ptr(x)?),
-            P(ptr(&w)?),
+            P(ptr(w)?),
             P(ptr(dy)?),
             P(ptr(dx)?),
             I64(rows as i64),
             I32(d as i32),
             F32(eps),
         ];
-        self.launch(base, self.cd, warp_per_row(rows), &args)?;
-        let name = kernel("rmsnorm_bwd_w", self.cd)?;
-        self.timed(&name, || x.apply_op2_no_bwd(dy, &RmsNormBackW { eps, d }))
+        self.launch(base, self.cd, warp_per_row(rows), &args)
+    }
+
+    /// `x * rsqrt(mean(x^2) + eps)` of f32 rows, without a weight.
+    fn normalized(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        let ones = Tensor::ones(x.dim(1)?, DType::F32, &self.device)?;
+        let op = super::RmsNorm { eps: eps as f32 };
+        self.timed("rmsnorm_fwd_f32", || x.apply_op2_no_bwd(&ones, &op))
+    }
+
+    /// The first input norm of the seed under f32 compute (a bf16 embedding's rows with a bf16
+    /// weight, see `rms_norm_composed`): normalised in f32, rounded to bf16, scaled by the
+    /// weight and rounded again; returned in f32.
+    fn rms_norm_bf16_rounded(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+        let n = self.normalized(x, norm.eps)?;
+        let w = self.norm_weight(norm)?;
+        self.timed("seed first norm", || {
+            n.to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&w)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)
+        })
+    }
+
+    /// The backward of `rms_norm_bf16_rounded`, as autograd takes it through the roundings:
+    /// the output's gradient rounded to bf16, the weight's gradient summed in f32, the
+    /// normalised rows' gradient rounded to bf16; the input gradient added to `dx`.
+    fn rms_norm_bf16_rounded_back(
+        &self,
+        x: &Tensor,
+        norm: &RmsNorm,
+        dy: &Tensor,
+        dx: &Tensor,
+    ) -> Result<Tensor> {
+        let w = self.norm_weight(norm)?;
+        let round = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let ct = round(dy.clone())?;
+        let n = round(self.normalized(x, norm.eps)?)?;
+        let dw = (&ct * &n)?.sum(0)?;
+        let dn = round(ct.broadcast_mul(&w)?)?;
+        let ones = Tensor::ones(w.dim(0)?, DType::F32, &self.device)?;
+        self.rms_norm_back_x(x, &ones, norm.eps as f32, &dn, dx, true)?;
+        Ok(dw)
     }
 }
 
@@ -669,6 +726,9 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
     let attn = Attn::new(model, b, l);
 
     let emb = &model.embed_tokens;
+    // Under f32 compute a bf16 embedding's rows enter the first layer in bf16, as in the seed
+    // (MLX): its input norm rounds to bf16 (see `rms_norm_composed`).
+    let seed_first_norm = ctx.cd == DType::F32 && emb.dtype() == DType::BF16;
     let mut x = if emb.dtype() == DType::F32 {
         let x = ctx.act((n, e))?;
         let args = [
@@ -709,7 +769,7 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
     };
 
     let mut layers = Vec::with_capacity(model.layers.len());
-    for layer in &model.layers {
+    for (i, layer) in model.layers.iter().enumerate() {
         let (at, mlp) = (&layer.self_attn, &layer.mlp);
         let w = [
             ctx.weight(&at.q_proj)?,
@@ -720,7 +780,11 @@ pub fn forward(model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<(Tensor,
             ctx.weight(&mlp.up_proj)?,
             ctx.weight(&mlp.down_proj)?,
         ];
-        let xn1 = ctx.rms_norm(&x, &layer.input_layernorm)?;
+        let xn1 = if i == 0 && seed_first_norm {
+            ctx.rms_norm_bf16_rounded(&x, &layer.input_layernorm)?
+        } else {
+            ctx.rms_norm(&x, &layer.input_layernorm)?
+        };
         let q = ctx.project(&xn1, &w[0])?;
         let kk = ctx.project(&xn1, &w[1])?;
         let v = ctx.project(&xn1, &w[2])?;
@@ -824,6 +888,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         cfg.head_dim,
     );
     let r = h / k;
+    let seed_first_norm = ctx.cd == DType::F32 && model.embed_tokens.dtype() == DType::BF16;
     let mut grads = GradStore::default();
 
     // Output head and final norm.
@@ -875,7 +940,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         Ok(g)
     };
 
-    for layer in model.layers.iter().rev() {
+    for (i, layer) in model.layers.iter().enumerate().rev() {
         let t = layers.pop().expect("one tape per layer");
         let (at, mlp) = (&layer.self_attn, &layer.mlp);
         let [wq, wk, wv, wo, wg, wu, wd] = &t.w;
@@ -956,7 +1021,11 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         grads.insert(&at.k_proj.weight, ctx.project_back_w(&dk, &t.xn1)?);
         grads.insert(&at.v_proj.weight, ctx.project_back_w(&dv, &t.xn1)?);
         drop((dq, dk, dv));
-        let dw = ctx.rms_norm_back(&t.x, &layer.input_layernorm, &dxn1, &dx, true)?;
+        let dw = if i == 0 && seed_first_norm {
+            ctx.rms_norm_bf16_rounded_back(&t.x, &layer.input_layernorm, &dxn1, &dx)?
+        } else {
+            ctx.rms_norm_back(&t.x, &layer.input_layernorm, &dxn1, &dx, true)?
+        };
         grads.insert(&layer.input_layernorm.weight, dw);
     }
 
