@@ -134,11 +134,23 @@ pub struct TrainSpec {
 }
 
 /// `train.dense_dtype`: see `TrainSpec::dense_dtype`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DenseDtype {
     Checkpoint,
     F32,
+}
+
+impl<'de> Deserialize<'de> for DenseDtype {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let want = "expected \"checkpoint\" (the checkpoint's own dtype, as the seed) or \"f32\"";
+        match String::deserialize(d) {
+            Ok(s) if s == "checkpoint" => Ok(DenseDtype::Checkpoint),
+            Ok(s) if s == "f32" => Ok(DenseDtype::F32),
+            Ok(s) => Err(serde::de::Error::custom(format!("{s:?}: {want}"))),
+            Err(_) => Err(serde::de::Error::custom(want)),
+        }
+    }
 }
 
 impl std::fmt::Display for DenseDtype {

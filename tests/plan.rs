@@ -229,6 +229,16 @@ fn bad_specs_name_the_key() {
             &["train.stepz", "train.steps"],
         ),
         ("[train\nlr = 1\n", &[], &["TOML", "line 1"]),
+        (
+            "[train]\ndense_dtype = \"bf16\"\n",
+            &[],
+            &["train.dense_dtype", "\"bf16\"", "\"checkpoint\"", "\"f32\""],
+        ),
+        (
+            "name = \"x\"\n",
+            &["train.bias_correction=yes"],
+            &["train.bias_correction", "boolean"],
+        ),
     ];
     for (text, overrides, wants) in cases {
         let msg = err_of(text, overrides);
@@ -247,6 +257,12 @@ fn auto_dtype_resolves_by_device() {
     use candle_core::Device;
     use ternlab::run::resolved_dtype;
     assert_eq!(Spec::default().train.dtype, "auto");
+    // The seed's semantics by default.
+    assert!(!Spec::default().train.bias_correction);
+    assert_eq!(
+        Spec::default().train.dense_dtype,
+        ternlab::spec::DenseDtype::Checkpoint
+    );
     // bf16 only where the fused CUDA kernels run; the CPU keeps f32.
     assert_eq!(resolved_dtype("auto", &Device::Cpu), "f32");
     assert_eq!(resolved_dtype("bf16", &Device::Cpu), "bf16");
