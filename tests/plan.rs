@@ -39,7 +39,7 @@ fn err_of(text: &str, overrides: &[&str]) -> String {
 #[test]
 fn defaults_are_the_seed_recipe() {
     let _env = serial();
-    // ../shared/seed: GROUP_SIZE 128, SEQ_LEN 256, BATCH_SIZE 4, NUM_STEPS 250, LR 5e-4,
+    // scripts/seed_mlx.py: GROUP_SIZE 128, SEQ_LEN 256, BATCH_SIZE 4, NUM_STEPS 250, LR 5e-4,
     // WARMUP_STEPS 30, cosine to 10%, AdamW betas (0.9, 0.95), weight decay 0, seed 0,
     // Qwen/Qwen3-0.6B, all seven projections, 60 greedy tokens for five prompts.
     let s = Spec::default();

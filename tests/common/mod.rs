@@ -7,13 +7,13 @@ pub mod hub_server;
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use ternlab::model::load::{read_weights, resolve_checkpoint};
 use ternlab::model::qwen3::Weights;
 use ternlab::model::{Params, Qwen3, Qwen3Config, TernarySpec};
 
 pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+    repo_root().join("tests/fixtures/parity")
 }
 
 #[derive(serde::Deserialize)]
@@ -155,11 +155,19 @@ pub fn assert_every_gradient_nonzero(params: &Params, grads: &candle_core::backp
     }
 }
 
-/// Path of the built `ternlab` binary (for CLI tests).
+/// Path of the built `ternlab` binary (for CLI tests): `TERNLAB_BIN`, else where cargo built
+/// it. A test binary carried to another machine (the GPU checks of bench/device_run.sh) is
+/// told where the binary went.
 pub fn ternlab_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ternlab"))
+    std::env::var_os("TERNLAB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ternlab")))
 }
 
+/// The repository's root, where the fixtures and the bundled data are: `TERNLAB_REPO`, else
+/// the folder the tests were built from.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("TERNLAB_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
