@@ -7,7 +7,7 @@ use crate::data::Batcher;
 use crate::model::Qwen3Config;
 use crate::optim::AdamW;
 use crate::run::PreparedRun;
-use crate::train::lr_at;
+use crate::schedule::lr_at;
 use anyhow::Result;
 use candle_core::Device;
 use serde::Serialize;

@@ -18,5 +18,6 @@ pub mod progress;
 pub mod report;
 pub mod run;
 pub mod runner;
+pub mod schedule;
 pub mod spec;
 pub mod train;

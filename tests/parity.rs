@@ -9,8 +9,9 @@ mod common;
 
 use common::*;
 use ternlab::data::{Batcher, Sampling};
+use ternlab::schedule::lr_at;
 use ternlab::spec::{DenseDtype, TrainSpec};
-use ternlab::train::{lr_at, train, Outcome, ValDuringTraining};
+use ternlab::train::{train, Outcome, ValDuringTraining};
 
 // Bounds about 10x above what this test measures (the largest over tensors, CPU, f32; see its
 // printed numbers): entry-wise (see `elementwise_err`) 5.0e-4 for logits and 2.8e-4 for
