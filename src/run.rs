@@ -7,12 +7,13 @@ use crate::device::DeviceChoice;
 use crate::model::load::{random_weights, read_weights, resolve_checkpoint, CheckpointFiles};
 use crate::model::{Qwen3, Qwen3Config, TernarySpec};
 use crate::plan::PlannedRun;
+use crate::progress::Progress;
 use crate::report::{
     head_mean, tail_mean, write_atomic, write_json_atomic, LossCurveWriter, Report, Sample,
     Versions,
 };
 use crate::spec::{BadInput, DenseDtype, Spec};
-use crate::train::{self, Outcome, StepRecord, ValDuringTraining};
+use crate::train::{self, Outcome, ValDuringTraining};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -182,9 +183,14 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
     })
 }
 
+/// A run's folder: `<results>/<name>/<run-id>/`.
+pub fn run_dir(results: &Path, name: &str, id: &str) -> PathBuf {
+    results.join(name).join(id)
+}
+
 impl PreparedRun {
     pub fn run_dir(&self, results: &Path) -> PathBuf {
-        crate::runner::run_dir(results, &self.spec.name, &self.run_id)
+        run_dir(results, &self.spec.name, &self.run_id)
     }
 
     /// Builds the model with its initial weights on `device`.
@@ -265,13 +271,6 @@ pub fn dtype_name(d: candle_core::DType) -> &'static str {
         candle_core::DType::F16 => "f16",
         _ => "other",
     }
-}
-
-/// Shows a run's progress: a bar on a terminal, plain lines (every 10 steps) otherwise.
-pub trait Progress {
-    fn step(&mut self, r: &StepRecord, total: usize);
-    fn message(&mut self, msg: &str);
-    fn finish(&mut self);
 }
 
 /// Trains a prepared run into `<results>/<name>/<run-id>/` and returns its report.

@@ -11,7 +11,7 @@
 use crate::plan::{Plan, PlannedRun};
 use crate::progress;
 use crate::report::write_json_atomic;
-use crate::run::{execute, prepare, PreparedRun};
+use crate::run::{execute, prepare, run_dir, PreparedRun};
 use serde::{Deserialize, Serialize};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -106,10 +106,6 @@ pub fn is_running_elsewhere(results: &Path, name: &str, id: &str) -> bool {
         file.try_lock_shared(),
         Err(std::fs::TryLockError::WouldBlock)
     )
-}
-
-pub fn run_dir(results: &Path, name: &str, id: &str) -> PathBuf {
-    results.join(name).join(id)
 }
 
 pub fn read_status(dir: &Path) -> Option<Status> {
