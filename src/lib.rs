@@ -5,6 +5,7 @@
 //! -> report (loss.csv, report.json).
 
 pub mod bench;
+pub mod choice;
 pub mod compare;
 pub mod data;
 pub mod device;

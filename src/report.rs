@@ -80,7 +80,7 @@ pub struct Report {
     pub config: serde_json::Value,
     pub seed: u64,
     pub device: String,
-    pub dtype: String,
+    pub dtype: crate::spec::ComputeDtype,
     /// How gradients were computed: "cuda-step" (the hand-written CUDA step) or "autograd"
     /// (the composed graph and candle's autograd; CPU, Metal, or CUDA with `run.fused = false`).
     #[serde(default)]

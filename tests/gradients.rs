@@ -9,7 +9,7 @@ use common::*;
 use ternlab::data::{Batcher, Sampling};
 use ternlab::model::load::random_weights;
 use ternlab::model::ternary::{check_ternary, ternarize};
-use ternlab::model::{cross_entropy, Qwen3, Qwen3Config, TernarySpec, PROJECTIONS};
+use ternlab::model::{cross_entropy, Preset, Qwen3, Qwen3Config, TernarySpec, PROJECTIONS};
 
 fn all_projections() -> Vec<String> {
     PROJECTIONS.iter().map(|s| s.to_string()).collect()
@@ -19,7 +19,7 @@ fn all_projections() -> Vec<String> {
 fn every_parameter_receives_a_nonzero_gradient() {
     // The tiny preset with random init (norm weights 1, as a fresh model) and the parity
     // fixture (perturbed norms), all projections ternary.
-    let tiny = Qwen3Config::preset("tiny", 512).unwrap();
+    let tiny = Qwen3Config::preset(Preset::Tiny, 512);
     let ternary = TernarySpec {
         projections: all_projections(),
         group_size: ternlab::spec::GroupSize::Columns(32),
