@@ -9,8 +9,8 @@ use crate::model::{Preset, Qwen3, Qwen3Config, TernarySpec};
 use crate::plan::PlannedRun;
 use crate::progress::Progress;
 use crate::report::{
-    head_mean, tail_mean, write_atomic, write_json_atomic, LossCurveWriter, Report, Sample,
-    Versions,
+    head_mean, tail_mean, write_atomic, write_json_atomic, LossCurveWriter, Report, RunStatus,
+    Sample, Versions,
 };
 use crate::spec::{BadInput, DenseDtype, Spec};
 use crate::train::{self, Outcome, ValDuringTraining};
@@ -272,13 +272,13 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
 
     let losses = &result.losses;
     let (status, error) = match &result.outcome {
-        Outcome::Completed => ("completed", None),
+        Outcome::Completed => (RunStatus::Completed, None),
         Outcome::Diverged { step, loss } => (
-            "diverged",
+            RunStatus::Diverged,
             Some(format!("loss became {loss} at step {step}")),
         ),
         Outcome::Interrupted { step } => (
-            "interrupted",
+            RunStatus::Interrupted,
             Some(format!("interrupted before step {step}")),
         ),
     };
@@ -324,7 +324,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         n_ternary_params: ternary.iter().map(|l| l.weight().elem_count()).sum(),
         samples,
         loss_curve: losses.clone(),
-        status: status.into(),
+        status,
         error,
         run_id: p.run_id.clone(),
         experiment: p.spec.name.clone(),
