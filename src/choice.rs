@@ -23,15 +23,20 @@ fn expected<T: Choice>() -> String {
     }
 }
 
-/// Reads a `T` from its name; the error names the value read and every valid name (the spec
-/// reader adds the file and the key).
+/// The value named `s`; the error names `s` and every valid name (the spec reader adds the
+/// file and the key).
+pub fn from_name<T: Choice>(s: &str) -> Result<T, String> {
+    T::ALL
+        .iter()
+        .copied()
+        .find(|c| c.name() == s)
+        .ok_or_else(|| format!("{s:?}: expected {}", expected::<T>()))
+}
+
+/// Reads a `T` from its name (see `from_name`).
 pub fn deserialize<'de, T: Choice, D: serde::Deserializer<'de>>(d: D) -> Result<T, D::Error> {
     match String::deserialize(d) {
-        Ok(s) => T::ALL
-            .iter()
-            .copied()
-            .find(|c| c.name() == s)
-            .ok_or_else(|| D::Error::custom(format!("{s:?}: expected {}", expected::<T>()))),
+        Ok(s) => from_name(&s).map_err(D::Error::custom),
         Err(_) => Err(D::Error::custom(format!("expected {}", expected::<T>()))),
     }
 }

@@ -110,16 +110,14 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
         ));
     }
     for p in &spec.quant.projections {
-        let width = model_cfg
-            .projection_in_features(p)
-            .expect("checked projection name");
+        let width = model_cfg.projection_in_features(*p);
         let g = spec.quant.group_size.for_width(width);
         if width % g != 0 {
             return Err(bad(
                 "quant.group_size",
                 format!(
-                    "{} does not divide the input width {width} of {p}; use a divisor of {width}",
-                    g
+                    "{g} does not divide the input width {width} of {}; use a divisor of {width}",
+                    p.name()
                 ),
             ));
         }

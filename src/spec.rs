@@ -1,14 +1,14 @@
 //! The experiment spec as written in TOML, layered with `--set` overrides and `TERNLAB_*`
 //! environment variables (figment), then checked. Unknown keys are errors; every default is
 //! the seed's recipe (Qwen3-0.6B, 250 steps of 4 x 256 tokens, lr 5e-4, ...). Keys that take
-//! one of a few names (`model.preset`, `data.sampling`, `train.dtype`, `run.device`, ...) are
-//! enums, so a bad name is refused as the spec is read and the rest of the program never
-//! looks at the string.
+//! one of a few names (`model.preset`, `data.sampling`, `quant.projections`, `train.dtype`,
+//! `run.device`, ...) are enums, so a bad name is refused as the spec is read and the rest of
+//! the program never looks at the string.
 
 use crate::choice::{serde_by_name, Choice};
 use crate::data::Sampling;
 use crate::device::DeviceChoice;
-use crate::model::Preset;
+use crate::model::{Preset, Projection};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -56,9 +56,20 @@ pub struct DataSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuantSpec {
-    pub projections: Vec<String>,
+    /// The projections made ternary, by their checkpoint names ("q_proj", ..., "down_proj").
+    #[serde(deserialize_with = "projections")]
+    pub projections: Vec<Projection>,
     /// Input columns per absmean scale, or "row" for one scale per output row.
     pub group_size: GroupSize,
+}
+
+/// Reads `quant.projections` as a list of names, so that a bad one is reported under the key
+/// itself (as an element of a list it would be `quant.projections.<index>`).
+fn projections<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Projection>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|name| crate::choice::from_name(name).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// `quant.group_size`: a number of input columns, or `"row"` (the whole input width).
@@ -299,10 +310,7 @@ impl Default for DataSpec {
 impl Default for QuantSpec {
     fn default() -> Self {
         Self {
-            projections: crate::model::PROJECTIONS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            projections: Projection::ALL.to_vec(),
             group_size: GroupSize::Columns(128),
         }
     }
@@ -530,7 +538,7 @@ impl Spec {
     /// Checks every value that can be checked without the model or the data (names of closed
     /// sets were checked as they were read).
     pub fn check(&self, file: &Path) -> anyhow::Result<()> {
-        let (d, q, t, e) = (&self.data, &self.quant, &self.train, &self.eval);
+        let (d, t, e) = (&self.data, &self.train, &self.eval);
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             return Err(bad(
                 file,
@@ -554,16 +562,6 @@ impl Spec {
         ] {
             if v == 0 {
                 return Err(bad(file, key, v, "must be at least 1"));
-            }
-        }
-        for p in &q.projections {
-            if !crate::model::PROJECTIONS.contains(&p.as_str()) {
-                return Err(bad(
-                    file,
-                    "quant.projections",
-                    p,
-                    &format!("each must be one of {:?}", crate::model::PROJECTIONS),
-                ));
             }
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {

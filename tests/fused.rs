@@ -275,7 +275,7 @@ fn cross_entropy_matches_the_composed_one() {
 #[test]
 fn hand_written_step_matches_autograd() {
     use ternlab::model::load::random_weights;
-    use ternlab::model::{Preset, Qwen3, Qwen3Config, TernarySpec};
+    use ternlab::model::{Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
     let dev = gpu();
     for tied in [true, false] {
         // Grouped-query attention (4 query heads on 2 key/value heads), a sequence length
@@ -290,9 +290,13 @@ fn hand_written_step_matches_autograd() {
             cfg.hidden_size = 1056;
         }
         let ternary = TernarySpec {
-            projections: ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-                .map(String::from)
-                .to_vec(),
+            projections: vec![
+                Projection::Q,
+                Projection::V,
+                Projection::O,
+                Projection::Up,
+                Projection::Down,
+            ],
             group_size: ternlab::spec::GroupSize::Columns(32),
         };
         for dense in [DType::F32, DType::BF16] {

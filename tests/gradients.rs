@@ -6,13 +6,14 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
+use ternlab::choice::Choice;
 use ternlab::data::{Batcher, Sampling};
 use ternlab::model::load::random_weights;
 use ternlab::model::ternary::{check_ternary, ternarize};
-use ternlab::model::{cross_entropy, Preset, Qwen3, Qwen3Config, TernarySpec, PROJECTIONS};
+use ternlab::model::{cross_entropy, Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
 
-fn all_projections() -> Vec<String> {
-    PROJECTIONS.iter().map(|s| s.to_string()).collect()
+fn all_projections() -> Vec<Projection> {
+    Projection::ALL.to_vec()
 }
 
 #[test]

@@ -163,12 +163,13 @@ impl Qwen3Config {
     }
 
     /// Input width of each ternarizable projection (what `group_size` must divide).
-    pub fn projection_in_features(&self, projection: &str) -> Option<usize> {
+    pub fn projection_in_features(&self, projection: Projection) -> usize {
         match projection {
-            "q_proj" | "k_proj" | "v_proj" | "gate_proj" | "up_proj" => Some(self.hidden_size),
-            "o_proj" => Some(self.num_attention_heads * self.head_dim),
-            "down_proj" => Some(self.intermediate_size),
-            _ => None,
+            Projection::Q | Projection::K | Projection::V | Projection::Gate | Projection::Up => {
+                self.hidden_size
+            }
+            Projection::O => self.num_attention_heads * self.head_dim,
+            Projection::Down => self.intermediate_size,
         }
     }
 }
@@ -194,12 +195,40 @@ impl Choice for Preset {
 
 serde_by_name!(Preset);
 
-pub const PROJECTIONS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// A linear layer of a decoder block, the ones `quant.projections` can make ternary, named as
+/// in the checkpoint (`q_proj`, ..., `down_proj`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Choice for Projection {
+    const ALL: &'static [Self] = &[
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            Projection::Q => "q_proj",
+            Projection::K => "k_proj",
+            Projection::V => "v_proj",
+            Projection::O => "o_proj",
+            Projection::Gate => "gate_proj",
+            Projection::Up => "up_proj",
+            Projection::Down => "down_proj",
+        }
+    }
+}
+
+serde_by_name!(Projection);
