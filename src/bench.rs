@@ -7,7 +7,8 @@ use crate::data::Batcher;
 use crate::model::Qwen3Config;
 use crate::optim::AdamW;
 use crate::run::PreparedRun;
-use crate::train::lr_at;
+use crate::schedule::lr_at;
+use crate::spec::ComputeDtype;
 use anyhow::Result;
 use candle_core::Device;
 use serde::Serialize;
@@ -27,7 +28,7 @@ pub struct BenchResult {
     pub run_id: String,
     pub device: String,
     pub device_name: String,
-    pub dtype: String,
+    pub dtype: ComputeDtype,
     /// "cuda-step" or "autograd" (see `Qwen3::trainer`).
     pub trainer: String,
     pub batch_size: usize,
@@ -75,13 +76,13 @@ pub fn flops_per_step(cfg: &Qwen3Config, batch: usize, seq: usize) -> f64 {
     6.0 * matmul_params * tokens + attention
 }
 
-/// Dense peak TFLOP/s of known cards for a dtype (NVIDIA's datasheets, SXM parts).
-pub fn peak_tflops(device_name: &str, dtype: &str) -> Option<f64> {
+/// Dense peak TFLOP/s of known cards for a precision (NVIDIA's datasheets, SXM parts).
+pub fn peak_tflops(device_name: &str, dtype: ComputeDtype) -> Option<f64> {
     let hopper = device_name.contains("H100") || device_name.contains("H200");
     hopper.then_some(match dtype {
-        "bf16" => 989.4,
-        "tf32" => 494.7,
-        _ => 66.9,
+        ComputeDtype::Bf16 => 989.4,
+        ComputeDtype::Tf32 => 494.7,
+        ComputeDtype::F32 => 66.9,
     })
 }
 
@@ -134,11 +135,11 @@ fn sync_time(device: &Device, start: Instant) -> Result<f64> {
 }
 
 pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult> {
-    let (device, device_label) = crate::device::open(p.device)?;
+    let (device, device_label) = crate::device::open(p.spec.run.device)?;
     let (model, params) = p.build_model(&device)?;
     let (t, d) = (&p.spec.train, &p.spec.data);
     let mut opt = AdamW::for_run(params.vars(), t, model.is_fused())?;
-    let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, p.sampling, t.seed)?;
+    let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, d.sampling, t.seed)?;
     // From here on, as torch.cuda.reset_peak_memory_stats before the reference's loop: the
     // weights and optimizer state count, as they are in use.
     crate::device::reset_peak_memory(&device);
@@ -183,8 +184,8 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
     let flops = flops_per_step(&p.model_cfg, d.batch_size, d.seq_len);
     let name = device_name(&device);
     let achieved = flops / median / 1e12;
-    let dtype = crate::run::resolved_dtype(&t.dtype, &device);
-    let peak = peak_tflops(&name, &dtype);
+    let dtype = t.dtype.resolve(&device);
+    let peak = peak_tflops(&name, dtype);
     Ok(BenchResult {
         run_id: p.run_id.clone(),
         device: device_label,

@@ -1,7 +1,7 @@
 //! Reading finished runs back: `compare` (one row per configuration, statistics over seeds)
 //! and `diff` (two runs side by side: config keys, metrics, where the loss curves part).
 
-use crate::report::Report;
+use crate::report::{Report, RunStatus};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -155,7 +155,7 @@ pub fn compare(runs: &[RunResult], sort_metric: &str) -> Result<Comparison> {
     let completed: Vec<(usize, &RunResult)> = runs
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.report.status == "completed")
+        .filter(|(_, r)| r.report.status == RunStatus::Completed)
         .collect();
     let key_of = |r: &RunResult| -> BTreeMap<String, String> {
         r.config

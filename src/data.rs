@@ -4,6 +4,7 @@
 //! Random batches are the seed's too: numpy's `default_rng(seed).integers(0, n - L - 1, B)`
 //! each step (src/numpy_rng.rs), so a run trains on the same windows as the MLX script.
 
+use crate::choice::{serde_by_name, Choice};
 use crate::numpy_rng::{default_rng, Generator};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -68,7 +69,7 @@ impl Corpus {
     }
 }
 
-/// How training windows are chosen.
+/// How training windows are chosen (`data.sampling`: "random" or "sequential").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sampling {
     /// The seed's recipe: each step, numpy's `default_rng(seed).integers(0, n - L - 1, B)`
@@ -78,6 +79,18 @@ pub enum Sampling {
     /// windows (i*B + b) mod K for K = (n - 1) / L. Token-for-token comparable across tools.
     Sequential,
 }
+
+impl Choice for Sampling {
+    const ALL: &'static [Self] = &[Sampling::Random, Sampling::Sequential];
+    fn name(self) -> &'static str {
+        match self {
+            Sampling::Random => "random",
+            Sampling::Sequential => "sequential",
+        }
+    }
+}
+
+serde_by_name!(Sampling);
 
 /// Produces the (inputs, targets) windows of each training step.
 pub struct Batcher<'a> {

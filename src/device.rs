@@ -2,26 +2,52 @@
 
 use candle_core::Device;
 
+/// `run.device` as written: "auto", "cpu", "cuda", "cuda:N" or "metal".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
     Auto,
     Cpu,
-    Cuda(usize),
+    /// "cuda:N", or `None` for "cuda" (card 0): kept apart so that a spec is written back as
+    /// it was written.
+    Cuda(Option<usize>),
     Metal,
 }
 
-/// Parses the spec's device string; the error says what would be right.
-pub fn parse(s: &str) -> Result<DeviceChoice, String> {
-    let want = "\"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"metal\"";
-    match s {
-        "auto" => Ok(DeviceChoice::Auto),
-        "cpu" => Ok(DeviceChoice::Cpu),
-        "cuda" => Ok(DeviceChoice::Cuda(0)),
-        "metal" => Ok(DeviceChoice::Metal),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(DeviceChoice::Cuda(n)),
-            _ => Err(format!("expected {want}")),
-        },
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(None) => f.write_str("cuda"),
+            DeviceChoice::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+            DeviceChoice::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+impl serde::Serialize for DeviceChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceChoice {
+    /// The error says what would be right (the spec reader adds the file and the key).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let want = "expected \"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"metal\"";
+        let s =
+            <String as serde::Deserialize>::deserialize(d).map_err(|_| D::Error::custom(want))?;
+        match s.as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(None)),
+            "metal" => Ok(DeviceChoice::Metal),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceChoice::Cuda(Some(n))),
+                _ => Err(D::Error::custom(format!("{s:?}: {want}"))),
+            },
+        }
     }
 }
 
@@ -43,7 +69,7 @@ pub fn check_built(choice: DeviceChoice) -> anyhow::Result<()> {
 pub fn open(choice: DeviceChoice) -> anyhow::Result<(Device, String)> {
     let device = open_device(choice)?;
     let name = match (&device, choice) {
-        (Device::Cuda(_), DeviceChoice::Cuda(n)) => format!("cuda:{n}"),
+        (Device::Cuda(_), DeviceChoice::Cuda(n)) => format!("cuda:{}", n.unwrap_or(0)),
         (Device::Cuda(_), _) => "cuda:0".into(),
         (Device::Metal(_), _) => "metal".into(),
         (Device::Cpu, _) => "cpu".into(),
@@ -56,6 +82,7 @@ fn open_device(choice: DeviceChoice) -> anyhow::Result<Device> {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda(n) => {
             check_built(choice)?;
+            let n = n.unwrap_or(0);
             let device = Device::new_cuda(n)?;
             keep_freed_device_memory(n)?;
             Ok(device)

@@ -5,6 +5,7 @@
 //! -> report (loss.csv, report.json).
 
 pub mod bench;
+pub mod choice;
 pub mod compare;
 pub mod data;
 pub mod device;
@@ -18,5 +19,6 @@ pub mod progress;
 pub mod report;
 pub mod run;
 pub mod runner;
+pub mod schedule;
 pub mod spec;
 pub mod train;

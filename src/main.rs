@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use ternlab::compare::{self, Format};
 use ternlab::plan::{plan, Plan};
-use ternlab::runner::{self, state_of, summary_table, SweepOptions};
+use ternlab::report::RunStatus;
+use ternlab::runner::{self, state_of, summary_table, Fate, RunState, SweepOptions};
 use ternlab::spec::{BadInput, Override};
 
 #[derive(Parser)]
@@ -142,7 +143,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", compare::render(&c, format)?);
             let failed = runs
                 .iter()
-                .filter(|r| r.report.status != "completed")
+                .filter(|r| r.report.status != RunStatus::Completed)
                 .count();
             if format == Format::Table && failed + without > 0 {
                 eprintln!(
@@ -211,10 +212,13 @@ fn train_plan(p: &Plan, results: PathBuf, force: bool) -> anyhow::Result<ExitCod
     let outcomes = runner::sweep(p, &prepared, &opts);
     println!("{}", summary_table(&outcomes));
     println!("results: {}", opts.results.join(&p.name).display());
-    // "elsewhere": another sweep process is training that run.
-    let all_ok = outcomes
-        .iter()
-        .all(|o| matches!(o.status.as_str(), "completed" | "done" | "elsewhere"));
+    // Elsewhere: another sweep process is training that run.
+    let all_ok = outcomes.iter().all(|o| {
+        matches!(
+            o.fate,
+            Fate::Ended(RunStatus::Completed) | Fate::Skipped(RunState::Done) | Fate::Elsewhere
+        )
+    });
     Ok(if ternlab::faults::interrupted() {
         ExitCode::from(130)
     } else if all_ok {

@@ -138,7 +138,7 @@ impl AdamW {
     /// schedule's lr at step 0.
     pub fn for_run(vars: Vec<Var>, t: &crate::spec::TrainSpec, fused: bool) -> Result<Self> {
         let params = AdamWParams {
-            lr: crate::train::lr_at(t, 0),
+            lr: crate::schedule::lr_at(t, 0),
             beta1: t.betas[0],
             beta2: t.betas[1],
             eps: t.eps,

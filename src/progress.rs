@@ -1,9 +1,17 @@
 //! Progress of a run: an indicatif bar on a terminal; plain log lines otherwise (CI, files).
+//! `run::execute` reports to a `Progress` and `runner` picks one, so both depend on this
+//! module and it depends on neither.
 
-use crate::run::Progress;
 use crate::train::StepRecord;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
+
+/// Shows a run's progress: a bar on a terminal, plain lines (every 10 steps) otherwise.
+pub trait Progress {
+    fn step(&mut self, r: &StepRecord, total: usize);
+    fn message(&mut self, msg: &str);
+    fn finish(&mut self);
+}
 
 pub fn for_stderr(label: &str) -> Box<dyn Progress> {
     if std::io::stderr().is_terminal() {

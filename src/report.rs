@@ -1,7 +1,9 @@
 //! What a run leaves behind: `loss.csv`, streamed and flushed as training goes, and
 //! `report.json`, which keeps every key of the seed's report (same meaning) and adds what
-//! comparing runs needs.
+//! comparing runs needs; and `RunStatus`, how a run ended, which both report.json and the
+//! runner's status.json record.
 
+use crate::choice::{serde_by_name, Choice};
 use crate::train::StepRecord;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -39,6 +41,42 @@ impl LossCurveWriter {
     }
 }
 
+/// How a run stands or ended: status.json's `status` (all five) and report.json's (completed,
+/// diverged or interrupted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Training now, or the process died while training (no process holds its lock).
+    Running,
+    Completed,
+    /// The loss became NaN or infinite; a result, not retried without --force.
+    Diverged,
+    /// An error or a panic, recorded with its message.
+    Failed,
+    /// Ctrl-C stopped it.
+    Interrupted,
+}
+
+impl Choice for RunStatus {
+    const ALL: &'static [Self] = &[
+        RunStatus::Running,
+        RunStatus::Completed,
+        RunStatus::Diverged,
+        RunStatus::Failed,
+        RunStatus::Interrupted,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Diverged => "diverged",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+serde_by_name!(RunStatus);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
     pub prompt: String,
@@ -71,8 +109,8 @@ pub struct Report {
     pub samples: Vec<Sample>,
     pub loss_curve: Vec<f64>,
 
-    /// "completed", "diverged" or "failed".
-    pub status: String,
+    /// Completed, diverged or interrupted (a run that fails leaves no report).
+    pub status: RunStatus,
     pub error: Option<String>,
     pub run_id: String,
     pub experiment: String,
@@ -80,7 +118,7 @@ pub struct Report {
     pub config: serde_json::Value,
     pub seed: u64,
     pub device: String,
-    pub dtype: String,
+    pub dtype: crate::spec::ComputeDtype,
     /// How gradients were computed: "cuda-step" (the hand-written CUDA step) or "autograd"
     /// (the composed graph and candle's autograd; CPU, Metal, or CUDA with `run.fused = false`).
     #[serde(default)]

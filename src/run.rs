@@ -2,17 +2,18 @@
 //! anything is written; then `<results>/<name>/<run-id>/config.toml` first, `loss.csv` while
 //! training, and `report.json` at the end.
 
-use crate::data::{Batcher, Corpus, Sampling};
-use crate::device::DeviceChoice;
+use crate::choice::Choice;
+use crate::data::{Batcher, Corpus};
 use crate::model::load::{random_weights, read_weights, resolve_checkpoint, CheckpointFiles};
-use crate::model::{Qwen3, Qwen3Config, TernarySpec};
+use crate::model::{Preset, Qwen3, Qwen3Config, TernarySpec};
 use crate::plan::PlannedRun;
+use crate::progress::Progress;
 use crate::report::{
-    head_mean, tail_mean, write_atomic, write_json_atomic, LossCurveWriter, Report, Sample,
-    Versions,
+    head_mean, tail_mean, write_atomic, write_json_atomic, LossCurveWriter, Report, RunStatus,
+    Sample, Versions,
 };
 use crate::spec::{BadInput, DenseDtype, Spec};
-use crate::train::{self, Outcome, StepRecord, ValDuringTraining};
+use crate::train::{self, Outcome, ValDuringTraining};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,7 +25,7 @@ pub const TINY_TOKENIZER: &[u8] = include_bytes!("../data/tiny-tokenizer.json");
 
 /// Where the initial weights come from.
 pub enum ModelOrigin {
-    Preset(String),
+    Preset(Preset),
     Checkpoint(CheckpointFiles),
 }
 
@@ -35,8 +36,6 @@ pub struct PreparedRun {
     pub origin: ModelOrigin,
     pub tokenizer: Tokenizer,
     pub corpus: Corpus,
-    pub sampling: Sampling,
-    pub device: DeviceChoice,
     pub config_hash: String,
     pub run_id: String,
     /// Where greedy generation stops (see `train::eos_ids`).
@@ -84,7 +83,7 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
         BadInput(format!("{}: key `{key}`: {msg}", file.display())).into()
     };
     let origin = match &spec.model.preset {
-        Some(p) => ModelOrigin::Preset(p.clone()),
+        Some(p) => ModelOrigin::Preset(*p),
         None => ModelOrigin::Checkpoint(
             resolve_checkpoint(&spec.model.source, &spec.model.revision)
                 .map_err(|e| bad("model.source", format!("{e:#}")))?,
@@ -96,9 +95,7 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
     };
     let tokenizer = load_tokenizer(spec, file, checkpoint)?;
     let model_cfg = match &origin {
-        ModelOrigin::Preset(p) => {
-            Qwen3Config::preset(p, tokenizer.get_vocab_size(true)).expect("checked preset")
-        }
+        ModelOrigin::Preset(p) => Qwen3Config::preset(*p, tokenizer.get_vocab_size(true)),
         ModelOrigin::Checkpoint(c) => Qwen3Config::from_hf_json(&c.config)
             .map_err(|e| bad("model.source", format!("{e:#}")))?,
     };
@@ -113,16 +110,14 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
         ));
     }
     for p in &spec.quant.projections {
-        let width = model_cfg
-            .projection_in_features(p)
-            .expect("checked projection name");
+        let width = model_cfg.projection_in_features(*p);
         let g = spec.quant.group_size.for_width(width);
         if width % g != 0 {
             return Err(bad(
                 "quant.group_size",
                 format!(
-                    "{} does not divide the input width {width} of {p}; use a divisor of {width}",
-                    g
+                    "{g} does not divide the input width {width} of {}; use a divisor of {width}",
+                    p.name()
                 ),
             ));
         }
@@ -159,32 +154,30 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
             ),
         ));
     }
-    let sampling = match spec.data.sampling.as_str() {
-        "sequential" => Sampling::Sequential,
-        _ => Sampling::Random,
-    };
     let model_dir = checkpoint.and_then(|c| c.config.parent());
     let eos_ids =
         train::eos_ids(model_dir, &tokenizer).map_err(|e| bad("model.source", format!("{e:#}")))?;
-    let device = crate::device::parse(&spec.run.device).expect("checked device");
-    crate::device::check_built(device).map_err(|e| bad("run.device", format!("{e:#}")))?;
+    crate::device::check_built(spec.run.device).map_err(|e| bad("run.device", format!("{e:#}")))?;
     Ok(PreparedRun {
         spec: spec.clone(),
         model_cfg,
         origin,
         tokenizer,
         corpus,
-        sampling,
-        device,
         config_hash: planned.config_hash.clone(),
         run_id: planned.id.clone(),
         eos_ids,
     })
 }
 
+/// A run's folder: `<results>/<name>/<run-id>/`.
+pub fn run_dir(results: &Path, name: &str, id: &str) -> PathBuf {
+    results.join(name).join(id)
+}
+
 impl PreparedRun {
     pub fn run_dir(&self, results: &Path) -> PathBuf {
-        crate::runner::run_dir(results, &self.spec.name, &self.run_id)
+        run_dir(results, &self.spec.name, &self.run_id)
     }
 
     /// Builds the model with its initial weights on `device`.
@@ -208,10 +201,7 @@ impl PreparedRun {
         let (model, params) = Qwen3::new(&self.model_cfg, weights, &ternary, device)?;
         Ok((
             model
-                .with_compute_dtype(compute_dtype(&resolved_dtype(
-                    &self.spec.train.dtype,
-                    device,
-                )))
+                .with_compute_dtype(self.spec.train.dtype.resolve(device).select())
                 .with_fused(self.spec.run.fused),
             params,
         ))
@@ -219,31 +209,9 @@ impl PreparedRun {
 
     fn origin_name(&self) -> String {
         match &self.origin {
-            ModelOrigin::Preset(p) => format!("preset:{p}"),
+            ModelOrigin::Preset(p) => format!("preset:{}", p.name()),
             ModelOrigin::Checkpoint(c) => c.origin.clone(),
         }
-    }
-}
-
-/// `train.dtype` on `device`: "auto" is bf16 on CUDA (with the fused kernels it trains like
-/// f32 there, at twice the speed) and f32 elsewhere (candle's CPU bf16 is slow and sums in
-/// bf16).
-pub fn resolved_dtype(dtype: &str, device: &candle_core::Device) -> String {
-    match (dtype, device) {
-        ("auto", candle_core::Device::Cuda(_)) => "bf16".into(),
-        ("auto", _) => "f32".into(),
-        (d, _) => d.into(),
-    }
-}
-
-/// The activations' dtype of a resolved `train.dtype`; "tf32" also lets CUDA f32 matmuls use
-/// TF32.
-pub fn compute_dtype(dtype: &str) -> candle_core::DType {
-    #[cfg(feature = "cuda")]
-    candle_core::cuda_backend::set_gemm_reduced_precision_f32(dtype == "tf32");
-    match dtype {
-        "bf16" => candle_core::DType::BF16,
-        _ => candle_core::DType::F32,
     }
 }
 
@@ -267,13 +235,6 @@ pub fn dtype_name(d: candle_core::DType) -> &'static str {
     }
 }
 
-/// Shows a run's progress: a bar on a terminal, plain lines (every 10 steps) otherwise.
-pub trait Progress {
-    fn step(&mut self, r: &StepRecord, total: usize);
-    fn message(&mut self, msg: &str);
-    fn finish(&mut self);
-}
-
 /// Trains a prepared run into `<results>/<name>/<run-id>/` and returns its report.
 pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> Result<Report> {
     let wall = Instant::now();
@@ -285,7 +246,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
     )?;
     let mut curve = LossCurveWriter::create(&dir.join("loss.csv"))?;
 
-    let (device, device_name) = crate::device::open(p.device)?;
+    let (device, device_name) = crate::device::open(p.spec.run.device)?;
     progress.message(&format!(
         "{}: building the model on {device_name}",
         p.run_id
@@ -293,7 +254,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
     let (model, params) = p.build_model(&device)?;
     crate::device::reset_peak_memory(&device);
     let (t, d) = (&p.spec.train, &p.spec.data);
-    let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, p.sampling, t.seed)?;
+    let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, d.sampling, t.seed)?;
     let val = ValDuringTraining {
         tokens: &p.corpus.val,
         seq_len: d.seq_len,
@@ -309,13 +270,13 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
 
     let losses = &result.losses;
     let (status, error) = match &result.outcome {
-        Outcome::Completed => ("completed", None),
+        Outcome::Completed => (RunStatus::Completed, None),
         Outcome::Diverged { step, loss } => (
-            "diverged",
+            RunStatus::Diverged,
             Some(format!("loss became {loss} at step {step}")),
         ),
         Outcome::Interrupted { step } => (
-            "interrupted",
+            RunStatus::Interrupted,
             Some(format!("interrupted before step {step}")),
         ),
     };
@@ -361,7 +322,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         n_ternary_params: ternary.iter().map(|l| l.weight().elem_count()).sum(),
         samples,
         loss_curve: losses.clone(),
-        status: status.into(),
+        status,
         error,
         run_id: p.run_id.clone(),
         experiment: p.spec.name.clone(),
@@ -369,7 +330,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         config: serde_json::to_value(&p.spec)?,
         seed: t.seed,
         device: device_name,
-        dtype: resolved_dtype(&t.dtype, &device),
+        dtype: t.dtype.resolve(&device),
         trainer: model.trainer().into(),
         semantics: semantics(t).into(),
         dense_dtype: dtype_name(model.dense_dtype()).into(),

@@ -8,24 +8,29 @@
 //! is held (an OS file lock) by the process training that run, so two sweeps on one folder
 //! never train the same run; the OS drops the lock when its process dies, however it dies.
 
+use crate::choice::Choice;
 use crate::plan::{Plan, PlannedRun};
 use crate::progress;
-use crate::report::write_json_atomic;
-use crate::run::{execute, prepare, PreparedRun};
+use crate::report::{write_json_atomic, RunStatus};
+use crate::run::{execute, prepare, run_dir, PreparedRun};
 use serde::{Deserialize, Serialize};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+/// `status.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    pub status: String,
+    pub status: RunStatus,
     pub config_hash: String,
     pub error: Option<String>,
     pub pid: u32,
     pub updated_unix_s: u64,
 }
 
-/// What the results folder says about a planned run.
+/// What the results folder and the locks say about a planned run: the state `plan` lists and
+/// the sweep decides by. Not a `RunStatus`, which a run's own files record: a status.json saying
+/// `running` or `interrupted` with no live process holding the lock is `Unfinished` here, and
+/// `Running` means that another process holds it now.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunState {
     Pending,
@@ -108,10 +113,6 @@ pub fn is_running_elsewhere(results: &Path, name: &str, id: &str) -> bool {
     )
 }
 
-pub fn run_dir(results: &Path, name: &str, id: &str) -> PathBuf {
-    results.join(name).join(id)
-}
-
 pub fn read_status(dir: &Path) -> Option<Status> {
     let text = std::fs::read_to_string(dir.join("status.json")).ok()?;
     serde_json::from_str(&text).ok()
@@ -119,12 +120,12 @@ pub fn read_status(dir: &Path) -> Option<Status> {
 
 pub fn write_status(
     dir: &Path,
-    status: &str,
+    status: RunStatus,
     hash: &str,
     error: Option<String>,
 ) -> anyhow::Result<()> {
     let s = Status {
-        status: status.into(),
+        status,
         config_hash: hash.into(),
         error,
         pid: std::process::id(),
@@ -162,11 +163,35 @@ pub fn folder_state(results: &Path, name: &str, run: &PlannedRun) -> RunState {
         ));
     }
     let err = st.error.clone().unwrap_or_default();
-    match st.status.as_str() {
-        "completed" if dir.join("report.json").is_file() => RunState::Done,
-        "diverged" => RunState::Diverged(err),
-        "failed" => RunState::Failed(err),
-        _ => RunState::Unfinished,
+    match st.status {
+        RunStatus::Completed if dir.join("report.json").is_file() => RunState::Done,
+        RunStatus::Diverged => RunState::Diverged(err),
+        RunStatus::Failed => RunState::Failed(err),
+        RunStatus::Completed | RunStatus::Running | RunStatus::Interrupted => RunState::Unfinished,
+    }
+}
+
+/// What a sweep did with one run: the status column of the summary.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fate {
+    /// Trained now, ending with this status (or `Failed` when it could not start).
+    Ended(RunStatus),
+    /// Not trained: finished before (done, diverged) or a folder of another config.
+    Skipped(RunState),
+    /// Another process is training it.
+    Elsewhere,
+    /// Not started: the sweep was interrupted before it.
+    NotRun,
+}
+
+impl Fate {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Fate::Ended(status) => status.name(),
+            Fate::Skipped(state) => state.label(),
+            Fate::Elsewhere => "elsewhere",
+            Fate::NotRun => "not run",
+        }
     }
 }
 
@@ -174,7 +199,7 @@ pub fn folder_state(results: &Path, name: &str, run: &PlannedRun) -> RunState {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub id: String,
-    pub status: String,
+    pub fate: Fate,
     pub final_loss: Option<f64>,
     pub val_ppl: Option<f64>,
     pub seconds: Option<f64>,
@@ -198,7 +223,7 @@ pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<
     for (i, (run, p)) in plan.runs.iter().zip(prepared).enumerate() {
         let label = format!("[{}/{total}] {}", i + 1, run.id);
         if crate::faults::interrupted() {
-            outcomes.push(not_run(run, "not run", None));
+            outcomes.push(not_run(run, Fate::NotRun, None));
             continue;
         }
         let skip = |state: &RunState| match state {
@@ -215,13 +240,13 @@ pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<
             Ok(Some(lock)) => lock,
             Ok(None) => {
                 eprintln!("{label}: being trained by another process; skipped");
-                outcomes.push(not_run(run, "elsewhere", None));
+                outcomes.push(not_run(run, Fate::Elsewhere, None));
                 continue;
             }
             Err(e) => {
                 outcomes.push(not_run(
                     run,
-                    "failed",
+                    Fate::Ended(RunStatus::Failed),
                     Some(format!("taking the run lock: {e}")),
                 ));
                 continue;
@@ -239,10 +264,10 @@ pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<
     outcomes
 }
 
-fn not_run(run: &PlannedRun, status: &str, error: Option<String>) -> Outcome {
+fn not_run(run: &PlannedRun, fate: Fate, error: Option<String>) -> Outcome {
     Outcome {
         id: run.id.clone(),
-        status: status.into(),
+        fate,
         final_loss: None,
         val_ppl: None,
         seconds: None,
@@ -258,7 +283,7 @@ fn previous_outcome(results: &Path, plan: &Plan, run: &PlannedRun, state: &RunSt
     let num = |k: &str| report.as_ref().and_then(|r| r[k].as_f64());
     Outcome {
         id: run.id.clone(),
-        status: state.label().to_string(),
+        fate: Fate::Skipped(state.clone()),
         final_loss: num("final_loss"),
         val_ppl: num("val_ppl"),
         seconds: num("wall_time_s"),
@@ -277,7 +302,7 @@ fn train_one(p: &PreparedRun, results: &Path, label: &str) -> Outcome {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        write_status(&dir, "running", &p.config_hash, None)?;
+        write_status(&dir, RunStatus::Running, &p.config_hash, None)?;
         let mut progress = progress::for_stderr(label);
         match catch_unwind(AssertUnwindSafe(|| execute(p, results, progress.as_mut()))) {
             Ok(r) => r,
@@ -293,10 +318,10 @@ fn train_one(p: &PreparedRun, results: &Path, label: &str) -> Outcome {
     })();
     match result {
         Ok(report) => {
-            let _ = write_status(&dir, &report.status, &p.config_hash, report.error.clone());
+            let _ = write_status(&dir, report.status, &p.config_hash, report.error.clone());
             Outcome {
                 id: p.run_id.clone(),
-                status: report.status.clone(),
+                fate: Fate::Ended(report.status),
                 final_loss: Some(report.final_loss),
                 val_ppl: Some(report.val_ppl),
                 seconds: Some(report.wall_time_s),
@@ -307,11 +332,11 @@ fn train_one(p: &PreparedRun, results: &Path, label: &str) -> Outcome {
             let msg = format!("{e:#}");
             eprintln!("{label}: failed: {msg}");
             if dir.exists() {
-                let _ = write_status(&dir, "failed", &p.config_hash, Some(msg.clone()));
+                let _ = write_status(&dir, RunStatus::Failed, &p.config_hash, Some(msg.clone()));
             }
             Outcome {
                 id: p.run_id.clone(),
-                status: "failed".into(),
+                fate: Fate::Ended(RunStatus::Failed),
                 final_loss: None,
                 val_ppl: None,
                 seconds: None,
@@ -338,7 +363,7 @@ pub fn summary_table(outcomes: &[Outcome]) -> String {
         s.push_str(&format!(
             "{:<w$}  {:<10}  {:>10}  {:>10}  {:>8}",
             o.id,
-            o.status,
+            o.fate.label(),
             f(o.final_loss, 4),
             f(o.val_ppl, 2),
             f(o.seconds, 1)

@@ -1,7 +1,14 @@
 //! The experiment spec as written in TOML, layered with `--set` overrides and `TERNLAB_*`
 //! environment variables (figment), then checked. Unknown keys are errors; every default is
-//! the seed's recipe (Qwen3-0.6B, 250 steps of 4 x 256 tokens, lr 5e-4, ...).
+//! the seed's recipe (Qwen3-0.6B, 250 steps of 4 x 256 tokens, lr 5e-4, ...). Keys that take
+//! one of a few names (`model.preset`, `data.sampling`, `quant.projections`, `train.dtype`,
+//! `run.device`, ...) are enums, so a bad name is refused as the spec is read and the rest of
+//! the program never looks at the string.
 
+use crate::choice::{serde_by_name, Choice};
+use crate::data::Sampling;
+use crate::device::DeviceChoice;
+use crate::model::{Preset, Projection};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -29,7 +36,7 @@ pub struct ModelSpec {
     pub revision: String,
     /// Built-in shapes with random init instead of a checkpoint: "tiny" or "qwen3-0.6b".
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub preset: Option<String>,
+    pub preset: Option<Preset>,
     /// tokenizer.json to use instead of the model's (presets default to data/tiny-tokenizer.json).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<PathBuf>,
@@ -43,15 +50,26 @@ pub struct DataSpec {
     pub seq_len: usize,
     pub batch_size: usize,
     /// "random" (numpy's `default_rng(seed).integers` offsets, the seed's) or "sequential".
-    pub sampling: String,
+    pub sampling: Sampling,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuantSpec {
-    pub projections: Vec<String>,
+    /// The projections made ternary, by their checkpoint names ("q_proj", ..., "down_proj").
+    #[serde(deserialize_with = "projections")]
+    pub projections: Vec<Projection>,
     /// Input columns per absmean scale, or "row" for one scale per output row.
     pub group_size: GroupSize,
+}
+
+/// Reads `quant.projections` as a list of names, so that a bad one is reported under the key
+/// itself (as an element of a list it would be `quant.projections.<index>`).
+fn projections<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Projection>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|name| crate::choice::from_name(name).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// `quant.group_size`: a number of input columns, or `"row"` (the whole input width).
@@ -122,7 +140,7 @@ pub struct TrainSpec {
     /// Compute precision: "auto" (bf16 on CUDA, f32 elsewhere); "f32"; "tf32" (f32 with TF32
     /// matmuls on CUDA); "bf16" (bf16 activations and matmuls; f32 latents, optimizer state,
     /// ternarization scales, norms, softmax and loss). See bench/RESULTS.md for why.
-    pub dtype: String,
+    pub dtype: TrainDtype,
     /// AdamW's `1 - beta^t` bias correction. false: MLX's `optim.AdamW` as the seed uses it
     /// (`p - lr * m / (sqrt(v) + eps)`); true: PyTorch's and candle's AdamW.
     pub bias_correction: bool,
@@ -132,6 +150,77 @@ pub struct TrainSpec {
     /// presets); "f32": promoted to f32 like the ternary latents (PyTorch-style mixed precision).
     pub dense_dtype: DenseDtype,
 }
+
+/// `train.dtype`: "auto" (chosen by device: `resolve`) or a fixed compute precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainDtype {
+    Auto,
+    Fixed(ComputeDtype),
+}
+
+impl Choice for TrainDtype {
+    const ALL: &'static [Self] = &[
+        TrainDtype::Auto,
+        TrainDtype::Fixed(ComputeDtype::F32),
+        TrainDtype::Fixed(ComputeDtype::Tf32),
+        TrainDtype::Fixed(ComputeDtype::Bf16),
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            TrainDtype::Auto => "auto",
+            TrainDtype::Fixed(c) => c.name(),
+        }
+    }
+}
+
+impl TrainDtype {
+    /// The precision on `device`: "auto" is bf16 on CUDA (with the fused kernels it trains
+    /// like f32 there, at twice the speed) and f32 elsewhere (candle's CPU bf16 is slow and
+    /// sums in bf16).
+    pub fn resolve(self, device: &candle_core::Device) -> ComputeDtype {
+        match (self, device) {
+            (TrainDtype::Fixed(c), _) => c,
+            (TrainDtype::Auto, candle_core::Device::Cuda(_)) => ComputeDtype::Bf16,
+            (TrainDtype::Auto, _) => ComputeDtype::F32,
+        }
+    }
+}
+
+/// A resolved `train.dtype`, the compute precision a run trained in (report.json's `dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComputeDtype {
+    F32,
+    /// f32 activations; CUDA f32 matmuls may use TF32.
+    Tf32,
+    Bf16,
+}
+
+impl Choice for ComputeDtype {
+    const ALL: &'static [Self] = &[ComputeDtype::F32, ComputeDtype::Tf32, ComputeDtype::Bf16];
+    fn name(self) -> &'static str {
+        match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Tf32 => "tf32",
+            ComputeDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl ComputeDtype {
+    /// Selects this precision for the process's matmuls (on CUDA builds, candle's switch that
+    /// lets f32 matmuls use TF32: on for tf32, off otherwise) and returns the activations'
+    /// dtype.
+    pub fn select(self) -> candle_core::DType {
+        #[cfg(feature = "cuda")]
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(self == ComputeDtype::Tf32);
+        match self {
+            ComputeDtype::Bf16 => candle_core::DType::BF16,
+            ComputeDtype::F32 | ComputeDtype::Tf32 => candle_core::DType::F32,
+        }
+    }
+}
+
+serde_by_name!(TrainDtype, ComputeDtype);
 
 /// `train.dense_dtype`: see `TrainSpec::dense_dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -175,7 +264,7 @@ pub struct EvalSpec {
 #[serde(deny_unknown_fields, default)]
 pub struct RunSpec {
     /// "auto", "cpu", "cuda", "cuda:N" or "metal".
-    pub device: String,
+    pub device: DeviceChoice,
     /// Fused CUDA kernels (ternary projection, AdamW) on CUDA; false runs the composed candle
     /// ops everywhere (for comparison). No effect on CPU or Metal.
     pub fused: bool,
@@ -213,7 +302,7 @@ impl Default for DataSpec {
             val_fraction: 0.1,
             seq_len: 256,
             batch_size: 4,
-            sampling: "random".into(),
+            sampling: Sampling::Random,
         }
     }
 }
@@ -221,10 +310,7 @@ impl Default for DataSpec {
 impl Default for QuantSpec {
     fn default() -> Self {
         Self {
-            projections: crate::model::PROJECTIONS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            projections: Projection::ALL.to_vec(),
             group_size: GroupSize::Columns(128),
         }
     }
@@ -241,7 +327,7 @@ impl Default for TrainSpec {
             eps: 1e-8,
             weight_decay: 0.0,
             seed: 0,
-            dtype: "auto".into(),
+            dtype: TrainDtype::Auto,
             bias_correction: false,
             dense_dtype: DenseDtype::Checkpoint,
         }
@@ -270,7 +356,7 @@ impl Default for EvalSpec {
 impl Default for RunSpec {
     fn default() -> Self {
         Self {
-            device: "auto".into(),
+            device: DeviceChoice::Auto,
             fused: true,
         }
     }
@@ -383,7 +469,7 @@ pub fn load(path: &Path, overrides: &[Override]) -> anyhow::Result<Spec> {
 /// Every key path a spec accepts (`train.lr`, `model.preset`, ...).
 pub fn known_keys() -> Vec<String> {
     let mut full = Spec::default();
-    full.model.preset = Some(String::new());
+    full.model.preset = Some(Preset::Tiny);
     full.model.tokenizer = Some(PathBuf::new());
     let table = toml::Table::try_from(&full).expect("a spec serializes");
     let mut keys = Vec::new();
@@ -448,13 +534,11 @@ fn bad(file: &Path, key: &str, value: impl std::fmt::Debug, want: &str) -> anyho
     .into()
 }
 
-pub const SAMPLINGS: &[&str] = &["random", "sequential"];
-pub const DTYPES: &[&str] = &["auto", "f32", "tf32", "bf16"];
-
 impl Spec {
-    /// Checks every value that can be checked without the model or the data.
+    /// Checks every value that can be checked without the model or the data (names of closed
+    /// sets were checked as they were read).
     pub fn check(&self, file: &Path) -> anyhow::Result<()> {
-        let (d, q, t, e) = (&self.data, &self.quant, &self.train, &self.eval);
+        let (d, t, e) = (&self.data, &self.train, &self.eval);
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             return Err(bad(
                 file,
@@ -462,16 +546,6 @@ impl Spec {
                 &self.name,
                 "a non-empty folder name without '/'",
             ));
-        }
-        if let Some(p) = &self.model.preset {
-            if !crate::model::PRESETS.contains(&p.as_str()) {
-                return Err(bad(
-                    file,
-                    "model.preset",
-                    p,
-                    &format!("one of {:?}", crate::model::PRESETS),
-                ));
-            }
         }
         if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
             return Err(bad(
@@ -490,24 +564,6 @@ impl Spec {
                 return Err(bad(file, key, v, "must be at least 1"));
             }
         }
-        if !SAMPLINGS.contains(&d.sampling.as_str()) {
-            return Err(bad(
-                file,
-                "data.sampling",
-                &d.sampling,
-                "\"random\" or \"sequential\"",
-            ));
-        }
-        for p in &q.projections {
-            if !crate::model::PROJECTIONS.contains(&p.as_str()) {
-                return Err(bad(
-                    file,
-                    "quant.projections",
-                    p,
-                    &format!("each must be one of {:?}", crate::model::PROJECTIONS),
-                ));
-            }
-        }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return Err(bad(file, "train.lr", t.lr, "must be a finite number > 0"));
         }
@@ -520,14 +576,6 @@ impl Spec {
                     "must be in [0, 1)",
                 ));
             }
-        }
-        if !DTYPES.contains(&t.dtype.as_str()) {
-            return Err(bad(
-                file,
-                "train.dtype",
-                &t.dtype,
-                "\"f32\", \"tf32\" or \"bf16\"",
-            ));
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return Err(bad(
@@ -556,8 +604,6 @@ impl Spec {
                 "prompts must not be empty strings",
             ));
         }
-        crate::device::parse(&self.run.device)
-            .map_err(|why| bad(file, "run.device", &self.run.device, &why))?;
         Ok(())
     }
 }

@@ -1,31 +1,20 @@
-//! The training loop and the seed's post-training evaluation: AdamW with linear warm-up and
-//! cosine decay, one loss value per step recorded before the update; then the ternary check,
-//! held-out NLL / perplexity over non-overlapping windows, and greedy generations.
+//! The training loop and the seed's post-training evaluation: AdamW on the learning-rate
+//! schedule of src/schedule.rs, one loss value per step recorded before the update; then the
+//! ternary check, held-out NLL / perplexity over non-overlapping windows, and greedy
+//! generations.
 
 use crate::data::{eval_starts, windows, Batcher};
 use crate::faults::{self, Fault, FaultKind};
 use crate::model::ternary::check_ternary;
 use crate::model::{Params, Qwen3};
 use crate::optim::AdamW;
+use crate::schedule::lr_at;
 use crate::spec::TrainSpec;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::time::Instant;
 use tokenizers::Tokenizer;
-
-/// Learning rate at `step` (0-based), as the seed's `lr_at`:
-/// 1. linear warm-up to `lr` over `warmup_steps` (step 0 already gets lr / warmup);
-/// 2. cosine decay from `lr` to `min_lr_ratio * lr` over the remaining steps, then flat.
-pub fn lr_at(t: &TrainSpec, step: usize) -> f64 {
-    if step < t.warmup_steps {
-        return t.lr * (step + 1) as f64 / t.warmup_steps as f64;
-    }
-    let span = t.steps.saturating_sub(t.warmup_steps).max(1);
-    let progress = ((step - t.warmup_steps) as f64 / span as f64).min(1.0);
-    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-    t.lr * (t.min_lr_ratio + (1.0 - t.min_lr_ratio) * cosine)
-}
 
 /// One line of the loss curve.
 #[derive(Debug, Clone, PartialEq)]

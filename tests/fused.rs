@@ -185,9 +185,9 @@ fn rms_norm_matches_the_composed_one() {
 #[test]
 fn rope_matches_the_composed_one() {
     use ternlab::model::qwen3::Rope;
-    use ternlab::model::Qwen3Config;
+    use ternlab::model::{Preset, Qwen3Config};
     let dev = gpu();
-    let cfg = Qwen3Config::preset("qwen3-0.6b", 151_936).unwrap();
+    let cfg = Qwen3Config::preset(Preset::Qwen3_0_6B, 151_936);
     let (b, n, l, d) = (2, 3, 17, cfg.head_dim);
     let rope = Rope::new(&cfg, l, &dev).unwrap();
     for dtype in [DType::F32, DType::BF16] {
@@ -275,14 +275,14 @@ fn cross_entropy_matches_the_composed_one() {
 #[test]
 fn hand_written_step_matches_autograd() {
     use ternlab::model::load::random_weights;
-    use ternlab::model::{Qwen3, Qwen3Config, TernarySpec};
+    use ternlab::model::{Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
     let dev = gpu();
     for tied in [true, false] {
         // Grouped-query attention (4 query heads on 2 key/value heads), a sequence length
         // that is no multiple of 32.
         // An odd vocabulary (the loss kernel's one-logit path) and an even one (pairs).
         let vocab = if tied { 301 } else { 300 };
-        let mut cfg = Qwen3Config::preset("tiny", vocab).unwrap();
+        let mut cfg = Qwen3Config::preset(Preset::Tiny, vocab);
         cfg.num_hidden_layers = 2;
         cfg.tie_word_embeddings = tied;
         if !tied {
@@ -290,9 +290,13 @@ fn hand_written_step_matches_autograd() {
             cfg.hidden_size = 1056;
         }
         let ternary = TernarySpec {
-            projections: ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-                .map(String::from)
-                .to_vec(),
+            projections: vec![
+                Projection::Q,
+                Projection::V,
+                Projection::O,
+                Projection::Up,
+                Projection::Down,
+            ],
             group_size: ternlab::spec::GroupSize::Columns(32),
         };
         for dense in [DType::F32, DType::BF16] {

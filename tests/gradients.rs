@@ -6,20 +6,21 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
+use ternlab::choice::Choice;
 use ternlab::data::{Batcher, Sampling};
 use ternlab::model::load::random_weights;
 use ternlab::model::ternary::{check_ternary, ternarize};
-use ternlab::model::{cross_entropy, Qwen3, Qwen3Config, TernarySpec, PROJECTIONS};
+use ternlab::model::{cross_entropy, Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
 
-fn all_projections() -> Vec<String> {
-    PROJECTIONS.iter().map(|s| s.to_string()).collect()
+fn all_projections() -> Vec<Projection> {
+    Projection::ALL.to_vec()
 }
 
 #[test]
 fn every_parameter_receives_a_nonzero_gradient() {
     // The tiny preset with random init (norm weights 1, as a fresh model) and the parity
     // fixture (perturbed norms), all projections ternary.
-    let tiny = Qwen3Config::preset("tiny", 512).unwrap();
+    let tiny = Qwen3Config::preset(Preset::Tiny, 512);
     let ternary = TernarySpec {
         projections: all_projections(),
         group_size: ternlab::spec::GroupSize::Columns(32),

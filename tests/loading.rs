@@ -23,7 +23,7 @@ use ternlab::model::load::{
     hub_cache_dir, hub_offline, random_weights, read_weights, resolve_checkpoint,
 };
 use ternlab::model::qwen3::Weights;
-use ternlab::model::{cross_entropy, Qwen3, Qwen3Config, TernarySpec};
+use ternlab::model::{cross_entropy, Projection, Qwen3, Qwen3Config, TernarySpec};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -597,7 +597,7 @@ fn bf16_and_f16_checkpoints_compute_as_their_values_in_f32() {
             "{dtype:?}: dense parameters keep the checkpoint's dtype"
         );
         let ternary = TernarySpec {
-            projections: vec!["q_proj".into(), "down_proj".into()],
+            projections: vec![Projection::Q, Projection::Down],
             group_size: ternlab::spec::GroupSize::Columns(16),
         };
         let (_, params) = Qwen3::new(&cfg, loaded.clone(), &ternary, &Device::Cpu).unwrap();

@@ -9,8 +9,9 @@ mod common;
 
 use common::*;
 use ternlab::data::{Batcher, Sampling};
-use ternlab::spec::{DenseDtype, TrainSpec};
-use ternlab::train::{lr_at, train, Outcome, ValDuringTraining};
+use ternlab::schedule::lr_at;
+use ternlab::spec::{ComputeDtype, DenseDtype, TrainDtype, TrainSpec};
+use ternlab::train::{train, Outcome, ValDuringTraining};
 
 // Bounds about 10x above what this test measures (the largest over tensors, CPU, f32; see its
 // printed numbers): entry-wise (see `elementwise_err`) 5.0e-4 for logits and 2.8e-4 for
@@ -33,7 +34,7 @@ fn fixture_train_spec(m: &FixtureMeta) -> TrainSpec {
         eps: m.eps,
         weight_decay: m.weight_decay,
         seed: 0,
-        dtype: "f32".into(),
+        dtype: TrainDtype::Fixed(ComputeDtype::F32),
         // PyTorch's semantics: the bias-corrected AdamW, every parameter in f32.
         bias_correction: true,
         dense_dtype: DenseDtype::F32,

@@ -2,6 +2,8 @@
 //! --set), grid / zip / seed axes, run ids, and the messages of bad specs.
 
 use std::path::{Path, PathBuf};
+use ternlab::data::Sampling;
+use ternlab::device::DeviceChoice;
 use ternlab::plan::{plan, run_id};
 use ternlab::spec::{self, GroupSize, Override, Spec};
 
@@ -48,7 +50,7 @@ fn defaults_are_the_seed_recipe() {
     assert_eq!(s.quant.projections.len(), 7);
     assert_eq!((s.data.seq_len, s.data.batch_size), (256, 4));
     assert_eq!(s.data.val_fraction, 0.1);
-    assert_eq!(s.data.sampling, "random");
+    assert_eq!(s.data.sampling, Sampling::Random);
     assert_eq!(
         (s.train.steps, s.train.warmup_steps, s.train.seed),
         (250, 30, 0)
@@ -151,7 +153,7 @@ fn run_id_without_a_sweep_names_the_seed() {
     assert_eq!(run_id(&s, &[], &hash), format!("seed=0_{}", &hash[..8]));
     // The device is not part of the experiment.
     let mut on_cpu = s.clone();
-    on_cpu.run.device = "cpu".into();
+    on_cpu.run.device = DeviceChoice::Cpu;
     assert_eq!(ternlab::plan::config_hash(&on_cpu), hash);
 }
 
@@ -255,8 +257,9 @@ fn bad_specs_name_the_key() {
 fn auto_dtype_resolves_by_device() {
     let _env = serial();
     use candle_core::Device;
-    use ternlab::run::resolved_dtype;
-    assert_eq!(Spec::default().train.dtype, "auto");
+    use ternlab::choice::Choice;
+    use ternlab::spec::{ComputeDtype, TrainDtype};
+    assert_eq!(Spec::default().train.dtype, TrainDtype::Auto);
     // The seed's semantics by default.
     assert!(!Spec::default().train.bias_correction);
     assert_eq!(
@@ -264,7 +267,82 @@ fn auto_dtype_resolves_by_device() {
         ternlab::spec::DenseDtype::Checkpoint
     );
     // bf16 only where the fused CUDA kernels run; the CPU keeps f32.
-    assert_eq!(resolved_dtype("auto", &Device::Cpu), "f32");
-    assert_eq!(resolved_dtype("bf16", &Device::Cpu), "bf16");
-    assert_eq!(resolved_dtype("tf32", &Device::Cpu), "tf32");
+    // As report.json writes them.
+    let resolved = |d: TrainDtype| d.resolve(&Device::Cpu).name();
+    assert_eq!(resolved(TrainDtype::Auto), "f32");
+    assert_eq!(resolved(TrainDtype::Fixed(ComputeDtype::Bf16)), "bf16");
+    assert_eq!(resolved(TrainDtype::Fixed(ComputeDtype::Tf32)), "tf32");
+}
+
+#[test]
+fn named_values_are_written_back_as_written() {
+    let _env = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    // config.toml, report.json's config and the config hash see the names the spec wrote:
+    // "cuda" stays "cuda" (not "cuda:0").
+    for (device, preset, sampling, dtype) in [
+        ("cuda", "qwen3-0.6b", "sequential", "tf32"),
+        ("cuda:1", "tiny", "random", "auto"),
+        ("metal", "tiny", "random", "bf16"),
+        ("cpu", "tiny", "random", "f32"),
+    ] {
+        let text = format!(
+            "[model]\npreset = \"{preset}\"\n[data]\nsampling = \"{sampling}\"\n\
+             [train]\ndtype = \"{dtype}\"\n[run]\ndevice = \"{device}\"\n"
+        );
+        let p = write_spec(tmp.path(), &text);
+        let spec = &plan(&p, &[]).unwrap().runs[0].spec;
+        let written: toml::Table = toml::from_str(&toml::to_string(spec).unwrap()).unwrap();
+        let back: toml::Table = toml::from_str(&text).unwrap();
+        for (section, key) in [
+            ("model", "preset"),
+            ("data", "sampling"),
+            ("train", "dtype"),
+            ("run", "device"),
+        ] {
+            assert_eq!(written[section][key], back[section][key], "{section}.{key}");
+        }
+    }
+}
+
+#[test]
+fn bad_names_are_refused_with_the_valid_ones() {
+    let _env = serial();
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "[train]\ndtype = \"fp16\"\n",
+            &[
+                "`train.dtype`",
+                "\"fp16\"",
+                "\"auto\"",
+                "\"tf32\"",
+                "\"bf16\"",
+            ],
+        ),
+        (
+            "[run]\ndevice = \"cuda:x\"\n",
+            &["`run.device`", "\"cuda:x\"", "\"cpu\"", "cuda:N"],
+        ),
+        (
+            "[data]\nsampling = 3\n",
+            &["`data.sampling`", "\"random\" or \"sequential\""],
+        ),
+        (
+            "[model]\npreset = \"Tiny\"\n",
+            &["`model.preset`", "\"Tiny\"", "\"tiny\" or \"qwen3-0.6b\""],
+        ),
+        (
+            "[sweep]\n\"train.dtype\" = [\"f32\", \"f16\"]\n",
+            &["`train.dtype`", "\"f16\"", "sweep run"],
+        ),
+    ];
+    for (text, wants) in cases {
+        let msg = err_of(text, &[]);
+        for w in *wants {
+            assert!(
+                msg.contains(w),
+                "for {text:?}: {msg:?} should contain {w:?}"
+            );
+        }
+    }
 }

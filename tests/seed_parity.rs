@@ -192,10 +192,7 @@ fn generate_on_seed_weights(fixture: &Value, device: &str, dtype: &str) -> Vec<(
     let files = resolve_checkpoint(tmp.path().to_str().unwrap(), "main").unwrap();
     let cfg = Qwen3Config::from_hf_json(&files.config).unwrap();
     let ternary = TernarySpec {
-        projections: ternlab::model::PROJECTIONS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        projections: <ternlab::model::Projection as ternlab::choice::Choice>::ALL.to_vec(),
         group_size: ternlab::spec::GroupSize::Columns(
             fixture["settings"]["GROUP_SIZE"].as_u64().unwrap() as usize,
         ),

@@ -1,6 +1,7 @@
 //! The Qwen3 architecture hyper-parameters: read from a Hugging Face `config.json`
 //! (as written by older and current transformers releases) or taken from a built-in preset.
 
+use crate::choice::{serde_by_name, Choice};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -126,11 +127,12 @@ impl Qwen3Config {
         Ok(())
     }
 
-    /// Built-in shapes for runs without a checkpoint (random init).
-    pub fn preset(name: &str, vocab_size: usize) -> Option<Self> {
-        match name {
+    /// Built-in shapes for runs without a checkpoint (random init). `tiny` takes the
+    /// tokenizer's vocabulary size; `qwen3-0.6b` has Qwen3-0.6B's own.
+    pub fn preset(preset: Preset, vocab_size: usize) -> Self {
+        match preset {
             // Small enough to train on two CPU cores in a minute or two.
-            "tiny" => Some(Self {
+            Preset::Tiny => Self {
                 vocab_size,
                 hidden_size: 128,
                 intermediate_size: 384,
@@ -142,9 +144,9 @@ impl Qwen3Config {
                 rms_norm_eps: 1e-6,
                 tie_word_embeddings: true,
                 max_position_embeddings: 4096,
-            }),
+            },
             // The shapes of Qwen/Qwen3-0.6B (its config.json), for benchmarks.
-            "qwen3-0.6b" => Some(Self {
+            Preset::Qwen3_0_6B => Self {
                 vocab_size: 151_936,
                 hidden_size: 1024,
                 intermediate_size: 3072,
@@ -156,29 +158,77 @@ impl Qwen3Config {
                 rms_norm_eps: 1e-6,
                 tie_word_embeddings: true,
                 max_position_embeddings: 40_960,
-            }),
-            _ => None,
+            },
         }
     }
 
     /// Input width of each ternarizable projection (what `group_size` must divide).
-    pub fn projection_in_features(&self, projection: &str) -> Option<usize> {
+    pub fn projection_in_features(&self, projection: Projection) -> usize {
         match projection {
-            "q_proj" | "k_proj" | "v_proj" | "gate_proj" | "up_proj" => Some(self.hidden_size),
-            "o_proj" => Some(self.num_attention_heads * self.head_dim),
-            "down_proj" => Some(self.intermediate_size),
-            _ => None,
+            Projection::Q | Projection::K | Projection::V | Projection::Gate | Projection::Up => {
+                self.hidden_size
+            }
+            Projection::O => self.num_attention_heads * self.head_dim,
+            Projection::Down => self.intermediate_size,
         }
     }
 }
 
-pub const PRESETS: &[&str] = &["tiny", "qwen3-0.6b"];
-pub const PROJECTIONS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// `model.preset`: the built-in shapes, trained from seeded random init.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// "tiny": 4 layers, hidden 128, the bundled tokenizer.
+    Tiny,
+    /// "qwen3-0.6b": Qwen3-0.6B's shapes.
+    Qwen3_0_6B,
+}
+
+impl Choice for Preset {
+    const ALL: &'static [Self] = &[Preset::Tiny, Preset::Qwen3_0_6B];
+    fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Qwen3_0_6B => "qwen3-0.6b",
+        }
+    }
+}
+
+serde_by_name!(Preset);
+
+/// A linear layer of a decoder block, the ones `quant.projections` can make ternary, named as
+/// in the checkpoint (`q_proj`, ..., `down_proj`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Choice for Projection {
+    const ALL: &'static [Self] = &[
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            Projection::Q => "q_proj",
+            Projection::K => "k_proj",
+            Projection::V => "v_proj",
+            Projection::O => "o_proj",
+            Projection::Gate => "gate_proj",
+            Projection::Up => "up_proj",
+            Projection::Down => "down_proj",
+        }
+    }
+}
+
+serde_by_name!(Projection);

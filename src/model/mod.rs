@@ -7,5 +7,5 @@ pub mod load;
 pub mod qwen3;
 pub mod ternary;
 
-pub use config::{Qwen3Config, PRESETS, PROJECTIONS};
+pub use config::{Preset, Projection, Qwen3Config};
 pub use qwen3::{cross_entropy, Params, Qwen3, TernarySpec};

@@ -7,9 +7,10 @@
 //! K key/value heads, R = H / K, D head dim, F intermediate size, V vocabulary.
 //! Weights are named as in the Hugging Face checkpoint (`model.layers.3.mlp.up_proj.weight`).
 
-use super::config::Qwen3Config;
+use super::config::{Projection, Qwen3Config};
 use super::fused::ternary_weight;
 use super::ternary::ternarize;
+use crate::choice::Choice;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
 
@@ -364,7 +365,7 @@ impl DecoderLayer {
 /// Which projections are ternary, and with which group size.
 #[derive(Debug, Clone)]
 pub struct TernarySpec {
-    pub projections: Vec<String>,
+    pub projections: Vec<Projection>,
     pub group_size: crate::spec::GroupSize,
 }
 
@@ -418,28 +419,28 @@ impl Qwen3 {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut linear = |params: &mut Params, part: &str, proj: &str, shape: &[usize]| {
-                let name = format!("{p}.{part}.{proj}.weight");
-                let ternary_group = ternary
-                    .projections
-                    .iter()
-                    .any(|x| x == proj)
-                    .then_some(ternary.group_size.for_width(shape[1]));
-                let weight = param(params, name.clone(), shape, ternary_group.is_some())?;
-                Ok::<_, candle_core::Error>(Linear {
-                    weight,
-                    ternary_group,
-                    name,
-                    fused: false,
-                })
-            };
-            let self_attn_q = linear(&mut params, "self_attn", "q_proj", &[h * d, e])?;
-            let self_attn_k = linear(&mut params, "self_attn", "k_proj", &[k * d, e])?;
-            let self_attn_v = linear(&mut params, "self_attn", "v_proj", &[k * d, e])?;
-            let self_attn_o = linear(&mut params, "self_attn", "o_proj", &[e, h * d])?;
-            let gate = linear(&mut params, "mlp", "gate_proj", &[f, e])?;
-            let up = linear(&mut params, "mlp", "up_proj", &[f, e])?;
-            let down = linear(&mut params, "mlp", "down_proj", &[e, f])?;
+            let mut linear =
+                |params: &mut Params, part: &str, proj: Projection, shape: &[usize]| {
+                    let name = format!("{p}.{part}.{}.weight", proj.name());
+                    let ternary_group = ternary
+                        .projections
+                        .contains(&proj)
+                        .then_some(ternary.group_size.for_width(shape[1]));
+                    let weight = param(params, name.clone(), shape, ternary_group.is_some())?;
+                    Ok::<_, candle_core::Error>(Linear {
+                        weight,
+                        ternary_group,
+                        name,
+                        fused: false,
+                    })
+                };
+            let self_attn_q = linear(&mut params, "self_attn", Projection::Q, &[h * d, e])?;
+            let self_attn_k = linear(&mut params, "self_attn", Projection::K, &[k * d, e])?;
+            let self_attn_v = linear(&mut params, "self_attn", Projection::V, &[k * d, e])?;
+            let self_attn_o = linear(&mut params, "self_attn", Projection::O, &[e, h * d])?;
+            let gate = linear(&mut params, "mlp", Projection::Gate, &[f, e])?;
+            let up = linear(&mut params, "mlp", Projection::Up, &[f, e])?;
+            let down = linear(&mut params, "mlp", Projection::Down, &[e, f])?;
             let mut norm = |params: &mut Params, name: String, n: usize| {
                 Ok::<_, candle_core::Error>(RmsNorm {
                     weight: param(params, name, &[n], false)?,

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use ternlab::model::load::{read_weights, resolve_checkpoint};
 use ternlab::model::qwen3::Weights;
-use ternlab::model::{Params, Qwen3, Qwen3Config, TernarySpec};
+use ternlab::model::{Params, Projection, Qwen3, Qwen3Config, TernarySpec};
 
 pub fn fixture_dir() -> PathBuf {
     repo_root().join("tests/fixtures/parity")
@@ -28,7 +28,7 @@ pub struct FixtureMeta {
     pub betas: [f64; 2],
     pub eps: f64,
     pub weight_decay: f64,
-    pub projections: Vec<String>,
+    pub projections: Vec<Projection>,
     pub n_ternary_layers: usize,
     pub tokens: Vec<u32>,
     pub losses: Vec<f64>,
@@ -65,7 +65,7 @@ pub fn test_device() -> Device {
     }
 }
 
-pub fn fixture_model(projections: &[String], group_size: usize) -> (Qwen3, Params) {
+pub fn fixture_model(projections: &[Projection], group_size: usize) -> (Qwen3, Params) {
     let ternary = TernarySpec {
         projections: projections.to_vec(),
         group_size: ternlab::spec::GroupSize::Columns(group_size),
