@@ -41,6 +41,23 @@ fn fixture_train_spec(m: &FixtureMeta) -> TrainSpec {
     }
 }
 
+/// Logits within both bounds of the reference's: entry-wise and of the largest entry.
+fn assert_logits_match(what: &str, logits: &candle_core::Tensor, reference: &candle_core::Tensor) {
+    let (err, max_err) = (
+        elementwise_err(logits, reference),
+        rel_err(logits, reference),
+    );
+    eprintln!("{what} logits: relative error {err:e} entry-wise, {max_err:e} of the largest");
+    assert!(
+        err < LOGITS_ENTRYWISE,
+        "{what} logits relative error {err:e}"
+    );
+    assert!(
+        max_err < LOGITS_OF_MAX,
+        "{what} logits relative error {max_err:e}"
+    );
+}
+
 fn batch0(m: &FixtureMeta) -> (candle_core::Tensor, candle_core::Tensor) {
     let mut b = Batcher::new(&m.tokens, m.seq_len, m.batch_size, Sampling::Sequential, 0).unwrap();
     b.next_batch(&test_device()).unwrap()
@@ -53,19 +70,7 @@ fn dense_logits_match_transformers() {
     let (x, _) = batch0(&m);
     let logits = model.forward(&x).unwrap();
     let reference = &fixture_tensors()["logits_dense"];
-    let (err, max_err) = (
-        elementwise_err(&logits, reference),
-        rel_err(&logits, reference),
-    );
-    eprintln!("dense logits: relative error {err:e} entry-wise, {max_err:e} of the largest");
-    assert!(
-        err < LOGITS_ENTRYWISE,
-        "dense logits relative error {err:e}"
-    );
-    assert!(
-        max_err < LOGITS_OF_MAX,
-        "dense logits relative error {max_err:e}"
-    );
+    assert_logits_match("dense", &logits, reference);
 }
 
 #[test]
@@ -76,19 +81,7 @@ fn ternary_logits_match_transformers() {
     let (x, _) = batch0(&m);
     let logits = model.forward(&x).unwrap();
     let reference = &fixture_tensors()["logits_ternary"];
-    let (err, max_err) = (
-        elementwise_err(&logits, reference),
-        rel_err(&logits, reference),
-    );
-    eprintln!("ternary logits: relative error {err:e} entry-wise, {max_err:e} of the largest");
-    assert!(
-        err < LOGITS_ENTRYWISE,
-        "ternary logits relative error {err:e}"
-    );
-    assert!(
-        max_err < LOGITS_OF_MAX,
-        "ternary logits relative error {max_err:e}"
-    );
+    assert_logits_match("ternary", &logits, reference);
 }
 
 #[test]
