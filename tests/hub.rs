@@ -484,29 +484,31 @@ fn a_missing_repo_or_revision_is_refused_naming_it() {
     let err = case
         .run("Qwen/Qwen3-Nope", "main", server.url(), false)
         .refused();
-    for want in [
-        "Qwen/Qwen3-Nope@main",
-        server.url(),
-        "has no model repo",
-        "RepoNotFound",
-        "check model.source",
-    ] {
-        assert!(err.contains(want), "missing {want:?}: {err}");
-    }
+    assert_names(
+        &err,
+        &[
+            "Qwen/Qwen3-Nope@main",
+            server.url(),
+            "has no model repo",
+            "RepoNotFound",
+            "check model.source",
+        ],
+    );
     assert!(!case
         .repo_dir("models--Qwen--Qwen3-Nope")
         .join("snapshots")
         .exists());
 
     let err = case.run(REPO, "nope", server.url(), false).refused();
-    for want in [
-        &format!("{REPO}@nope"),
-        "has no revision \"nope\"",
-        "RevisionNotFound",
-        "set model.revision",
-    ] {
-        assert!(err.contains(want), "missing {want:?}: {err}");
-    }
+    assert_names(
+        &err,
+        &[
+            &format!("{REPO}@nope"),
+            "has no revision \"nope\"",
+            "RevisionNotFound",
+            "set model.revision",
+        ],
+    );
     assert!(!case.repo_dir(REPO_DIR).join("snapshots").exists());
 }
 
@@ -515,15 +517,16 @@ fn an_unreachable_or_malformed_endpoint_is_refused_naming_it() {
     let mut case = Case::new();
     let dead = dead_endpoint();
     let err = case.run(REPO, "main", &dead, false).refused();
-    for want in [
-        &format!("{REPO}@main"),
-        "cannot reach the hub",
-        &dead,
-        "HF_ENDPOINT",
-        "HF_HUB_OFFLINE=1",
-    ] {
-        assert!(err.contains(want), "missing {want:?}: {err}");
-    }
+    assert_names(
+        &err,
+        &[
+            &format!("{REPO}@main"),
+            "cannot reach the hub",
+            &dead,
+            "HF_ENDPOINT",
+            "HF_HUB_OFFLINE=1",
+        ],
+    );
     assert!(!case.repo_dir(REPO_DIR).join("snapshots").exists());
 
     let err = case.run(REPO, "main", "huggingface.co", false).refused();
@@ -546,14 +549,15 @@ fn a_cut_download_is_not_cached_as_complete_and_a_rerun_resumes_it() {
     let mut case = Case::new();
     let repo_dir = case.repo_dir(REPO_DIR);
     let err = case.run(REPO, "main", server.url(), false).refused();
-    for want in [
-        &format!("{REPO}@main"),
-        "downloading model.safetensors",
-        "broke off",
-        "run again",
-    ] {
-        assert!(err.contains(want), "missing {want:?}: {err}");
-    }
+    assert_names(
+        &err,
+        &[
+            &format!("{REPO}@main"),
+            "downloading model.safetensors",
+            "broke off",
+            "run again",
+        ],
+    );
     // Neither the blob nor the snapshot entry exists; the bytes received wait as a `.part`.
     assert!(!repo_dir.join("blobs").join(&sha).exists());
     assert!(!repo_dir
@@ -599,14 +603,15 @@ fn a_body_cut_without_a_length_fails_its_sha256_and_leaves_nothing() {
     let mut case = Case::new();
     let repo_dir = case.repo_dir(REPO_DIR);
     let err = case.run(REPO, "main", server.url(), false).refused();
-    for want in [
-        &format!("{REPO}@main"),
-        "downloading model.safetensors",
-        &format!("not the {sha}"),
-        "run again",
-    ] {
-        assert!(err.contains(want), "missing {want:?}: {err}");
-    }
+    assert_names(
+        &err,
+        &[
+            &format!("{REPO}@main"),
+            "downloading model.safetensors",
+            &format!("not the {sha}"),
+            "run again",
+        ],
+    );
     let blobs: Vec<String> = std::fs::read_dir(repo_dir.join("blobs"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -651,4 +656,11 @@ fn a_renamed_repo_is_followed_through_its_redirect_and_the_endpoint_slash_droppe
         &s.main_files,
     );
     assert!(server.requests().iter().any(|r| r.status == 307));
+}
+
+/// `err` names every one of `wants`.
+fn assert_names(err: &str, wants: &[&str]) {
+    for want in wants {
+        assert!(err.contains(want), "missing {want:?}: {err}");
+    }
 }
