@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod fused;
+pub mod hub;
 pub mod load;
 pub mod qwen3;
 pub mod ternary;
