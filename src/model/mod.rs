@@ -8,4 +8,5 @@ pub mod qwen3;
 pub mod ternary;
 
 pub use config::{Preset, Projection, Qwen3Config};
-pub use qwen3::{cross_entropy, Params, Qwen3, TernarySpec};
+pub use qwen3::{cross_entropy, Params, Qwen3};
+pub use ternary::{GroupSize, TernarySpec};

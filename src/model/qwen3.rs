@@ -10,6 +10,7 @@
 use super::config::{Projection, Qwen3Config};
 use super::fused::ternary_weight;
 use super::ternary::ternarize;
+use super::ternary::TernarySpec;
 use crate::choice::Choice;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::HashMap;
@@ -362,13 +363,6 @@ impl DecoderLayer {
     }
 }
 
-/// Which projections are ternary, and with which group size.
-#[derive(Debug, Clone)]
-pub struct TernarySpec {
-    pub projections: Vec<Projection>,
-    pub group_size: crate::spec::GroupSize,
-}
-
 #[derive(Clone)]
 pub struct Qwen3 {
     pub cfg: Qwen3Config,
@@ -422,10 +416,7 @@ impl Qwen3 {
             let mut linear =
                 |params: &mut Params, part: &str, proj: Projection, shape: &[usize]| {
                     let name = format!("{p}.{part}.{}.weight", proj.name());
-                    let ternary_group = ternary
-                        .projections
-                        .contains(&proj)
-                        .then_some(ternary.group_size.for_width(shape[1]));
+                    let ternary_group = ternary.group_for(proj, shape[1]);
                     let weight = param(params, name.clone(), shape, ternary_group.is_some())?;
                     Ok::<_, candle_core::Error>(Linear {
                         weight,
