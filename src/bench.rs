@@ -4,11 +4,12 @@
 //! peak and device memory.
 
 use crate::data::Batcher;
-use crate::model::Qwen3Config;
+use crate::model::{Ops, Qwen3Config};
 use crate::optim::AdamW;
 use crate::run::PreparedRun;
 use crate::schedule::lr_at;
 use crate::spec::ComputeDtype;
+use crate::trainer::Trainer;
 use anyhow::Result;
 use candle_core::Device;
 use serde::Serialize;
@@ -138,7 +139,8 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
     let (device, device_label) = crate::device::open(p.spec.run.device)?;
     let (model, params) = p.build_model(&device)?;
     let (t, d) = (&p.spec.train, &p.spec.data);
-    let mut opt = AdamW::for_run(params.vars(), t, model.is_fused())?;
+    let trainer = Trainer::for_model(&model);
+    let mut opt = AdamW::for_run(params.vars(), t, model.ops() == Ops::Fused)?;
     let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, d.sampling, t.seed)?;
     // From here on, as torch.cuda.reset_peak_memory_stats before the reference's loop: the
     // weights and optimizer state count, as they are in use.
@@ -157,7 +159,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         let by_phase = step >= warmup + steps;
         let start = Instant::now();
         opt.set_learning_rate(lr_at(t, step));
-        let fwd = model.train_forward(&x, &y)?;
+        let fwd = trainer.forward(&model, &x, &y)?;
         let loss = fwd.loss.clone();
         let t_fwd = by_phase.then(|| sync_time(&device, start)).transpose()?;
         let grads = fwd.backward(&model)?;
@@ -191,7 +193,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         device: device_label,
         device_name: name,
         dtype,
-        trainer: model.trainer().into(),
+        trainer: trainer.name().into(),
         batch_size: d.batch_size,
         seq_len: d.seq_len,
         timed_steps: steps,

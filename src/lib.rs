@@ -22,3 +22,4 @@ pub mod runner;
 pub mod schedule;
 pub mod spec;
 pub mod train;
+pub mod trainer;

@@ -14,6 +14,7 @@ use crate::report::{
 };
 use crate::spec::{BadInput, DenseDtype, Spec};
 use crate::train::{self, Outcome, ValDuringTraining};
+use crate::trainer::Trainer;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -331,7 +332,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         seed: t.seed,
         device: device_name,
         dtype: t.dtype.resolve(&device),
-        trainer: model.trainer().into(),
+        trainer: Trainer::for_model(&model).name().into(),
         semantics: semantics(t).into(),
         dense_dtype: dtype_name(model.dense_dtype()).into(),
         model_origin: p.origin_name(),

@@ -14,6 +14,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+pub use crate::model::GroupSize;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Spec {
@@ -70,60 +72,6 @@ fn projections<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Projection>
         .iter()
         .map(|name| crate::choice::from_name(name).map_err(serde::de::Error::custom))
         .collect()
-}
-
-/// `quant.group_size`: a number of input columns, or `"row"` (the whole input width).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupSize {
-    Columns(usize),
-    Row,
-}
-
-impl GroupSize {
-    /// The group size of a projection whose input width is `width`.
-    pub fn for_width(self, width: usize) -> usize {
-        match self {
-            GroupSize::Columns(g) => g,
-            GroupSize::Row => width,
-        }
-    }
-}
-
-impl std::fmt::Display for GroupSize {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GroupSize::Columns(g) => write!(f, "{g}"),
-            GroupSize::Row => f.write_str("row"),
-        }
-    }
-}
-
-impl Serialize for GroupSize {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            GroupSize::Columns(g) => s.serialize_u64(*g as u64),
-            GroupSize::Row => s.serialize_str("row"),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for GroupSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(i64),
-            Str(String),
-        }
-        let want = "a positive number of input columns (32, 128, ...) or \"row\"";
-        match Raw::deserialize(d) {
-            Ok(Raw::Int(g)) if g > 0 => Ok(GroupSize::Columns(g as usize)),
-            Ok(Raw::Str(s)) if s == "row" => Ok(GroupSize::Row),
-            Ok(Raw::Int(g)) => Err(serde::de::Error::custom(format!("{g}: expected {want}"))),
-            Ok(Raw::Str(s)) => Err(serde::de::Error::custom(format!("{s:?}: expected {want}"))),
-            Err(_) => Err(serde::de::Error::custom(format!("expected {want}"))),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

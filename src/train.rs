@@ -5,11 +5,13 @@
 
 use crate::data::{eval_starts, windows, Batcher};
 use crate::faults::{self, Fault, FaultKind};
+use crate::model::ops::cross_entropy_with;
 use crate::model::ternary::check_ternary;
-use crate::model::{Params, Qwen3};
+use crate::model::{Ops, Params, Qwen3};
 use crate::optim::AdamW;
 use crate::schedule::lr_at;
 use crate::spec::TrainSpec;
+use crate::trainer::Trainer;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -68,7 +70,8 @@ pub fn train(
     on_step: &mut dyn FnMut(&StepRecord) -> Result<()>,
 ) -> Result<TrainResult> {
     let device = model.device().clone();
-    let mut opt = AdamW::for_run(params.vars(), t, model.is_fused())?;
+    let trainer = Trainer::for_model(model);
+    let mut opt = AdamW::for_run(params.vars(), t, model.ops() == Ops::Fused)?;
     let (b, l) = (val.batch_size, val.seq_len);
     let start = Instant::now();
     let mut losses = Vec::with_capacity(t.steps);
@@ -89,7 +92,7 @@ pub fn train(
         let lr = lr_at(t, step);
         opt.set_learning_rate(lr);
         let (x, y) = batcher.next_batch(&device)?;
-        let fwd = model.train_forward(&x, &y)?;
+        let fwd = trainer.forward(model, &x, &y)?;
         // Reading the loss is the step's one host sync.
         let mut loss_value = fwd.loss.to_scalar::<f32>()? as f64;
         if fault_now == Some(FaultKind::Nan) {
@@ -143,7 +146,8 @@ pub fn heldout_nll(model: &Qwen3, tokens: &[u32], seq_len: usize, batch: usize) 
     let mut count = 0usize;
     for chunk in starts.chunks(batch.max(1)) {
         let (x, y) = windows(tokens, chunk, seq_len, model.device())?;
-        let mean = model.loss(&model.forward(&x)?, &y)?.to_scalar::<f32>()? as f64;
+        let logits = model.forward(&x)?;
+        let mean = cross_entropy_with(&logits, &y, model.ops())?.to_scalar::<f32>()? as f64;
         let n = chunk.len() * seq_len;
         nll_sum += mean * n as f64;
         count += n;

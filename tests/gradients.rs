@@ -11,6 +11,7 @@ use ternlab::data::{Batcher, Sampling};
 use ternlab::model::load::random_weights;
 use ternlab::model::ternary::{check_ternary, ternarize};
 use ternlab::model::{cross_entropy, Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
+use ternlab::trainer::Trainer;
 
 fn all_projections() -> Vec<Projection> {
     Projection::ALL.to_vec()
@@ -40,8 +41,8 @@ fn every_parameter_receives_a_nonzero_gradient() {
         let tokens: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % v).collect();
         let mut b = Batcher::new(&tokens, 16, 2, Sampling::Sequential, 0).unwrap();
         let (x, y) = b.next_batch(&test_device()).unwrap();
-        let grads = model
-            .train_forward(&x, &y)
+        let grads = Trainer::for_model(&model)
+            .forward(&model, &x, &y)
             .unwrap()
             .backward(&model)
             .unwrap();
@@ -77,8 +78,8 @@ fn ste_gradient_equals_dense_gradient_at_the_ternary_weight() {
     let mut b = Batcher::new(&m.tokens, m.seq_len, m.batch_size, Sampling::Sequential, 0).unwrap();
     let (x, y) = b.next_batch(&test_device()).unwrap();
     let grads = |model: &Qwen3| {
-        model
-            .train_forward(&x, &y)
+        Trainer::for_model(model)
+            .forward(model, &x, &y)
             .unwrap()
             .backward(model)
             .unwrap()

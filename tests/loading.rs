@@ -22,8 +22,7 @@ use ternlab::data::{Batcher, Sampling};
 use ternlab::model::load::{
     hub_cache_dir, hub_offline, random_weights, read_weights, resolve_checkpoint,
 };
-use ternlab::model::qwen3::Weights;
-use ternlab::model::{cross_entropy, Projection, Qwen3, Qwen3Config, TernarySpec};
+use ternlab::model::{cross_entropy, Projection, Qwen3, Qwen3Config, TernarySpec, Weights};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

@@ -12,6 +12,7 @@ use ternlab::data::{Batcher, Sampling};
 use ternlab::schedule::lr_at;
 use ternlab::spec::{ComputeDtype, DenseDtype, TrainDtype, TrainSpec};
 use ternlab::train::{train, Outcome, ValDuringTraining};
+use ternlab::trainer::Trainer;
 
 // Bounds about 10x above what this test measures (the largest over tensors, CPU, f32; see its
 // printed numbers): entry-wise (see `elementwise_err`) 5.0e-4 for logits and 2.8e-4 for
@@ -90,8 +91,8 @@ fn step0_gradients_match_transformers() {
     let (model, params) = fixture_model(&m.projections, m.group_size);
     let (x, y) = batch0(&m);
     // The training step's own forward and backward (on a GPU, the hand-written CUDA step).
-    let grads = model
-        .train_forward(&x, &y)
+    let grads = Trainer::for_model(&model)
+        .forward(&model, &x, &y)
         .unwrap()
         .backward(&model)
         .unwrap();

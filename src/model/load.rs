@@ -5,7 +5,7 @@
 //! which parameters become f32).
 
 use super::config::Qwen3Config;
-use super::qwen3::Weights;
+use super::weights::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;

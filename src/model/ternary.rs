@@ -6,7 +6,79 @@
 //! pass treats the projection as the identity (`W + stop_grad(W_t - W)`), so the latent fp32
 //! weight receives exactly the gradient that a dense layer at `W_t` would.
 
+use super::config::Projection;
 use candle_core::{DType, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// Which projections are ternary, and with which group size.
+#[derive(Debug, Clone)]
+pub struct TernarySpec {
+    pub projections: Vec<Projection>,
+    pub group_size: GroupSize,
+}
+
+impl TernarySpec {
+    /// The group size of `projection` with input width `width`, if it is ternary.
+    pub fn group_for(&self, projection: Projection, width: usize) -> Option<usize> {
+        self.projections
+            .contains(&projection)
+            .then_some(self.group_size.for_width(width))
+    }
+}
+
+/// `quant.group_size`: a number of input columns, or `"row"` (the whole input width).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupSize {
+    Columns(usize),
+    Row,
+}
+
+impl GroupSize {
+    /// The group size of a projection whose input width is `width`.
+    pub fn for_width(self, width: usize) -> usize {
+        match self {
+            GroupSize::Columns(g) => g,
+            GroupSize::Row => width,
+        }
+    }
+}
+
+impl std::fmt::Display for GroupSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupSize::Columns(g) => write!(f, "{g}"),
+            GroupSize::Row => f.write_str("row"),
+        }
+    }
+}
+
+impl Serialize for GroupSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            GroupSize::Columns(g) => s.serialize_u64(*g as u64),
+            GroupSize::Row => s.serialize_str("row"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GroupSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        let want = "a positive number of input columns (32, 128, ...) or \"row\"";
+        match Raw::deserialize(d) {
+            Ok(Raw::Int(g)) if g > 0 => Ok(GroupSize::Columns(g as usize)),
+            Ok(Raw::Str(s)) if s == "row" => Ok(GroupSize::Row),
+            Ok(Raw::Int(g)) => Err(serde::de::Error::custom(format!("{g}: expected {want}"))),
+            Ok(Raw::Str(s)) => Err(serde::de::Error::custom(format!("{s:?}: expected {want}"))),
+            Err(_) => Err(serde::de::Error::custom(format!("expected {want}"))),
+        }
+    }
+}
 
 /// Smallest scale, as in the seed: keeps all-zero groups finite.
 pub const MIN_SCALE: f64 = 1e-8;

@@ -9,8 +9,7 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use ternlab::model::load::{read_weights, resolve_checkpoint};
-use ternlab::model::qwen3::Weights;
-use ternlab::model::{Params, Projection, Qwen3, Qwen3Config, TernarySpec};
+use ternlab::model::{Params, Projection, Qwen3, Qwen3Config, TernarySpec, Weights};
 
 pub fn fixture_dir() -> PathBuf {
     repo_root().join("tests/fixtures/parity")

@@ -1,0 +1,348 @@
+//! The blocks of Qwen3, each built from its checkpoint weights by `new(cfg, vb)` as in
+//! candle's `candle-transformers` models, and run by `forward` with the ops of `super::ops`.
+//!
+//! Legend for shape notes: B batch, L sequence length, E hidden size, H query heads,
+//! K key/value heads, R = H / K, D head dim, F intermediate size, V vocabulary.
+
+use super::config::{Projection, Qwen3Config};
+use super::ops::{self, Ops};
+use super::ternary::ternarize;
+use super::weights::WeightSource;
+use crate::choice::Choice;
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// What every block of one forward pass needs: the batch shape, the RoPE tables and causal
+/// mask for its length, the compute dtype and the ops.
+pub struct Pass {
+    /// Sequences.
+    pub b: usize,
+    /// Tokens per sequence.
+    pub l: usize,
+    pub rope: Rope,
+    pub mask: Tensor,
+    /// dtype of activations and matmuls.
+    pub cd: DType,
+    pub ops: Ops,
+}
+
+impl Pass {
+    pub fn new(
+        cfg: &Qwen3Config,
+        (b, l): (usize, usize),
+        device: &Device,
+        cd: DType,
+        ops: Ops,
+    ) -> Result<Self> {
+        Ok(Self {
+            b,
+            l,
+            rope: Rope::new(cfg, l, device)?,
+            mask: ops::causal_mask(l, device)?,
+            cd,
+            ops,
+        })
+    }
+}
+
+/// A bias-free linear layer `y = x W^T`, optionally ternary (forward with `W_t`, STE backward).
+#[derive(Clone)]
+pub struct Linear {
+    pub(crate) weight: Tensor, // (out, in)
+    pub(crate) ternary_group: Option<usize>,
+    pub(crate) name: String,
+}
+
+impl Linear {
+    /// The projection `proj` from `vb` (`...self_attn.q_proj`): its weight (out, in) is a
+    /// ternary f32 latent when the spec names `proj`, else as in the checkpoint.
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        proj: Projection,
+        mut vb: WeightSource<'_>,
+    ) -> Result<Self> {
+        let ternary_group = vb.ternary_group(proj, in_dim);
+        let name = vb.path("weight");
+        let weight = vb.param("weight", &[out_dim, in_dim], ternary_group.is_some())?;
+        Ok(Self {
+            weight,
+            ternary_group,
+            name,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        // The ternary projection is computed from the f32 latent; the product runs in the
+        // activations' dtype (bf16 under `train.dtype = "bf16"`).
+        let w = match self.ternary_group {
+            Some(g) => ops::ternary_weight(&self.weight, g, x.dtype(), ops)?,
+            None => self.weight.to_dtype(x.dtype())?,
+        };
+        // x is (N, in): activations stay 2-D between layers, so no reshape is recorded (each
+        // recorded op costs the backward pass a zero fill and an add in candle).
+        x.matmul(&w.t()?)
+    }
+
+    pub fn is_ternary(&self) -> bool {
+        self.ternary_group.is_some()
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn group_size(&self) -> Option<usize> {
+        self.ternary_group
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The same layer with `W_t` materialised as a constant dense weight (for evaluation).
+    fn frozen(&self) -> Result<Self> {
+        let weight = match self.ternary_group {
+            Some(g) => ternarize(&self.weight, g)?,
+            None => self.weight.detach(),
+        };
+        Ok(Self {
+            weight,
+            ternary_group: None,
+            name: self.name.clone(),
+        })
+    }
+}
+
+/// Root-mean-square norm as transformers' Qwen3RMSNorm: normalise in f32, scale by the weight
+/// widened to f32 (so its gradient is summed in f32), return the input's dtype.
+#[derive(Clone)]
+pub struct RmsNorm {
+    pub(crate) weight: Tensor, // (N,)
+    pub(crate) eps: f64,
+}
+
+impl RmsNorm {
+    /// The norm's weight (`size`,) from `vb` (`...input_layernorm`), in the checkpoint's dtype.
+    pub fn new(size: usize, eps: f64, mut vb: WeightSource<'_>) -> Result<Self> {
+        let weight = vb.param("weight", &[size], false)?;
+        Ok(Self { weight, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        ops::rms_norm(x, &self.weight, self.eps, ops)
+    }
+
+    pub(crate) fn frozen(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            eps: self.eps,
+        }
+    }
+}
+
+/// Rotary position embedding tables for positions 0..L: `cos`, `sin` of shape (L, D).
+pub struct Rope {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &Qwen3Config, seq_len: usize, device: &Device) -> Result<Self> {
+        let d = cfg.head_dim;
+        let base = cfg.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), device)?;
+        let pos = Tensor::arange(0u32, seq_len as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((seq_len, 1))?;
+        let freqs = pos.broadcast_mul(&inv_freq)?; // (L, D/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?; // (L, D)
+        Ok(Self {
+            cos: emb.cos()?,
+            sin: emb.sin()?,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Attention {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) q_norm: RmsNorm,
+    pub(crate) k_norm: RmsNorm,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+impl Attention {
+    /// Grouped-query attention from `vb` (`model.layers.3.self_attn`).
+    pub fn new(cfg: &Qwen3Config, mut vb: WeightSource<'_>) -> Result<Self> {
+        let e = cfg.hidden_size;
+        let (h, k, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let mut linear =
+            |proj: Projection, i: usize, o: usize| Linear::new(i, o, proj, vb.pp(proj.name()));
+        let q_proj = linear(Projection::Q, e, h * d)?;
+        let k_proj = linear(Projection::K, e, k * d)?;
+        let v_proj = linear(Projection::V, e, k * d)?;
+        let o_proj = linear(Projection::O, h * d, e)?;
+        let q_norm = RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("q_norm"))?;
+        let k_norm = RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("k_norm"))?;
+        Ok(Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            q_norm,
+            k_norm,
+            num_heads: h,
+            num_kv_heads: k,
+            head_dim: d,
+        })
+    }
+
+    /// x (B*L, E) -> (B*L, E), for `p.b` sequences of `p.l` tokens.
+    pub fn forward(&self, x: &Tensor, p: &Pass) -> Result<Tensor> {
+        let (b, l) = (p.b, p.l);
+        let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let r = h / k;
+        // 1. project and split heads; normalise q and k per head and rotate them (RoPE):
+        //    (B, L, N, D) -> (B, N, L, D)
+        let q = self.q_proj.forward(x, p.ops)?.reshape((b, l, h, d))?;
+        let q = ops::qk_norm_rope(&q, &self.q_norm.weight, self.q_norm.eps, &p.rope, p.ops)?;
+        let kk = self.k_proj.forward(x, p.ops)?.reshape((b, l, k, d))?;
+        let kk = ops::qk_norm_rope(&kk, &self.k_norm.weight, self.k_norm.eps, &p.rope, p.ops)?;
+        let v = self.v_proj.forward(x, p.ops)?.reshape((b, l, k, d))?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        // 2. grouped-query attention without repeating K and V: query heads k*R .. k*R+R
+        //    share key/value head k, so (B, H, L, D) -> (B, K, R*L, D).
+        let q = q.reshape((b, k, r * l, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = q.matmul(&kk.t()?)?.reshape((b, h, l, l))?; // (B, K, R*L, L) -> (B, H, L, L)
+        let probs = ops::causal_softmax(&scores, scale, &p.mask, p.ops)?;
+        let out = probs.reshape((b, k, r * l, l))?.matmul(&v)?; // (B, K, R*L, D)
+
+        // 3. merge heads: (B, H, L, D) -> (B*L, H*D) and project out
+        let out = out
+            .reshape((b, h, l, d))?
+            .transpose(1, 2)?
+            .reshape((b * l, h * d))?;
+        self.o_proj.forward(&out, p.ops)
+    }
+
+    pub(crate) fn linears(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    pub(crate) fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            q_proj: self.q_proj.frozen()?,
+            k_proj: self.k_proj.frozen()?,
+            v_proj: self.v_proj.frozen()?,
+            o_proj: self.o_proj.frozen()?,
+            q_norm: self.q_norm.frozen(),
+            k_norm: self.k_norm.frozen(),
+            ..*self
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Mlp {
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
+}
+
+impl Mlp {
+    /// The SwiGLU MLP from `vb` (`model.layers.3.mlp`).
+    pub fn new(cfg: &Qwen3Config, mut vb: WeightSource<'_>) -> Result<Self> {
+        let (e, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut linear =
+            |proj: Projection, i: usize, o: usize| Linear::new(i, o, proj, vb.pp(proj.name()));
+        Ok(Self {
+            gate_proj: linear(Projection::Gate, e, f)?,
+            up_proj: linear(Projection::Up, e, f)?,
+            down_proj: linear(Projection::Down, f, e)?,
+        })
+    }
+
+    /// down(silu(gate(x)) * up(x)): (B*L, E) -> (B*L, F) -> (B*L, E)
+    pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        let (gate, up) = (
+            self.gate_proj.forward(x, ops)?,
+            self.up_proj.forward(x, ops)?,
+        );
+        self.down_proj
+            .forward(&ops::silu_mul(&gate, &up, ops)?, ops)
+    }
+
+    pub(crate) fn linears(&self) -> [&Linear; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
+    pub(crate) fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            gate_proj: self.gate_proj.frozen()?,
+            up_proj: self.up_proj.frozen()?,
+            down_proj: self.down_proj.frozen()?,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct DecoderLayer {
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) self_attn: Attention,
+    pub(crate) post_attention_layernorm: RmsNorm,
+    pub(crate) mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// One decoder layer from `vb` (`model.layers.3`). Its parameters are registered as the
+    /// seven projections (q, k, v, o, gate, up, down), then the four norms (q_norm, k_norm,
+    /// input_layernorm, post_attention_layernorm): the order of the optimizer's state.
+    pub fn new(cfg: &Qwen3Config, mut vb: WeightSource<'_>) -> Result<Self> {
+        let first = vb.registered();
+        let self_attn = Attention::new(cfg, vb.pp("self_attn"))?;
+        let mlp = Mlp::new(cfg, vb.pp("mlp"))?;
+        let (e, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let input_layernorm = RmsNorm::new(e, eps, vb.pp("input_layernorm"))?;
+        let post_attention_layernorm = RmsNorm::new(e, eps, vb.pp("post_attention_layernorm"))?;
+        vb.matrices_first(first);
+        Ok(Self {
+            input_layernorm,
+            self_attn,
+            post_attention_layernorm,
+            mlp,
+        })
+    }
+
+    /// x (B*L, E) -> (B*L, E) in the compute dtype `p.cd`. x may come in a lower precision
+    /// (the seed's bf16 embedding rows): its norm then returns that precision, and the
+    /// projections and the residual sum promote to `cd`, as MLX's type promotion does.
+    pub fn forward(&self, x: &Tensor, p: &Pass) -> Result<Tensor> {
+        let xn = self.input_layernorm.forward(x, p.ops)?.to_dtype(p.cd)?;
+        let h = (x.to_dtype(p.cd)? + self.self_attn.forward(&xn, p)?)?;
+        &h + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h, p.ops)?, p.ops)?
+    }
+
+    pub(crate) fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: self.input_layernorm.frozen(),
+            self_attn: self.self_attn.frozen()?,
+            post_attention_layernorm: self.post_attention_layernorm.frozen(),
+            mlp: self.mlp.frozen()?,
+        })
+    }
+}

@@ -1,0 +1,138 @@
+//! How a training step runs on a model: its forward, mean loss and gradients. Two trainers:
+//!
+//! - the hand-written CUDA step (`cuda_step`, cuda builds): forward, loss and backward as
+//!   explicit kernel and cuBLAS calls, no autograd graph. `Trainer::for_model` chooses it where
+//!   the model runs the fused ops (`Ops::Fused`, `run.fused = true`) on a CUDA device;
+//! - autograd everywhere else: the model's own `forward` (composed ops, or on CUDA the fused
+//!   kernels' own backward passes), the loss, and candle's `backward`.
+//!
+//! `StepOptions` tune the CUDA step and are ignored by autograd.
+
+use crate::model::ops::cross_entropy_with;
+use crate::model::{Ops, Qwen3};
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor};
+
+#[cfg(feature = "cuda")]
+#[rustfmt::skip]
+pub mod cuda_step;
+
+/// Options of the hand-written CUDA step (ignored by autograd).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepOptions {
+    /// The block of query positions in causal attention (None: automatic).
+    pub attention_chunk: Option<usize>,
+    /// Whether the backward recomputes attention probabilities instead of keeping them
+    /// (None: automatic, when keeping them would take over a quarter of the card).
+    pub attention_recompute: Option<bool>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Autograd,
+    CudaStep,
+}
+
+/// The training step of a run: which trainer, and the CUDA step's options.
+#[derive(Clone, Copy, Debug)]
+pub struct Trainer {
+    kind: Kind,
+    options: StepOptions,
+}
+
+impl Trainer {
+    /// The CUDA step where the model runs the fused ops on a CUDA device (cuda builds), else
+    /// autograd.
+    pub fn for_model(model: &Qwen3) -> Self {
+        let cuda_step =
+            cfg!(feature = "cuda") && model.ops() == Ops::Fused && model.device().is_cuda();
+        Self {
+            kind: if cuda_step {
+                Kind::CudaStep
+            } else {
+                Kind::Autograd
+            },
+            options: StepOptions::default(),
+        }
+    }
+
+    /// Candle's autograd through the model's forward, whatever its ops and device.
+    pub fn autograd() -> Self {
+        Self {
+            kind: Kind::Autograd,
+            options: StepOptions::default(),
+        }
+    }
+
+    /// The hand-written CUDA step computes causal attention in blocks of `positions` query
+    /// positions, each against the keys up to its end (default: 256 from L = 512 on, else the
+    /// whole sequence). Autograd ignores it.
+    pub fn with_attention_chunk(mut self, positions: usize) -> Self {
+        self.options.attention_chunk = Some(positions);
+        self
+    }
+
+    /// Whether the hand-written CUDA step recomputes each layer's attention probabilities in
+    /// the backward instead of keeping all of them (default: only when keeping them would take
+    /// over a quarter of the card's memory). Same values either way. Autograd ignores it.
+    pub fn with_attention_recompute(mut self, on: bool) -> Self {
+        self.options.attention_recompute = Some(on);
+        self
+    }
+
+    /// The CUDA step's options.
+    pub fn options(&self) -> StepOptions {
+        self.options
+    }
+
+    /// "cuda-step" (hand-written, CUDA with the fused kernels) or "autograd", as report.json
+    /// and the bench write it.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::CudaStep => "cuda-step",
+            Kind::Autograd => "autograd",
+        }
+    }
+
+    /// Forward pass and loss of a training batch: ids and targets (B, L).
+    pub fn forward(&self, model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<StepForward> {
+        #[cfg(feature = "cuda")]
+        if self.kind == Kind::CudaStep {
+            let (loss, tape) = cuda_step::forward(model, &self.options, ids, targets)?;
+            return Ok(StepForward {
+                loss,
+                tape: Tape::Cuda(Box::new(tape)),
+            });
+        }
+        let loss = cross_entropy_with(&model.forward(ids)?, targets, model.ops())?;
+        Ok(StepForward {
+            loss,
+            tape: Tape::Autograd,
+        })
+    }
+}
+
+/// The forward half of a training step: the mean loss (f32 scalar), and what the backward
+/// needs (the autograd graph behind the loss, or the CUDA step's tape).
+pub struct StepForward {
+    pub loss: Tensor,
+    tape: Tape,
+}
+
+enum Tape {
+    Autograd,
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cuda_step::Tape>),
+}
+
+impl StepForward {
+    /// Gradients of the loss for every parameter (f32), keyed by the parameters' tensors.
+    pub fn backward(self, model: &Qwen3) -> Result<GradStore> {
+        let _ = model;
+        match self.tape {
+            Tape::Autograd => self.loss.backward(),
+            #[cfg(feature = "cuda")]
+            Tape::Cuda(tape) => cuda_step::backward(model, *tape),
+        }
+    }
+}
