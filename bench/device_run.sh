@@ -6,14 +6,17 @@
 # Writes $OUT/log.txt and $OUT/results.tgz (every JSON result and the tiny runs).
 #
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
-#                                            baseline (default: parity seed bench ref big tiny)
+#                                            baseline before (default: parity seed bench ref big
+#                                            tiny)
+# `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
+# .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 final=${OUT:-/tmp/ternlab-bench}; out=/tmp/ternlab-work; mkdir -p "$final" "$out/json"
 exec > >(tee -a "$final/log.txt") 2>&1
 # The test binaries find the fixtures and the ternlab binary through these (tests/common).
 export TERNLAB_REPO=$PWD TERNLAB_BIN=$PWD/.device/ternlab
-for b in ternlab parity gradients fused seed_parity; do
+for b in ternlab ternlab-before parity gradients fused seed_parity; do
   [[ -f .device/$b.xz ]] && xz -dkf .device/$b.xz && chmod +x .device/$b
 done
 source .device/cuda-run-env.sh
@@ -70,6 +73,16 @@ if want tiny; then
   for dt in f32 bf16; do for seed in 0 1 2; do
     $tl run experiments/tiny.toml --set run.device=cuda --set train.dtype=$dt \
       --set train.seed=$seed --results "$out/tiny" | grep completed
+  done; done
+fi
+if want before; then
+  for round in 1 2; do for bin in ternlab-before ternlab; do
+    for shape in "4 256" "16 1024"; do set -- $shape
+      echo "== $bin, round $round: bf16 $1 x $2"
+      .device/$bin bench --set run.device=cuda --set train.dtype=bf16 --set data.batch_size=$1 \
+        --set data.seq_len=$2 --steps 20 --warmup 5 --out "$out/json/$bin-$round-$1x$2.json" \
+        | grep -E '"(median_step_s|tokens_per_s|peak_memory_gib|device_name)"'
+    done
   done; done
 fi
 if want profile; then

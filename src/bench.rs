@@ -103,7 +103,7 @@ fn device_name(device: &Device) -> String {
 /// The CUDA step's per-op times (`TERNLAB_PROFILE=1`), empty elsewhere.
 fn take_profile() -> Vec<(String, f64, usize)> {
     #[cfg(feature = "cuda")]
-    return crate::model::fused::cuda::step::take_profile();
+    return crate::cuda::take_profile();
     #[cfg(not(feature = "cuda"))]
     Vec::new()
 }

@@ -7,6 +7,8 @@
 pub mod bench;
 pub mod choice;
 pub mod compare;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod faults;

@@ -174,14 +174,7 @@ impl AdamW {
             let k = StepConstants::new(&self.params, self.step_t, slot.var.dtype());
             #[cfg(feature = "cuda")]
             if self.fused {
-                crate::model::fused::cuda::adamw_step(
-                    slot.var.as_tensor(),
-                    &slot.m,
-                    &slot.v,
-                    g,
-                    &k,
-                    self.params.bias_correction,
-                )?;
+                fused_step(slot, g, &k, self.params.bias_correction)?;
                 continue;
             }
             let (p, m, v) = composed_step(
@@ -198,6 +191,32 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// One AdamW update of `slot` in place by the CUDA kernel (`crate::cuda::adamw`).
+#[cfg(feature = "cuda")]
+fn fused_step(slot: &Slot, g: &Tensor, k: &StepConstants, bias_correction: bool) -> Result<()> {
+    let p = slot.var.as_tensor();
+    let correction = if p.dtype() == DType::F32 {
+        (k.scale_m, k.scale_v)
+    } else {
+        (k.c1, k.c2)
+    };
+    let scalars = crate::cuda::adamw::Scalars {
+        lr: k.lr as f32,
+        b1: k.b1 as f32,
+        one_minus_b1: k.one_minus_b1 as f32,
+        b2: k.b2 as f32,
+        one_minus_b2: k.one_minus_b2 as f32,
+        eps: k.eps as f32,
+        decay: k.decay as f32,
+        correction: (correction.0 as f32, correction.1 as f32),
+        bias_correction,
+    };
+    // A bf16 gradient widens to f32 exactly; the kernel rounds f32 gradients to bf16 itself.
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    let gpu = crate::cuda::Gpu::of(p.device())?;
+    crate::cuda::adamw::adamw(&gpu, p, &slot.m, &slot.v, &g, &scalars)
 }
 
 /// One AdamW update as candle ops: returns the new (parameter, m, v). Every operation runs in

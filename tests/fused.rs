@@ -1,5 +1,6 @@
-//! The fused CUDA kernels agree with the composed candle ops they replace, in values and
-//! gradients. CUDA builds only (`cargo test --features cuda --test fused` on a GPU machine);
+//! The fused CUDA ops agree with the composed candle ops they replace, in values and
+//! gradients (their backward runs the kernels the hand-written step trains with), and the
+//! hand-written step agrees with autograd. CUDA builds only (`cargo test --features cuda --test fused` on a GPU machine);
 //! the CPU build has no fused kernels to compare.
 #![cfg(feature = "cuda")]
 
@@ -7,7 +8,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_abs, rel_err};
-use ternlab::model::fused::ternary_weight;
+use ternlab::model::ops::{self, Ops};
+use ternlab::model::Rope;
 use ternlab::optim::{AdamW, AdamWParams};
 
 fn gpu() -> Device {
@@ -83,8 +85,8 @@ fn ternary_projection_matches_the_composed_one() {
             assert_agree(
                 &format!("{rows}x{cols} g{group} {dtype:?}"),
                 &[&w],
-                ternary_weight(w.as_tensor(), group, dtype, true).unwrap(),
-                ternary_weight(w.as_tensor(), group, dtype, false).unwrap(),
+                ops::ternary_weight(w.as_tensor(), group, dtype, Ops::Fused).unwrap(),
+                ops::ternary_weight(w.as_tensor(), group, dtype, Ops::Composed).unwrap(),
                 1e-6,
                 1e-6,
             );
@@ -158,23 +160,21 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
 
 #[test]
 fn rms_norm_matches_the_composed_one() {
-    use ternlab::model::fused::rms_norm;
-    use ternlab::model::qwen3::rms_norm_composed;
     let dev = gpu();
-    // q/k norms (head dim 128 over many rows) and layer norms (hidden 1024).
+    // q/k norms (head dim 128 over many rows: the one-kernel backward) and layer norms
+    // (hidden 1024: the two-kernel backward), and a small odd case.
     for (rows, d) in [(4 * 256 * 16, 128), (4 * 256, 1024), (3, 40)] {
         for dtype in [DType::F32, DType::BF16] {
             let x = var(&[rows, d], 2.0, dtype, &dev);
             let w = Var::from_tensor(&(Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap())
                 .unwrap();
             let t = tol(dtype, 1e-5, 1e-2);
+            let norm = |o| ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6, o).unwrap();
             assert_agree(
                 &format!("{rows}x{d} {dtype:?}"),
                 &[&x, &w],
-                rms_norm(x.as_tensor(), w.as_tensor(), 1e-6, true)
-                    .unwrap()
-                    .unwrap(),
-                rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-6).unwrap(),
+                norm(Ops::Fused),
+                norm(Ops::Composed),
                 t,
                 t * 10.0,
             );
@@ -182,42 +182,48 @@ fn rms_norm_matches_the_composed_one() {
     }
 }
 
+/// q/k RMSNorm, RoPE and the head transpose: one kernel each way (the step's `norm_rope` and
+/// `rope_bwd` + the norm's backward) against norm, transpose and rotation as candle ops.
 #[test]
-fn rope_matches_the_composed_one() {
-    use ternlab::model::qwen3::Rope;
+fn qk_norm_and_rope_match_the_composed_ones() {
     use ternlab::model::{Preset, Qwen3Config};
     let dev = gpu();
     let cfg = Qwen3Config::preset(Preset::Qwen3_0_6B, 151_936);
-    let (b, n, l, d) = (2, 3, 17, cfg.head_dim);
+    let (b, l, n, d) = (2, 17, 3, cfg.head_dim);
     let rope = Rope::new(&cfg, l, &dev).unwrap();
     for dtype in [DType::F32, DType::BF16] {
-        let x = var(&[b, n, l, d], 1.0, dtype, &dev);
-        let t = tol(dtype, 1e-6, 1e-2);
+        let x = var(&[b, l, n, d], 1.0, dtype, &dev);
+        let w =
+            Var::from_tensor(&(Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap()).unwrap();
+        let t = tol(dtype, 1e-5, 2e-2);
+        let run = |o| ops::qk_norm_rope(x.as_tensor(), w.as_tensor(), 1e-6, &rope, o).unwrap();
+        let (fused, composed) = (run(Ops::Fused), run(Ops::Composed));
+        assert_eq!(fused.dims(), &[b, n, l, d]);
         assert_agree(
             &format!("{dtype:?}"),
-            &[&x],
-            rope.apply(x.as_tensor(), true).unwrap(),
-            rope.apply(x.as_tensor(), false).unwrap(),
+            &[&x, &w],
+            fused,
+            composed,
             t,
-            t,
+            t * 10.0,
         );
     }
 }
 
 #[test]
 fn causal_softmax_matches_the_composed_one() {
-    use ternlab::model::qwen3::{attention_probs, causal_mask};
     let dev = gpu();
     for l in [1, 7, 64, 300] {
-        let mask = causal_mask(l, &dev).unwrap();
+        let mask = ops::causal_mask(l, &dev).unwrap();
         for dtype in [DType::F32, DType::BF16] {
             let x = var(&[2, 4, l, l], 3.0, dtype, &dev);
             let t = tol(dtype, 1e-5, 2e-2);
+            let probs = |o| ops::causal_softmax(x.as_tensor(), 0.125, &mask, o).unwrap();
             assert_agree(
                 &format!("L={l} {dtype:?}"),
                 &[&x],
-                attention_probs(x.as_tensor(), 0.125, &mask, true).unwrap(),
-                attention_probs(x.as_tensor(), 0.125, &mask, false).unwrap(),
+                probs(Ops::Fused),
+                probs(Ops::Composed),
                 t,
                 t * 5.0,
             );
@@ -227,41 +233,42 @@ fn causal_softmax_matches_the_composed_one() {
 
 #[test]
 fn silu_gate_matches_the_composed_one() {
-    use ternlab::model::fused::silu_mul;
     let dev = gpu();
-    for dtype in [DType::F32, DType::BF16] {
-        let g = var(&[5, 300], 2.0, dtype, &dev);
-        let u = var(&[5, 300], 1.0, dtype, &dev);
-        let t = tol(dtype, 1e-5, 2e-2);
-        assert_agree(
-            &format!("{dtype:?}"),
-            &[&g, &u],
-            silu_mul(g.as_tensor(), u.as_tensor(), true)
-                .unwrap()
-                .unwrap(),
-            (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap(),
-            t,
-            t,
-        );
+    // An even count (pairs per thread) and an odd one (the last element alone).
+    for (rows, cols) in [(5, 300), (3, 301)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let g = var(&[rows, cols], 2.0, dtype, &dev);
+            let u = var(&[rows, cols], 1.0, dtype, &dev);
+            let t = tol(dtype, 1e-5, 2e-2);
+            let gate = |o| ops::silu_mul(g.as_tensor(), u.as_tensor(), o).unwrap();
+            assert_agree(
+                &format!("{rows}x{cols} {dtype:?}"),
+                &[&g, &u],
+                gate(Ops::Fused),
+                gate(Ops::Composed),
+                t,
+                t,
+            );
+        }
     }
 }
 
 #[test]
 fn cross_entropy_matches_the_composed_one() {
-    use ternlab::model::qwen3::cross_entropy_with;
     let dev = gpu();
-    // A Qwen3-sized vocabulary, and a small one.
+    // A Qwen3-sized vocabulary (pairs of logits per access), and a small odd one.
     for v in [151_936usize, 37] {
         for dtype in [DType::F32, DType::BF16] {
             let x = var(&[2, 9, v], 3.0, dtype, &dev);
             let t: Vec<u32> = (0..18u32).map(|i| (i * 7919) % v as u32).collect();
             let t = Tensor::from_vec(t, (2, 9), &dev).unwrap();
+            let loss = |o| ops::cross_entropy_with(x.as_tensor(), &t, o).unwrap();
             // The loss is f32 either way: 1e-4 relative; the logits' gradient in their dtype.
             assert_agree(
                 &format!("V={v} {dtype:?}"),
                 &[&x],
-                cross_entropy_with(x.as_tensor(), &t, true).unwrap(),
-                cross_entropy_with(x.as_tensor(), &t, false).unwrap(),
+                loss(Ops::Fused),
+                loss(Ops::Composed),
                 1e-4,
                 tol(dtype, 1e-5, 2e-2),
             );
@@ -269,13 +276,46 @@ fn cross_entropy_matches_the_composed_one() {
     }
 }
 
-/// The hand-written CUDA training step (`fused::cuda::step`: no autograd graph) against the
+/// A launcher checks its buffers against the kernel's signature before launching: a buffer of
+/// the wrong size or dtype (two arguments swapped, say) is an error that names the argument,
+/// not a kernel reading past the end.
+#[test]
+fn launchers_refuse_buffers_that_do_not_fit() {
+    use ternlab::cuda::{loss, norm, Gpu};
+    let dev = gpu();
+    let g = Gpu::of(&dev).unwrap();
+    let x = Tensor::zeros((4, 64), DType::F32, &dev).unwrap();
+    let w = Tensor::ones(64, DType::F32, &dev).unwrap();
+    let short = Tensor::zeros((4, 32), DType::F32, &dev).unwrap();
+    let err = |r: candle_core::Result<()>| r.unwrap_err().to_string();
+    let e = err(norm::rmsnorm(&g, &x, &w, &short, 1e-6));
+    assert!(e.contains("rmsnorm: y"), "{e}");
+    let e = err(norm::rmsnorm(
+        &g,
+        &x,
+        &w.to_dtype(DType::BF16).unwrap(),
+        &x,
+        1e-6,
+    ));
+    assert!(e.contains("rmsnorm: w"), "{e}");
+    // Logits and targets swapped.
+    let targets = Tensor::zeros(4, DType::U32, &dev).unwrap();
+    let rows = Tensor::zeros(4, DType::F32, &dev).unwrap();
+    let e = err(loss::cross_entropy(&g, &targets, &x, &rows, None));
+    assert!(e.contains("cross_entropy: targets"), "{e}");
+    // The right buffers run.
+    norm::rmsnorm(&g, &x, &w, &x.zeros_like().unwrap(), 1e-6).unwrap();
+    loss::cross_entropy(&g, &x, &targets, &rows, None).unwrap();
+}
+
+/// The hand-written CUDA training step (`trainer::cuda_step`: no autograd graph) against the
 /// composed graph and candle's autograd on the same GPU: the loss and every parameter's
 /// gradient, tied and untied heads, ternary and dense projections, f32 and bf16.
 #[test]
 fn hand_written_step_matches_autograd() {
     use ternlab::model::load::random_weights;
     use ternlab::model::{Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
+    use ternlab::trainer::Trainer;
     let dev = gpu();
     for tied in [true, false] {
         // Grouped-query attention (4 query heads on 2 key/value heads), a sequence length
@@ -320,12 +360,17 @@ fn hand_written_step_matches_autograd() {
             .unwrap();
             for dtype in [DType::F32, DType::BF16] {
                 let run = |fused: bool, chunk: Option<usize>| {
-                    let mut m = model.clone().with_compute_dtype(dtype).with_fused(fused);
+                    let m = model.clone().with_compute_dtype(dtype).with_fused(fused);
+                    let mut trainer = Trainer::for_model(&m);
+                    let want = if fused { "cuda-step" } else { "autograd" };
+                    assert_eq!(trainer.name(), want);
                     if let Some(c) = chunk {
                         // Blocked attention, and the probabilities recomputed in the backward.
-                        m = m.with_attention_chunk(c).with_attention_recompute(true);
+                        trainer = trainer
+                            .with_attention_chunk(c)
+                            .with_attention_recompute(true);
                     }
-                    let fwd = m.train_forward(&x, &y).unwrap();
+                    let fwd = trainer.forward(&m, &x, &y).unwrap();
                     let loss = fwd.loss.to_scalar::<f32>().unwrap();
                     (loss, fwd.backward(&m).unwrap())
                 };

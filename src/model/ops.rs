@@ -41,7 +41,7 @@ pub fn ternary_weight(w: &Tensor, group: usize, dtype: DType, ops: Ops) -> Resul
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, ops: Ops) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused_on(ops, x.device()) && x.is_contiguous() {
-        return crate::cuda::norm::rms_norm(x, &weight.to_dtype(DType::F32)?, eps);
+        return crate::cuda::norm::rms_norm_op(x, &weight.to_dtype(DType::F32)?, eps);
     }
     let _ = ops;
     rms_norm_composed(x, weight, eps)
@@ -83,7 +83,7 @@ pub fn qk_norm_rope(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused_on(ops, x.device()) && x.is_contiguous() {
-        return crate::cuda::attention::norm_rope(
+        return crate::cuda::attention::norm_rope_op(
             x,
             &weight.to_dtype(DType::F32)?,
             eps,
@@ -115,7 +115,7 @@ pub fn rope_composed(x: &Tensor, rope: &Rope) -> Result<Tensor> {
 pub fn causal_softmax(scores: &Tensor, scale: f64, mask: &Tensor, ops: Ops) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused_on(ops, scores.device()) && scores.is_contiguous() {
-        return crate::cuda::attention::causal_softmax(scores, scale);
+        return crate::cuda::attention::causal_softmax_op(scores, scale);
     }
     let _ = ops;
     let s = (scores * scale)?
@@ -136,7 +136,7 @@ pub fn causal_mask(seq_len: usize, device: &Device) -> Result<Tensor> {
 pub fn silu_mul(g: &Tensor, u: &Tensor, ops: Ops) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused_on(ops, g.device()) && g.is_contiguous() && u.is_contiguous() {
-        return crate::cuda::mlp::silu_mul(g, u);
+        return crate::cuda::mlp::silu_mul_op(g, u);
     }
     let _ = ops;
     g.silu()? * u
@@ -156,7 +156,7 @@ pub fn cross_entropy_with(logits: &Tensor, targets: &Tensor, ops: Ops) -> Result
     let targets = targets.flatten_all()?;
     #[cfg(feature = "cuda")]
     if fused_on(ops, logits.device()) && logits.is_contiguous() {
-        return crate::cuda::loss::cross_entropy(
+        return crate::cuda::loss::cross_entropy_op(
             &logits,
             &targets.to_dtype(DType::U32)?.contiguous()?,
         );

@@ -14,7 +14,6 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 
 #[cfg(feature = "cuda")]
-#[rustfmt::skip]
 pub mod cuda_step;
 
 /// Options of the hand-written CUDA step (ignored by autograd).

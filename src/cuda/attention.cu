@@ -1,0 +1,137 @@
+// Causal grouped-query attention's own kernels (src/cuda/attention.rs): q/k norm + RoPE + head
+// transpose, the causal softmax of the scores, and the head transposes. The score and mixing
+// products are cuBLAS GEMMs (src/cuda/gemm.rs, src/cuda/causal_attention.rs).
+//
+// Layout: the `group` query heads that share a key/value head sit together, position-major:
+// q as (B, heads / group, L, group, D); keys and values as (B, K, L, D) (group = 1).
+
+// q/k RMSNorm, RoPE and the head transpose in one pass, one warp per row of d:
+// x (B, L, heads, d) -> y (B, heads / group, L, group, d) = rope(x * rsqrt(mean(x^2) + eps) * w),
+// with rope(z) = z * cos + rotate_half(z) * sin, rotate_half(z) = (-z[d/2:], z[:d/2]).
+template <typename T>
+__device__ void norm_rope(const T* x, const float* w, const float* cos, const float* sin, T* y,
+                          long rows, int heads, int group, int l, int d, float eps) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    long bl = row / heads;
+    int hh = row % heads, pos = bl % l;
+    long b = bl / l;
+    const T* xr = x + row * d;
+    // Head hh = kv * group + r goes to row ((b, kv), pos, r).
+    long out_row = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float v = ld(xr, i); ss += v * v; }
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    T* yr = y + out_row * d;
+    const float* c = cos + (long)pos * d;
+    const float* s = sin + (long)pos * d;
+    int h = d / 2;
+    for (int i = lane; i < h; i += 32) {
+        float a = ld(xr, i) * r * w[i], z = ld(xr, i + h) * r * w[i + h];
+        st(yr, i, a * c[i] - z * s[i]);
+        st(yr, i + h, z * c[i + h] + a * s[i + h]);
+    }
+}
+
+// The transpose of RoPE and of the head transpose (the norm's backward is norm.cu's), one
+// warp per row of d: dy (B, heads / group, L, group, d) -> g (B, L, heads, d).
+template <typename T>
+__device__ void rope_bwd(const T* __restrict__ dy, const float* __restrict__ cos,
+                         const float* __restrict__ sin, T* __restrict__ g, long rows, int heads,
+                         int group, int l, int d) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;  // (b, pos, hh)
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int hh = row % heads;
+    long bl = row / heads;
+    int pos = bl % l;
+    long b = bl / l;
+    long in_row = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
+    const T* dr = dy + in_row * d;
+    const float* c = cos + (long)pos * d;
+    const float* s = sin + (long)pos * d;
+    T* out = g + row * d;
+    int h = d / 2;
+    for (int i = lane; i < h; i += 32) {
+        float lo = ld(dr, i), hi = ld(dr, i + h);
+        st(out, i, lo * c[i] + hi * s[i + h]);
+        st(out, i + h, hi * c[i + h] - lo * s[i]);
+    }
+}
+
+// Causal softmax of `scale * scores` over rows of l keys, one warp per row, in place allowed:
+// row `row` is query position (row / group) % l and sees keys 0..=pos. With blocks of `chunk`
+// positions (src/cuda/causal_attention.rs) the scores exist only up to the end of the row's
+// block, so only that much is written (zeros past the diagonal); chunk = l writes whole rows.
+template <typename T>
+__device__ void causal_softmax(const T* x, T* p, long rows, int l, int group, int chunk,
+                               float scale) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int q = (row / group) % l;
+    int end = min(l, (q / chunk + 1) * chunk);
+    const T* xr = x + row * l;
+    float m = -3.0e38f;
+    for (int j = lane; j <= q; j += 32) m = fmaxf(m, ld(xr, j) * scale);
+    for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float sum = 0.f;
+    for (int j = lane; j <= q; j += 32) sum += __expf(ld(xr, j) * scale - m);
+    float inv = 1.f / warp_sum(sum);
+    for (int j = lane; j < end; j += 32)
+        st(p + row * l, j, j <= q ? __expf(ld(xr, j) * scale - m) * inv : 0.f);
+}
+
+// Its backward, in place allowed: dx = scale * p * (dy - sum(dy * p)) per row, over the same
+// causal part.
+template <typename T>
+__device__ void causal_softmax_bwd(const T* p, const T* dy, T* dx, long rows, int l, int group,
+                                   int chunk, float scale) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int q = (row / group) % l;
+    int end = min(l, (q / chunk + 1) * chunk);
+    const T* pr = p + row * l;
+    const T* gr = dy + row * l;
+    float dot = 0.f;
+    for (int j = lane; j <= q; j += 32) dot += ld(pr, j) * ld(gr, j);
+    dot = warp_sum(dot);
+    for (int j = lane; j < end; j += 32)
+        st(dx + row * l, j, j <= q ? scale * ld(pr, j) * (ld(gr, j) - dot) : 0.f);
+}
+
+// (A, B, C, row) -> (A, C, B, row): swaps the two middle axes of rows of `words` 4-byte words
+// (the head transposes), one word per thread; any dtype.
+extern "C" __global__ void swap_axes(const unsigned int* __restrict__ x,
+                                     unsigned int* __restrict__ y, unsigned int total, int words,
+                                     int nb, int nc) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    unsigned int w = i % words, r = i / words;
+    unsigned int c = r % nc, ab = r / nc;
+    unsigned int b = ab % nb, a = ab / nb;
+    y[((a * nc + c) * nb + b) * (unsigned int)words + w] = x[i];
+}
+
+#define ATTENTION(SUF, T)                                                                      \
+extern "C" __global__ void norm_rope_##SUF(const T* x, const float* w, const float* c,        \
+                                           const float* s, T* y, long rows, int heads,         \
+                                           int group, int l, int d, float eps) {               \
+    norm_rope<T>(x, w, c, s, y, rows, heads, group, l, d, eps);                                \
+}                                                                                              \
+extern "C" __global__ void rope_bwd_##SUF(const T* dy, const float* c, const float* s, T* g,  \
+                                          long rows, int heads, int group, int l, int d) {     \
+    rope_bwd<T>(dy, c, s, g, rows, heads, group, l, d);                                        \
+}                                                                                              \
+extern "C" __global__ void causal_softmax_##SUF(const T* x, T* p, long rows, int l, int group,\
+                                                int chunk, float scale) {                      \
+    causal_softmax<T>(x, p, rows, l, group, chunk, scale);                                     \
+}                                                                                              \
+extern "C" __global__ void causal_softmax_bwd_##SUF(const T* p, const T* dy, T* dx, long rows,\
+                                                    int l, int group, int chunk,               \
+                                                    float scale) {                             \
+    causal_softmax_bwd<T>(p, dy, dx, rows, l, group, chunk, scale);                            \
+}
+INSTANCES(ATTENTION)

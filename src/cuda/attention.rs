@@ -1,0 +1,294 @@
+//! Causal attention's own kernels (`attention.cu`): typed launchers, and the autograd ops
+//! (q/k norm + RoPE, causal softmax) whose backward runs the same kernels as the hand-written
+//! step. The blocked GEMMs around them are `causal_attention.rs`.
+
+use super::launch::{alloc, cuda_only, family, per_item, warp_per_row, AsBuf, Buf, Family, Gpu};
+use super::norm;
+use candle_core::backend::BackendStorage;
+use candle_core::{CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+static KERNELS: Family = family!("ternlab_attention", "attention.cu");
+
+/// `norm_rope(const T* x, const float* w, const float* cos, const float* sin, T* y, long rows,
+/// int heads, int group, int l, int d, float eps)`: x (B, L, heads, d) -> y (B, heads / group,
+/// L, group, d) = RoPE(RMSNorm(x) * w), with cos, sin (L, d) f32 and w (d) f32.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_rope(
+    gpu: &Gpu,
+    x: &impl AsBuf,
+    w: &impl AsBuf,
+    cos: &impl AsBuf,
+    sin: &impl AsBuf,
+    y: &impl AsBuf,
+    (heads, group): (usize, usize),
+    eps: f32,
+) -> Result<()> {
+    let (x, w, cos, sin, y) = (x.buf()?, w.buf()?, cos.buf()?, sin.buf()?, y.buf()?);
+    let (d, l) = (w.n(), cos.dims[0]);
+    check_heads("norm_rope", &x, &cos, &sin, (heads, group), d)?;
+    w.expect("norm_rope: w", d, DType::F32)?;
+    y.expect("norm_rope: y", x.n(), x.dtype)?;
+    let rows = x.n() / d;
+    gpu.kernel(&KERNELS, "norm_rope", Some(x.dtype), warp_per_row(rows))?
+        .buf(&x)
+        .buf(&w)
+        .buf(&cos)
+        .buf(&sin)
+        .buf(&y)
+        .i64(rows)
+        .i32(heads)
+        .i32(group)
+        .i32(l)
+        .i32(d)
+        .f32(eps)
+        .go()
+}
+
+/// `rope_bwd(const T* dy, const float* cos, const float* sin, T* g, long rows, int heads,
+/// int group, int l, int d)`: the transpose of `norm_rope`'s RoPE and head transpose,
+/// dy (B, heads / group, L, group, d) -> g (B, L, heads, d).
+pub fn rope_back(
+    gpu: &Gpu,
+    dy: &impl AsBuf,
+    cos: &impl AsBuf,
+    sin: &impl AsBuf,
+    g: &impl AsBuf,
+    (heads, group): (usize, usize),
+) -> Result<()> {
+    let (dy, cos, sin, g) = (dy.buf()?, cos.buf()?, sin.buf()?, g.buf()?);
+    let (d, l) = (cos.last(), cos.dims[0]);
+    check_heads("rope_bwd", &dy, &cos, &sin, (heads, group), d)?;
+    g.expect("rope_bwd: g", dy.n(), dy.dtype)?;
+    let rows = dy.n() / d;
+    gpu.kernel(&KERNELS, "rope_bwd", Some(dy.dtype), warp_per_row(rows))?
+        .buf(&dy)
+        .buf(&cos)
+        .buf(&sin)
+        .buf(&g)
+        .i64(rows)
+        .i32(heads)
+        .i32(group)
+        .i32(l)
+        .i32(d)
+        .go()
+}
+
+/// x holds whole (L, heads, d) sequences for tables (L, d), and `group` divides `heads`.
+fn check_heads(
+    what: &str,
+    x: &Buf,
+    cos: &Buf,
+    sin: &Buf,
+    (heads, group): (usize, usize),
+    d: usize,
+) -> Result<()> {
+    let l = cos.dims[0];
+    cos.expect(&format!("{what}: cos"), l * d, DType::F32)?;
+    sin.expect(&format!("{what}: sin"), l * d, DType::F32)?;
+    if group == 0 || !heads.is_multiple_of(group) || !x.n().is_multiple_of(l * heads * d) {
+        candle_core::bail!(
+            "{what}: {:?} is not sequences of {l} positions x {heads} heads x {d}, in groups of {group}",
+            x.dims
+        );
+    }
+    Ok(())
+}
+
+/// `causal_softmax(const T* x, T* p, long rows, int l, int group, int chunk, float scale)`:
+/// p = causal softmax of `scale * x` over rows of l keys (in place allowed), row r being query
+/// position (r / group) % l; with blocks of `chunk` positions only each row's block is
+/// written (see `causal_attention.rs`; chunk = l writes whole rows).
+pub fn causal_softmax(
+    gpu: &Gpu,
+    x: &impl AsBuf,
+    p: &impl AsBuf,
+    (group, chunk): (usize, usize),
+    scale: f32,
+) -> Result<()> {
+    let (x, p) = (x.buf()?, p.buf()?);
+    let l = x.last();
+    p.expect("causal_softmax: p", x.n(), x.dtype)?;
+    let rows = x.n() / l;
+    gpu.kernel(
+        &KERNELS,
+        "causal_softmax",
+        Some(x.dtype),
+        warp_per_row(rows),
+    )?
+    .buf(&x)
+    .buf(&p)
+    .i64(rows)
+    .i32(l)
+    .i32(group)
+    .i32(chunk)
+    .f32(scale)
+    .go()
+}
+
+/// `causal_softmax_bwd(const T* p, const T* dy, T* dx, long rows, int l, int group, int chunk,
+/// float scale)`: dx = scale * p * (dy - sum(dy * p)) per row (in place allowed).
+pub fn causal_softmax_back(
+    gpu: &Gpu,
+    p: &impl AsBuf,
+    dy: &impl AsBuf,
+    dx: &impl AsBuf,
+    (group, chunk): (usize, usize),
+    scale: f32,
+) -> Result<()> {
+    let (p, dy, dx) = (p.buf()?, dy.buf()?, dx.buf()?);
+    let l = p.last();
+    dy.expect("causal_softmax_bwd: dy", p.n(), p.dtype)?;
+    dx.expect("causal_softmax_bwd: dx", p.n(), p.dtype)?;
+    let rows = p.n() / l;
+    gpu.kernel(
+        &KERNELS,
+        "causal_softmax_bwd",
+        Some(p.dtype),
+        warp_per_row(rows),
+    )?
+    .buf(&p)
+    .buf(&dy)
+    .buf(&dx)
+    .i64(rows)
+    .i32(l)
+    .i32(group)
+    .i32(chunk)
+    .f32(scale)
+    .go()
+}
+
+/// `swap_axes(const unsigned* x, unsigned* y, unsigned total, int words, int nb, int nc)`:
+/// y (a, nc, nb, row) = x (a, nb, nc, row), for rows of whole 4-byte words.
+pub fn swap_axes(
+    gpu: &Gpu,
+    x: &impl AsBuf,
+    y: &impl AsBuf,
+    (a, nb, nc, row): (usize, usize, usize, usize),
+) -> Result<()> {
+    let (x, y) = (x.buf()?, y.buf()?);
+    let n = a * nb * nc * row;
+    x.expect("swap_axes: x", n, x.dtype)?;
+    y.expect("swap_axes: y", n, x.dtype)?;
+    let bytes = row * x.dtype.size_in_bytes();
+    if !bytes.is_multiple_of(4) || n * x.dtype.size_in_bytes() / 4 > u32::MAX as usize {
+        candle_core::bail!("swap_axes: rows of {bytes} bytes: needs whole 4-byte words");
+    }
+    let (words, total) = (bytes / 4, n * x.dtype.size_in_bytes() / 4);
+    gpu.kernel(&KERNELS, "swap_axes", None, per_item(total))?
+        .buf(&x)
+        .buf(&y)
+        .u32(total)
+        .i32(words)
+        .i32(nb)
+        .i32(nc)
+        .go()
+}
+
+/// q or k after its per-head RMSNorm and RoPE: x (B, L, N, D), contiguous, with the f32
+/// weight `w` (D) and tables cos, sin (L, D) -> (B, N, L, D). One kernel each way, the
+/// step's: `norm_rope` with group 1, and `rope_back` + `norm::backward`.
+pub fn norm_rope_op(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let op = NormRope {
+        eps: eps as f32,
+        cos: cos.clone(),
+        sin: sin.clone(),
+    };
+    x.apply_op2(w, op)
+}
+
+struct NormRope {
+    eps: f32,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl CustomOp2 for NormRope {
+    fn name(&self) -> &'static str {
+        "norm-rope"
+    }
+
+    cuda_only!(2, "q/k norm and RoPE");
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, l, n, d) = xl.shape().dims4()?;
+        let shape = Shape::from((b, n, l, d));
+        let (y, yb) = alloc(xs.device(), xs.dtype(), &shape)?;
+        let gpu = Gpu::new(xs.device());
+        let (x, w) = (Buf::of(xs, xl)?, Buf::of(ws, wl)?);
+        norm_rope(&gpu, &x, &w, &self.cos, &self.sin, &yb, (n, 1), self.eps)?;
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gpu = Gpu::of(x.device())?;
+        let (_, _, n, d) = x.dims4()?;
+        let g = gpu.empty(x.shape(), x.dtype())?;
+        rope_back(&gpu, &dy.contiguous()?, &self.cos, &self.sin, &g, (n, 1))?;
+        let dx = gpu.empty(x.shape(), x.dtype())?;
+        let rows = x.elem_count() / d;
+        let dw = norm::backward(
+            &gpu,
+            &x.reshape((rows, d))?,
+            w,
+            &g.reshape((rows, d))?,
+            &dx,
+            self.eps,
+            false,
+        )?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Causal softmax of `scale * scores` over the last dim of (..., L, L), contiguous, in f32
+/// arithmetic, in the scores' dtype: the step's kernels with whole rows.
+pub fn causal_softmax_op(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    scores.apply_op1(CausalSoftmax {
+        scale: scale as f32,
+    })
+}
+
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    cuda_only!(1, "causal softmax");
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (p, pb) = alloc(xs.device(), xs.dtype(), xl.shape())?;
+        let x = Buf::of(xs, xl)?;
+        let l = x.last();
+        causal_softmax(&Gpu::new(xs.device()), &x, &pb, (1, l), self.scale)?;
+        Ok((p, xl.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, p: &Tensor, dp: &Tensor) -> Result<Option<Tensor>> {
+        let gpu = Gpu::of(p.device())?;
+        let ds = gpu.empty(p.shape(), p.dtype())?;
+        let l = p.dim(candle_core::D::Minus1)?;
+        causal_softmax_back(&gpu, p, &dp.contiguous()?, &ds, (1, l), self.scale)?;
+        Ok(Some(ds))
+    }
+}

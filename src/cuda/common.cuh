@@ -1,0 +1,53 @@
+// The header every kernel family of ternlab starts with (src/cuda/*.cu; each family is compiled
+// at run time with NVRTC as this header followed by the family's file). There are no system
+// headers under NVRTC: bf16 is handled as its 16 bits (`unsigned short`), and every kernel has
+// an f32 and a bf16 instance named `<kernel>_f32` / `<kernel>_bf16`.
+
+// f32 -> bf16, rounding to nearest even.
+__device__ __forceinline__ unsigned short f32_to_bf16(float v) {
+    unsigned int u = __float_as_uint(v);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+// A float rounded to bf16 and widened back: one bf16 operation's result.
+__device__ __forceinline__ float bfr(float x) {
+    return __uint_as_float(((unsigned int)f32_to_bf16(x)) << 16);
+}
+
+// Loads and stores in f32 arithmetic, whatever the storage type.
+__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float ld(const unsigned short* p, long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(unsigned short* p, long i, float v) { p[i] = f32_to_bf16(v); }
+
+// Two neighbouring values at an even index (one 4- or 8-byte access).
+__device__ __forceinline__ void ld2(const float* p, long i, float& a, float& b) {
+    float2 v = *(const float2*)(p + i);
+    a = v.x;
+    b = v.y;
+}
+__device__ __forceinline__ void ld2(const unsigned short* p, long i, float& a, float& b) {
+    unsigned int v = *(const unsigned int*)(p + i);
+    a = __uint_as_float(v << 16);
+    b = __uint_as_float(v & 0xffff0000u);
+}
+__device__ __forceinline__ void st2(float* p, long i, float a, float b) {
+    *(float2*)(p + i) = make_float2(a, b);
+}
+__device__ __forceinline__ void st2(unsigned short* p, long i, float a, float b) {
+    *(unsigned int*)(p + i) = (unsigned int)f32_to_bf16(a) | ((unsigned int)f32_to_bf16(b) << 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// The f32 and bf16 instances of a kernel body: INSTANCES(M) expands M(f32, float) and
+// M(bf16, unsigned short).
+#define INSTANCES(M) M(f32, float) M(bf16, unsigned short)

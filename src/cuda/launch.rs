@@ -1,0 +1,378 @@
+//! How a kernel is reached: the source families and their NVRTC compilation, the buffers
+//! kernels take (`Buf`), the device handle launchers run on (`Gpu`), launch shapes, and the
+//! profile of `TERNLAB_PROFILE=1`. The launchers themselves live with their kernels' family.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Tensor};
+use std::sync::{Mutex, OnceLock};
+
+/// One kernel source file (`common.cuh` + the family's `.cu`), compiled with NVRTC into its own
+/// module the first time one of its kernels is launched.
+pub struct Family {
+    module: &'static str,
+    source: &'static str,
+    ptx: OnceLock<std::result::Result<String, String>>,
+}
+
+impl Family {
+    pub const fn new(module: &'static str, source: &'static str) -> Self {
+        Self {
+            module,
+            source,
+            ptx: OnceLock::new(),
+        }
+    }
+
+    fn ptx(&self) -> Result<&str> {
+        self.ptx
+            .get_or_init(|| {
+                candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(self.source)
+                    .map(|p| p.to_src())
+                    .map_err(|e| format!("compiling ternlab's {} kernels: {e}", self.module))
+            })
+            .as_deref()
+            .map_err(|e| candle_core::Error::Msg(e.clone()))
+    }
+}
+
+/// The family of kernels in `$file` (next to this file), behind the shared header.
+macro_rules! family {
+    ($module:literal, $file:literal) => {
+        $crate::cuda::launch::Family::new(
+            $module,
+            concat!(include_str!("common.cuh"), include_str!($file)),
+        )
+    };
+}
+pub(crate) use family;
+
+/// A contiguous buffer on the GPU as a kernel sees it: the address of its first element, its
+/// dtype and its shape (for the launchers' checks).
+#[derive(Clone, Debug)]
+pub struct Buf {
+    pub p: u64,
+    pub dtype: DType,
+    pub dims: Vec<usize>,
+}
+
+impl Buf {
+    /// A contiguous view of a storage (inside a `CustomOp`).
+    pub fn of(s: &CudaStorage, l: &Layout) -> Result<Self> {
+        let Some((start, _)) = l.contiguous_offsets() else {
+            candle_core::bail!("ternlab's CUDA kernels need contiguous tensors");
+        };
+        let stream = s.device().cuda_stream();
+        let p = match s.dtype() {
+            DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+            DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+            DType::U32 => s.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
+            other => candle_core::bail!("ternlab's CUDA kernels do not take {other:?}"),
+        };
+        Ok(Self {
+            p: p + (start * s.dtype().size_in_bytes()) as u64,
+            dtype: s.dtype(),
+            dims: l.dims().to_vec(),
+        })
+    }
+
+    /// Elements.
+    pub fn n(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// The size of the last dimension.
+    pub fn last(&self) -> usize {
+        self.dims.last().copied().unwrap_or(1)
+    }
+
+    /// Fails unless this buffer holds `n` elements of `dtype` (`what` names the kernel argument).
+    pub fn expect(&self, what: &str, n: usize, dtype: DType) -> Result<()> {
+        if self.n() != n || self.dtype != dtype {
+            candle_core::bail!(
+                "{what}: expected {n} elements of {dtype:?}, got {:?} of {:?}",
+                self.dims,
+                self.dtype
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Anything a launcher takes as a buffer: a contiguous CUDA tensor, or a `Buf`.
+pub trait AsBuf {
+    fn buf(&self) -> Result<Buf>;
+}
+
+impl AsBuf for Buf {
+    fn buf(&self) -> Result<Buf> {
+        Ok(self.clone())
+    }
+}
+
+impl AsBuf for Tensor {
+    fn buf(&self) -> Result<Buf> {
+        let (s, l) = self.storage_and_layout();
+        let candle_core::Storage::Cuda(cs) = &*s else {
+            candle_core::bail!("ternlab's CUDA kernels need every tensor on the GPU");
+        };
+        Buf::of(cs, l)
+    }
+}
+
+/// A new uninitialised buffer of `shape` on the storage's device, for a `CustomOp`'s output.
+pub fn alloc(dev: &CudaDevice, dtype: DType, shape: &Shape) -> Result<(CudaStorage, Buf)> {
+    let n = shape.elem_count();
+    let stream = dev.cuda_stream();
+    macro_rules! go {
+        ($t:ty) => {{
+            // Every launcher writes its whole output.
+            let slice = unsafe { dev.alloc::<$t>(n)? };
+            let p = slice.device_ptr(&stream).0;
+            (CudaStorage::wrap_cuda_slice(slice, dev.clone()), p)
+        }};
+    }
+    let (s, p) = match dtype {
+        DType::F32 => go!(f32),
+        DType::BF16 => go!(half::bf16),
+        other => candle_core::bail!("ternlab's CUDA kernels write f32 or bf16, not {other:?}"),
+    };
+    let buf = Buf {
+        p,
+        dtype,
+        dims: shape.dims().to_vec(),
+    };
+    Ok((s, buf))
+}
+
+/// The GPU a launcher runs on: cuBLAS and kernel launches go to its stream.
+#[derive(Clone)]
+pub struct Gpu {
+    pub(crate) dev: CudaDevice,
+    device: Device,
+}
+
+impl Gpu {
+    pub fn new(dev: &CudaDevice) -> Self {
+        Self {
+            dev: dev.clone(),
+            device: Device::Cuda(dev.clone()),
+        }
+    }
+
+    /// The GPU of a tensor's device.
+    pub fn of(device: &Device) -> Result<Self> {
+        match device {
+            Device::Cuda(dev) => Ok(Self::new(dev)),
+            _ => candle_core::bail!("ternlab's CUDA kernels need a CUDA device"),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A new buffer whose contents are undefined: for outputs a kernel writes in full.
+    pub fn empty(&self, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+        unsafe { Tensor::empty(shape, dtype, &self.device) }
+    }
+
+    /// A new buffer of zeros (for outputs kernels add into).
+    pub fn zeros(&self, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+        self.timed("zeros", || Tensor::zeros(shape, dtype, &self.device))
+    }
+
+    /// The card's memory in bytes.
+    pub fn total_memory(&self) -> Result<usize> {
+        let info = self.dev.cuda_stream().context().mem_get_info();
+        Ok(info.w()?.1)
+    }
+
+    /// Runs `f`, timed alone under `name` when profiling (`TERNLAB_PROFILE=1`).
+    pub fn timed<R>(&self, name: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        if !profiling() {
+            return f();
+        }
+        self.device.synchronize()?;
+        let start = std::time::Instant::now();
+        let r = f()?;
+        self.device.synchronize()?;
+        let dt = start.elapsed().as_secs_f64();
+        let mut p = PROFILE.lock().expect("profile lock");
+        let e = p.entry(name.to_string()).or_default();
+        e.0 += dt;
+        e.1 += 1;
+        Ok(r)
+    }
+
+    /// A launch of kernel `base` of `family`, its `dtype` instance (None: the kernel has one).
+    pub(crate) fn kernel(
+        &self,
+        family: &'static Family,
+        base: &str,
+        dtype: Option<DType>,
+        cfg: LaunchConfig,
+    ) -> Result<Launch<'_>> {
+        let name = match dtype {
+            None => base.to_string(),
+            Some(DType::F32) => format!("{base}_f32"),
+            Some(DType::BF16) => format!("{base}_bf16"),
+            Some(other) => {
+                candle_core::bail!("{base}: the kernels take f32 or bf16, not {other:?}")
+            }
+        };
+        Ok(Launch {
+            gpu: self,
+            family,
+            name,
+            cfg,
+            args: Vec::new(),
+        })
+    }
+}
+
+enum Arg {
+    P(u64),
+    I64(i64),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+}
+
+/// One kernel launch being put together: its arguments in the kernel's order.
+pub(crate) struct Launch<'a> {
+    gpu: &'a Gpu,
+    family: &'static Family,
+    name: String,
+    cfg: LaunchConfig,
+    args: Vec<Arg>,
+}
+
+impl Launch<'_> {
+    pub fn buf(mut self, b: &Buf) -> Self {
+        self.args.push(Arg::P(b.p));
+        self
+    }
+
+    /// A pointer argument that may be null.
+    pub fn opt(mut self, b: Option<&Buf>) -> Self {
+        self.args.push(Arg::P(b.map_or(0, |b| b.p)));
+        self
+    }
+
+    pub fn i64(mut self, v: usize) -> Self {
+        self.args.push(Arg::I64(v as i64));
+        self
+    }
+
+    pub fn i32(mut self, v: usize) -> Self {
+        self.args.push(Arg::I32(v as i32));
+        self
+    }
+
+    pub fn u32(mut self, v: usize) -> Self {
+        self.args.push(Arg::U32(v as u32));
+        self
+    }
+
+    pub fn f32(mut self, v: f32) -> Self {
+        self.args.push(Arg::F32(v));
+        self
+    }
+
+    pub fn go(self) -> Result<()> {
+        let Self {
+            gpu,
+            family,
+            name,
+            cfg,
+            args,
+        } = self;
+        gpu.timed(&name, || {
+            let f = gpu
+                .dev
+                .get_or_load_custom_func(&name, family.module, family.ptx()?)?;
+            let mut b = f.builder();
+            for a in &args {
+                match a {
+                    Arg::P(p) => b.arg(p),
+                    Arg::I64(v) => b.arg(v),
+                    Arg::I32(v) => b.arg(v),
+                    Arg::U32(v) => b.arg(v),
+                    Arg::F32(v) => b.arg(v),
+                };
+            }
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })
+    }
+}
+
+/// Launch shape for one warp per row.
+pub fn warp_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((rows as u64 * 32).div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launch shape for one thread per item.
+pub fn per_item(n: usize) -> LaunchConfig {
+    blocks(n.div_ceil(256), 256)
+}
+
+/// `blocks` blocks of `threads` threads.
+pub fn blocks(blocks: usize, threads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `TERNLAB_PROFILE=1`: every kernel, GEMM and copy runs alone (a device sync before and after)
+/// and its time is added to a table by name; `ternlab bench` prints it.
+pub(crate) fn profiling() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TERNLAB_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+type Profile = std::collections::BTreeMap<String, (f64, usize)>;
+static PROFILE: Mutex<Profile> = Mutex::new(Profile::new());
+
+/// The profile so far (name -> (seconds, calls)), emptied.
+pub fn take_profile() -> Vec<(String, f64, usize)> {
+    let mut p = PROFILE.lock().expect("profile lock");
+    std::mem::take(&mut *p)
+        .into_iter()
+        .map(|(k, (s, n))| (k, s, n))
+        .collect()
+}
+
+/// The `cpu_fwd` of a `CustomOp` with 1 or 2 inputs that only exists on CUDA (callers run the
+/// composed version elsewhere, so reaching it is a bug).
+macro_rules! cuda_only {
+    (1, $what:literal) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(concat!("the fused ", $what, " runs on CUDA only"))
+        }
+    };
+    (2, $what:literal) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(concat!("the fused ", $what, " runs on CUDA only"))
+        }
+    };
+}
+pub(crate) use cuda_only;

@@ -1,0 +1,37 @@
+//! ternlab's CUDA code, by op as llm.c's `llmc/` is: each family of kernels is a `.cu` file
+//! (compiled at run time with NVRTC behind the shared `common.cuh`) beside one Rust module with
+//! a typed launcher per kernel, whose doc comment gives the kernel's signature and whose
+//! checks refuse a buffer of the wrong size or dtype before anything runs. Nothing here knows
+//! the model: the hand-written training step (`crate::trainer::cuda_step`) and the autograd
+//! ops (`crate::model::ops`, on CUDA) are both made of these launchers, so the kernels that
+//! train are the kernels the GPU tests (`tests/fused.rs`) compare with the composed candle ops.
+//!
+//! | module | kernels | autograd op |
+//! |---|---|---|
+//! | `launch` | (families, `Buf`, `Gpu`, launch shapes, profile) | |
+//! | `gemm` | cuBLAS: `gemm`, `linear`, `linear_back_x`, `linear_back_w` | |
+//! | `embedding` | `embed`, `embed_bwd` | |
+//! | `norm` | `rmsnorm`, `rmsnorm_bwd_x[_add]`, `rmsnorm_bwd_w`, `rmsnorm_bwd_small` | `rms_norm_op` |
+//! | `attention` | `norm_rope`, `rope_bwd`, `causal_softmax[_bwd]`, `swap_axes` | `norm_rope_op`, `causal_softmax_op` |
+//! | `causal_attention` | (the step's blocked attention: GEMMs + `attention`'s softmax) | |
+//! | `mlp` | `silu_mul`, `silu_mul_bwd` | `silu_mul_op` |
+//! | `residual` | `add` | |
+//! | `loss` | `cross_entropy` (loss, and the gradient when asked) | `cross_entropy_op` |
+//! | `ternary` | `ternarize` | `ternary_weight` (straight-through backward) |
+//! | `adamw` | `adamw` (f32 and bf16 arithmetic of `crate::optim`) | |
+//!
+//! Every kernel but `swap_axes` has an f32 and a bf16 instance; arithmetic is f32.
+
+pub mod adamw;
+pub mod attention;
+pub mod causal_attention;
+pub mod embedding;
+pub mod gemm;
+pub mod launch;
+pub mod loss;
+pub mod mlp;
+pub mod norm;
+pub mod residual;
+pub mod ternary;
+
+pub use launch::{take_profile, AsBuf, Buf, Gpu};

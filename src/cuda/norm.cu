@@ -1,0 +1,166 @@
+// RMSNorm, forward and backward (src/cuda/norm.rs). Rows of d in T, the weight in f32,
+// arithmetic in f32: y = x * r * w with r = rsqrt(mean(x^2) + eps).
+
+// Forward, one warp per row.
+template <typename T>
+__device__ void rmsnorm(const T* x, const float* w, T* y, long rows, int d, float eps) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const T* xr = x + row * d;
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float v = ld(xr, i); ss += v * v; }
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    for (int i = lane; i < d; i += 32) st(y + row * d, i, ld(xr, i) * r * w[i]);
+}
+
+// One row of the backward, held by a warp: loads x and dy (their first 32 * NPL entries into
+// registers, zeros past d) and finds r and c = r^3 / d * sum_i w_i dy_i x_i, so that
+// dx_i = r * w_i * dy_i - c * x_i.
+template <typename T, int NPL>
+__device__ void rms_row_back(const T* xr, const float* w, const T* gr, int d, float eps,
+                             int lane, float (&xv)[NPL], float (&gv)[NPL], float& r,
+                             float& c) {
+    float ss = 0.f, gx = 0.f;
+#pragma unroll
+    for (int t = 0; t < NPL; t++) {
+        int i = lane + 32 * t;
+        xv[t] = 0.f;
+        gv[t] = 0.f;
+        if (i < d) {
+            xv[t] = ld(xr, i);
+            gv[t] = ld(gr, i);
+            ss += xv[t] * xv[t];
+            gx += w[i] * gv[t] * xv[t];
+        }
+    }
+    for (int i = lane + 32 * NPL; i < d; i += 32) {
+        float a = ld(xr, i);
+        ss += a * a;
+        gx += w[i] * ld(gr, i) * a;
+    }
+    ss = warp_sum(ss);
+    gx = warp_sum(gx);
+    r = rsqrtf(ss / d + eps);
+    c = r * r * r * gx / d;
+}
+
+// One row's input gradient, held by a warp: dx_i = r * w_i * dy_i - c * x_i written to `out`
+// (added to it when ADD); leaves the row's first 32 * NPL entries of x and dy, and r, in the
+// registers for a caller that also wants the weight's gradient.
+template <typename T, bool ADD, int NPL>
+__device__ void rms_row_dx(const T* xr, const float* w, const T* gr, T* out, int d, float eps,
+                           int lane, float (&xv)[NPL], float (&gv)[NPL], float& r) {
+    float c;
+    rms_row_back<T, NPL>(xr, w, gr, d, eps, lane, xv, gv, r, c);
+#pragma unroll
+    for (int t = 0; t < NPL; t++) {
+        int i = lane + 32 * t;
+        if (i < d) {
+            float v = r * (w[i] * gv[t]) - c * xv[t];
+            st(out, i, ADD ? ld(out, i) + v : v);
+        }
+    }
+    for (int i = lane + 32 * NPL; i < d; i += 32) {
+        float v = r * w[i] * ld(gr, i) - c * ld(xr, i);
+        st(out, i, ADD ? ld(out, i) + v : v);
+    }
+}
+
+// dx (rows, d), written, or added to when ADD (the residual stream's gradient); one warp per
+// row, 32 values per lane in registers (hidden-sized rows; longer rows loop).
+template <typename T, bool ADD>
+__device__ void rmsnorm_bwd_x(const T* __restrict__ x, const float* __restrict__ w,
+                              const T* __restrict__ dy, T* __restrict__ dx, long rows, int d,
+                              float eps) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (row >= rows) return;
+    float xv[32], gv[32], r;
+    rms_row_dx<T, ADD, 32>(x + row * d, w, dy + row * d, dx + row * d, d, eps,
+                           threadIdx.x % 32, xv, gv, r);
+}
+
+// dw_j = sum over rows of dy_j * x_j * r_row into dw (f32, zeroed by the caller): a block takes
+// 64 rows, its warps find their r, its threads sum their columns, one atomic add per column
+// per block.
+template <typename T>
+__device__ void rmsnorm_bwd_w(const T* x, const T* dy, float* dw, long rows, int d, float eps) {
+    __shared__ float rs[64];
+    long first = (long)blockIdx.x * 64;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int k = warp; k < 64; k += warps) {
+        long row = first + k;
+        float ss = 0.f;
+        if (row < rows) for (int i = lane; i < d; i += 32) { float v = ld(x + row * d, i); ss += v * v; }
+        ss = warp_sum(ss);
+        if (lane == 0) rs[k] = rsqrtf(ss / d + eps);
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float acc = 0.f;
+        for (int k = 0; k < 64 && first + k < rows; k++) {
+            long row = first + k;
+            acc += ld(dy + row * d, j) * ld(x + row * d, j) * rs[k];
+        }
+        atomicAdd(dw + j, acc);
+    }
+}
+
+// The whole backward in one pass for rows of d <= 128 (the head-sized q/k norms): dx, and dw
+// (f32, zeroed by the caller). A block of 8 warps takes `per_block` rows, a warp one row at a
+// time with the row in registers; each lane sums dy * x * r over its warp's rows for its
+// columns, the warps' sums meet in shared memory, one atomic add per column per block.
+template <typename T>
+__device__ void rmsnorm_bwd_small(const T* __restrict__ x, const float* __restrict__ w,
+                                  const T* __restrict__ dy, T* __restrict__ dx,
+                                  float* __restrict__ dw, long rows, int d, float eps,
+                                  int per_block) {
+    const int NPL = 4;
+    __shared__ float part[8][32 * NPL];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float acc[NPL];
+#pragma unroll
+    for (int t = 0; t < NPL; t++) acc[t] = 0.f;
+    long first = (long)blockIdx.x * per_block;
+    for (int k = warp; k < per_block; k += 8) {
+        long row = first + k;
+        if (row >= rows) break;
+        float xv[NPL], gv[NPL], r;
+        rms_row_dx<T, false, NPL>(x + row * d, w, dy + row * d, dx + row * d, d, eps, lane, xv,
+                                  gv, r);
+#pragma unroll
+        for (int t = 0; t < NPL; t++) acc[t] += gv[t] * xv[t] * r;
+    }
+#pragma unroll
+    for (int t = 0; t < NPL; t++) part[warp][lane + 32 * t] = acc[t];
+    __syncthreads();
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float sum = 0.f;
+        for (int k = 0; k < 8; k++) sum += part[k][j];
+        atomicAdd(dw + j, sum);
+    }
+}
+
+#define NORM(SUF, T)                                                                           \
+extern "C" __global__ void rmsnorm_##SUF(const T* x, const float* w, T* y, long rows, int d,  \
+                                         float eps) {                                          \
+    rmsnorm<T>(x, w, y, rows, d, eps);                                                         \
+}                                                                                              \
+extern "C" __global__ void rmsnorm_bwd_x_##SUF(const T* x, const float* w, const T* dy,       \
+                                               T* dx, long rows, int d, float eps) {           \
+    rmsnorm_bwd_x<T, false>(x, w, dy, dx, rows, d, eps);                                       \
+}                                                                                              \
+extern "C" __global__ void rmsnorm_bwd_x_add_##SUF(const T* x, const float* w, const T* dy,   \
+                                                   T* dx, long rows, int d, float eps) {       \
+    rmsnorm_bwd_x<T, true>(x, w, dy, dx, rows, d, eps);                                        \
+}                                                                                              \
+extern "C" __global__ void rmsnorm_bwd_w_##SUF(const T* x, const T* dy, float* dw, long rows, \
+                                               int d, float eps) {                             \
+    rmsnorm_bwd_w<T>(x, dy, dw, rows, d, eps);                                                 \
+}                                                                                              \
+extern "C" __global__ void rmsnorm_bwd_small_##SUF(const T* x, const float* w, const T* dy,   \
+                                                   T* dx, float* dw, long rows, int d,         \
+                                                   float eps, int per_block) {                 \
+    rmsnorm_bwd_small<T>(x, w, dy, dx, dw, rows, d, eps, per_block);                           \
+}
+INSTANCES(NORM)

@@ -1,0 +1,138 @@
+//! The backward pass: every parameter's gradient from the tape, layer by layer in reverse.
+
+use super::{Dims, Tape};
+use crate::cuda::gemm::{linear_back_w, linear_back_x};
+use crate::cuda::{attention, embedding, mlp, norm};
+use crate::model::Qwen3;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor};
+
+/// The gradient of the mean loss for every parameter of `model` (f32, keyed like autograd's).
+pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
+    let Tape {
+        ctx,
+        dims,
+        ids,
+        attn,
+        rope,
+        mut layers,
+        x_last,
+        xf,
+        head,
+        dlogits,
+    } = tape;
+    let gpu = &ctx.gpu;
+    let Dims {
+        b,
+        l,
+        n,
+        e,
+        vocab,
+        h,
+        k,
+        d,
+        r,
+    } = dims;
+    let seed_first_norm = ctx.cd == DType::F32 && model.embed_tokens.dtype() == DType::BF16;
+    let mut grads = GradStore::default();
+
+    // Output head and final norm.
+    let dxf = ctx.act((n, e))?;
+    linear_back_x(gpu, &dlogits, &head, &dxf, 0.)?;
+    let dhead = linear_back_w(gpu, &dlogits, &xf)?;
+    drop((dlogits, head, xf));
+    // dx: the residual stream's gradient (N, E), written by the final norm, then added to.
+    let dx = ctx.act((n, e))?;
+    let dw = ctx.rms_norm_back(&x_last, &model.norm, &dxf, &dx, false)?;
+    grads.insert(&model.norm.weight, dw);
+    drop((dxf, x_last));
+
+    // The gradient of q or k (B, heads / group, L, group, D) after RoPE -> before, (N, heads * D).
+    let rope_back = |dy: &Tensor, heads: usize, group: usize| -> Result<Tensor> {
+        let g = ctx.act((n, heads * d))?;
+        attention::rope_back(gpu, dy, &rope.cos, &rope.sin, &g, (heads, group))?;
+        Ok(g)
+    };
+
+    for (i, layer) in model.layers.iter().enumerate().rev() {
+        let t = layers.pop().expect("one tape per layer");
+        let (at, mlp_) = (&layer.self_attn, &layer.mlp);
+        let [wq, wk, wv, wo, wg, wu, wd] = &t.w;
+
+        // MLP: next = h + down(silu(g) * u)
+        let f = t.g.dim(1)?;
+        let da = ctx.act((n, f))?;
+        linear_back_x(gpu, &dx, wd, &da, 0.)?;
+        grads.insert(&mlp_.down_proj.weight, linear_back_w(gpu, &dx, &t.a)?);
+        let (dg, du) = (ctx.act((n, f))?, ctx.act((n, f))?);
+        mlp::silu_mul_back(gpu, &t.g, &t.u, &da, &dg, &du)?;
+        drop(da);
+        let dxn2 = ctx.act((n, e))?;
+        linear_back_x(gpu, &dg, wg, &dxn2, 0.)?;
+        linear_back_x(gpu, &du, wu, &dxn2, 1.)?;
+        grads.insert(&mlp_.gate_proj.weight, linear_back_w(gpu, &dg, &t.xn2)?);
+        grads.insert(&mlp_.up_proj.weight, linear_back_w(gpu, &du, &t.xn2)?);
+        drop((dg, du));
+        let post = &layer.post_attention_layernorm;
+        let dw = ctx.rms_norm_back(&t.h, post, &dxn2, &dx, true)?;
+        grads.insert(&post.weight, dw);
+        drop(dxn2);
+
+        // Attention: h = x + o(attention(norm(x)))
+        let dmerged = ctx.act((n, h * d))?;
+        linear_back_x(gpu, &dx, wo, &dmerged, 0.)?;
+        grads.insert(&at.o_proj.weight, linear_back_w(gpu, &dx, &t.merged)?);
+        let datt = ctx.swap_axes(&dmerged, (b, l, k, r * d))?;
+        drop(dmerged);
+        let probs = match &t.probs {
+            Some(p) => p.clone(),
+            None => attn.probs(gpu, &t.qr, &t.kr)?,
+        };
+        let (dqr, dkr, dvt) = attn.backward(gpu, (&t.qr, &t.kr, &t.vt), &probs, &datt)?;
+        drop((probs, datt));
+        let gq = rope_back(&dqr, h, r)?;
+        let gk = rope_back(&dkr, k, 1)?;
+        drop((dqr, dkr));
+        let dq = ctx.act((n * h, d))?;
+        let q_rows = t.q.reshape((n * h, d))?;
+        let dw = ctx.rms_norm_back(&q_rows, &at.q_norm, &gq.reshape((n * h, d))?, &dq, false)?;
+        grads.insert(&at.q_norm.weight, dw);
+        let dk = ctx.act((n * k, d))?;
+        let k_rows = t.k.reshape((n * k, d))?;
+        let dw = ctx.rms_norm_back(&k_rows, &at.k_norm, &gk.reshape((n * k, d))?, &dk, false)?;
+        grads.insert(&at.k_norm.weight, dw);
+        drop((gq, gk));
+        let (dq, dk) = (dq.reshape((n, h * d))?, dk.reshape((n, k * d))?);
+        let dv = ctx.swap_axes(&dvt, (b, k, l, d))?.reshape((n, k * d))?;
+        drop(dvt);
+        let dxn1 = ctx.act((n, e))?;
+        linear_back_x(gpu, &dq, wq, &dxn1, 0.)?;
+        linear_back_x(gpu, &dk, wk, &dxn1, 1.)?;
+        linear_back_x(gpu, &dv, wv, &dxn1, 1.)?;
+        grads.insert(&at.q_proj.weight, linear_back_w(gpu, &dq, &t.xn1)?);
+        grads.insert(&at.k_proj.weight, linear_back_w(gpu, &dk, &t.xn1)?);
+        grads.insert(&at.v_proj.weight, linear_back_w(gpu, &dv, &t.xn1)?);
+        drop((dq, dk, dv));
+        let ln = &layer.input_layernorm;
+        let dw = if i == 0 && seed_first_norm {
+            let w = ctx.norm_weight(ln)?;
+            norm::bf16_rounded_back(gpu, &t.x, &w, ln.eps as f32, &dxn1, &dx)?
+        } else {
+            ctx.rms_norm_back(&t.x, ln, &dxn1, &dx, true)?
+        };
+        grads.insert(&ln.weight, dw);
+    }
+
+    // Embedding: the rows of the tokens seen get their input gradient, added to the head's
+    // gradient when the head is tied.
+    let demb = match &model.lm_head {
+        Some(lm_head) => {
+            grads.insert(lm_head, dhead);
+            gpu.zeros((vocab, e), DType::F32)?
+        }
+        None => dhead,
+    };
+    embedding::embed_back(gpu, &dx, &ids, &demb)?;
+    grads.insert(&model.embed_tokens, demb);
+    Ok(grads)
+}

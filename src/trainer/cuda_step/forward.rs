@@ -1,0 +1,166 @@
+//! The forward pass and the loss, keeping what the backward needs (`Tape`).
+
+use super::{Ctx, Dims, LayerTape, Tape};
+use crate::cuda::causal_attention::CausalAttention;
+use crate::cuda::gemm::linear;
+use crate::cuda::loss::{cross_entropy, Grad};
+use crate::cuda::{attention, embedding, mlp, norm, residual, AsBuf, Gpu};
+use crate::model::{Qwen3, RmsNorm, Rope};
+use crate::trainer::StepOptions;
+use candle_core::{DType, Result, Tensor};
+
+/// Forward pass and loss of one batch, ids and targets (B, L): the mean token cross-entropy
+/// (f32 scalar) and the tape for `backward`.
+pub fn forward(
+    model: &Qwen3,
+    opts: &StepOptions,
+    ids: &Tensor,
+    targets: &Tensor,
+) -> Result<(Tensor, Tape)> {
+    let ctx = Ctx {
+        gpu: Gpu::of(&model.device)?,
+        cd: model.compute_dtype,
+        norm_f32: Default::default(),
+    };
+    let cfg = &model.cfg;
+    let (b, l) = ids.dims2()?;
+    let dims = Dims::new(cfg, b, l);
+    let Dims {
+        n, e, h, k, d, r, ..
+    } = dims;
+    let ids = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
+    let targets = targets.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
+    let rope = Rope::new(cfg, l, &model.device)?;
+    let attn = CausalAttention::new(b, l, (h, k, d), opts.attention_chunk);
+    // Every layer's probabilities, kept for the backward, may take a quarter of the card; past
+    // that, each layer's are recomputed in the backward (one more score GEMM and softmax per
+    // layer, the same values).
+    let recompute = opts.attention_recompute.unwrap_or_else(|| {
+        let stored = model.layers.len() * b * h * l * l * ctx.cd.size_in_bytes();
+        stored > ctx.gpu.total_memory().unwrap_or(usize::MAX) / 4
+    });
+
+    let emb = &model.embed_tokens;
+    // Under f32 compute a bf16 embedding's rows enter the first layer in bf16, as in the seed
+    // (MLX): its input norm rounds to bf16 (see `model::ops::rms_norm_composed`).
+    let seed_first_norm = ctx.cd == DType::F32 && emb.dtype() == DType::BF16;
+    let mut x = if emb.dtype() == DType::F32 {
+        let x = ctx.act((n, e))?;
+        embedding::embed(&ctx.gpu, emb, &ids, &x)?;
+        x
+    } else {
+        // A bf16 embedding (the checkpoint's): gather its rows, then the compute dtype.
+        ctx.gpu.timed("embed gather", || {
+            emb.detach().index_select(&ids, 0)?.to_dtype(ctx.cd)
+        })?
+    };
+
+    // q (N, heads * D) -> (B, heads / group, L, group, D) normalised and rotated: q with
+    // group = R, k with group = 1 (see `CausalAttention`).
+    let norm_rope = |t: &Tensor, n_: &RmsNorm, heads: usize, group: usize| -> Result<Tensor> {
+        let y = ctx.act((b * heads / group, l * group, d))?;
+        let w = ctx.norm_weight(n_)?;
+        let eps = n_.eps as f32;
+        attention::norm_rope(
+            &ctx.gpu,
+            t,
+            &w,
+            &rope.cos,
+            &rope.sin,
+            &y,
+            (heads, group),
+            eps,
+        )?;
+        Ok(y)
+    };
+
+    let mut layers = Vec::with_capacity(model.layers.len());
+    for (i, layer) in model.layers.iter().enumerate() {
+        let (at, mlp_) = (&layer.self_attn, &layer.mlp);
+        let w = [
+            ctx.weight(&at.q_proj)?,
+            ctx.weight(&at.k_proj)?,
+            ctx.weight(&at.v_proj)?,
+            ctx.weight(&at.o_proj)?,
+            ctx.weight(&mlp_.gate_proj)?,
+            ctx.weight(&mlp_.up_proj)?,
+            ctx.weight(&mlp_.down_proj)?,
+        ];
+        let xn1 = if i == 0 && seed_first_norm {
+            let ln = &layer.input_layernorm;
+            let w = ctx.norm_weight(ln)?;
+            norm::bf16_rounded(&ctx.gpu, &x, &w, ln.eps as f32)?
+        } else {
+            ctx.rms_norm(&x, &layer.input_layernorm)?
+        };
+        // Attention: h = x + o(attention(norm(x)))
+        let q = linear(&ctx.gpu, &xn1, &w[0])?;
+        let kk = linear(&ctx.gpu, &xn1, &w[1])?;
+        let v = linear(&ctx.gpu, &xn1, &w[2])?;
+        let qr = norm_rope(&q, &at.q_norm, h, r)?;
+        let kr = norm_rope(&kk, &at.k_norm, k, 1)?;
+        let vt = ctx.swap_axes(&v, (b, l, k, d))?;
+        let (probs, att) = attn.forward(&ctx.gpu, &qr, &kr, &vt)?;
+        let merged = ctx.swap_axes(&att, (b, k, l, r * d))?.reshape((n, h * d))?;
+        drop(att);
+        let o = linear(&ctx.gpu, &merged, &w[3])?;
+        let hres = ctx.act((n, e))?;
+        residual::add(&ctx.gpu, &x, &o, &hres)?;
+        // MLP: next = h + down(silu(gate(norm(h))) * up(norm(h)))
+        let xn2 = ctx.rms_norm(&hres, &layer.post_attention_layernorm)?;
+        let g = linear(&ctx.gpu, &xn2, &w[4])?;
+        let u = linear(&ctx.gpu, &xn2, &w[5])?;
+        let a = ctx.act(g.shape())?;
+        mlp::silu_mul(&ctx.gpu, &g, &u, &a)?;
+        let down = linear(&ctx.gpu, &a, &w[6])?;
+        let next = ctx.act((n, e))?;
+        residual::add(&ctx.gpu, &hres, &down, &next)?;
+        layers.push(LayerTape {
+            w,
+            x,
+            xn1,
+            q,
+            k: kk,
+            qr,
+            kr,
+            vt,
+            probs: (!recompute).then_some(probs),
+            merged,
+            h: hres,
+            xn2,
+            g,
+            u,
+            a,
+        });
+        x = next;
+    }
+
+    // Final norm, head, loss: the loss kernel overwrites the logits with their gradient.
+    let xf = ctx.rms_norm(&x, &model.norm)?;
+    let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
+    let head = ctx
+        .gpu
+        .timed("cast head", || head.detach().to_dtype(ctx.cd))?;
+    let logits = linear(&ctx.gpu, &xf, &head)?;
+    let rows = ctx.gpu.empty(n, DType::F32)?;
+    let grad = Grad {
+        dx: &logits.buf()?,
+        scale: 1.0 / n as f32,
+        row_grad: None,
+    };
+    cross_entropy(&ctx.gpu, &logits, &targets, &rows, Some(grad))?;
+    let loss = ctx.gpu.timed("loss mean", || rows.mean_all())?;
+    let tape = Tape {
+        ctx,
+        dims,
+        ids,
+        attn,
+        rope,
+        layers,
+        x_last: x,
+        xf,
+        head,
+        dlogits: logits,
+    };
+    Ok((loss, tape))
+}

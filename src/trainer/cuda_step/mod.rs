@@ -1,0 +1,188 @@
+//! The training step on CUDA written out by hand (forward, loss and backward), as llm.c's
+//! `train_gpt2.cu` is: no autograd graph, only the typed launchers of `crate::cuda`. candle's
+//! backprop allocates a zero tensor and adds into it for every input of every recorded op, and
+//! cannot accumulate a matmul into an existing buffer; here every gradient is written once,
+//! where it is needed:
+//!
+//! - weight gradients come out of cuBLAS in f32 directly (bf16 inputs, f32 accumulate and
+//!   output), so there is no bf16 gradient to cast, and the ternary STE is free;
+//! - the gradients of the q, k and v inputs (and of gate and up) are summed by the GEMMs
+//!   themselves (beta = 1); the residual stream's gradient is accumulated in place by the
+//!   RMSNorm backward kernel;
+//! - q/k RMSNorm, RoPE and the head transpose are one kernel each way;
+//! - causal attention runs by blocks of query positions (`crate::cuda::causal_attention`), and
+//!   recomputes its probabilities in the backward when keeping every layer's would take over a
+//!   quarter of the card;
+//! - the cross-entropy kernel overwrites the logits with their gradient (no second (N, V)
+//!   buffer), and the embedding gradient is one scatter-add over all tokens (f32 atomics, so
+//!   GPU runs are not bitwise reproducible).
+//!
+//! `forward.rs` and `backward.rs` are the two passes; this file holds what they share. Shapes:
+//! B batch, L positions, N = B * L tokens, E hidden, H query heads, K key/value heads,
+//! R = H / K, D head dim, F intermediate, V vocabulary.
+//!
+//! Same arithmetic as the composed graph (`Qwen3::forward` + autograd), which stays the
+//! reference: `tests/fused.rs` compares the two, and the parity test runs through this step
+//! on a GPU.
+
+use crate::cuda::causal_attention::CausalAttention;
+use crate::cuda::{norm, ternary, Gpu};
+use crate::model::{Linear, RmsNorm, Rope};
+use candle_core::{DType, Result, Shape, Tensor};
+
+mod backward;
+mod forward;
+
+pub use backward::backward;
+pub use forward::forward;
+
+/// The step's sizes (see the legend above).
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    l: usize,
+    n: usize,
+    e: usize,
+    vocab: usize,
+    h: usize,
+    k: usize,
+    d: usize,
+    r: usize,
+}
+
+impl Dims {
+    fn new(cfg: &crate::model::Qwen3Config, b: usize, l: usize) -> Self {
+        let (h, k) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Self {
+            b,
+            l,
+            n: b * l,
+            e: cfg.hidden_size,
+            vocab: cfg.vocab_size,
+            h,
+            k,
+            d: cfg.head_dim,
+            r: h / k,
+        }
+    }
+}
+
+/// What both passes share: the GPU, the compute dtype of activations and matmul inputs, and
+/// the norm weights widened to f32 for the kernels (bf16 weights under
+/// `train.dense_dtype = "checkpoint"`), made once per step.
+struct Ctx {
+    gpu: Gpu,
+    cd: DType,
+    norm_f32: std::cell::RefCell<std::collections::HashMap<candle_core::TensorId, Tensor>>,
+}
+
+impl Ctx {
+    /// A new activation (or activation gradient) in the compute dtype, written in full later.
+    fn act(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        self.gpu.empty(shape, self.cd)
+    }
+
+    /// The weight a projection multiplies by, in the compute dtype: `W_t` for ternary layers.
+    fn weight(&self, lin: &Linear) -> Result<Tensor> {
+        let Some(group) = lin.ternary_group else {
+            return self
+                .gpu
+                .timed("cast weight", || lin.weight.detach().to_dtype(self.cd));
+        };
+        let wt = self.act(lin.weight.shape())?;
+        ternary::ternarize(&self.gpu, &lin.weight, &wt, group)?;
+        Ok(wt)
+    }
+
+    /// A norm's weight in f32, as the kernels read it.
+    fn norm_weight(&self, norm: &RmsNorm) -> Result<Tensor> {
+        let w = &norm.weight;
+        if w.dtype() == DType::F32 {
+            return Ok(w.clone());
+        }
+        let mut cache = self.norm_f32.borrow_mut();
+        if let Some(t) = cache.get(&w.id()) {
+            return Ok(t.clone());
+        }
+        let t = self
+            .gpu
+            .timed("cast norm weight", || w.detach().to_dtype(DType::F32))?;
+        cache.insert(w.id(), t.clone());
+        Ok(t)
+    }
+
+    /// RMSNorm of the rows of `x`, in x's dtype.
+    fn rms_norm(&self, x: &Tensor, n: &RmsNorm) -> Result<Tensor> {
+        let y = self.gpu.empty(x.shape(), x.dtype())?;
+        norm::rmsnorm(&self.gpu, x, &self.norm_weight(n)?, &y, n.eps as f32)?;
+        Ok(y)
+    }
+
+    /// The RMSNorm backward of the rows x: the input gradient written to `dx` (added to it
+    /// when `add`), the weight's gradient returned (f32).
+    fn rms_norm_back(
+        &self,
+        x: &Tensor,
+        n: &RmsNorm,
+        dy: &Tensor,
+        dx: &Tensor,
+        add: bool,
+    ) -> Result<Tensor> {
+        let w = self.norm_weight(n)?;
+        norm::backward(&self.gpu, x, &w, dy, dx, n.eps as f32, add)
+    }
+
+    /// y (a, nc, nb, row) = x (a, nb, nc, row): the head transposes.
+    fn swap_axes(&self, x: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+        let (a, nb, nc, row) = dims;
+        let y = self.gpu.empty((a, nc, nb, row), x.dtype())?;
+        crate::cuda::attention::swap_axes(&self.gpu, x, &y, dims)?;
+        Ok(y)
+    }
+}
+
+/// What one decoder layer keeps for its backward.
+struct LayerTape {
+    /// q, k, v, o, gate, up, down as multiplied (compute dtype; `W_t` where ternary)
+    w: [Tensor; 7],
+    /// the layer's input (N, E): compute dtype, or f32 rows of the seed's bf16 first norm
+    x: Tensor,
+    /// input norm (N, E)
+    xn1: Tensor,
+    /// q (N, H * D) and k (N, K * D) before their norm
+    q: Tensor,
+    k: Tensor,
+    /// after norm + RoPE: q (B*K, L*R, D), k (B*K, L, D); see `CausalAttention`
+    qr: Tensor,
+    kr: Tensor,
+    /// v with heads first, (B*K, L, D)
+    vt: Tensor,
+    /// (B*K, L*R, L); None when the backward recomputes them
+    probs: Option<Tensor>,
+    /// attention output with heads merged, (N, H * D)
+    merged: Tensor,
+    /// the residual stream after attention, (N, E), and its norm
+    h: Tensor,
+    xn2: Tensor,
+    /// gate and up projections (N, F), and silu(g) * u (N, F)
+    g: Tensor,
+    u: Tensor,
+    a: Tensor,
+}
+
+/// Everything the backward needs from one forward pass.
+pub struct Tape {
+    ctx: Ctx,
+    dims: Dims,
+    /// token ids (N), u32
+    ids: Tensor,
+    attn: CausalAttention,
+    rope: Rope,
+    layers: Vec<LayerTape>,
+    /// the last layer's output (N, E), its final norm, the head (V, E) as multiplied
+    x_last: Tensor,
+    xf: Tensor,
+    head: Tensor,
+    /// the logits' gradient (N, V), written by the loss kernel over the logits
+    dlogits: Tensor,
+}
