@@ -18,6 +18,7 @@ pub mod optim;
 pub mod plan;
 pub mod plot;
 pub mod progress;
+pub mod quant;
 pub mod report;
 pub mod run;
 pub mod runner;

@@ -163,10 +163,11 @@ pub fn config_hash(spec: &Spec) -> String {
 }
 
 /// A value as it appears in a run id: short and safe in a file name (projection names lose
-/// their `_proj`: `q+k+v+o`).
+/// their `_proj`: `q+k+v+o`; an empty list is `none`).
 fn id_value(v: &toml::Value) -> String {
     let raw = match v {
         toml::Value::String(s) => s.strip_suffix("_proj").unwrap_or(s).to_string(),
+        toml::Value::Array(a) if a.is_empty() => "none".into(),
         toml::Value::Array(a) => a.iter().map(id_value).collect::<Vec<_>>().join("+"),
         other => other.to_string(),
     };

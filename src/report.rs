@@ -104,6 +104,16 @@ pub struct Report {
     pub seq_len: usize,
     pub lr_peak: f64,
     pub group_size: crate::spec::GroupSize,
+    /// The quantizer's granularity in effect, scale rule and scale dtype, and the layers kept
+    /// dense (`[quant]`; reports written before these keys read the seed's values).
+    #[serde(default)]
+    pub granularity: crate::quant::Granularity,
+    #[serde(default)]
+    pub scale: crate::quant::ScaleRule,
+    #[serde(default)]
+    pub scale_dtype: crate::quant::ScaleDtype,
+    #[serde(default)]
+    pub exclude_layers: Vec<usize>,
     pub n_ternary_layers: usize,
     pub n_ternary_params: usize,
     pub samples: Vec<Sample>,

@@ -8,6 +8,7 @@ use crate::model::load::{random_weights, read_weights, resolve_checkpoint, Check
 use crate::model::{Preset, Qwen3, Qwen3Config, TernarySpec};
 use crate::plan::PlannedRun;
 use crate::progress::Progress;
+use crate::quant::Granularity;
 use crate::report::{
     head_mean, tail_mean, write_atomic, write_json_atomic, LossCurveWriter, Report, RunStatus,
     Sample, Versions,
@@ -110,10 +111,11 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
             ),
         ));
     }
+    let ternary = ternary_spec(spec);
     for p in &spec.quant.projections {
         let width = model_cfg.projection_in_features(*p);
         let g = spec.quant.group_size.for_width(width);
-        if width % g != 0 {
+        if ternary.granularity() == Granularity::Group && width % g != 0 {
             return Err(bad(
                 "quant.group_size",
                 format!(
@@ -122,6 +124,16 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
                 ),
             ));
         }
+    }
+    let layers = model_cfg.num_hidden_layers;
+    if let Some(l) = spec.quant.exclude_layers.iter().find(|&&l| l >= layers) {
+        return Err(bad(
+            "quant.exclude_layers",
+            format!(
+                "layer {l} does not exist: the model has layers 0 to {}",
+                layers - 1
+            ),
+        ));
     }
     let data_path = &spec.data.path;
     if !data_path.is_file() {
@@ -195,10 +207,7 @@ impl PreparedRun {
                 *t = t.to_dtype(candle_core::DType::F32)?;
             }
         }
-        let ternary = TernarySpec {
-            projections: self.spec.quant.projections.clone(),
-            group_size: self.spec.quant.group_size,
-        };
+        let ternary = ternary_spec(&self.spec);
         let (model, params) = Qwen3::new(&self.model_cfg, weights, &ternary, device)?;
         Ok((
             model
@@ -218,6 +227,19 @@ impl PreparedRun {
 
 /// Which reference a run's optimizer and parameter precision follow (report.json's
 /// `semantics`).
+/// The model's quantizer as the spec's `[quant]` describes it.
+fn ternary_spec(spec: &Spec) -> TernarySpec {
+    let q = &spec.quant;
+    TernarySpec {
+        projections: q.projections.clone(),
+        group_size: q.group_size,
+        granularity: q.granularity,
+        scale: q.scale,
+        scale_dtype: q.scale_dtype,
+        exclude_layers: q.exclude_layers.clone(),
+    }
+}
+
 pub fn semantics(t: &crate::spec::TrainSpec) -> &'static str {
     match (t.bias_correction, t.dense_dtype) {
         (false, DenseDtype::Checkpoint) => "seed",
@@ -319,6 +341,10 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         seq_len: d.seq_len,
         lr_peak: t.lr,
         group_size: p.spec.quant.group_size,
+        granularity: ternary_spec(&p.spec).granularity(),
+        scale: p.spec.quant.scale,
+        scale_dtype: p.spec.quant.scale_dtype,
+        exclude_layers: p.spec.quant.exclude_layers.clone(),
         n_ternary_layers: ternary.len(),
         n_ternary_params: ternary.iter().map(|l| l.weight().elem_count()).sum(),
         samples,

@@ -167,8 +167,8 @@ pub struct TernaryVerification {
 pub fn verify_ternary(model: &Qwen3) -> Result<TernaryVerification> {
     let (mut bad, mut total, mut max_err) = (0, 0, 0f64);
     for lin in model.ternary_linears() {
-        let g = lin.group_size().expect("ternary layer has a group size");
-        let c = check_ternary(lin.weight(), g)?;
+        let q = lin.quant().expect("a ternary layer has a quantizer");
+        let c = check_ternary(lin.weight(), q)?;
         bad += c.bad;
         total += c.total;
         max_err = max_err.max(c.max_err);

@@ -226,6 +226,33 @@ fn group_size_must_divide_every_projection_width() {
 }
 
 #[test]
+fn quantizer_keys_name_their_valid_values() {
+    refused(
+        &[("quant.granularity", "\"block\"")],
+        &[
+            "`quant.granularity`",
+            "\"block\"",
+            "\"group\"",
+            "\"row\"",
+            "\"tensor\"",
+        ],
+    );
+    refused(
+        &[("quant.scale", "\"lsq\"")],
+        &["`quant.scale`", "\"lsq\"", "\"absmean\"", "\"absmax\""],
+    );
+    refused(
+        &[("quant.scale_dtype", "\"f8\"")],
+        &["`quant.scale_dtype`", "\"f8\"", "\"f16\""],
+    );
+    // tiny has layers 0 to 3.
+    refused(
+        &[("quant.exclude_layers", "[1, 4]")],
+        &["`quant.exclude_layers`", "layer 4", "0 to 3"],
+    );
+}
+
+#[test]
 fn unknown_projection_is_named() {
     refused(
         &[("quant.projections", "[\"q_proj\", \"qq_proj\"]")],

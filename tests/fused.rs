@@ -78,21 +78,40 @@ fn tol(dtype: DType, f32_tol: f64, bf16_tol: f64) -> f64 {
     }
 }
 
+/// Every quantizer: groups of columns, a row, a whole matrix (the kernel's block path past
+/// 8192 weights), absmean and absmax scales, scales rounded to f32, bf16 and f16.
 #[test]
 fn ternary_projection_matches_the_composed_one() {
+    use ternlab::quant::{Quant, ScaleDtype, ScaleRule};
     let dev = gpu();
-    for (rows, cols, group) in [(64, 256, 128), (96, 384, 32), (8, 3072, 3072)] {
+    for (rows, cols, group) in [
+        (64, 256, 128),
+        (96, 384, 32),
+        (8, 3072, 3072),
+        (96, 384, 96 * 384),
+    ] {
         let w = var(&[rows, cols], 0.05, DType::F32, &dev);
-        for dtype in [DType::F32, DType::BF16] {
-            // The gradient reaching the latent is the straight-through identity in both.
-            assert_agree(
-                &format!("{rows}x{cols} g{group} {dtype:?}"),
-                &[&w],
-                ops::ternary_weight(w.as_tensor(), group, dtype, Ops::Fused).unwrap(),
-                ops::ternary_weight(w.as_tensor(), group, dtype, Ops::Composed).unwrap(),
-                1e-6,
-                1e-6,
-            );
+        for scale in [ScaleRule::Absmean, ScaleRule::Absmax] {
+            for scale_dtype in [ScaleDtype::F32, ScaleDtype::Bf16, ScaleDtype::F16] {
+                let q = Quant {
+                    group,
+                    scale,
+                    scale_dtype,
+                };
+                for dtype in [DType::F32, DType::BF16] {
+                    // The gradient reaching the latent is the straight-through identity in
+                    // both. Values measured on an H100: up to 2.6e-7 (a scale's last bit, from
+                    // the order of the sum).
+                    assert_agree(
+                        &format!("{rows}x{cols} {q:?} {dtype:?}"),
+                        &[&w],
+                        ops::ternary_weight(w.as_tensor(), q, dtype, Ops::Fused).unwrap(),
+                        ops::ternary_weight(w.as_tensor(), q, dtype, Ops::Composed).unwrap(),
+                        1e-6,
+                        1e-6,
+                    );
+                }
+            }
         }
     }
 }
@@ -334,16 +353,16 @@ fn hand_written_step_matches_autograd() {
             // A hidden size past 1024: the RMSNorm backward's two-kernel path.
             cfg.hidden_size = 1056;
         }
-        let ternary = TernarySpec {
-            projections: vec![
+        let ternary = TernarySpec::new(
+            vec![
                 Projection::Q,
                 Projection::V,
                 Projection::O,
                 Projection::Up,
                 Projection::Down,
             ],
-            group_size: ternlab::spec::GroupSize::Columns(32),
-        };
+            ternlab::spec::GroupSize::Columns(32),
+        );
         for dense in [DType::F32, DType::BF16] {
             // Dense parameters in f32 (the step's arithmetic against autograd's), and in the
             // checkpoint's bf16 (the seed's default), where autograd's gradients of them are bf16.

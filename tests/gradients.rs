@@ -11,6 +11,7 @@ use ternlab::data::{Batcher, Sampling};
 use ternlab::model::load::random_weights;
 use ternlab::model::ternary::{check_ternary, ternarize};
 use ternlab::model::{cross_entropy, Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
+use ternlab::quant::Quant;
 use ternlab::trainer::Trainer;
 
 fn all_projections() -> Vec<Projection> {
@@ -22,10 +23,7 @@ fn every_parameter_receives_a_nonzero_gradient() {
     // The tiny preset with random init (norm weights 1, as a fresh model) and the parity
     // fixture (perturbed norms), all projections ternary.
     let tiny = Qwen3Config::preset(Preset::Tiny, 512);
-    let ternary = TernarySpec {
-        projections: all_projections(),
-        group_size: ternlab::spec::GroupSize::Columns(32),
-    };
+    let ternary = TernarySpec::new(all_projections(), ternlab::spec::GroupSize::Columns(32));
     let models = [
         Qwen3::new(
             &tiny,
@@ -65,13 +63,10 @@ fn ste_gradient_equals_dense_gradient_at_the_ternary_weight() {
         .collect();
     assert_eq!(ternary_names.len(), 14);
     for name in &ternary_names {
-        let wt = ternarize(&weights[name].clone(), 32).unwrap();
+        let wt = ternarize(&weights[name].clone(), Quant::absmean(32)).unwrap();
         weights.insert(name.clone(), wt);
     }
-    let dense = TernarySpec {
-        projections: vec![],
-        group_size: ternlab::spec::GroupSize::Columns(32),
-    };
+    let dense = TernarySpec::new(vec![], ternlab::spec::GroupSize::Columns(32));
     let (dense_model, dense_params) =
         Qwen3::new(&fixture_config(), weights, &dense, &test_device()).unwrap();
 
@@ -105,7 +100,10 @@ fn ternarize_by_hand() {
         &Device::Cpu,
     )
     .unwrap();
-    let wt = ternarize(&w, 4).unwrap().to_vec2::<f32>().unwrap();
+    let wt = ternarize(&w, Quant::absmean(4))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let want = [0.0f32, -0.375, 0.375, 0.0, 0.0, 0.0, 0.0, 0.0];
     for (a, b) in wt[0].iter().zip(want) {
         assert!((a - b).abs() < 1e-7, "{:?} vs {want:?}", wt[0]);
@@ -113,14 +111,17 @@ fn ternarize_by_hand() {
     // Ties round to even as in PyTorch / MLX: W / s = (0.5, 1.5, -0.5, -1.5) with s = 1
     // becomes (0, 1, 0, -1), not (1, 1, -1, -1).
     let w = Tensor::new(&[[0.5f32, 1.5, -0.5, -1.5]], &Device::Cpu).unwrap();
-    let wt = ternarize(&w, 4).unwrap().to_vec2::<f32>().unwrap();
+    let wt = ternarize(&w, Quant::absmean(4))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(wt[0], vec![0.0, 1.0, 0.0, -1.0]);
 }
 
 #[test]
 fn verification_passes_on_latent_weights() {
     let w = Tensor::randn(0f32, 1.0, (64, 256), &Device::Cpu).unwrap();
-    let c = check_ternary(&w, 128).unwrap();
+    let c = check_ternary(&w, Quant::absmean(128)).unwrap();
     assert_eq!(c.total, 64 * 256);
     assert_eq!(c.bad, 0);
     assert!(c.max_err < 1e-4, "max error {}", c.max_err);

@@ -120,10 +120,7 @@ fn write_json(path: &Path, v: &Value) {
 }
 
 fn dense() -> TernarySpec {
-    TernarySpec {
-        projections: vec![],
-        group_size: ternlab::spec::GroupSize::Columns(16),
-    }
+    TernarySpec::new(vec![], ternlab::spec::GroupSize::Columns(16))
 }
 
 fn build(cfg: &Qwen3Config, weights: Weights) -> (Qwen3, ternlab::model::Params) {
@@ -595,10 +592,10 @@ fn bf16_and_f16_checkpoints_compute_as_their_values_in_f32() {
             params.named.iter().all(|(_, v)| v.dtype() == dtype),
             "{dtype:?}: dense parameters keep the checkpoint's dtype"
         );
-        let ternary = TernarySpec {
-            projections: vec![Projection::Q, Projection::Down],
-            group_size: ternlab::spec::GroupSize::Columns(16),
-        };
+        let ternary = TernarySpec::new(
+            vec![Projection::Q, Projection::Down],
+            ternlab::spec::GroupSize::Columns(16),
+        );
         let (_, params) = Qwen3::new(&cfg, loaded.clone(), &ternary, &Device::Cpu).unwrap();
         for (name, v) in &params.named {
             let latent = name.ends_with("q_proj.weight") || name.ends_with("down_proj.weight");

@@ -191,12 +191,12 @@ fn generate_on_seed_weights(fixture: &Value, device: &str, dtype: &str) -> Vec<(
     .unwrap();
     let files = resolve_checkpoint(tmp.path().to_str().unwrap(), "main").unwrap();
     let cfg = Qwen3Config::from_hf_json(&files.config).unwrap();
-    let ternary = TernarySpec {
-        projections: <ternlab::model::Projection as ternlab::choice::Choice>::ALL.to_vec(),
-        group_size: ternlab::spec::GroupSize::Columns(
-            fixture["settings"]["GROUP_SIZE"].as_u64().unwrap() as usize,
+    let ternary = TernarySpec::new(
+        <ternlab::model::Projection as ternlab::choice::Choice>::ALL.to_vec(),
+        ternlab::spec::GroupSize::Columns(
+            fixture["settings"]["GROUP_SIZE"].as_u64().unwrap() as usize
         ),
-    };
+    );
     let dev = match device {
         "cuda" => candle_core::Device::new_cuda(0).unwrap(),
         _ => candle_core::Device::Cpu,

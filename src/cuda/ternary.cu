@@ -1,25 +1,86 @@
-// The ternary projection (src/cuda/ternary.rs).
+// The ternary projection (src/cuda/ternary.rs): from the f32 latent w, per group of g
+// consecutive weights, a scale s (absmean: mean |w|; absmax: max |w|; at least `min`, rounded
+// to the scale dtype) and W_t = s * [|w / s| > 0.5] * sign(w), stored in T.
 
-// One warp per group of g consecutive weights of the f32 latent:
-// s = max(mean |w|, 1e-8), W_t = s * [|w / s| > 0.5] * sign(w), stored in T.
+// f32 -> f16 -> f32, rounding to nearest even (PTX: NVRTC has no cuda_fp16.h here).
+__device__ __forceinline__ float f16r(float x) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    float y;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(y) : "h"(h));
+    return y;
+}
+
+// A group's scale from the sum (absmean) or the max (absmax) of its |w|; sdt: the scale's
+// dtype, 0 f32, 1 bf16, 2 f16.
+__device__ __forceinline__ float group_scale(float acc, long g, int absmax, int sdt, float min) {
+    float s = fmaxf(absmax ? acc : acc / (float)g, min);
+    if (sdt == 1) s = fmaxf(bfr(s), min);
+    if (sdt == 2) s = fmaxf(f16r(s), min);
+    return s;
+}
+
+__device__ __forceinline__ float ternary_level(float w, float s) {
+    float x = w / s;
+    return fabsf(x) > 0.5f ? (x > 0.f ? 1.f : -1.f) : 0.f;
+}
+
+// Groups of up to a few thousand weights: one warp per group, both passes.
 template <typename T>
-__device__ void ternarize(const float* w, T* out, long groups, int g) {
+__device__ void ternarize(const float* w, T* out, long groups, int g, int absmax, int sdt,
+                          float min) {
     long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     if (warp >= groups) return;
     const float* src = w + warp * g;
     float acc = 0.f;
-    for (int i = lane; i < g; i += 32) acc += fabsf(src[i]);
-    float s = fmaxf(warp_sum(acc) / (float)g, 1e-8f);
-    for (int i = lane; i < g; i += 32) {
-        float x = src[i] / s;
-        float q = fabsf(x) > 0.5f ? (x > 0.f ? 1.f : -1.f) : 0.f;
-        st(out, warp * g + i, q * s);
+    for (int i = lane; i < g; i += 32) acc = absmax ? fmaxf(acc, fabsf(src[i])) : acc + fabsf(src[i]);
+    for (int o = 16; o > 0; o /= 2) {
+        float other = __shfl_xor_sync(0xffffffffu, acc, o);
+        acc = absmax ? fmaxf(acc, other) : acc + other;
+    }
+    float s = group_scale(acc, g, absmax, sdt, min);
+    for (int i = lane; i < g; i += 32) st(out, warp * g + i, ternary_level(src[i], s) * s);
+}
+
+// Large groups (a whole matrix): one block of 1024 threads per group finds its scale...
+extern "C" __global__ void ternary_scales(const float* w, float* scales, long groups, long g,
+                                          int absmax, int sdt, float min) {
+    __shared__ float part[32];
+    const float* src = w + (long)blockIdx.x * g;
+    float acc = 0.f;
+    for (long i = threadIdx.x; i < g; i += blockDim.x)
+        acc = absmax ? fmaxf(acc, fabsf(src[i])) : acc + fabsf(src[i]);
+    for (int o = 16; o > 0; o /= 2) {
+        float other = __shfl_xor_sync(0xffffffffu, acc, o);
+        acc = absmax ? fmaxf(acc, other) : acc + other;
+    }
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) part[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = part[0];
+        for (int k = 1; k < warps; k++) total = absmax ? fmaxf(total, part[k]) : total + part[k];
+        scales[blockIdx.x] = group_scale(total, g, absmax, sdt, min);
     }
 }
 
+// ...and one thread per weight applies it.
+template <typename T>
+__device__ void ternary_apply(const float* w, const float* scales, T* out, long n, long g) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = scales[i / g];
+    st(out, i, ternary_level(w[i], s) * s);
+}
+
 #define TERNARY(SUF, T)                                                                        \
-extern "C" __global__ void ternarize_##SUF(const float* w, T* out, long groups, int g) {      \
-    ternarize<T>(w, out, groups, g);                                                           \
+extern "C" __global__ void ternarize_##SUF(const float* w, T* out, long groups, int g,        \
+                                           int absmax, int sdt, float min) {                   \
+    ternarize<T>(w, out, groups, g, absmax, sdt, min);                                         \
+}                                                                                              \
+extern "C" __global__ void ternary_apply_##SUF(const float* w, const float* scales, T* out,    \
+                                               long n, long g) {                               \
+    ternary_apply<T>(w, scales, out, n, g);                                                    \
 }
 INSTANCES(TERNARY)

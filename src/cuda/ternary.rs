@@ -1,38 +1,79 @@
-//! The ternary projection W -> W_t (`ternary.cu`) and its autograd op, whose backward is the
-//! straight-through identity.
+//! The ternary projection W -> W_t (`ternary.cu`) under a `Quant` (group, scale rule, scale
+//! dtype), and its autograd op, whose backward is the straight-through identity.
 
-use super::launch::{alloc, cuda_only, family, warp_per_row, AsBuf, Buf, Family, Gpu};
+use super::launch::{
+    alloc, blocks, cuda_only, family, per_item, warp_per_row, AsBuf, Buf, Family, Gpu,
+};
+use crate::quant::{Quant, ScaleDtype, ScaleRule};
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 static KERNELS: Family = family!("ternlab_ternary", "ternary.cu");
 
-/// `ternarize(const float* w, T* out, long groups, int g)`: `out` (any shape of w's count, f32
-/// or bf16) = W_t of the f32 latent `w`, per group of `group` consecutive weights.
-pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, group: usize) -> Result<()> {
+/// Groups up to this many weights take one warp each; larger ones (a whole matrix) a block to
+/// find the scale and a thread per weight to apply it.
+const WARP_GROUP_MAX: usize = 8192;
+
+/// `ternarize(const float* w, T* out, long groups, int g, int absmax, int sdt, float min)`, or
+/// for groups over `WARP_GROUP_MAX` `ternary_scales(const float* w, float* scales, long groups,
+/// long g, int absmax, int sdt, float min)` then `ternary_apply(const float* w, const float*
+/// scales, T* out, long n, long g)`: `out` (w's count, f32 or bf16) = W_t of the f32 latent
+/// `w` under `q`.
+pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant) -> Result<()> {
     let (w, out) = (w.buf()?, out.buf()?);
     let n = w.n();
     w.expect("ternarize: latent", n, DType::F32)?;
     out.expect("ternarize: output", n, out.dtype)?;
-    if group == 0 || !n.is_multiple_of(group) {
-        candle_core::bail!("ternarize: group size {group} does not divide {n} weights");
+    let g = q.group;
+    if g == 0 || !n.is_multiple_of(g) {
+        candle_core::bail!("ternarize: group size {g} does not divide {n} weights");
     }
-    let groups = n / group;
-    gpu.kernel(&KERNELS, "ternarize", Some(out.dtype), warp_per_row(groups))?
+    let groups = n / g;
+    let absmax = usize::from(q.scale == ScaleRule::Absmax);
+    let sdt = match q.scale_dtype {
+        ScaleDtype::F32 => 0,
+        ScaleDtype::Bf16 => 1,
+        ScaleDtype::F16 => 2,
+    };
+    let min = q.scale_dtype.min_scale() as f32;
+    if g <= WARP_GROUP_MAX {
+        return gpu
+            .kernel(&KERNELS, "ternarize", Some(out.dtype), warp_per_row(groups))?
+            .buf(&w)
+            .buf(&out)
+            .i64(groups)
+            .i32(g)
+            .i32(absmax)
+            .i32(sdt)
+            .f32(min)
+            .go();
+    }
+    let scales = gpu.empty(groups, DType::F32)?.buf()?;
+    gpu.kernel(&KERNELS, "ternary_scales", None, blocks(groups, 1024))?
         .buf(&w)
-        .buf(&out)
+        .buf(&scales)
         .i64(groups)
-        .i32(group)
+        .i64(g)
+        .i32(absmax)
+        .i32(sdt)
+        .f32(min)
+        .go()?;
+    gpu.kernel(&KERNELS, "ternary_apply", Some(out.dtype), per_item(n))?
+        .buf(&w)
+        .buf(&scales)
+        .buf(&out)
+        .i64(n)
+        .i64(g)
         .go()
 }
 
-/// W_t of the f32 latent `w` in `dtype`, with the straight-through gradient to `w`.
-pub fn ternary_weight(w: &Tensor, group: usize, dtype: DType) -> Result<Tensor> {
-    w.apply_op1(TernaryProjection { group, dtype })
+/// W_t of the f32 latent `w` under `q`, in `dtype`, with the straight-through gradient to `w`.
+pub fn ternary_weight(w: &Tensor, q: Quant, dtype: DType) -> Result<Tensor> {
+    w.apply_op1(TernaryProjection { q, dtype })
 }
 
 struct TernaryProjection {
-    group: usize,
+    q: Quant,
     dtype: DType,
 }
 
@@ -45,7 +86,7 @@ impl CustomOp1 for TernaryProjection {
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let (out, ob) = alloc(s.device(), self.dtype, l.shape())?;
-        ternarize(&Gpu::new(s.device()), &Buf::of(s, l)?, &ob, self.group)?;
+        ternarize(&Gpu::new(s.device()), &Buf::of(s, l)?, &ob, self.q)?;
         Ok((out, l.shape().clone()))
     }
 

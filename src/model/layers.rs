@@ -6,7 +6,7 @@
 
 use super::config::{Projection, Qwen3Config};
 use super::ops::{self, Ops};
-use super::ternary::ternarize;
+use super::ternary::{ternarize, Quant};
 use super::weights::WeightSource;
 use crate::choice::Choice;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -48,7 +48,8 @@ impl Pass {
 #[derive(Clone)]
 pub struct Linear {
     pub(crate) weight: Tensor, // (out, in)
-    pub(crate) ternary_group: Option<usize>,
+    /// How the weight is ternarized (None: dense).
+    pub(crate) quant: Option<Quant>,
     pub(crate) name: String,
 }
 
@@ -61,12 +62,12 @@ impl Linear {
         proj: Projection,
         mut vb: WeightSource<'_>,
     ) -> Result<Self> {
-        let ternary_group = vb.ternary_group(proj, in_dim);
+        let quant = vb.quant(proj, (out_dim, in_dim));
         let name = vb.path("weight");
-        let weight = vb.param("weight", &[out_dim, in_dim], ternary_group.is_some())?;
+        let weight = vb.param("weight", &[out_dim, in_dim], quant.is_some())?;
         Ok(Self {
             weight,
-            ternary_group,
+            quant,
             name,
         })
     }
@@ -74,8 +75,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
         // The ternary projection is computed from the f32 latent; the product runs in the
         // activations' dtype (bf16 under `train.dtype = "bf16"`).
-        let w = match self.ternary_group {
-            Some(g) => ops::ternary_weight(&self.weight, g, x.dtype(), ops)?,
+        let w = match self.quant {
+            Some(q) => ops::ternary_weight(&self.weight, q, x.dtype(), ops)?,
             None => self.weight.to_dtype(x.dtype())?,
         };
         // x is (N, in): activations stay 2-D between layers, so no reshape is recorded (each
@@ -84,15 +85,16 @@ impl Linear {
     }
 
     pub fn is_ternary(&self) -> bool {
-        self.ternary_group.is_some()
+        self.quant.is_some()
     }
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
-    pub fn group_size(&self) -> Option<usize> {
-        self.ternary_group
+    /// How the weight is ternarized, if it is.
+    pub fn quant(&self) -> Option<Quant> {
+        self.quant
     }
 
     pub fn name(&self) -> &str {
@@ -101,13 +103,13 @@ impl Linear {
 
     /// The same layer with `W_t` materialised as a constant dense weight (for evaluation).
     fn frozen(&self) -> Result<Self> {
-        let weight = match self.ternary_group {
-            Some(g) => ternarize(&self.weight, g)?,
+        let weight = match self.quant {
+            Some(q) => ternarize(&self.weight, q)?,
             None => self.weight.detach(),
         };
         Ok(Self {
             weight,
-            ternary_group: None,
+            quant: None,
             name: self.name.clone(),
         })
     }

@@ -27,5 +27,5 @@ pub use config::{Preset, Projection, Qwen3Config};
 pub use layers::{Attention, DecoderLayer, Linear, Mlp, Pass, RmsNorm, Rope};
 pub use ops::{cross_entropy, Ops};
 pub use qwen3::Qwen3;
-pub use ternary::{GroupSize, TernarySpec};
+pub use ternary::{Granularity, GroupSize, Quant, ScaleDtype, ScaleRule, TernarySpec};
 pub use weights::{Params, WeightSource, Weights};

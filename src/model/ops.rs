@@ -7,7 +7,7 @@
 //! silently freeze the decoder); the kernels have backward passes of their own.
 
 use super::layers::Rope;
-use super::ternary::ste_weight;
+use super::ternary::{ste_weight, Quant};
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// Which implementation of the ops a model's forward runs.
@@ -28,13 +28,13 @@ fn fused_on(ops: Ops, device: &Device) -> bool {
 
 /// The weight a ternary layer multiplies by, in `dtype`: `W_t` in value, identity gradient to
 /// the f32 latent `w` (the straight-through estimator).
-pub fn ternary_weight(w: &Tensor, group: usize, dtype: DType, ops: Ops) -> Result<Tensor> {
+pub fn ternary_weight(w: &Tensor, q: Quant, dtype: DType, ops: Ops) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused_on(ops, w.device()) {
-        return crate::cuda::ternary::ternary_weight(w, group, dtype);
+        return crate::cuda::ternary::ternary_weight(w, q, dtype);
     }
     let _ = ops;
-    ste_weight(w, group)?.to_dtype(dtype)
+    ste_weight(w, q)?.to_dtype(dtype)
 }
 
 /// RMSNorm of `x` over its last dimension, in x's dtype (see `rms_norm_composed`).

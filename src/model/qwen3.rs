@@ -49,7 +49,7 @@ impl Qwen3 {
         let embed_tokens = vb_m.pp("embed_tokens").param("weight", &[v, e], false)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            layers.push(DecoderLayer::new(cfg, vb_m.pp(format!("layers.{i}")))?);
+            layers.push(DecoderLayer::new(cfg, vb_m.layer(i))?);
         }
         let norm = RmsNorm::new(e, cfg.rms_norm_eps, vb_m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {

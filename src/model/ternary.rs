@@ -1,95 +1,95 @@
-//! Group-wise ternary projection (BitNet b1.58 style) and its straight-through estimator.
+//! Ternary projection (BitNet b1.58 style) and its straight-through estimator.
 //!
-//! For a weight `W` of shape (out, in) and a group size `G` dividing `in`:
-//! `s = max(mean(|W|) over each group of G input columns, 1e-8)` and
-//! `W_t = clip(round(W / s), -1, 1) * s`. The forward pass multiplies by `W_t`; the backward
-//! pass treats the projection as the identity (`W + stop_grad(W_t - W)`), so the latent fp32
-//! weight receives exactly the gradient that a dense layer at `W_t` would.
+//! For a weight `W` of shape (out, in), split into groups of consecutive entries (a group of
+//! G input columns, a whole row, or the whole matrix: `Granularity`), each group gets a scale
+//! `s = max(mean |W|, 1e-8)` (the seed's absmean; or `max |W|`, `ScaleRule`), rounded to the
+//! scale's dtype (`ScaleDtype`, f32 by default), and `W_t = clip(round(W / s), -1, 1) * s`.
+//! The forward pass multiplies by `W_t`; the backward pass treats the projection as the
+//! identity (`W + stop_grad(W_t - W)`), so the latent fp32 weight receives exactly the
+//! gradient that a dense layer at `W_t` would.
 
 use super::config::Projection;
+pub use crate::quant::{Granularity, GroupSize, Quant, ScaleDtype, ScaleRule, MIN_SCALE};
 use candle_core::{DType, Result, Tensor, D};
-use serde::{Deserialize, Serialize};
 
-/// Which projections are ternary, and with which group size.
+/// Which projections of which layers are ternary, and how they are quantized.
 #[derive(Debug, Clone)]
 pub struct TernarySpec {
     pub projections: Vec<Projection>,
     pub group_size: GroupSize,
+    pub granularity: Granularity,
+    pub scale: ScaleRule,
+    pub scale_dtype: ScaleDtype,
+    /// Decoder layers kept in full precision.
+    pub exclude_layers: Vec<usize>,
 }
 
 impl TernarySpec {
-    /// The group size of `projection` with input width `width`, if it is ternary.
-    pub fn group_for(&self, projection: Projection, width: usize) -> Option<usize> {
-        self.projections
-            .contains(&projection)
-            .then_some(self.group_size.for_width(width))
+    /// The seed's quantizer (groups of `group_size` columns, absmean scales in f32) on
+    /// `projections` of every layer.
+    pub fn new(projections: Vec<Projection>, group_size: GroupSize) -> Self {
+        Self {
+            projections,
+            group_size,
+            granularity: Granularity::Group,
+            scale: ScaleRule::Absmean,
+            scale_dtype: ScaleDtype::F32,
+            exclude_layers: Vec::new(),
+        }
     }
-}
 
-/// `quant.group_size`: a number of input columns, or `"row"` (the whole input width).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupSize {
-    Columns(usize),
-    Row,
-}
+    /// How `projection` of decoder layer `layer`, shape (out, in), is quantized, if it is.
+    pub fn quant_for(
+        &self,
+        layer: usize,
+        projection: Projection,
+        (out, inp): (usize, usize),
+    ) -> Option<Quant> {
+        if !self.projections.contains(&projection) || self.exclude_layers.contains(&layer) {
+            return None;
+        }
+        let group = match self.granularity() {
+            Granularity::Group => self.group_size.for_width(inp),
+            Granularity::Row => inp,
+            Granularity::Tensor => out * inp,
+        };
+        Some(Quant {
+            group,
+            scale: self.scale,
+            scale_dtype: self.scale_dtype,
+        })
+    }
 
-impl GroupSize {
-    /// The group size of a projection whose input width is `width`.
-    pub fn for_width(self, width: usize) -> usize {
-        match self {
-            GroupSize::Columns(g) => g,
-            GroupSize::Row => width,
+    /// The granularity in effect: `group_size = "row"` (the older spelling) is row granularity.
+    pub fn granularity(&self) -> Granularity {
+        match (self.granularity, self.group_size) {
+            (Granularity::Group, GroupSize::Row) => Granularity::Row,
+            (g, _) => g,
         }
     }
 }
 
-impl std::fmt::Display for GroupSize {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GroupSize::Columns(g) => write!(f, "{g}"),
-            GroupSize::Row => f.write_str("row"),
-        }
-    }
+/// The scales of `w`'s groups, (groups, 1) f32: by `q.scale`, at least the minimum, rounded
+/// to `q.scale_dtype` (and the minimum again, so that no scale rounds to 0).
+pub fn group_scales(w: &Tensor, q: Quant) -> Result<Tensor> {
+    let wg = w.to_dtype(DType::F32)?.reshape(((), q.group))?;
+    scales_of(&wg, q)
 }
 
-impl Serialize for GroupSize {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        match self {
-            GroupSize::Columns(g) => s.serialize_u64(*g as u64),
-            GroupSize::Row => s.serialize_str("row"),
-        }
+fn scales_of(wg: &Tensor, q: Quant) -> Result<Tensor> {
+    let a = wg.abs()?;
+    let s = match q.scale {
+        ScaleRule::Absmean => a.mean_keepdim(D::Minus1)?,
+        ScaleRule::Absmax => a.max_keepdim(D::Minus1)?,
+    };
+    let min = q.scale_dtype.min_scale();
+    let s = s.maximum(min)?;
+    if q.scale_dtype == ScaleDtype::F32 {
+        return Ok(s);
     }
-}
-
-impl<'de> Deserialize<'de> for GroupSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(i64),
-            Str(String),
-        }
-        let want = "a positive number of input columns (32, 128, ...) or \"row\"";
-        match Raw::deserialize(d) {
-            Ok(Raw::Int(g)) if g > 0 => Ok(GroupSize::Columns(g as usize)),
-            Ok(Raw::Str(s)) if s == "row" => Ok(GroupSize::Row),
-            Ok(Raw::Int(g)) => Err(serde::de::Error::custom(format!("{g}: expected {want}"))),
-            Ok(Raw::Str(s)) => Err(serde::de::Error::custom(format!("{s:?}: expected {want}"))),
-            Err(_) => Err(serde::de::Error::custom(format!("expected {want}"))),
-        }
-    }
-}
-
-/// Smallest scale, as in the seed: keeps all-zero groups finite.
-pub const MIN_SCALE: f64 = 1e-8;
-
-/// Per-group scales `s`, shape (out, in / G, 1), computed in f32.
-pub fn group_scales(w: &Tensor, group_size: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    let wg = w
+    s.to_dtype(q.scale_dtype.dtype())?
         .to_dtype(DType::F32)?
-        .reshape((out, inp / group_size, group_size))?;
-    wg.abs()?.mean_keepdim(D::Minus1)?.maximum(MIN_SCALE)
+        .maximum(min)
 }
 
 /// `round(x)` clipped to [-1, 1], with ties to even as in PyTorch and MLX: |x| = 0.5 maps to 0.
@@ -99,21 +99,18 @@ fn ternary_levels(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `W_t`, the ternary projection of `w` (any float dtype in, f32 out). No gradient.
-pub fn ternarize(w: &Tensor, group_size: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    let wg = w
-        .detach()
-        .to_dtype(DType::F32)?
-        .reshape((out, inp / group_size, group_size))?;
-    let s = wg.abs()?.mean_keepdim(D::Minus1)?.maximum(MIN_SCALE)?;
-    let q = ternary_levels(&wg.broadcast_div(&s)?)?;
-    q.broadcast_mul(&s)?.reshape((out, inp))
+pub fn ternarize(w: &Tensor, q: Quant) -> Result<Tensor> {
+    let shape = w.shape().clone();
+    let wg = w.detach().to_dtype(DType::F32)?.reshape(((), q.group))?;
+    let s = scales_of(&wg, q)?;
+    let levels = ternary_levels(&wg.broadcast_div(&s)?)?;
+    levels.broadcast_mul(&s)?.reshape(shape)
 }
 
 /// The weight a ternary layer multiplies by: equal to `W_t` in value, with the gradient of
 /// the identity with respect to `w` (the straight-through estimator).
-pub fn ste_weight(w: &Tensor, group_size: usize) -> Result<Tensor> {
-    let wt = ternarize(w, group_size)?;
+pub fn ste_weight(w: &Tensor, q: Quant) -> Result<Tensor> {
+    let wt = ternarize(w, q)?;
     w + (wt - w)?.detach()
 }
 
@@ -127,10 +124,10 @@ pub struct TernaryCheck {
     pub max_err: f64,
 }
 
-pub fn check_ternary(w: &Tensor, group_size: usize) -> Result<TernaryCheck> {
-    let (out, inp) = w.dims2()?;
-    let wt = ternarize(w, group_size)?.reshape((out, inp / group_size, group_size))?;
-    let s = group_scales(w, group_size)?;
+pub fn check_ternary(w: &Tensor, q: Quant) -> Result<TernaryCheck> {
+    let total = w.elem_count();
+    let wt = ternarize(w, q)?.reshape(((), q.group))?;
+    let s = group_scales(w, q)?;
     let q = wt.broadcast_div(&s)?;
     let nearest = q.round()?.clamp(-1f32, 1f32)?;
     let err = (q - nearest)?.abs()?.flatten_all()?;
@@ -142,7 +139,7 @@ pub fn check_ternary(w: &Tensor, group_size: usize) -> Result<TernaryCheck> {
         .to_scalar::<u32>()? as usize;
     Ok(TernaryCheck {
         bad,
-        total: out * inp,
+        total,
         max_err,
     })
 }

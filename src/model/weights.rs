@@ -3,7 +3,7 @@
 //! role for the blocks' constructors (a name prefix, `pp`, and tensors taken by name).
 
 use super::config::Projection;
-use super::ternary::TernarySpec;
+use super::ternary::{Quant, TernarySpec};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::HashMap;
 
@@ -49,6 +49,8 @@ pub struct WeightSource<'a> {
     device: &'a Device,
     ternary: &'a TernarySpec,
     prefix: String,
+    /// The decoder layer this block belongs to (`quant.exclude_layers`).
+    layer: Option<usize>,
 }
 
 impl<'a> WeightSource<'a> {
@@ -64,6 +66,7 @@ impl<'a> WeightSource<'a> {
             device,
             ternary,
             prefix: String::new(),
+            layer: None,
         }
     }
 
@@ -75,7 +78,15 @@ impl<'a> WeightSource<'a> {
             params: self.params,
             device: self.device,
             ternary: self.ternary,
+            layer: self.layer,
         }
+    }
+
+    /// The source of decoder layer `i` under this one (`layers.{i}`).
+    pub fn layer(&mut self, i: usize) -> WeightSource<'_> {
+        let mut vb = self.pp(format!("layers.{i}"));
+        vb.layer = Some(i);
+        vb
     }
 
     /// The full checkpoint name of `name` under this prefix.
@@ -87,9 +98,9 @@ impl<'a> WeightSource<'a> {
         }
     }
 
-    /// The ternary group size of `projection` with input width `width`, if it is ternary.
-    pub fn ternary_group(&self, projection: Projection, width: usize) -> Option<usize> {
-        self.ternary.group_for(projection, width)
+    /// How `projection`, shape (out, in), of this block's layer is quantized, if it is.
+    pub fn quant(&self, projection: Projection, shape: (usize, usize)) -> Option<Quant> {
+        self.ternary.quant_for(self.layer?, projection, shape)
     }
 
     /// The checkpoint tensor `name` (under this prefix), which must have `shape`, as a

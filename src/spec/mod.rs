@@ -20,7 +20,7 @@ pub use read::{
     BadInput, Override,
 };
 
-pub use crate::model::GroupSize;
+pub use crate::quant::{Granularity, GroupSize, ScaleDtype, ScaleRule};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -67,8 +67,28 @@ pub struct QuantSpec {
     /// The projections made ternary, by their checkpoint names ("q_proj", ..., "down_proj").
     #[serde(deserialize_with = "projections")]
     pub projections: Vec<Projection>,
-    /// Input columns per absmean scale, or "row" for one scale per output row.
+    /// Input columns per scale under `granularity = "group"`; "row" is the older spelling of
+    /// `granularity = "row"`.
     pub group_size: GroupSize,
+    /// Which weights share a scale: "group" (`group_size` input columns, the seed's), "row"
+    /// or "tensor" (the whole matrix).
+    #[serde(skip_serializing_if = "is_default")]
+    pub granularity: Granularity,
+    /// How a scale is found: "absmean" (mean |W|, the seed's) or "absmax" (max |W|).
+    #[serde(skip_serializing_if = "is_default")]
+    pub scale: ScaleRule,
+    /// The precision a scale is rounded to before use: "f32" (the seed's), "bf16" or "f16".
+    #[serde(skip_serializing_if = "is_default")]
+    pub scale_dtype: ScaleDtype,
+    /// Decoder layers (0-based) kept in full precision.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude_layers: Vec<usize>,
+}
+
+/// Keys added after the seed's recipe are left out of a written spec (and so of the config
+/// hash) while they hold their default: runs that do not use them keep their ids.
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Reads `quant.projections` as a list of names, so that a bad one is reported under the key
@@ -266,6 +286,10 @@ impl Default for QuantSpec {
         Self {
             projections: Projection::ALL.to_vec(),
             group_size: GroupSize::Columns(128),
+            granularity: Granularity::Group,
+            scale: ScaleRule::Absmean,
+            scale_dtype: ScaleDtype::F32,
+            exclude_layers: Vec::new(),
         }
     }
 }

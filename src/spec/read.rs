@@ -117,6 +117,11 @@ pub fn known_keys() -> Vec<String> {
     let mut full = Spec::default();
     full.model.preset = Some(Preset::Tiny);
     full.model.tokenizer = Some(PathBuf::new());
+    // (keys left out of a written spec at their default)
+    full.quant.granularity = crate::quant::Granularity::Tensor;
+    full.quant.scale = crate::quant::ScaleRule::Absmax;
+    full.quant.scale_dtype = crate::quant::ScaleDtype::F16;
+    full.quant.exclude_layers = vec![0];
     let table = toml::Table::try_from(&full).expect("a spec serializes");
     let mut keys = Vec::new();
     fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {

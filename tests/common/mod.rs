@@ -65,10 +65,10 @@ pub fn test_device() -> Device {
 }
 
 pub fn fixture_model(projections: &[Projection], group_size: usize) -> (Qwen3, Params) {
-    let ternary = TernarySpec {
-        projections: projections.to_vec(),
-        group_size: ternlab::spec::GroupSize::Columns(group_size),
-    };
+    let ternary = TernarySpec::new(
+        projections.to_vec(),
+        ternlab::spec::GroupSize::Columns(group_size),
+    );
     let (model, params) = Qwen3::new(
         &fixture_config(),
         fixture_weights(),

@@ -84,13 +84,13 @@ impl Ctx {
 
     /// The weight a projection multiplies by, in the compute dtype: `W_t` for ternary layers.
     fn weight(&self, lin: &Linear) -> Result<Tensor> {
-        let Some(group) = lin.ternary_group else {
+        let Some(q) = lin.quant else {
             return self
                 .gpu
                 .timed("cast weight", || lin.weight.detach().to_dtype(self.cd));
         };
         let wt = self.act(lin.weight.shape())?;
-        ternary::ternarize(&self.gpu, &lin.weight, &wt, group)?;
+        ternary::ternarize(&self.gpu, &lin.weight, &wt, q)?;
         Ok(wt)
     }
 
