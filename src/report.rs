@@ -114,6 +114,8 @@ pub struct Report {
     pub scale_dtype: crate::quant::ScaleDtype,
     #[serde(default)]
     pub exclude_layers: Vec<usize>,
+    #[serde(default)]
+    pub lambda_warmup_steps: usize,
     pub n_ternary_layers: usize,
     pub n_ternary_params: usize,
     pub samples: Vec<Sample>,

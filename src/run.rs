@@ -237,6 +237,7 @@ fn ternary_spec(spec: &Spec) -> TernarySpec {
         scale: q.scale,
         scale_dtype: q.scale_dtype,
         exclude_layers: q.exclude_layers.clone(),
+        lambda_warmup_steps: q.lambda_warmup_steps,
     }
 }
 
@@ -345,6 +346,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         scale: p.spec.quant.scale,
         scale_dtype: p.spec.quant.scale_dtype,
         exclude_layers: p.spec.quant.exclude_layers.clone(),
+        lambda_warmup_steps: p.spec.quant.lambda_warmup_steps,
         n_ternary_layers: ternary.len(),
         n_ternary_params: ternary.iter().map(|l| l.weight().elem_count()).sum(),
         samples,

@@ -92,6 +92,8 @@ pub fn train(
         let lr = lr_at(t, step);
         opt.set_learning_rate(lr);
         let (x, y) = batcher.next_batch(&device)?;
+        // The same parameters, at this step's quantization warm-up (`quant.lambda_warmup_steps`).
+        let model = &model.at_step(step);
         let fwd = trainer.forward(model, &x, &y)?;
         // Reading the loss is the step's one host sync.
         let mut loss_value = fwd.loss.to_scalar::<f32>()? as f64;

@@ -98,15 +98,17 @@ fn ternary_projection_matches_the_composed_one() {
                     scale,
                     scale_dtype,
                 };
-                for dtype in [DType::F32, DType::BF16] {
+                // Fully ternary, and a quantization warm-up's W + lambda (W_t - W).
+                for (dtype, lambda) in [(DType::F32, 1.0), (DType::BF16, 1.0), (DType::F32, 0.3)] {
                     // The gradient reaching the latent is the straight-through identity in
                     // both. Values measured on an H100: up to 2.6e-7 (a scale's last bit, from
                     // the order of the sum).
+                    let wt = |o| ops::ternary_weight(w.as_tensor(), q, lambda, dtype, o).unwrap();
                     assert_agree(
-                        &format!("{rows}x{cols} {q:?} {dtype:?}"),
+                        &format!("{rows}x{cols} {q:?} {dtype:?} lambda {lambda}"),
                         &[&w],
-                        ops::ternary_weight(w.as_tensor(), q, dtype, Ops::Fused).unwrap(),
-                        ops::ternary_weight(w.as_tensor(), q, dtype, Ops::Composed).unwrap(),
+                        wt(Ops::Fused),
+                        wt(Ops::Composed),
                         1e-6,
                         1e-6,
                     );
@@ -384,7 +386,12 @@ fn hand_written_step_matches_autograd() {
             .unwrap();
             for dtype in [DType::F32, DType::BF16] {
                 let run = |fused: bool, chunk: Option<usize>| {
-                    let m = model.clone().with_compute_dtype(dtype).with_fused(fused);
+                    // The untied model halfway through a quantization warm-up.
+                    let lambda = if tied { 1.0 } else { 0.5 };
+                    let m = model
+                        .with_quant_lambda(lambda)
+                        .with_compute_dtype(dtype)
+                        .with_fused(fused);
                     let mut trainer = Trainer::for_model(&m);
                     let want = if fused { "cuda-step" } else { "autograd" };
                     assert_eq!(trainer.name(), want);

@@ -196,7 +196,13 @@ fn a_run_with_every_knob_reports_them() {
     assert_eq!(report["ternary_ok"], true);
 
     let default_text = toml::to_string(&ternlab::spec::Spec::default()).unwrap();
-    for key in ["granularity", "scale", "scale_dtype", "exclude_layers"] {
+    for key in [
+        "granularity",
+        "scale",
+        "scale_dtype",
+        "exclude_layers",
+        "lambda_warmup_steps",
+    ] {
         assert!(
             !default_text
                 .lines()
@@ -204,4 +210,83 @@ fn a_run_with_every_knob_reports_them() {
             "a default spec writes no `{key}`: {default_text}"
         );
     }
+}
+
+/// The tiny model's mean loss on one fixed batch, through autograd's forward.
+fn loss_of(model: &Qwen3) -> f32 {
+    let ids: Vec<u32> = (0..2 * 17u32).map(|i| (i * 7919 + 3) % 300).collect();
+    let x = Tensor::from_vec(ids.clone(), (2, 17), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(
+        ids.iter().map(|i| (i + 1) % 300).collect(),
+        (2, 17),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let fwd = ternlab::trainer::Trainer::autograd()
+        .forward(model, &x, &y)
+        .unwrap();
+    fwd.loss.to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn lambda_zero_is_the_dense_model_and_one_the_ternary_one() {
+    let dense = tiny(|s| s.projections.clear());
+    assert!(dense.ternary_linears().is_empty());
+    let ternary = tiny(|s| s.lambda_warmup_steps = 4);
+    let (l_dense, l_ternary) = (loss_of(&dense), loss_of(&ternary));
+    assert_ne!(l_dense, l_ternary);
+    // Step 0 of the warm-up forwards the dense weights: the dense model's loss to the bit.
+    assert_eq!(loss_of(&ternary.at_step(0)), l_dense);
+    assert_eq!(loss_of(&ternary.with_quant_lambda(0.0)), l_dense);
+    // From step N on it is the ternary model's, to the bit.
+    assert_eq!(loss_of(&ternary.at_step(4)), l_ternary);
+    assert_eq!(loss_of(&ternary.at_step(9)), l_ternary);
+    // In between, neither.
+    let half = loss_of(&ternary.at_step(2));
+    assert!(half != l_dense && half != l_ternary, "{half}");
+    let steps: Vec<f32> = (0..6).map(|t| ternary.quant_lambda(t)).collect();
+    assert_eq!(steps, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]);
+    // Without a warm-up every step is fully ternary.
+    assert_eq!(tiny(|_| ()).quant_lambda(0), 1.0);
+}
+
+/// Through `ternlab run`: the first step of a run with a warm-up trains the dense model (its
+/// loss is the dense run's first loss), and the report says how long the warm-up was.
+#[test]
+fn a_warmup_run_starts_from_the_dense_models_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("results");
+    let first_loss = |name: &str, set: &[(&str, &str)]| {
+        let spec = write_spec(
+            tmp.path(),
+            &format!("{name}.toml"),
+            &spec_text(name, set, ""),
+        );
+        let out = on_spec("run", &spec, &results, &[], &[]);
+        assert_eq!(out.code, Some(0), "{}", out.show());
+        let run = std::fs::read_dir(results.join(name))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.join("loss.csv").is_file())
+            .unwrap();
+        let csv = std::fs::read_to_string(run.join("loss.csv")).unwrap();
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap())
+                .unwrap();
+        let row: Vec<String> = csv
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .map(String::from)
+            .collect();
+        (row[2].clone(), report)
+    };
+    let (dense, _) = first_loss("dense", &[("quant.projections", "[]")]);
+    let (warm, report) = first_loss("warm", &[("quant.lambda_warmup_steps", "2")]);
+    let (plain, _) = first_loss("plain", &[]);
+    assert_eq!(warm, dense, "step 0 at lambda = 0 is the dense model");
+    assert_ne!(plain, dense);
+    assert_eq!(report["lambda_warmup_steps"], 2);
+    assert_eq!(report["status"], "completed");
 }

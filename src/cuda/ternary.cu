@@ -25,10 +25,17 @@ __device__ __forceinline__ float ternary_level(float w, float s) {
     return fabsf(x) > 0.5f ? (x > 0.f ? 1.f : -1.f) : 0.f;
 }
 
+// W_t (lambda >= 1), or w + lambda * (W_t - w) during a quantization warm-up, each operation
+// rounded once as the composed version's (no contraction into an FMA).
+__device__ __forceinline__ float ternary_value(float w, float s, float lambda) {
+    float wt = __fmul_rn(ternary_level(w, s), s);
+    return lambda >= 1.f ? wt : __fadd_rn(w, __fmul_rn(__fsub_rn(wt, w), lambda));
+}
+
 // Groups of up to a few thousand weights: one warp per group, both passes.
 template <typename T>
 __device__ void ternarize(const float* w, T* out, long groups, int g, int absmax, int sdt,
-                          float min) {
+                          float min, float lambda) {
     long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     if (warp >= groups) return;
@@ -40,7 +47,7 @@ __device__ void ternarize(const float* w, T* out, long groups, int g, int absmax
         acc = absmax ? fmaxf(acc, other) : acc + other;
     }
     float s = group_scale(acc, g, absmax, sdt, min);
-    for (int i = lane; i < g; i += 32) st(out, warp * g + i, ternary_level(src[i], s) * s);
+    for (int i = lane; i < g; i += 32) st(out, warp * g + i, ternary_value(src[i], s, lambda));
 }
 
 // Large groups (a whole matrix): one block of 1024 threads per group finds its scale...
@@ -67,20 +74,20 @@ extern "C" __global__ void ternary_scales(const float* w, float* scales, long gr
 
 // ...and one thread per weight applies it.
 template <typename T>
-__device__ void ternary_apply(const float* w, const float* scales, T* out, long n, long g) {
+__device__ void ternary_apply(const float* w, const float* scales, T* out, long n, long g,
+                              float lambda) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float s = scales[i / g];
-    st(out, i, ternary_level(w[i], s) * s);
+    st(out, i, ternary_value(w[i], scales[i / g], lambda));
 }
 
 #define TERNARY(SUF, T)                                                                        \
 extern "C" __global__ void ternarize_##SUF(const float* w, T* out, long groups, int g,        \
-                                           int absmax, int sdt, float min) {                   \
-    ternarize<T>(w, out, groups, g, absmax, sdt, min);                                         \
+                                           int absmax, int sdt, float min, float lambda) {     \
+    ternarize<T>(w, out, groups, g, absmax, sdt, min, lambda);                                 \
 }                                                                                              \
 extern "C" __global__ void ternary_apply_##SUF(const float* w, const float* scales, T* out,    \
-                                               long n, long g) {                               \
-    ternary_apply<T>(w, scales, out, n, g);                                                    \
+                                               long n, long g, float lambda) {                 \
+    ternary_apply<T>(w, scales, out, n, g, lambda);                                            \
 }
 INSTANCES(TERNARY)

@@ -14,12 +14,13 @@ static KERNELS: Family = family!("ternlab_ternary", "ternary.cu");
 /// find the scale and a thread per weight to apply it.
 const WARP_GROUP_MAX: usize = 8192;
 
-/// `ternarize(const float* w, T* out, long groups, int g, int absmax, int sdt, float min)`, or
-/// for groups over `WARP_GROUP_MAX` `ternary_scales(const float* w, float* scales, long groups,
-/// long g, int absmax, int sdt, float min)` then `ternary_apply(const float* w, const float*
-/// scales, T* out, long n, long g)`: `out` (w's count, f32 or bf16) = W_t of the f32 latent
-/// `w` under `q`.
-pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant) -> Result<()> {
+/// `ternarize(const float* w, T* out, long groups, int g, int absmax, int sdt, float min,
+/// float lambda)`, or for groups over `WARP_GROUP_MAX` `ternary_scales(const float* w, float*
+/// scales, long groups, long g, int absmax, int sdt, float min)` then `ternary_apply(const
+/// float* w, const float* scales, T* out, long n, long g, float lambda)`: `out` (w's count,
+/// f32 or bf16) = W_t of the f32 latent `w` under `q`, or `w + lambda * (W_t - w)` for
+/// lambda < 1.
+pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant, lambda: f32) -> Result<()> {
     let (w, out) = (w.buf()?, out.buf()?);
     let n = w.n();
     w.expect("ternarize: latent", n, DType::F32)?;
@@ -46,6 +47,7 @@ pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant) -> Resul
             .i32(absmax)
             .i32(sdt)
             .f32(min)
+            .f32(lambda)
             .go();
     }
     let scales = gpu.empty(groups, DType::F32)?.buf()?;
@@ -64,16 +66,19 @@ pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant) -> Resul
         .buf(&out)
         .i64(n)
         .i64(g)
+        .f32(lambda)
         .go()
 }
 
-/// W_t of the f32 latent `w` under `q`, in `dtype`, with the straight-through gradient to `w`.
-pub fn ternary_weight(w: &Tensor, q: Quant, dtype: DType) -> Result<Tensor> {
-    w.apply_op1(TernaryProjection { q, dtype })
+/// W_t of the f32 latent `w` under `q` (`W + lambda * (W_t - W)` for lambda < 1), in
+/// `dtype`, with the straight-through gradient to `w`.
+pub fn ternary_weight(w: &Tensor, q: Quant, lambda: f32, dtype: DType) -> Result<Tensor> {
+    w.apply_op1(TernaryProjection { q, lambda, dtype })
 }
 
 struct TernaryProjection {
     q: Quant,
+    lambda: f32,
     dtype: DType,
 }
 
@@ -86,7 +91,8 @@ impl CustomOp1 for TernaryProjection {
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let (out, ob) = alloc(s.device(), self.dtype, l.shape())?;
-        ternarize(&Gpu::new(s.device()), &Buf::of(s, l)?, &ob, self.q)?;
+        let gpu = Gpu::new(s.device());
+        ternarize(&gpu, &Buf::of(s, l)?, &ob, self.q, self.lambda)?;
         Ok((out, l.shape().clone()))
     }
 

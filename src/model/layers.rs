@@ -6,7 +6,7 @@
 
 use super::config::{Projection, Qwen3Config};
 use super::ops::{self, Ops};
-use super::ternary::{ternarize, Quant};
+use super::ternary::{ternarize_at, Quant};
 use super::weights::WeightSource;
 use crate::choice::Choice;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -50,6 +50,9 @@ pub struct Linear {
     pub(crate) weight: Tensor, // (out, in)
     /// How the weight is ternarized (None: dense).
     pub(crate) quant: Option<Quant>,
+    /// How far the weight is quantized: `W + lambda * (W_t - W)`, 1 = `W_t` (see
+    /// `Qwen3::at_step`).
+    pub(crate) lambda: f32,
     pub(crate) name: String,
 }
 
@@ -68,6 +71,7 @@ impl Linear {
         Ok(Self {
             weight,
             quant,
+            lambda: 1.0,
             name,
         })
     }
@@ -76,7 +80,7 @@ impl Linear {
         // The ternary projection is computed from the f32 latent; the product runs in the
         // activations' dtype (bf16 under `train.dtype = "bf16"`).
         let w = match self.quant {
-            Some(q) => ops::ternary_weight(&self.weight, q, x.dtype(), ops)?,
+            Some(q) => ops::ternary_weight(&self.weight, q, self.lambda, x.dtype(), ops)?,
             None => self.weight.to_dtype(x.dtype())?,
         };
         // x is (N, in): activations stay 2-D between layers, so no reshape is recorded (each
@@ -104,12 +108,13 @@ impl Linear {
     /// The same layer with `W_t` materialised as a constant dense weight (for evaluation).
     fn frozen(&self) -> Result<Self> {
         let weight = match self.quant {
-            Some(q) => ternarize(&self.weight, q)?,
+            Some(q) => ternarize_at(&self.weight, q, self.lambda)?,
             None => self.weight.detach(),
         };
         Ok(Self {
             weight,
             quant: None,
+            lambda: 1.0,
             name: self.name.clone(),
         })
     }
@@ -309,6 +314,20 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The seven projections, mutable (q, k, v, o, gate, up, down).
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+
     /// One decoder layer from `vb` (`model.layers.3`). Its parameters are registered as the
     /// seven projections (q, k, v, o, gate, up, down), then the four norms (q_norm, k_norm,
     /// input_layernorm, post_attention_layernorm): the order of the optimizer's state.

@@ -26,15 +26,16 @@ fn fused_on(ops: Ops, device: &Device) -> bool {
     ops == Ops::Fused && device.is_cuda()
 }
 
-/// The weight a ternary layer multiplies by, in `dtype`: `W_t` in value, identity gradient to
-/// the f32 latent `w` (the straight-through estimator).
-pub fn ternary_weight(w: &Tensor, q: Quant, dtype: DType, ops: Ops) -> Result<Tensor> {
+/// The weight a ternary layer multiplies by, in `dtype`: `W_t` in value (`W + lambda * (W_t -
+/// W)` under a quantization warm-up), identity gradient to the f32 latent `w` (the
+/// straight-through estimator).
+pub fn ternary_weight(w: &Tensor, q: Quant, lambda: f32, dtype: DType, ops: Ops) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused_on(ops, w.device()) {
-        return crate::cuda::ternary::ternary_weight(w, q, dtype);
+        return crate::cuda::ternary::ternary_weight(w, q, lambda, dtype);
     }
     let _ = ops;
-    ste_weight(w, q)?.to_dtype(dtype)
+    ste_weight(w, q, lambda)?.to_dtype(dtype)
 }
 
 /// RMSNorm of `x` over its last dimension, in x's dtype (see `rms_norm_composed`).

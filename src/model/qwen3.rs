@@ -27,6 +27,8 @@ pub struct Qwen3 {
     pub(crate) compute_dtype: DType,
     /// The ops `forward` runs (composed candle ops, or the fused CUDA kernels).
     pub(crate) ops: Ops,
+    /// Steps of the quantization warm-up (`quant.lambda_warmup_steps`; 0: none), see `at_step`.
+    pub(crate) lambda_warmup_steps: usize,
 }
 
 impl Qwen3 {
@@ -66,6 +68,7 @@ impl Qwen3 {
             device: device.clone(),
             compute_dtype: DType::F32,
             ops: Ops::Composed,
+            lambda_warmup_steps: ternary.lambda_warmup_steps,
         };
         Ok((model, params))
     }
@@ -77,6 +80,34 @@ impl Qwen3 {
     /// The dtype of the parameters that are not ternarized (that of the embedding).
     pub fn dense_dtype(&self) -> DType {
         self.embed_tokens.dtype()
+    }
+
+    /// How far the ternary projections are quantized at training step `step` (0-based): the
+    /// linear warm-up `lambda = min(step / N, 1)` of `quant.lambda_warmup_steps = N` (Hugging
+    /// Face's 1.58-bit fine-tuning), 1 without one.
+    pub fn quant_lambda(&self, step: usize) -> f32 {
+        match self.lambda_warmup_steps {
+            0 => 1.0,
+            n => (step as f32 / n as f32).min(1.0),
+        }
+    }
+
+    /// The model as training step `step` runs it: every ternary projection forwards
+    /// `W + lambda * (W_t - W)` with `lambda = quant_lambda(step)` (the same parameters; a
+    /// cheap copy).
+    pub fn at_step(&self, step: usize) -> Self {
+        self.with_quant_lambda(self.quant_lambda(step))
+    }
+
+    /// The model with every ternary projection at `lambda` (0: the dense weight, 1: `W_t`).
+    pub fn with_quant_lambda(&self, lambda: f32) -> Self {
+        let mut m = self.clone();
+        for layer in &mut m.layers {
+            for lin in layer.linears_mut() {
+                lin.lambda = lambda;
+            }
+        }
+        m
     }
 
     /// Runs `forward` with `ops` (default `Ops::Composed`).
@@ -169,6 +200,7 @@ impl Qwen3 {
             device: self.device.clone(),
             compute_dtype: self.compute_dtype,
             ops: self.ops,
+            lambda_warmup_steps: self.lambda_warmup_steps,
         })
     }
 }

@@ -22,6 +22,8 @@ pub struct TernarySpec {
     pub scale_dtype: ScaleDtype,
     /// Decoder layers kept in full precision.
     pub exclude_layers: Vec<usize>,
+    /// Steps of the linear quantization warm-up (0: none).
+    pub lambda_warmup_steps: usize,
 }
 
 impl TernarySpec {
@@ -35,6 +37,7 @@ impl TernarySpec {
             scale: ScaleRule::Absmean,
             scale_dtype: ScaleDtype::F32,
             exclude_layers: Vec::new(),
+            lambda_warmup_steps: 0,
         }
     }
 
@@ -108,10 +111,20 @@ pub fn ternarize(w: &Tensor, q: Quant) -> Result<Tensor> {
 }
 
 /// The weight a ternary layer multiplies by: equal to `W_t` in value, with the gradient of
-/// the identity with respect to `w` (the straight-through estimator).
-pub fn ste_weight(w: &Tensor, q: Quant) -> Result<Tensor> {
+/// the identity with respect to `w` (the straight-through estimator). Under a quantization
+/// warm-up (`lambda < 1`) the value is `W + lambda * (W_t - W)`, with the same gradient
+/// (`lambda = 0` is the dense weight exactly).
+pub fn ste_weight(w: &Tensor, q: Quant, lambda: f32) -> Result<Tensor> {
     let wt = ternarize(w, q)?;
-    w + (wt - w)?.detach()
+    if lambda >= 1.0 {
+        return w + (wt - w)?.detach();
+    }
+    w + ((wt - w)? * lambda as f64)?.detach()
+}
+
+/// The value of `ste_weight`, without a gradient: `W_t`, or `W + lambda * (W_t - W)`.
+pub fn ternarize_at(w: &Tensor, q: Quant, lambda: f32) -> Result<Tensor> {
+    ste_weight(&w.detach().to_dtype(DType::F32)?, q, lambda)
 }
 
 /// The seed's check of one ternary weight: recompute `W_t`, divide each group by the scale of

@@ -83,6 +83,10 @@ pub struct QuantSpec {
     /// Decoder layers (0-based) kept in full precision.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub exclude_layers: Vec<usize>,
+    /// Steps of the linear quantization warm-up: step t forwards `W + lambda * (W_t - W)` with
+    /// `lambda = min(t / N, 1)` (0: none, the seed's).
+    #[serde(skip_serializing_if = "is_default")]
+    pub lambda_warmup_steps: usize,
 }
 
 /// Keys added after the seed's recipe are left out of a written spec (and so of the config
@@ -290,6 +294,7 @@ impl Default for QuantSpec {
             scale: ScaleRule::Absmean,
             scale_dtype: ScaleDtype::F32,
             exclude_layers: Vec::new(),
+            lambda_warmup_steps: 0,
         }
     }
 }

@@ -122,6 +122,7 @@ pub fn known_keys() -> Vec<String> {
     full.quant.scale = crate::quant::ScaleRule::Absmax;
     full.quant.scale_dtype = crate::quant::ScaleDtype::F16;
     full.quant.exclude_layers = vec![0];
+    full.quant.lambda_warmup_steps = 1;
     let table = toml::Table::try_from(&full).expect("a spec serializes");
     let mut keys = Vec::new();
     fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {

@@ -90,7 +90,7 @@ impl Ctx {
                 .timed("cast weight", || lin.weight.detach().to_dtype(self.cd));
         };
         let wt = self.act(lin.weight.shape())?;
-        ternary::ternarize(&self.gpu, &lin.weight, &wt, q)?;
+        ternary::ternarize(&self.gpu, &lin.weight, &wt, q, lin.lambda)?;
         Ok(wt)
     }
 
