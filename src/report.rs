@@ -116,6 +116,8 @@ pub struct Report {
     pub exclude_layers: Vec<usize>,
     #[serde(default)]
     pub lambda_warmup_steps: usize,
+    #[serde(default)]
+    pub activation_bits: u32,
     pub n_ternary_layers: usize,
     pub n_ternary_params: usize,
     pub samples: Vec<Sample>,

@@ -238,6 +238,7 @@ fn ternary_spec(spec: &Spec) -> TernarySpec {
         scale_dtype: q.scale_dtype,
         exclude_layers: q.exclude_layers.clone(),
         lambda_warmup_steps: q.lambda_warmup_steps,
+        activation_bits: q.activation_bits,
     }
 }
 
@@ -347,6 +348,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         scale_dtype: p.spec.quant.scale_dtype,
         exclude_layers: p.spec.quant.exclude_layers.clone(),
         lambda_warmup_steps: p.spec.quant.lambda_warmup_steps,
+        activation_bits: p.spec.quant.activation_bits,
         n_ternary_layers: ternary.len(),
         n_ternary_params: ternary.iter().map(|l| l.weight().elem_count()).sum(),
         samples,

@@ -245,6 +245,10 @@ fn quantizer_keys_name_their_valid_values() {
         &[("quant.scale_dtype", "\"f8\"")],
         &["`quant.scale_dtype`", "\"f8\"", "\"f16\""],
     );
+    refused(
+        &[("quant.activation_bits", "4")],
+        &["`quant.activation_bits`", "4", "0 (off) or 8"],
+    );
     // tiny has layers 0 to 3.
     refused(
         &[("quant.exclude_layers", "[1, 4]")],

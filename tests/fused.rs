@@ -302,6 +302,26 @@ fn cross_entropy_matches_the_composed_one() {
     }
 }
 
+#[test]
+fn activation_quantization_matches_the_composed_one() {
+    let dev = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = var(&[7, 1024], 3.0, dtype, &dev);
+        // Both compute in f32 with one IEEE rounding per operation (the same products,
+        // quotients and round-half-away), so they should agree to the bit; the gradient is the
+        // identity in both.
+        let y = |o| ops::act_quant(x.as_tensor(), o).unwrap();
+        assert_agree(
+            &format!("{dtype:?}"),
+            &[&x],
+            y(Ops::Fused),
+            y(Ops::Composed),
+            1e-6,
+            1e-12,
+        );
+    }
+}
+
 /// A launcher checks its buffers against the kernel's signature before launching: a buffer of
 /// the wrong size or dtype (two arguments swapped, say) is an error that names the argument,
 /// not a kernel reading past the end.
@@ -355,7 +375,7 @@ fn hand_written_step_matches_autograd() {
             // A hidden size past 1024: the RMSNorm backward's two-kernel path.
             cfg.hidden_size = 1056;
         }
-        let ternary = TernarySpec::new(
+        let mut ternary = TernarySpec::new(
             vec![
                 Projection::Q,
                 Projection::V,
@@ -365,6 +385,8 @@ fn hand_written_step_matches_autograd() {
             ],
             ternlab::spec::GroupSize::Columns(32),
         );
+        // The untied model quantizes its projections' inputs to 8 bits as well.
+        ternary.activation_bits = if tied { 0 } else { 8 };
         for dense in [DType::F32, DType::BF16] {
             // Dense parameters in f32 (the step's arithmetic against autograd's), and in the
             // checkpoint's bf16 (the seed's default), where autograd's gradients of them are bf16.

@@ -175,6 +175,8 @@ fn a_run_with_every_knob_reports_them() {
         ("quant.scale", "\"absmax\""),
         ("quant.scale_dtype", "\"f16\""),
         ("quant.exclude_layers", "[3]"),
+        ("quant.lambda_warmup_steps", "1"),
+        ("quant.activation_bits", "8"),
     ];
     let spec = write_spec(tmp.path(), "knobs.toml", &spec_text("knobs", &set, ""));
     let out = on_spec("run", &spec, &results, &[], &[]);
@@ -192,6 +194,8 @@ fn a_run_with_every_knob_reports_them() {
     assert_eq!(report["scale"], "absmax");
     assert_eq!(report["scale_dtype"], "f16");
     assert_eq!(report["exclude_layers"], serde_json::json!([3]));
+    assert_eq!(report["lambda_warmup_steps"], 1);
+    assert_eq!(report["activation_bits"], 8);
     assert_eq!(report["n_ternary_layers"], 3 * 7);
     assert_eq!(report["ternary_ok"], true);
 
@@ -202,6 +206,7 @@ fn a_run_with_every_knob_reports_them() {
         "scale_dtype",
         "exclude_layers",
         "lambda_warmup_steps",
+        "activation_bits",
     ] {
         assert!(
             !default_text
@@ -289,4 +294,62 @@ fn a_warmup_run_starts_from_the_dense_models_loss() {
     assert_ne!(plain, dense);
     assert_eq!(report["lambda_warmup_steps"], 2);
     assert_eq!(report["status"], "completed");
+}
+
+#[test]
+fn eight_bit_activations_leave_at_most_255_levels_per_token() {
+    use ternlab::model::ternary::act_quant;
+    // Rows of very different ranges, one of them all zeros.
+    let x = (Tensor::randn(0f32, 1.0, (6, 700), &Device::Cpu).unwrap()
+        * Tensor::from_vec(
+            vec![1e-3f32, 0.1, 1.0, 30.0, 1e4, 0.0],
+            (6, 1),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .broadcast_as((6, 700))
+        .unwrap())
+    .unwrap();
+    let var = candle_core::Var::from_tensor(&x).unwrap();
+    let y = act_quant(var.as_tensor()).unwrap();
+    let rows = y.to_vec2::<f32>().unwrap();
+    let xs = x.to_vec2::<f32>().unwrap();
+    for (r, (row, xr)) in rows.iter().zip(&xs).enumerate() {
+        let distinct: std::collections::BTreeSet<u32> = row.iter().map(|v| v.to_bits()).collect();
+        assert!(distinct.len() <= 255, "row {r}: {} levels", distinct.len());
+        // Each value is within half a level of its input.
+        let amax = xr.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
+        for (q, v) in row.iter().zip(xr) {
+            assert!(
+                (q - v).abs() <= amax / 127.0 * 0.5001,
+                "row {r}: {v} -> {q}"
+            );
+        }
+        if r < 5 {
+            assert!(distinct.len() > 100, "row {r}: the levels are used");
+        }
+    }
+    // The gradient is the straight-through identity.
+    let up = Tensor::randn(0f32, 1.0, (6, 700), &Device::Cpu).unwrap();
+    let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(
+        g.get(&var).unwrap().to_vec2::<f32>().unwrap(),
+        up.to_vec2::<f32>().unwrap()
+    );
+    // In a model: every ternary projection quantizes its input, the dense ones do not, and
+    // the loss changes.
+    let plain = tiny(|s| s.exclude_layers = vec![1]);
+    let act = tiny(|s| {
+        s.exclude_layers = vec![1];
+        s.activation_bits = 8;
+    });
+    for lin in act.linears() {
+        assert_eq!(
+            lin.quantizes_activations(),
+            lin.is_ternary(),
+            "{}",
+            lin.name()
+        );
+    }
+    assert_ne!(loss_of(&plain), loss_of(&act));
 }

@@ -81,6 +81,25 @@ __device__ void ternary_apply(const float* w, const float* scales, T* out, long 
     st(out, i, ternary_value(w[i], scales[i / g], lambda));
 }
 
+// Per-token 8-bit absmax fake quantization of the activations, one warp per row of d:
+// s = 127 / max(max |x|, 1e-5), y = clamp(round(x * s), -128, 127) / s (round half away from
+// zero, as the composed version's), each operation rounded once.
+template <typename T>
+__device__ void act_quant(const T* x, T* y, long rows, int d) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const T* xr = x + row * d;
+    float amax = 0.f;
+    for (int i = lane; i < d; i += 32) amax = fmaxf(amax, fabsf(ld(xr, i)));
+    for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float s = __fdiv_rn(127.f, fmaxf(amax, 1e-5f));
+    for (int i = lane; i < d; i += 32) {
+        float q = fminf(fmaxf(roundf(__fmul_rn(ld(xr, i), s)), -128.f), 127.f);
+        st(y + row * d, i, __fdiv_rn(q, s));
+    }
+}
+
 #define TERNARY(SUF, T)                                                                        \
 extern "C" __global__ void ternarize_##SUF(const float* w, T* out, long groups, int g,        \
                                            int absmax, int sdt, float min, float lambda) {     \
@@ -89,5 +108,8 @@ extern "C" __global__ void ternarize_##SUF(const float* w, T* out, long groups, 
 extern "C" __global__ void ternary_apply_##SUF(const float* w, const float* scales, T* out,    \
                                                long n, long g, float lambda) {                 \
     ternary_apply<T>(w, scales, out, n, g, lambda);                                            \
+}                                                                                              \
+extern "C" __global__ void act_quant_##SUF(const T* x, T* y, long rows, int d) {              \
+    act_quant<T>(x, y, rows, d);                                                               \
 }
 INSTANCES(TERNARY)

@@ -76,6 +76,47 @@ pub fn ternary_weight(w: &Tensor, q: Quant, lambda: f32, dtype: DType) -> Result
     w.apply_op1(TernaryProjection { q, lambda, dtype })
 }
 
+/// `act_quant(const T* x, T* y, long rows, int d)`: y = x fake-quantized to 8 bits per row
+/// of d (x's last dimension; see `crate::model::ternary::act_quant`), like x.
+pub fn act_quant(gpu: &Gpu, x: &impl AsBuf, y: &impl AsBuf) -> Result<()> {
+    let (x, y) = (x.buf()?, y.buf()?);
+    let d = x.last();
+    let rows = x.n() / d;
+    y.expect("act_quant: y", x.n(), x.dtype)?;
+    gpu.kernel(&KERNELS, "act_quant", Some(x.dtype), warp_per_row(rows))?
+        .buf(&x)
+        .buf(&y)
+        .i64(rows)
+        .i32(d)
+        .go()
+}
+
+/// `x` (..., d), contiguous, fake-quantized to 8 bits per row, with the straight-through
+/// gradient.
+pub fn act_quant_op(x: &Tensor) -> Result<Tensor> {
+    x.apply_op1(ActQuant)
+}
+
+struct ActQuant;
+
+impl CustomOp1 for ActQuant {
+    fn name(&self) -> &'static str {
+        "act-quant"
+    }
+
+    cuda_only!(1, "activation quantization");
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (y, yb) = alloc(s.device(), s.dtype(), l.shape())?;
+        act_quant(&Gpu::new(s.device()), &Buf::of(s, l)?, &yb)?;
+        Ok((y, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
+    }
+}
+
 struct TernaryProjection {
     q: Quant,
     lambda: f32,

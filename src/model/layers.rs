@@ -53,6 +53,8 @@ pub struct Linear {
     /// How far the weight is quantized: `W + lambda * (W_t - W)`, 1 = `W_t` (see
     /// `Qwen3::at_step`).
     pub(crate) lambda: f32,
+    /// The input is fake-quantized to 8 bits per token first (`quant.activation_bits = 8`).
+    pub(crate) act_quant: bool,
     pub(crate) name: String,
 }
 
@@ -66,17 +68,26 @@ impl Linear {
         mut vb: WeightSource<'_>,
     ) -> Result<Self> {
         let quant = vb.quant(proj, (out_dim, in_dim));
+        let act_quant = quant.is_some() && vb.activation_bits() == 8;
         let name = vb.path("weight");
         let weight = vb.param("weight", &[out_dim, in_dim], quant.is_some())?;
         Ok(Self {
             weight,
             quant,
             lambda: 1.0,
+            act_quant,
             name,
         })
     }
 
     pub fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        let xq;
+        let x = if self.act_quant {
+            xq = ops::act_quant(x, ops)?;
+            &xq
+        } else {
+            x
+        };
         // The ternary projection is computed from the f32 latent; the product runs in the
         // activations' dtype (bf16 under `train.dtype = "bf16"`).
         let w = match self.quant {
@@ -101,6 +112,11 @@ impl Linear {
         self.quant
     }
 
+    /// Whether the input is fake-quantized to 8 bits per token first.
+    pub fn quantizes_activations(&self) -> bool {
+        self.act_quant
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -115,6 +131,8 @@ impl Linear {
             weight,
             quant: None,
             lambda: 1.0,
+            // The trained model's inputs stay quantized.
+            act_quant: self.act_quant,
             name: self.name.clone(),
         })
     }

@@ -38,6 +38,17 @@ pub fn ternary_weight(w: &Tensor, q: Quant, lambda: f32, dtype: DType, ops: Ops)
     ste_weight(w, q, lambda)?.to_dtype(dtype)
 }
 
+/// Per-token 8-bit absmax fake quantization of `x` (..., d) with the straight-through gradient
+/// (see `ternary::act_quant`). One kernel on CUDA under `Ops::Fused`.
+pub fn act_quant(x: &Tensor, ops: Ops) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused_on(ops, x.device()) && x.is_contiguous() {
+        return crate::cuda::ternary::act_quant_op(x);
+    }
+    let _ = ops;
+    super::ternary::act_quant(x)
+}
+
 /// RMSNorm of `x` over its last dimension, in x's dtype (see `rms_norm_composed`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, ops: Ops) -> Result<Tensor> {
     #[cfg(feature = "cuda")]

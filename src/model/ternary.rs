@@ -24,6 +24,9 @@ pub struct TernarySpec {
     pub exclude_layers: Vec<usize>,
     /// Steps of the linear quantization warm-up (0: none).
     pub lambda_warmup_steps: usize,
+    /// 8: the input of every ternary projection is fake-quantized to 8 bits per token
+    /// (`act_quant`); 0: off.
+    pub activation_bits: u32,
 }
 
 impl TernarySpec {
@@ -38,6 +41,7 @@ impl TernarySpec {
             scale_dtype: ScaleDtype::F32,
             exclude_layers: Vec::new(),
             lambda_warmup_steps: 0,
+            activation_bits: 0,
         }
     }
 
@@ -124,8 +128,37 @@ pub fn ste_weight(w: &Tensor, q: Quant, lambda: f32) -> Result<Tensor> {
 
 /// The value of `ste_weight`, without a gradient: `W_t`, or `W + lambda * (W_t - W)`.
 pub fn ternarize_at(w: &Tensor, q: Quant, lambda: f32) -> Result<Tensor> {
+    if lambda >= 1.0 {
+        return ternarize(w, q);
+    }
     ste_weight(&w.detach().to_dtype(DType::F32)?, q, lambda)
 }
+
+/// Per-token absmax fake quantization to 8 bits (BitNet b1.58's activations): each row of `x`
+/// (its last dimension) scaled by `s = 127 / max(max |x|, 1e-5)`, rounded (half away from
+/// zero), clipped to [-128, 127] and scaled back, so at most 255 distinct values per row. The
+/// gradient is the straight-through identity. Computed in f32, returned in x's dtype.
+pub fn act_quant(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let amax = xf
+        .detach()
+        .abs()?
+        .max_keepdim(D::Minus1)?
+        .maximum(ACT_MIN_AMAX)?;
+    let scale = (amax.ones_like()? * 127.0)?.div(&amax)?;
+    let q = xf
+        .detach()
+        .broadcast_mul(&scale)?
+        .round()?
+        .clamp(-128f32, 127f32)?
+        .broadcast_div(&scale)?;
+    // (q - x is exact here, so x + (q - x) is q to the bit)
+    (&xf + (q - &xf)?.detach())?.to_dtype(dtype)
+}
+
+/// The smallest absmax `act_quant` divides by (BitNet's).
+pub const ACT_MIN_AMAX: f64 = 1e-5;
 
 /// The seed's check of one ternary weight: recompute `W_t`, divide each group by the scale of
 /// the latent weight and measure the distance of every entry to {-1, 0, +1}.

@@ -98,6 +98,11 @@ impl<'a> WeightSource<'a> {
         }
     }
 
+    /// `quant.activation_bits` (0 or 8).
+    pub fn activation_bits(&self) -> u32 {
+        self.ternary.activation_bits
+    }
+
     /// How `projection`, shape (out, in), of this block's layer is quantized, if it is.
     pub fn quant(&self, projection: Projection, shape: (usize, usize)) -> Option<Quant> {
         self.ternary.quant_for(self.layer?, projection, shape)

@@ -87,6 +87,10 @@ pub struct QuantSpec {
     /// `lambda = min(t / N, 1)` (0: none, the seed's).
     #[serde(skip_serializing_if = "is_default")]
     pub lambda_warmup_steps: usize,
+    /// 8: each ternary projection's input is fake-quantized to 8 bits per token (absmax, as
+    /// BitNet b1.58's activations), straight-through gradient; 0: off (the seed's).
+    #[serde(skip_serializing_if = "is_default")]
+    pub activation_bits: u32,
 }
 
 /// Keys added after the seed's recipe are left out of a written spec (and so of the config
@@ -295,6 +299,7 @@ impl Default for QuantSpec {
             scale_dtype: ScaleDtype::F32,
             exclude_layers: Vec::new(),
             lambda_warmup_steps: 0,
+            activation_bits: 0,
         }
     }
 }

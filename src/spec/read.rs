@@ -123,6 +123,7 @@ pub fn known_keys() -> Vec<String> {
     full.quant.scale_dtype = crate::quant::ScaleDtype::F16;
     full.quant.exclude_layers = vec![0];
     full.quant.lambda_warmup_steps = 1;
+    full.quant.activation_bits = 8;
     let table = toml::Table::try_from(&full).expect("a spec serializes");
     let mut keys = Vec::new();
     fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {
@@ -246,6 +247,14 @@ impl Spec {
                 "train.weight_decay",
                 t.weight_decay,
                 "must be >= 0",
+            ));
+        }
+        if ![0, 8].contains(&self.quant.activation_bits) {
+            return Err(bad(
+                file,
+                "quant.activation_bits",
+                self.quant.activation_bits,
+                "must be 0 (off) or 8",
             ));
         }
         if e.prompts.iter().any(|p| p.is_empty()) {

@@ -63,15 +63,18 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         let f = t.g.dim(1)?;
         let da = ctx.act((n, f))?;
         linear_back_x(gpu, &dx, wd, &da, 0.)?;
-        grads.insert(&mlp_.down_proj.weight, linear_back_w(gpu, &dx, &t.a)?);
+        let down_in = t.a.of(&mlp_.down_proj);
+        grads.insert(&mlp_.down_proj.weight, linear_back_w(gpu, &dx, down_in)?);
         let (dg, du) = (ctx.act((n, f))?, ctx.act((n, f))?);
         mlp::silu_mul_back(gpu, &t.g, &t.u, &da, &dg, &du)?;
         drop(da);
         let dxn2 = ctx.act((n, e))?;
         linear_back_x(gpu, &dg, wg, &dxn2, 0.)?;
         linear_back_x(gpu, &du, wu, &dxn2, 1.)?;
-        grads.insert(&mlp_.gate_proj.weight, linear_back_w(gpu, &dg, &t.xn2)?);
-        grads.insert(&mlp_.up_proj.weight, linear_back_w(gpu, &du, &t.xn2)?);
+        let gate_in = t.xn2.of(&mlp_.gate_proj);
+        grads.insert(&mlp_.gate_proj.weight, linear_back_w(gpu, &dg, gate_in)?);
+        let up_in = t.xn2.of(&mlp_.up_proj);
+        grads.insert(&mlp_.up_proj.weight, linear_back_w(gpu, &du, up_in)?);
         drop((dg, du));
         let post = &layer.post_attention_layernorm;
         let dw = ctx.rms_norm_back(&t.h, post, &dxn2, &dx, true)?;
@@ -81,7 +84,8 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         // Attention: h = x + o(attention(norm(x)))
         let dmerged = ctx.act((n, h * d))?;
         linear_back_x(gpu, &dx, wo, &dmerged, 0.)?;
-        grads.insert(&at.o_proj.weight, linear_back_w(gpu, &dx, &t.merged)?);
+        let o_in = t.merged.of(&at.o_proj);
+        grads.insert(&at.o_proj.weight, linear_back_w(gpu, &dx, o_in)?);
         let datt = ctx.swap_axes(&dmerged, (b, l, k, r * d))?;
         drop(dmerged);
         let probs = match &t.probs {
@@ -109,9 +113,9 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         linear_back_x(gpu, &dq, wq, &dxn1, 0.)?;
         linear_back_x(gpu, &dk, wk, &dxn1, 1.)?;
         linear_back_x(gpu, &dv, wv, &dxn1, 1.)?;
-        grads.insert(&at.q_proj.weight, linear_back_w(gpu, &dq, &t.xn1)?);
-        grads.insert(&at.k_proj.weight, linear_back_w(gpu, &dk, &t.xn1)?);
-        grads.insert(&at.v_proj.weight, linear_back_w(gpu, &dv, &t.xn1)?);
+        for (lin, dy) in [(&at.q_proj, &dq), (&at.k_proj, &dk), (&at.v_proj, &dv)] {
+            grads.insert(&lin.weight, linear_back_w(gpu, dy, t.xn1.of(lin))?);
+        }
         drop((dq, dk, dv));
         let ln = &layer.input_layernorm;
         let dw = if i == 0 && seed_first_norm {

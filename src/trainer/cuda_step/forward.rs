@@ -94,25 +94,29 @@ pub fn forward(
             ctx.rms_norm(&x, &layer.input_layernorm)?
         };
         // Attention: h = x + o(attention(norm(x)))
-        let q = linear(&ctx.gpu, &xn1, &w[0])?;
-        let kk = linear(&ctx.gpu, &xn1, &w[1])?;
-        let v = linear(&ctx.gpu, &xn1, &w[2])?;
+        let xn1 = ctx.input(xn1, &[&at.q_proj, &at.k_proj, &at.v_proj])?;
+        let q = linear(&ctx.gpu, xn1.of(&at.q_proj), &w[0])?;
+        let kk = linear(&ctx.gpu, xn1.of(&at.k_proj), &w[1])?;
+        let v = linear(&ctx.gpu, xn1.of(&at.v_proj), &w[2])?;
         let qr = norm_rope(&q, &at.q_norm, h, r)?;
         let kr = norm_rope(&kk, &at.k_norm, k, 1)?;
         let vt = ctx.swap_axes(&v, (b, l, k, d))?;
         let (probs, att) = attn.forward(&ctx.gpu, &qr, &kr, &vt)?;
         let merged = ctx.swap_axes(&att, (b, k, l, r * d))?.reshape((n, h * d))?;
         drop(att);
-        let o = linear(&ctx.gpu, &merged, &w[3])?;
+        let merged = ctx.input(merged, &[&at.o_proj])?;
+        let o = linear(&ctx.gpu, merged.of(&at.o_proj), &w[3])?;
         let hres = ctx.act((n, e))?;
         residual::add(&ctx.gpu, &x, &o, &hres)?;
         // MLP: next = h + down(silu(gate(norm(h))) * up(norm(h)))
         let xn2 = ctx.rms_norm(&hres, &layer.post_attention_layernorm)?;
-        let g = linear(&ctx.gpu, &xn2, &w[4])?;
-        let u = linear(&ctx.gpu, &xn2, &w[5])?;
+        let xn2 = ctx.input(xn2, &[&mlp_.gate_proj, &mlp_.up_proj])?;
+        let g = linear(&ctx.gpu, xn2.of(&mlp_.gate_proj), &w[4])?;
+        let u = linear(&ctx.gpu, xn2.of(&mlp_.up_proj), &w[5])?;
         let a = ctx.act(g.shape())?;
         mlp::silu_mul(&ctx.gpu, &g, &u, &a)?;
-        let down = linear(&ctx.gpu, &a, &w[6])?;
+        let a = ctx.input(a, &[&mlp_.down_proj])?;
+        let down = linear(&ctx.gpu, a.of(&mlp_.down_proj), &w[6])?;
         let next = ctx.act((n, e))?;
         residual::add(&ctx.gpu, &hres, &down, &next)?;
         layers.push(LayerTape {

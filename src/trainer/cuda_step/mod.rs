@@ -141,14 +141,44 @@ impl Ctx {
     }
 }
 
+/// The input of one or more projections, and its 8-bit fake-quantized copy where one of them
+/// quantizes its activations (`quant.activation_bits = 8`; straight-through: the input's
+/// gradient is the quantized copy's).
+struct Input {
+    x: Tensor,
+    q: Option<Tensor>,
+}
+
+impl Input {
+    /// What `lin` multiplies.
+    fn of(&self, lin: &Linear) -> &Tensor {
+        match (&self.q, lin.act_quant) {
+            (Some(q), true) => q,
+            _ => &self.x,
+        }
+    }
+}
+
+impl Ctx {
+    /// `x` as the input of `lins`.
+    fn input(&self, x: Tensor, lins: &[&Linear]) -> Result<Input> {
+        if !lins.iter().any(|l| l.act_quant) {
+            return Ok(Input { x, q: None });
+        }
+        let q = self.gpu.empty(x.shape(), x.dtype())?;
+        ternary::act_quant(&self.gpu, &x, &q)?;
+        Ok(Input { x, q: Some(q) })
+    }
+}
+
 /// What one decoder layer keeps for its backward.
 struct LayerTape {
     /// q, k, v, o, gate, up, down as multiplied (compute dtype; `W_t` where ternary)
     w: [Tensor; 7],
     /// the layer's input (N, E): compute dtype, or f32 rows of the seed's bf16 first norm
     x: Tensor,
-    /// input norm (N, E)
-    xn1: Tensor,
+    /// input norm (N, E): the q, k and v projections' input
+    xn1: Input,
     /// q (N, H * D) and k (N, K * D) before their norm
     q: Tensor,
     k: Tensor,
@@ -159,15 +189,15 @@ struct LayerTape {
     vt: Tensor,
     /// (B*K, L*R, L); None when the backward recomputes them
     probs: Option<Tensor>,
-    /// attention output with heads merged, (N, H * D)
-    merged: Tensor,
-    /// the residual stream after attention, (N, E), and its norm
+    /// attention output with heads merged, (N, H * D): o's input
+    merged: Input,
+    /// the residual stream after attention, (N, E), and its norm (gate's and up's input)
     h: Tensor,
-    xn2: Tensor,
-    /// gate and up projections (N, F), and silu(g) * u (N, F)
+    xn2: Input,
+    /// gate and up projections (N, F), and silu(g) * u (N, F): down's input
     g: Tensor,
     u: Tensor,
-    a: Tensor,
+    a: Input,
 }
 
 /// Everything the backward needs from one forward pass.
