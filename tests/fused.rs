@@ -375,7 +375,7 @@ fn hand_written_step_matches_autograd() {
             // A hidden size past 1024: the RMSNorm backward's two-kernel path.
             cfg.hidden_size = 1056;
         }
-        let mut ternary = TernarySpec::new(
+        let ternary = TernarySpec::new(
             vec![
                 Projection::Q,
                 Projection::V,
@@ -385,8 +385,6 @@ fn hand_written_step_matches_autograd() {
             ],
             ternlab::spec::GroupSize::Columns(32),
         );
-        // The untied model quantizes its projections' inputs to 8 bits as well.
-        ternary.activation_bits = if tied { 0 } else { 8 };
         for dense in [DType::F32, DType::BF16] {
             // Dense parameters in f32 (the step's arithmetic against autograd's), and in the
             // checkpoint's bf16 (the seed's default), where autograd's gradients of them are bf16.
@@ -457,6 +455,58 @@ fn hand_written_step_matches_autograd() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The hand-written step with 8-bit activations against autograd. Rounding to 255 levels is
+/// discontinuous: an activation within float noise of a rounding boundary (the two paths sum
+/// in different orders) lands one level apart, and every later layer sees that difference, so
+/// this compares one decoder layer, in f32, with one ternary projection at a time (each input
+/// of the step quantized alone), to bounds above what was measured on an H100 (loss within
+/// 1.4e-6, gradients within 3.4e-3; with two layers and every input quantized at once, the
+/// flips cascade to 2.7e-4 in the loss).
+#[test]
+fn hand_written_step_with_8_bit_activations_tracks_autograd() {
+    use ternlab::model::load::random_weights;
+    use ternlab::model::{Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
+    use ternlab::trainer::Trainer;
+    let dev = gpu();
+    let mut cfg = Qwen3Config::preset(Preset::Tiny, 300);
+    cfg.num_hidden_layers = 1;
+    let ids: Vec<u32> = (0..3 * 37u32).map(|i| (i * 7919 + 5) % 300).collect();
+    let x = Tensor::from_vec(ids.clone(), (3, 37), &dev).unwrap();
+    let y = Tensor::from_vec(ids.iter().map(|i| (i + 1) % 300).collect(), (3, 37), &dev).unwrap();
+    for proj in [
+        Projection::Q,
+        Projection::V,
+        Projection::O,
+        Projection::Up,
+        Projection::Down,
+    ] {
+        let mut ternary = TernarySpec::new(vec![proj], ternlab::spec::GroupSize::Columns(32));
+        ternary.activation_bits = 8;
+        let weights = random_weights(&cfg, 3)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.to_dtype(DType::F32).unwrap()))
+            .collect();
+        let (model, params) = Qwen3::new(&cfg, weights, &ternary, &dev).unwrap();
+        let run = |fused: bool| {
+            let m = model.clone().with_fused(fused);
+            let fwd = Trainer::for_model(&m).forward(&m, &x, &y).unwrap();
+            let loss = fwd.loss.to_scalar::<f32>().unwrap();
+            (loss, fwd.backward(&m).unwrap())
+        };
+        let ((loss_h, g_h), (loss_c, g_c)) = (run(true), run(false));
+        let what = format!("{proj:?}");
+        let dl = ((loss_h - loss_c) / loss_c).abs();
+        eprintln!("{what}: loss {dl:e}");
+        assert!(dl < 1e-5, "{what}: loss {loss_h} vs {loss_c}");
+        for (name, v) in &params.named {
+            let err = rel_err(g_h.get(v).unwrap(), g_c.get(v).unwrap());
+            eprintln!("{what} {name}: {err:e}");
+            assert!(err < 1e-2, "{what}: gradient of {name} differs by {err:e}");
         }
     }
 }
