@@ -90,6 +90,7 @@ pub const METRICS: &[&str] = &[
     "last_20_loss_avg",
     "val_ppl",
     "val_nll",
+    "gap_recovered",
     "tokens_per_s",
 ];
 
@@ -102,6 +103,7 @@ fn metric(r: &Report, name: &str) -> Option<f64> {
         "val_nll" => r.val_nll,
         "tokens_per_s" => r.tokens_per_s,
         "wall_time_s" => r.wall_time_s,
+        "gap_recovered" => r.recovery.as_ref()?.gap_recovered,
         _ => return None,
     })
 }
@@ -206,7 +208,7 @@ pub fn compare(runs: &[RunResult], sort_metric: &str) -> Result<Comparison> {
             }
         })
         .collect();
-    let descending = sort_metric == "tokens_per_s";
+    let descending = matches!(sort_metric, "tokens_per_s" | "gap_recovered");
     rows.sort_by(|a, b| {
         let (x, y) = (a.metrics[sort_metric].mean, b.metrics[sort_metric].mean);
         let o = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod plot;
 pub mod progress;
 pub mod quant;
+pub mod recovery;
 pub mod report;
 pub mod run;
 pub mod runner;

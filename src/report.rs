@@ -118,6 +118,10 @@ pub struct Report {
     pub lambda_warmup_steps: usize,
     #[serde(default)]
     pub activation_bits: u32,
+    /// What training recovered of the gap that rounding opened (a completed run's; reports
+    /// written before it have none).
+    #[serde(default)]
+    pub recovery: Option<crate::recovery::Recovery>,
     pub n_ternary_layers: usize,
     pub n_ternary_params: usize,
     pub samples: Vec<Sample>,
@@ -181,7 +185,9 @@ pub const CANDLE_VERSION: &str = "0.11.1";
 
 /// JSON has no NaN: serde_json writes it as `null` (a diverged run's held-out loss); read
 /// `null` back as NaN.
-fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+pub(crate) fn f64_or_nan<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 

@@ -277,8 +277,14 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         p.run_id
     ));
     let (model, params) = p.build_model(&device)?;
-    crate::device::reset_peak_memory(&device);
     let (t, d) = (&p.spec.train, &p.spec.data);
+    let heldout = |m: &Qwen3| train::heldout_nll(m, &p.corpus.val, d.seq_len, d.batch_size);
+    progress.message(&format!(
+        "{}: held-out loss of the starting model, dense and ternary",
+        p.run_id
+    ));
+    let start = crate::recovery::Start::measure(&model, &heldout)?;
+    crate::device::reset_peak_memory(&device);
     let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, d.sampling, t.seed)?;
     let val = ValDuringTraining {
         tokens: &p.corpus.val,
@@ -309,7 +315,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
     let (val_nll, samples) = if result.outcome == Outcome::Completed {
         progress.message(&format!("{}: held-out loss and samples", p.run_id));
         let frozen = model.frozen()?;
-        let nll = train::heldout_nll(&frozen, &p.corpus.val, d.seq_len, d.batch_size)?;
+        let nll = heldout(&frozen)?;
         let mut samples = Vec::new();
         for prompt in &p.spec.eval.prompts {
             let generation = train::generate_greedy(
@@ -327,6 +333,11 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         (nll, samples)
     } else {
         (f64::NAN, Vec::new())
+    };
+    let recovery = if result.outcome == Outcome::Completed {
+        Some(start.finish(&model, val_nll)?)
+    } else {
+        None
     };
     let ternary = model.ternary_linears();
     let tokens_trained = losses.len() * d.batch_size * d.seq_len;
@@ -349,6 +360,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         exclude_layers: p.spec.quant.exclude_layers.clone(),
         lambda_warmup_steps: p.spec.quant.lambda_warmup_steps,
         activation_bits: p.spec.quant.activation_bits,
+        recovery,
         n_ternary_layers: ternary.len(),
         n_ternary_params: ternary.iter().map(|l| l.weight().elem_count()).sum(),
         samples,

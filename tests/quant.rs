@@ -353,3 +353,68 @@ fn eight_bit_activations_leave_at_most_255_levels_per_token() {
     }
     assert_ne!(loss_of(&plain), loss_of(&act));
 }
+
+/// The recovery numbers: the dense start is the model with every projection dense (the same
+/// held-out NLL as a model built without ternary projections), the ternary start is the
+/// rounded model before training, and the level shares add up over the ternary weights.
+#[test]
+fn recovery_measures_the_dense_and_ternary_start_and_the_levels() {
+    use ternlab::recovery::Start;
+    use ternlab::train::heldout_nll;
+    let tokens: Vec<u32> = (0..400u32).map(|i| (i * 7919 + 11) % 300).collect();
+    let nll = |m: &Qwen3| heldout_nll(m, &tokens, 16, 4);
+    let dense = tiny(|s| s.projections.clear());
+    let ternary = tiny(|s| s.activation_bits = 8);
+    let start = Start::measure(&ternary, &nll).unwrap();
+    let want_dense = nll(&dense.frozen().unwrap()).unwrap();
+    let want_ternary = nll(&ternary.frozen().unwrap()).unwrap();
+    let r = start.finish(&ternary, 5.0).unwrap();
+    assert_eq!(
+        r.nll_dense_start, want_dense,
+        "the dense start is the dense model"
+    );
+    assert_eq!(r.nll_ternary_start, want_ternary);
+    assert_ne!(want_dense, want_ternary);
+    assert_eq!(r.nll_trained, 5.0);
+    let gap = (want_ternary - 5.0) / (want_ternary - want_dense);
+    assert_eq!(r.gap_recovered, gap);
+    // Untrained: nothing changed level; the shares cover every ternary weight.
+    let all = &r.levels["all"];
+    let n: usize = ternary
+        .ternary_linears()
+        .iter()
+        .map(|l| l.weight().elem_count())
+        .sum();
+    assert_eq!(all.weights, n);
+    assert_eq!(all.changed, 0.0);
+    assert!((all.minus + all.zero + all.plus - 1.0).abs() < 1e-12);
+    assert_eq!(r.levels.len(), 8, "seven projection types and all");
+    assert_eq!(r.levels["q_proj"].weights, 4 * 128 * 128);
+}
+
+/// A run's report carries them, its `nll_trained` is its `val_nll`, and training moved some
+/// weights to another level.
+#[test]
+fn a_runs_report_has_its_recovery() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("results");
+    let spec = write_spec(tmp.path(), "r.toml", &spec_text("r", &[], ""));
+    let out = on_spec("run", &spec, &results, &[], &[]);
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    let run = std::fs::read_dir(results.join("r"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("report.json").is_file())
+        .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    let r = &report["recovery"];
+    assert_eq!(r["nll_trained"], report["val_nll"]);
+    for k in ["nll_dense_start", "nll_ternary_start", "gap_recovered"] {
+        assert!(r[k].as_f64().unwrap().is_finite(), "{k}: {r}");
+    }
+    let all = &r["levels"]["all"];
+    assert_eq!(all["weights"], report["n_ternary_params"]);
+    let changed = all["changed"].as_f64().unwrap();
+    assert!(changed > 0.0 && changed < 1.0, "{changed}");
+}

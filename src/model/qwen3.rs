@@ -183,6 +183,19 @@ impl Qwen3 {
             .collect()
     }
 
+    /// A detached copy of the model in full precision: every projection multiplies by its
+    /// latent weight as it is, no ternary projection, no activation quantization (the
+    /// starting model a ternary run is measured against).
+    pub fn frozen_dense(&self) -> Result<Self> {
+        let mut m = self.with_quant_lambda(0.0).frozen()?;
+        for layer in &mut m.layers {
+            for lin in layer.linears_mut() {
+                lin.act_quant = false;
+            }
+        }
+        Ok(m)
+    }
+
     /// A detached copy for evaluation: ternary layers hold `W_t` as a constant, so a forward
     /// pass neither ternarizes again nor records anything for backprop.
     pub fn frozen(&self) -> Result<Self> {
