@@ -103,7 +103,7 @@ fn metric(r: &Report, name: &str) -> Option<f64> {
         "val_nll" => r.val_nll,
         "tokens_per_s" => r.tokens_per_s,
         "wall_time_s" => r.wall_time_s,
-        "gap_recovered" => r.recovery.as_ref()?.gap_recovered,
+        "gap_recovered" => Some(r.recovery.as_ref()?.gap_recovered).filter(|g| !g.is_nan())?,
         _ => return None,
     })
 }

@@ -24,7 +24,9 @@ pub struct Recovery {
     #[serde(deserialize_with = "crate::report::f64_or_nan")]
     pub nll_trained: f64,
     /// `(nll_ternary_start - nll_trained) / (nll_ternary_start - nll_dense_start)`: 1 closes
-    /// the gap, 0 is no better than rounding, above 1 beats the starting model.
+    /// the gap, 0 is no better than rounding, above 1 beats the starting model; NaN (null in
+    /// JSON) when rounding did not raise the held-out loss (nothing to recover, as from a
+    /// preset's random init).
     #[serde(deserialize_with = "crate::report::f64_or_nan")]
     pub gap_recovered: f64,
     /// Per projection type (`q_proj`, ...) and `all`: the ternary levels at the end.
@@ -60,6 +62,16 @@ fn levels_of(lin: &Linear) -> Result<Vec<u8>> {
 fn projection_of(lin: &Linear) -> String {
     let parts: Vec<&str> = lin.name().split('.').collect();
     parts[parts.len().saturating_sub(2)].to_string()
+}
+
+/// The fraction of the rounding gap that training closed (see `Recovery::gap_recovered`).
+pub fn gap_recovered(dense: f64, ternary: f64, trained: f64) -> f64 {
+    let gap = ternary - dense;
+    if gap > 0.0 {
+        (ternary - trained) / gap
+    } else {
+        f64::NAN
+    }
 }
 
 /// What a run measures before it trains.
@@ -131,7 +143,7 @@ impl Start {
             nll_dense_start: self.nll_dense,
             nll_ternary_start: self.nll_ternary,
             nll_trained,
-            gap_recovered: (self.nll_ternary - nll_trained) / (self.nll_ternary - self.nll_dense),
+            gap_recovered: gap_recovered(self.nll_dense, self.nll_ternary, nll_trained),
             levels,
         })
     }

@@ -122,6 +122,10 @@ pub struct Report {
     /// written before it have none).
     #[serde(default)]
     pub recovery: Option<crate::recovery::Recovery>,
+    /// Under `[distill]`: its weight and temperature and the loss's two terms (the loss curve
+    /// is their weighted sum).
+    #[serde(default)]
+    pub distill: Option<DistillReport>,
     pub n_ternary_layers: usize,
     pub n_ternary_params: usize,
     pub samples: Vec<Sample>,
@@ -182,6 +186,22 @@ impl Versions {
 
 /// The candle release this build is pinned to (Cargo.toml).
 pub const CANDLE_VERSION: &str = "0.11.1";
+
+/// The two terms of a distilled run's loss: the cross-entropy and the KL (times T^2, before
+/// the weight), the mean of their last 20 steps and their last step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistillReport {
+    pub weight: f64,
+    pub temperature: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub last_20_ce_avg: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub last_20_kl_avg: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub final_ce: f64,
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub final_kl: f64,
+}
 
 /// JSON has no NaN: serde_json writes it as `null` (a diverged run's held-out loss); read
 /// `null` back as NaN.

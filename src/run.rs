@@ -10,8 +10,8 @@ use crate::plan::PlannedRun;
 use crate::progress::Progress;
 use crate::quant::Granularity;
 use crate::report::{
-    head_mean, tail_mean, write_atomic, write_json_atomic, LossCurveWriter, Report, RunStatus,
-    Sample, Versions,
+    head_mean, tail_mean, write_atomic, write_json_atomic, DistillReport, LossCurveWriter, Report,
+    RunStatus, Sample, Versions,
 };
 use crate::spec::{BadInput, DenseDtype, Spec};
 use crate::train::{self, Outcome, ValDuringTraining};
@@ -293,10 +293,30 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         every: p.spec.eval.every,
     };
     let fault = crate::faults::injected(&p.run_id)?;
-    let result = train::train(&model, &params, &mut batcher, t, &val, fault, &mut |r| {
-        progress.step(r, t.steps);
-        curve.write(r)
-    })?;
+    let ds = &p.spec.distill;
+    let teacher = if ds.weight > 0.0 {
+        Some(train::Teacher {
+            model: model.teacher()?,
+            weight: ds.weight,
+            temperature: ds.temperature,
+        })
+    } else {
+        None
+    };
+    let teacher = teacher.as_ref();
+    let result = train::train(
+        &model,
+        &params,
+        &mut batcher,
+        t,
+        &val,
+        teacher,
+        fault,
+        &mut |r| {
+            progress.step(r, t.steps);
+            curve.write(r)
+        },
+    )?;
     progress.finish();
 
     let losses = &result.losses;
@@ -361,6 +381,14 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         lambda_warmup_steps: p.spec.quant.lambda_warmup_steps,
         activation_bits: p.spec.quant.activation_bits,
         recovery,
+        distill: teacher.map(|tc| DistillReport {
+            weight: tc.weight,
+            temperature: tc.temperature,
+            last_20_ce_avg: tail_mean(&result.ce_terms, 20),
+            last_20_kl_avg: tail_mean(&result.kl_terms, 20),
+            final_ce: result.ce_terms.last().copied().unwrap_or(f64::NAN),
+            final_kl: result.kl_terms.last().copied().unwrap_or(f64::NAN),
+        }),
         n_ternary_layers: ternary.len(),
         n_ternary_params: ternary.iter().map(|l| l.weight().elem_count()).sum(),
         samples,

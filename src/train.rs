@@ -11,7 +11,7 @@ use crate::model::{Ops, Params, Qwen3};
 use crate::optim::AdamW;
 use crate::schedule::lr_at;
 use crate::spec::TrainSpec;
-use crate::trainer::Trainer;
+use crate::trainer::{Distill, Trainer};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -46,6 +46,10 @@ pub enum Outcome {
 
 pub struct TrainResult {
     pub losses: Vec<f64>,
+    /// Under distillation, each step's two loss terms (the cross-entropy, and the KL times
+    /// T^2 before its weight); empty otherwise.
+    pub ce_terms: Vec<f64>,
+    pub kl_terms: Vec<f64>,
     pub outcome: Outcome,
     pub train_seconds: f64,
 }
@@ -58,14 +62,23 @@ pub struct ValDuringTraining<'a> {
     pub every: usize,
 }
 
-/// Trains `steps` steps. `on_step` sees every record as soon as it exists (for the CSV and
-/// the progress display).
+/// A run's distillation teacher (`Qwen3::teacher`) and its term's weight and temperature.
+pub struct Teacher {
+    pub model: Qwen3,
+    pub weight: f64,
+    pub temperature: f64,
+}
+
+/// Trains `steps` steps, distilling from `teacher` when given. `on_step` sees every record as
+/// soon as it exists (for the CSV and the progress display).
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     model: &Qwen3,
     params: &Params,
     batcher: &mut Batcher,
     t: &TrainSpec,
     val: &ValDuringTraining,
+    teacher: Option<&Teacher>,
     fault: Option<Fault>,
     on_step: &mut dyn FnMut(&StepRecord) -> Result<()>,
 ) -> Result<TrainResult> {
@@ -75,10 +88,13 @@ pub fn train(
     let (b, l) = (val.batch_size, val.seq_len);
     let start = Instant::now();
     let mut losses = Vec::with_capacity(t.steps);
+    let (mut ce_terms, mut kl_terms) = (Vec::new(), Vec::new());
     for step in 0..t.steps {
         if faults::interrupted() {
             return Ok(TrainResult {
                 losses,
+                ce_terms,
+                kl_terms,
                 outcome: Outcome::Interrupted { step },
                 train_seconds: start.elapsed().as_secs_f64(),
             });
@@ -94,7 +110,19 @@ pub fn train(
         let (x, y) = batcher.next_batch(&device)?;
         // The same parameters, at this step's quantization warm-up (`quant.lambda_warmup_steps`).
         let model = &model.at_step(step);
-        let fwd = trainer.forward(model, &x, &y)?;
+        let teacher_logits = teacher.map(|t| t.model.forward(&x)).transpose()?;
+        let distill = teacher
+            .zip(teacher_logits.as_ref())
+            .map(|(t, logits)| Distill {
+                teacher_logits: logits,
+                weight: t.weight,
+                temperature: t.temperature,
+            });
+        let fwd = trainer.forward_distilled(model, &x, &y, distill.as_ref())?;
+        if let Some(kl) = &fwd.kl {
+            ce_terms.push(fwd.ce.to_scalar::<f32>()? as f64);
+            kl_terms.push(kl.to_scalar::<f32>()? as f64);
+        }
         // Reading the loss is the step's one host sync.
         let mut loss_value = fwd.loss.to_scalar::<f32>()? as f64;
         if fault_now == Some(FaultKind::Nan) {
@@ -103,6 +131,8 @@ pub fn train(
         if !loss_value.is_finite() {
             return Ok(TrainResult {
                 losses,
+                ce_terms,
+                kl_terms,
                 outcome: Outcome::Diverged {
                     step,
                     loss: loss_value,
@@ -130,6 +160,8 @@ pub fn train(
     }
     Ok(TrainResult {
         losses,
+        ce_terms,
+        kl_terms,
         outcome: Outcome::Completed,
         train_seconds: start.elapsed().as_secs_f64(),
     })

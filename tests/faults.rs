@@ -246,6 +246,14 @@ fn quantizer_keys_name_their_valid_values() {
         &["`quant.scale_dtype`", "\"f8\"", "\"f16\""],
     );
     refused(
+        &[("distill.weight", "-1.0")],
+        &["`distill.weight`", "-1", ">= 0"],
+    );
+    refused(
+        &[("distill.temperature", "0.0")],
+        &["`distill.temperature`", "> 0"],
+    );
+    refused(
         &[("quant.activation_bits", "4")],
         &["`quant.activation_bits`", "4", "0 (off) or 8"],
     );

@@ -510,3 +510,60 @@ fn hand_written_step_with_8_bit_activations_tracks_autograd() {
         }
     }
 }
+
+/// Distillation through the hand-written step against autograd: the same teacher logits (the
+/// bf16 teacher's), the loss and its two terms, and every gradient, f32.
+#[test]
+fn hand_written_step_distills_like_autograd() {
+    use ternlab::choice::Choice;
+    use ternlab::model::load::random_weights;
+    use ternlab::model::{Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
+    use ternlab::trainer::{Distill, Trainer};
+    let dev = gpu();
+    let mut cfg = Qwen3Config::preset(Preset::Tiny, 300);
+    cfg.num_hidden_layers = 2;
+    let ternary = TernarySpec::new(
+        Projection::ALL.to_vec(),
+        ternlab::spec::GroupSize::Columns(32),
+    );
+    let weights = random_weights(&cfg, 3)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::F32).unwrap()))
+        .collect();
+    let (model, params) = Qwen3::new(&cfg, weights, &ternary, &dev).unwrap();
+    let ids: Vec<u32> = (0..3 * 37u32).map(|i| (i * 7919 + 5) % 300).collect();
+    let x = Tensor::from_vec(ids.clone(), (3, 37), &dev).unwrap();
+    let y = Tensor::from_vec(ids.iter().map(|i| (i + 1) % 300).collect(), (3, 37), &dev).unwrap();
+    let teacher = model
+        .teacher()
+        .unwrap()
+        .with_fused(true)
+        .forward(&x)
+        .unwrap();
+    let d = Distill {
+        teacher_logits: &teacher,
+        weight: 0.7,
+        temperature: 3.0,
+    };
+    let run = |fused: bool| {
+        let m = model.clone().with_fused(fused);
+        let fwd = Trainer::for_model(&m)
+            .forward_distilled(&m, &x, &y, Some(&d))
+            .unwrap();
+        let s = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+        let terms = (s(&fwd.loss), s(&fwd.ce), s(fwd.kl.as_ref().unwrap()));
+        (terms, fwd.backward(&m).unwrap())
+    };
+    let ((h, g_h), (c, g_c)) = (run(true), run(false));
+    for (what, a, b) in [("loss", h.0, c.0), ("ce", h.1, c.1), ("kl", h.2, c.2)] {
+        let err = ((a - b) / b).abs();
+        eprintln!("{what}: {a} vs {b} ({err:e})");
+        assert!(err < 1e-5, "{what}: {a} vs {b}");
+    }
+    for (name, v) in &params.named {
+        let err = rel_err(g_h.get(v).unwrap(), g_c.get(v).unwrap());
+        eprintln!("{name}: {err:e}");
+        assert!(err < 1e-4, "gradient of {name} differs by {err:e}");
+    }
+}

@@ -137,9 +137,16 @@ fn loss_curve_matches_transformers() {
         batch_size: m.batch_size,
         every: 0,
     };
-    let result = train(&model, &params, &mut batcher, &t, &val, None, &mut |_| {
-        Ok(())
-    })
+    let result = train(
+        &model,
+        &params,
+        &mut batcher,
+        &t,
+        &val,
+        None,
+        None,
+        &mut |_| Ok(()),
+    )
     .unwrap();
     assert_eq!(result.outcome, Outcome::Completed);
     assert_eq!(result.losses.len(), m.losses.len());

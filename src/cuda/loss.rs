@@ -8,16 +8,19 @@ use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 static KERNELS: Family = family!("ternlab_loss", "loss.cu");
 
 /// The gradient `cross_entropy` writes: where (`dx`, which may be the logits themselves),
-/// times `scale`, times each row's `row_grad` when given.
+/// times `scale`, times each row's `row_grad` when given, plus `plus` (another term's
+/// gradient, like the logits) when given.
 pub struct Grad<'a> {
     pub dx: &'a Buf,
     pub scale: f32,
     pub row_grad: Option<&'a Buf>,
+    pub plus: Option<&'a Buf>,
 }
 
 /// `cross_entropy(const T* x, const unsigned* y, float* loss, T* dx, const float* row_grad,
-/// long rows, int v, float scale)`: per-row loss (rows, f32) of logits (rows, v) against u32
-/// targets; with `grad`, also dx = scale * g_r * (softmax(x_r) - onehot(t_r)).
+/// const T* plus, long rows, int v, float scale)`: per-row loss (rows, f32) of logits
+/// (rows, v) against u32 targets; with `grad`, also dx = scale * g_r * (softmax(x_r) -
+/// onehot(t_r)) + plus_r.
 pub fn cross_entropy(
     gpu: &Gpu,
     logits: &impl AsBuf,
@@ -35,6 +38,9 @@ pub fn cross_entropy(
         if let Some(r) = g.row_grad {
             r.expect("cross_entropy: row_grad", rows, DType::F32)?;
         }
+        if let Some(p) = g.plus {
+            p.expect("cross_entropy: plus", x.n(), x.dtype)?;
+        }
     }
     // One block of 512 threads per row.
     gpu.kernel(&KERNELS, "cross_entropy", Some(x.dtype), blocks(rows, 512))?
@@ -43,9 +49,40 @@ pub fn cross_entropy(
         .buf(&loss)
         .opt(grad.as_ref().map(|g| g.dx))
         .opt(grad.as_ref().and_then(|g| g.row_grad))
+        .opt(grad.as_ref().and_then(|g| g.plus))
         .i64(rows)
         .i32(v)
         .f32(grad.as_ref().map_or(1.0, |g| g.scale))
+        .go()
+}
+
+/// `distill_kl(const T* x, T* teacher, float* kl, long rows, int v, float inv_t, float t2,
+/// float gscale)`: per-row `T^2 * KL(softmax(teacher / T) || softmax(x / T))` (rows, f32) of
+/// the student's logits `x` (rows, v) and the teacher's, whose buffer is overwritten with the
+/// term's gradient for the student, `weight * T * (softmax(x / T) - softmax(teacher / T)) /
+/// rows` (the gradient of `weight` times the rows' mean).
+pub fn distill_kl(
+    gpu: &Gpu,
+    x: &impl AsBuf,
+    teacher: &impl AsBuf,
+    kl: &impl AsBuf,
+    temperature: f64,
+    weight: f64,
+) -> Result<()> {
+    let (x, t, kl) = (x.buf()?, teacher.buf()?, kl.buf()?);
+    let v = x.last();
+    let rows = x.n() / v;
+    t.expect("distill_kl: teacher", x.n(), x.dtype)?;
+    kl.expect("distill_kl: kl", rows, DType::F32)?;
+    gpu.kernel(&KERNELS, "distill_kl", Some(x.dtype), blocks(rows, 512))?
+        .buf(&x)
+        .buf(&t)
+        .buf(&kl)
+        .i64(rows)
+        .i32(v)
+        .f32((1.0 / temperature) as f32)
+        .f32((temperature * temperature) as f32)
+        .f32((weight * temperature / rows as f64) as f32)
         .go()
 }
 
@@ -96,6 +133,7 @@ impl CustomOp2 for CrossEntropy {
             dx: &dx.buf()?,
             scale: 1.0,
             row_grad: Some(&row_grad.buf()?),
+            plus: None,
         };
         cross_entropy(&gpu, x, y, &scratch, Some(g))?;
         Ok((Some(dx), None))

@@ -49,6 +49,19 @@ pub fn act_quant(x: &Tensor, ops: Ops) -> Result<Tensor> {
     super::ternary::act_quant(x)
 }
 
+/// The logits distillation term: `T^2 * KL(teacher || student)` of the softmaxes at
+/// temperature `t`, mean over tokens, in f32 (BitDistill's; scaled by T^2 so that its
+/// gradient does not shrink with T). `teacher` (..., V) gets no gradient.
+pub fn distill_kl(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
+    let v = student.dim(D::Minus1)?;
+    let s = (student.reshape(((), v))?.to_dtype(DType::F32)? * (1.0 / t))?;
+    let te = (teacher.detach().reshape(((), v))?.to_dtype(DType::F32)? * (1.0 / t))?;
+    let ls = candle_nn::ops::log_softmax(&s, D::Minus1)?;
+    let lt = candle_nn::ops::log_softmax(&te, D::Minus1)?;
+    let kl = (lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?;
+    kl.mean_all()? * (t * t)
+}
+
 /// RMSNorm of `x` over its last dimension, in x's dtype (see `rms_norm_composed`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, ops: Ops) -> Result<Tensor> {
     #[cfg(feature = "cuda")]

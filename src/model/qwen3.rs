@@ -196,6 +196,40 @@ impl Qwen3 {
         Ok(m)
     }
 
+    /// The distillation teacher: the starting model in full precision (`frozen_dense`), every
+    /// tensor copied so that training does not move it, in bf16 computing in bf16 on a GPU (as
+    /// it is on the CPU otherwise).
+    pub fn teacher(&self) -> Result<Self> {
+        let mut m = self.frozen_dense()?;
+        let on_gpu = self.device.is_cuda();
+        let own = |t: &mut Tensor| -> Result<()> {
+            *t = if on_gpu {
+                t.to_dtype(DType::BF16)?.copy()?
+            } else {
+                t.copy()?
+            };
+            Ok(())
+        };
+        own(&mut m.embed_tokens)?;
+        if let Some(h) = &mut m.lm_head {
+            own(h)?;
+        }
+        own(&mut m.norm.weight)?;
+        for layer in &mut m.layers {
+            own(&mut layer.input_layernorm.weight)?;
+            own(&mut layer.post_attention_layernorm.weight)?;
+            own(&mut layer.self_attn.q_norm.weight)?;
+            own(&mut layer.self_attn.k_norm.weight)?;
+            for lin in layer.linears_mut() {
+                own(&mut lin.weight)?;
+            }
+        }
+        if on_gpu {
+            m.compute_dtype = DType::BF16;
+        }
+        Ok(m)
+    }
+
     /// A detached copy for evaluation: ternary layers hold `W_t` as a constant, so a forward
     /// pass neither ternarizes again nor records anything for backprop.
     pub fn frozen(&self) -> Result<Self> {

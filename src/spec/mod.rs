@@ -33,6 +33,28 @@ pub struct Spec {
     pub train: TrainSpec,
     pub eval: EvalSpec,
     pub run: RunSpec,
+    /// Distillation from the starting model (left out of a written spec while off).
+    #[serde(skip_serializing_if = "is_default")]
+    pub distill: DistillSpec,
+}
+
+/// `[distill]`: the loss adds `weight * T^2 * KL(teacher || student)` of the logits at
+/// temperature `T`, the teacher being the starting model in full precision, frozen (BitDistill's
+/// logits term). `weight = 0` (the default) is no distillation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillSpec {
+    pub weight: f64,
+    pub temperature: f64,
+}
+
+impl Default for DistillSpec {
+    fn default() -> Self {
+        Self {
+            weight: 0.0,
+            temperature: 5.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,6 +284,7 @@ impl Default for Spec {
             train: TrainSpec::default(),
             eval: EvalSpec::default(),
             run: RunSpec::default(),
+            distill: DistillSpec::default(),
         }
     }
 }

@@ -36,7 +36,7 @@ impl std::str::FromStr for Override {
 
 /// The tables of a spec; `TERNLAB_<SECTION>__<KEY>` variables (and `TERNLAB_NAME`) layer
 /// over the file, other `TERNLAB_*` variables are not spec keys.
-const SECTIONS: &[&str] = &["model", "data", "quant", "train", "eval", "run"];
+const SECTIONS: &[&str] = &["model", "data", "quant", "train", "eval", "run", "distill"];
 
 /// The layers of a spec, lowest first: the seed's defaults, the file (without its `[sweep]`
 /// table), the environment (`TERNLAB_TRAIN__LR=1e-3`), the `--set` overrides.
@@ -124,6 +124,7 @@ pub fn known_keys() -> Vec<String> {
     full.quant.exclude_layers = vec![0];
     full.quant.lambda_warmup_steps = 1;
     full.quant.activation_bits = 8;
+    full.distill.weight = 1.0;
     let table = toml::Table::try_from(&full).expect("a spec serializes");
     let mut keys = Vec::new();
     fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {
@@ -247,6 +248,23 @@ impl Spec {
                 "train.weight_decay",
                 t.weight_decay,
                 "must be >= 0",
+            ));
+        }
+        let ds = &self.distill;
+        if !(ds.weight >= 0.0 && ds.weight.is_finite()) {
+            return Err(bad(
+                file,
+                "distill.weight",
+                ds.weight,
+                "must be a finite number >= 0 (0: no distillation)",
+            ));
+        }
+        if !(ds.temperature > 0.0 && ds.temperature.is_finite()) {
+            return Err(bad(
+                file,
+                "distill.temperature",
+                ds.temperature,
+                "must be a finite number > 0",
             ));
         }
         if ![0, 8].contains(&self.quant.activation_bits) {

@@ -8,7 +8,7 @@
 //!
 //! `StepOptions` tune the CUDA step and are ignored by autograd.
 
-use crate::model::ops::cross_entropy_with;
+use crate::model::ops::{cross_entropy_with, distill_kl};
 use crate::model::{Ops, Qwen3};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
@@ -95,26 +95,62 @@ impl Trainer {
 
     /// Forward pass and loss of a training batch: ids and targets (B, L).
     pub fn forward(&self, model: &Qwen3, ids: &Tensor, targets: &Tensor) -> Result<StepForward> {
+        self.forward_distilled(model, ids, targets, None)
+    }
+
+    /// As `forward`, the loss adding `distill`'s term when given.
+    pub fn forward_distilled(
+        &self,
+        model: &Qwen3,
+        ids: &Tensor,
+        targets: &Tensor,
+        distill: Option<&Distill>,
+    ) -> Result<StepForward> {
         #[cfg(feature = "cuda")]
         if self.kind == Kind::CudaStep {
-            let (loss, tape) = cuda_step::forward(model, &self.options, ids, targets)?;
+            let (terms, tape) = cuda_step::forward(model, &self.options, ids, targets, distill)?;
             return Ok(StepForward {
-                loss,
+                loss: terms.total,
+                ce: terms.ce,
+                kl: terms.kl,
                 tape: Tape::Cuda(Box::new(tape)),
             });
         }
-        let loss = cross_entropy_with(&model.forward(ids)?, targets, model.ops())?;
+        let logits = model.forward(ids)?;
+        let ce = cross_entropy_with(&logits, targets, model.ops())?;
+        let (loss, kl) = match distill {
+            None => (ce.clone(), None),
+            Some(d) => {
+                let kl = distill_kl(&logits, d.teacher_logits, d.temperature)?;
+                ((&ce + (&kl * d.weight)?)?, Some(kl))
+            }
+        };
         Ok(StepForward {
             loss,
+            ce,
+            kl,
             tape: Tape::Autograd,
         })
     }
+}
+
+/// Distillation in one step: the frozen teacher's logits for the batch (B, L, V), and the
+/// term's weight and temperature (`[distill]`): the loss is
+/// `CE + weight * T^2 * KL(teacher || student)`.
+pub struct Distill<'a> {
+    pub teacher_logits: &'a Tensor,
+    pub weight: f64,
+    pub temperature: f64,
 }
 
 /// The forward half of a training step: the mean loss (f32 scalar), and what the backward
 /// needs (the autograd graph behind the loss, or the CUDA step's tape).
 pub struct StepForward {
     pub loss: Tensor,
+    /// The loss's two terms: the cross-entropy, and the distillation KL (times T^2, before
+    /// its weight) when distilling.
+    pub ce: Tensor,
+    pub kl: Option<Tensor>,
     tape: Tape,
 }
 

@@ -1,12 +1,12 @@
 //! The forward pass and the loss, keeping what the backward needs (`Tape`).
 
-use super::{Ctx, Dims, LayerTape, Tape};
+use super::{Ctx, Dims, LayerTape, Tape, Terms};
 use crate::cuda::causal_attention::CausalAttention;
 use crate::cuda::gemm::linear;
-use crate::cuda::loss::{cross_entropy, Grad};
+use crate::cuda::loss::{cross_entropy, distill_kl, Grad};
 use crate::cuda::{attention, embedding, mlp, norm, residual, AsBuf, Gpu};
 use crate::model::{Qwen3, RmsNorm, Rope};
-use crate::trainer::StepOptions;
+use crate::trainer::{Distill, StepOptions};
 use candle_core::{DType, Result, Tensor};
 
 /// Forward pass and loss of one batch, ids and targets (B, L): the mean token cross-entropy
@@ -16,7 +16,8 @@ pub fn forward(
     opts: &StepOptions,
     ids: &Tensor,
     targets: &Tensor,
-) -> Result<(Tensor, Tape)> {
+    distill: Option<&Distill>,
+) -> Result<(Terms, Tape)> {
     let ctx = Ctx {
         gpu: Gpu::of(&model.device)?,
         cd: model.compute_dtype,
@@ -146,14 +147,34 @@ pub fn forward(
         .gpu
         .timed("cast head", || head.detach().to_dtype(ctx.cd))?;
     let logits = linear(&ctx.gpu, &xf, &head)?;
+    // Distillation: the KL kernel reads the student's logits and overwrites (a copy of) the
+    // teacher's with its term's gradient, which the loss kernel then adds to its own.
+    let kl = match distill {
+        None => None,
+        Some(dst) => {
+            let vocab = logits.dim(1)?;
+            let t = dst.teacher_logits.reshape(((), vocab))?.to_dtype(ctx.cd)?;
+            let t = ctx.gpu.timed("teacher logits copy", || t.copy())?;
+            let rows = ctx.gpu.empty(n, DType::F32)?;
+            distill_kl(&ctx.gpu, &logits, &t, &rows, dst.temperature, dst.weight)?;
+            let kl = ctx.gpu.timed("loss mean", || rows.mean_all())?;
+            Some((t, kl, dst.weight))
+        }
+    };
     let rows = ctx.gpu.empty(n, DType::F32)?;
+    let plus = kl.as_ref().map(|(t, _, _)| t.buf()).transpose()?;
     let grad = Grad {
         dx: &logits.buf()?,
         scale: 1.0 / n as f32,
         row_grad: None,
+        plus: plus.as_ref(),
     };
     cross_entropy(&ctx.gpu, &logits, &targets, &rows, Some(grad))?;
-    let loss = ctx.gpu.timed("loss mean", || rows.mean_all())?;
+    let ce = ctx.gpu.timed("loss mean", || rows.mean_all())?;
+    let (total, kl) = match kl {
+        None => (ce.clone(), None),
+        Some((_, kl, weight)) => ((&ce + (&kl * weight)?)?, Some(kl)),
+    };
     let tape = Tape {
         ctx,
         dims,
@@ -166,5 +187,6 @@ pub fn forward(
         head,
         dlogits: logits,
     };
-    Ok((loss, tape))
+    let terms = Terms { total, ce, kl };
+    Ok((terms, tape))
 }

@@ -200,6 +200,13 @@ struct LayerTape {
     a: Input,
 }
 
+/// The loss of a step and its terms (f32 scalars): see `trainer::StepForward`.
+pub struct Terms {
+    pub total: Tensor,
+    pub ce: Tensor,
+    pub kl: Option<Tensor>,
+}
+
 /// Everything the backward needs from one forward pass.
 pub struct Tape {
     ctx: Ctx,
