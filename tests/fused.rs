@@ -556,10 +556,16 @@ fn hand_written_step_distills_like_autograd() {
         (terms, fwd.backward(&m).unwrap())
     };
     let ((h, g_h), (c, g_c)) = (run(true), run(false));
-    for (what, a, b) in [("loss", h.0, c.0), ("ce", h.1, c.1), ("kl", h.2, c.2)] {
+    // Measured on an H100: cross-entropy 8e-8, KL 7.3e-6 relative (the kernel's fast
+    // exponentials and logarithms against candle's).
+    for (what, a, b, tol) in [
+        ("loss", h.0, c.0, 1e-5),
+        ("ce", h.1, c.1, 1e-6),
+        ("kl", h.2, c.2, 3e-5),
+    ] {
         let err = ((a - b) / b).abs();
         eprintln!("{what}: {a} vs {b} ({err:e})");
-        assert!(err < 1e-5, "{what}: {a} vs {b}");
+        assert!(err < tol, "{what}: {a} vs {b}");
     }
     for (name, v) in &params.named {
         let err = rel_err(g_h.get(v).unwrap(), g_c.get(v).unwrap());
