@@ -2,7 +2,9 @@
 //! of Qwen3 on candle.
 //!
 //! spec (TOML + overrides) -> run (resolve, check, results layout) -> train (the loop, eval)
-//! -> report (loss.csv, report.json).
+//! -> report (loss.csv, report.json, recovery numbers). Under them: model (the architecture and
+//! its ops), quant (what a quantizer is), trainer (autograd or the hand-written CUDA step),
+//! cuda (the kernels, by op), optim (AdamW).
 
 pub mod bench;
 pub mod choice;

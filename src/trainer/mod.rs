@@ -6,7 +6,8 @@
 //! - autograd everywhere else: the model's own `forward` (composed ops, or on CUDA the fused
 //!   kernels' own backward passes), the loss, and candle's `backward`.
 //!
-//! `StepOptions` tune the CUDA step and are ignored by autograd.
+//! Both compute the same loss: the cross-entropy, plus under distillation (`Distill`) the
+//! teacher's KL term. `StepOptions` tune the CUDA step and are ignored by autograd.
 
 use crate::model::ops::{cross_entropy_with, distill_kl};
 use crate::model::{Ops, Qwen3};
