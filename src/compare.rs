@@ -374,7 +374,11 @@ pub fn diff(a: &RunResult, b: &RunResult) -> String {
     names.extend(METRICS);
     names.push("wall_time_s");
     for m in names {
-        let (x, y) = (metric(&a.report, m).unwrap(), metric(&b.report, m).unwrap());
+        // A metric one of the runs does not have (no recovery gap: `gap_recovered`) is NaN.
+        let (x, y) = (
+            metric(&a.report, m).unwrap_or(f64::NAN),
+            metric(&b.report, m).unwrap_or(f64::NAN),
+        );
         let rel = if x != 0.0 {
             format!("{:+.2}%", (y - x) / x.abs() * 100.0)
         } else {
