@@ -227,14 +227,7 @@ fn a_run_with_every_knob_reports_them() {
 
 /// The tiny model's mean loss on one fixed batch, through autograd's forward.
 fn loss_of(model: &Qwen3) -> f32 {
-    let ids: Vec<u32> = (0..2 * 17u32).map(|i| (i * 7919 + 3) % 300).collect();
-    let x = Tensor::from_vec(ids.clone(), (2, 17), &Device::Cpu).unwrap();
-    let y = Tensor::from_vec(
-        ids.iter().map(|i| (i + 1) % 300).collect(),
-        (2, 17),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (x, y) = batch();
     let fwd = ternlab::trainer::Trainer::autograd()
         .forward(model, &x, &y)
         .unwrap();

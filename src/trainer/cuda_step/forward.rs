@@ -153,8 +153,15 @@ pub fn forward(
         None => None,
         Some(dst) => {
             let vocab = logits.dim(1)?;
-            let t = dst.teacher_logits.reshape(((), vocab))?.to_dtype(ctx.cd)?;
-            let t = ctx.gpu.timed("teacher logits copy", || t.copy())?;
+            // A buffer of our own (the kernel overwrites it): the cast makes one, else a copy.
+            let t = dst.teacher_logits.reshape(((), vocab))?;
+            let t = ctx.gpu.timed("teacher logits", || {
+                if t.dtype() == ctx.cd {
+                    t.copy()
+                } else {
+                    t.to_dtype(ctx.cd)
+                }
+            })?;
             let rows = ctx.gpu.empty(n, DType::F32)?;
             distill_kl(&ctx.gpu, &logits, &t, &rows, dst.temperature, dst.weight)?;
             let kl = ctx.gpu.timed("loss mean", || rows.mean_all())?;
