@@ -137,7 +137,7 @@ fn sync_time(device: &Device, start: Instant) -> Result<f64> {
 
 pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult> {
     let (device, device_label) = crate::device::open(p.spec.run.device)?;
-    let (model, params) = p.build_model(&device)?;
+    let (model, params, _) = p.build_model(&device)?;
     let (t, d) = (&p.spec.train, &p.spec.data);
     let trainer = Trainer::for_model(&model);
     let mut opt = AdamW::for_run(params.vars(), t, model.ops() == Ops::Fused)?;

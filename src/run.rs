@@ -13,7 +13,7 @@ use crate::report::{
     head_mean, tail_mean, write_atomic, write_json_atomic, DistillReport, LossCurveWriter, Report,
     RunStatus, Sample, Versions,
 };
-use crate::spec::{BadInput, DenseDtype, Spec};
+use crate::spec::{BadInput, DenseDtype, Save, Spec};
 use crate::train::{self, Outcome, ValDuringTraining};
 use crate::trainer::Trainer;
 use anyhow::{Context, Result};
@@ -193,15 +193,19 @@ impl PreparedRun {
         run_dir(results, &self.spec.name, &self.run_id)
     }
 
-    /// Builds the model with its initial weights on `device`.
+    /// Builds the model with its initial weights on `device`; also returns the dtype the
+    /// checkpoint stores them in (that of its embedding; bf16 for the presets).
     pub fn build_model(
         &self,
         device: &candle_core::Device,
-    ) -> Result<(Qwen3, crate::model::Params)> {
+    ) -> Result<(Qwen3, crate::model::Params, candle_core::DType)> {
         let mut weights = match &self.origin {
             ModelOrigin::Preset(_) => random_weights(&self.model_cfg, self.spec.train.seed)?,
             ModelOrigin::Checkpoint(c) => read_weights(c)?,
         };
+        let stored = weights
+            .get("model.embed_tokens.weight")
+            .map_or(candle_core::DType::BF16, |t| t.dtype());
         if self.spec.train.dense_dtype == DenseDtype::F32 {
             for t in weights.values_mut() {
                 *t = t.to_dtype(candle_core::DType::F32)?;
@@ -214,6 +218,7 @@ impl PreparedRun {
                 .with_compute_dtype(self.spec.train.dtype.resolve(device).select())
                 .with_fused(self.spec.run.fused),
             params,
+            stored,
         ))
     }
 
@@ -276,7 +281,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         "{}: building the model on {device_name}",
         p.run_id
     ));
-    let (model, params) = p.build_model(&device)?;
+    let (model, params, stored_dtype) = p.build_model(&device)?;
     let (t, d) = (&p.spec.train, &p.spec.data);
     let heldout = |m: &Qwen3| train::heldout_nll(m, &p.corpus.val, d.seq_len, d.batch_size);
     progress.message(&format!(
@@ -359,6 +364,24 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
     } else {
         None
     };
+    if result.outcome == Outcome::Completed && t.save == Save::Ternary {
+        progress.message(&format!("{}: saving ternary/", p.run_id));
+        let source_dir = match &p.origin {
+            ModelOrigin::Checkpoint(c) => c.config.parent(),
+            ModelOrigin::Preset(_) => None,
+        };
+        crate::export::save_hf_dir(
+            &dir.join("ternary"),
+            &model,
+            &params,
+            &crate::export::Companions {
+                cfg: &p.model_cfg,
+                source_dir,
+                tokenizer: &p.tokenizer,
+                dtype: stored_dtype,
+            },
+        )?;
+    }
     let ternary = model.ternary_linears();
     let tokens_trained = losses.len() * d.batch_size * d.seq_len;
     let report = Report {

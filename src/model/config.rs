@@ -127,8 +127,8 @@ impl Qwen3Config {
         Ok(())
     }
 
-    /// Built-in shapes for runs without a checkpoint (random init). `tiny` takes the
-    /// tokenizer's vocabulary size; `qwen3-0.6b` has Qwen3-0.6B's own.
+    /// Built-in shapes for runs without a checkpoint (random init). `tiny` and `small` take
+    /// the tokenizer's vocabulary size; `qwen3-0.6b` has Qwen3-0.6B's own.
     pub fn preset(preset: Preset, vocab_size: usize) -> Self {
         match preset {
             // Small enough to train on two CPU cores in a minute or two.
@@ -140,6 +140,22 @@ impl Qwen3Config {
                 num_attention_heads: 4,
                 num_key_value_heads: 2,
                 head_dim: 32,
+                rope_theta: 10_000.0,
+                rms_norm_eps: 1e-6,
+                tie_word_embeddings: true,
+                max_position_embeddings: 4096,
+            },
+            // A small model for studies on a GPU (about 25M parameters besides the
+            // embedding): Qwen3-0.6B's proportions (head_dim 64, 2 query heads per key/value
+            // head, intermediate 3x hidden) at a twentieth of its size.
+            Preset::Small => Self {
+                vocab_size,
+                hidden_size: 512,
+                intermediate_size: 1536,
+                num_hidden_layers: 8,
+                num_attention_heads: 8,
+                num_key_value_heads: 4,
+                head_dim: 64,
                 rope_theta: 10_000.0,
                 rms_norm_eps: 1e-6,
                 tie_word_embeddings: true,
@@ -179,15 +195,18 @@ impl Qwen3Config {
 pub enum Preset {
     /// "tiny": 4 layers, hidden 128, the bundled tokenizer.
     Tiny,
+    /// "small": 8 layers, hidden 512, the tokenizer's vocabulary (for studies on a GPU).
+    Small,
     /// "qwen3-0.6b": Qwen3-0.6B's shapes.
     Qwen3_0_6B,
 }
 
 impl Choice for Preset {
-    const ALL: &'static [Self] = &[Preset::Tiny, Preset::Qwen3_0_6B];
+    const ALL: &'static [Self] = &[Preset::Tiny, Preset::Small, Preset::Qwen3_0_6B];
     fn name(self) -> &'static str {
         match self {
             Preset::Tiny => "tiny",
+            Preset::Small => "small",
             Preset::Qwen3_0_6B => "qwen3-0.6b",
         }
     }

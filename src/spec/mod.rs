@@ -10,6 +10,7 @@
 use crate::choice::{serde_by_name, Choice};
 use crate::data::Sampling;
 use crate::device::DeviceChoice;
+pub use crate::export::Save;
 use crate::model::{Preset, Projection};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -153,6 +154,11 @@ pub struct TrainSpec {
     /// arithmetic. "checkpoint" (the seed): as stored in the checkpoint (bf16 for Qwen3 and the
     /// presets); "f32": promoted to f32 like the ternary latents (PyTorch-style mixed precision).
     pub dense_dtype: DenseDtype,
+    /// What the run keeps of its model when it completes: "none" (the seed's) or "ternary"
+    /// (`ternary/` in the run folder, a Hugging Face Qwen3 directory with the projections at
+    /// `W_t`; see `crate::export`).
+    #[serde(skip_serializing_if = "is_default")]
+    pub save: Save,
 }
 
 /// `train.dtype`: "auto" (chosen by device: `resolve`) or a fixed compute precision.
@@ -341,6 +347,7 @@ impl Default for TrainSpec {
             dtype: TrainDtype::Auto,
             bias_correction: false,
             dense_dtype: DenseDtype::Checkpoint,
+            save: Save::None,
         }
     }
 }

@@ -125,6 +125,7 @@ pub fn known_keys() -> Vec<String> {
     full.quant.lambda_warmup_steps = 1;
     full.quant.activation_bits = 8;
     full.distill.weight = 1.0;
+    full.train.save = crate::export::Save::Ternary;
     let table = toml::Table::try_from(&full).expect("a spec serializes");
     let mut keys = Vec::new();
     fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {
