@@ -39,6 +39,7 @@ fn fixture_train_spec(m: &FixtureMeta) -> TrainSpec {
         // PyTorch's semantics: the bias-corrected AdamW, every parameter in f32.
         bias_correction: true,
         dense_dtype: DenseDtype::F32,
+        ..TrainSpec::default()
     }
 }
 
