@@ -140,7 +140,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
     let (model, params, _) = p.build_model(&device)?;
     let (t, d) = (&p.spec.train, &p.spec.data);
     let trainer = Trainer::for_model(&model);
-    let mut opt = AdamW::for_run(params.vars(), t, model.ops() == Ops::Fused)?;
+    let mut opt = AdamW::for_params(&params, t, model.ops() == Ops::Fused)?;
     let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, d.sampling, t.seed)?;
     // From here on, as torch.cuda.reset_peak_memory_stats before the reference's loop: the
     // weights and optimizer state count, as they are in use.

@@ -104,6 +104,8 @@ struct Slot {
     var: Var,
     m: Tensor,
     v: Tensor,
+    /// This parameter's learning rate is `lr_multiplier * lr` (1 for all but learned scales).
+    lr_multiplier: f64,
 }
 
 pub struct AdamW {
@@ -123,7 +125,12 @@ impl AdamW {
             .map(|var| {
                 let m = var.zeros_like()?;
                 let v = var.zeros_like()?;
-                Ok(Slot { var, m, v })
+                Ok(Slot {
+                    var,
+                    m,
+                    v,
+                    lr_multiplier: 1.0,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -146,6 +153,20 @@ impl AdamW {
             bias_correction: t.bias_correction,
         };
         Self::new(vars, params, fused)
+    }
+
+    /// An optimizer for `params` with the run's settings, each parameter at its learning-rate
+    /// multiplier (`Params::lr_multiplier`).
+    pub fn for_params(
+        params: &crate::model::Params,
+        t: &crate::spec::TrainSpec,
+        fused: bool,
+    ) -> Result<Self> {
+        let mut opt = Self::for_run(params.vars(), t, fused)?;
+        for (slot, (name, _)) in opt.slots.iter_mut().zip(&params.named) {
+            slot.lr_multiplier = params.lr_multiplier(name);
+        }
+        Ok(opt)
     }
 
     pub fn is_fused(&self) -> bool {
@@ -171,7 +192,9 @@ impl AdamW {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            let k = StepConstants::new(&self.params, self.step_t, slot.var.dtype());
+            let mut params = self.params;
+            params.lr *= slot.lr_multiplier;
+            let k = StepConstants::new(&params, self.step_t, slot.var.dtype());
             #[cfg(feature = "cuda")]
             if self.fused {
                 fused_step(slot, g, &k, self.params.bias_correction)?;

@@ -61,14 +61,18 @@ pub enum ScaleRule {
     Absmean,
     /// max |W|
     Absmax,
+    /// A trainable scale per group, initialised from the absmean and trained with the LSQ
+    /// gradient (ParetoQ's learned scale); see `crate::model::ternary::ste_weight_learned`.
+    Learned,
 }
 
 impl Choice for ScaleRule {
-    const ALL: &'static [Self] = &[Self::Absmean, Self::Absmax];
+    const ALL: &'static [Self] = &[Self::Absmean, Self::Absmax, Self::Learned];
     fn name(self) -> &'static str {
         match self {
             Self::Absmean => "absmean",
             Self::Absmax => "absmax",
+            Self::Learned => "learned",
         }
     }
 }

@@ -244,6 +244,7 @@ fn ternary_spec(spec: &Spec) -> TernarySpec {
         exclude_layers: q.exclude_layers.clone(),
         lambda_warmup_steps: q.lambda_warmup_steps,
         activation_bits: q.activation_bits,
+        scale_lr: q.scale_lr,
     }
 }
 

@@ -6,7 +6,7 @@
 use crate::data::{eval_starts, windows, Batcher};
 use crate::faults::{self, Fault, FaultKind};
 use crate::model::ops::cross_entropy_with;
-use crate::model::ternary::check_ternary;
+use crate::model::ternary::check_ternary_with;
 use crate::model::{Ops, Params, Qwen3};
 use crate::optim::AdamW;
 use crate::schedule::lr_at;
@@ -84,7 +84,7 @@ pub fn train(
 ) -> Result<TrainResult> {
     let device = model.device().clone();
     let trainer = Trainer::for_model(model);
-    let mut opt = AdamW::for_run(params.vars(), t, model.ops() == Ops::Fused)?;
+    let mut opt = AdamW::for_params(params, t, model.ops() == Ops::Fused)?;
     let (b, l) = (val.batch_size, val.seq_len);
     let start = Instant::now();
     let mut losses = Vec::with_capacity(t.steps);
@@ -202,7 +202,7 @@ pub fn verify_ternary(model: &Qwen3) -> Result<TernaryVerification> {
     let (mut bad, mut total, mut max_err) = (0, 0, 0f64);
     for lin in model.ternary_linears() {
         let q = lin.quant().expect("a ternary layer has a quantizer");
-        let c = check_ternary(lin.weight(), q)?;
+        let c = check_ternary_with(lin.weight(), q, &lin.group_scales()?)?;
         bad += c.bad;
         total += c.total;
         max_err = max_err.max(c.max_err);

@@ -257,6 +257,14 @@ fn quantizer_keys_name_their_valid_values() {
         &[("quant.activation_bits", "4")],
         &["`quant.activation_bits`", "4", "0 (off) or 8"],
     );
+    refused(
+        &[("quant.scale", "\"learned\""), ("quant.scale_lr", "0.0")],
+        &["`quant.scale_lr`", "0", "> 0"],
+    );
+    refused(
+        &[("train.save", "\"latent\"")],
+        &["`train.save`", "\"none\"", "\"ternary\""],
+    );
     // tiny has layers 0 to 3.
     refused(
         &[("quant.exclude_layers", "[1, 4]")],

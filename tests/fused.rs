@@ -103,7 +103,8 @@ fn ternary_projection_matches_the_composed_one() {
                     // The gradient reaching the latent is the straight-through identity in
                     // both. Values measured on an H100: up to 2.6e-7 (a scale's last bit, from
                     // the order of the sum).
-                    let wt = |o| ops::ternary_weight(w.as_tensor(), q, lambda, dtype, o).unwrap();
+                    let wt =
+                        |o| ops::ternary_weight(w.as_tensor(), q, None, lambda, dtype, o).unwrap();
                     assert_agree(
                         &format!("{rows}x{cols} {q:?} {dtype:?} lambda {lambda}"),
                         &[&w],
@@ -571,5 +572,73 @@ fn hand_written_step_distills_like_autograd() {
         let err = rel_err(g_h.get(v).unwrap(), g_c.get(v).unwrap());
         eprintln!("{name}: {err:e}");
         assert!(err < 1e-4, "gradient of {name} differs by {err:e}");
+    }
+}
+
+/// Learned scales (`quant.scale = "learned"`) through the hand-written step against autograd:
+/// the forward at the layer's own scales (moved off their absmean start here) and LSQ's
+/// gradient to them (`ternary_scale_grad` against `ste_weight_learned`'s graph), for groups of
+/// 32 columns, rows and whole matrices (one block reduces 16k weights), fully ternary and
+/// halfway through a warm-up, scales rounded to f32 and bf16.
+#[test]
+fn hand_written_step_learns_scales_like_autograd() {
+    use ternlab::choice::Choice;
+    use ternlab::model::load::random_weights;
+    use ternlab::model::{Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
+    use ternlab::quant::{Granularity, ScaleDtype, ScaleRule};
+    use ternlab::trainer::Trainer;
+    let dev = gpu();
+    let mut cfg = Qwen3Config::preset(Preset::Tiny, 300);
+    cfg.num_hidden_layers = 2;
+    let ids: Vec<u32> = (0..2 * 37u32).map(|i| (i * 7919 + 5) % 300).collect();
+    let x = Tensor::from_vec(ids.clone(), (2, 37), &dev).unwrap();
+    let y = Tensor::from_vec(
+        ids[1..].iter().chain(&[7]).copied().collect(),
+        (2, 37),
+        &dev,
+    )
+    .unwrap();
+    for granularity in [Granularity::Group, Granularity::Row, Granularity::Tensor] {
+        for (scale_dtype, lambda) in [(ScaleDtype::F32, 1.0), (ScaleDtype::Bf16, 0.5)] {
+            let mut ternary = TernarySpec::new(
+                Projection::ALL.to_vec(),
+                ternlab::spec::GroupSize::Columns(32),
+            );
+            ternary.granularity = granularity;
+            ternary.scale = ScaleRule::Learned;
+            ternary.scale_dtype = scale_dtype;
+            let weights = random_weights(&cfg, 3)
+                .unwrap()
+                .into_iter()
+                .map(|(k, t)| (k, t.to_dtype(DType::F32).unwrap()))
+                .collect();
+            let (model, params) = Qwen3::new(&cfg, weights, &ternary, &dev).unwrap();
+            let mut scales = 0;
+            for (name, v) in &params.named {
+                if name.ends_with("weight_scale") {
+                    scales += 1;
+                    v.set(&(v.as_tensor() * 1.1).unwrap()).unwrap();
+                }
+            }
+            assert_eq!(scales, 2 * 7);
+            let run = |fused: bool| {
+                let m = model.with_quant_lambda(lambda).with_fused(fused);
+                let trainer = Trainer::for_model(&m);
+                assert_eq!(trainer.name(), if fused { "cuda-step" } else { "autograd" });
+                let fwd = trainer.forward(&m, &x, &y).unwrap();
+                let loss = fwd.loss.to_scalar::<f32>().unwrap();
+                (loss, fwd.backward(&m).unwrap())
+            };
+            let ((loss_h, g_h), (loss_c, g_c)) = (run(true), run(false));
+            let what = format!("{granularity:?} {scale_dtype:?} lambda {lambda}");
+            eprintln!("{what}: loss {loss_h} vs {loss_c}");
+            assert!(((loss_h - loss_c) / loss_c).abs() < 1e-5, "{what}");
+            assert_eq!(g_h.get_ids().count(), params.named.len(), "{what}");
+            for (name, v) in &params.named {
+                let err = rel_err(g_h.get(v).unwrap(), g_c.get(v).unwrap());
+                eprintln!("{what} {name}: relative error {err:e}");
+                assert!(err < 1e-4, "{what}: gradient of {name} differs by {err:e}");
+            }
+        }
     }
 }

@@ -11,13 +11,18 @@ __device__ __forceinline__ float f16r(float x) {
     return y;
 }
 
-// A group's scale from the sum (absmean) or the max (absmax) of its |w|; sdt: the scale's
-// dtype, 0 f32, 1 bf16, 2 f16.
-__device__ __forceinline__ float group_scale(float acc, long g, int absmax, int sdt, float min) {
-    float s = fmaxf(absmax ? acc : acc / (float)g, min);
+// A scale as used: at least `min`, rounded to its dtype (sdt: 0 f32, 1 bf16, 2 f16), at least
+// `min` again. Rounding a scale that is already so leaves it as it is.
+__device__ __forceinline__ float used_scale(float s, int sdt, float min) {
+    s = fmaxf(s, min);
     if (sdt == 1) s = fmaxf(bfr(s), min);
     if (sdt == 2) s = fmaxf(f16r(s), min);
     return s;
+}
+
+// A group's scale from the sum (absmean) or the max (absmax) of its |w|.
+__device__ __forceinline__ float group_scale(float acc, long g, int absmax, int sdt, float min) {
+    return used_scale(absmax ? acc : acc / (float)g, sdt, min);
 }
 
 __device__ __forceinline__ float ternary_level(float w, float s) {
@@ -72,13 +77,40 @@ extern "C" __global__ void ternary_scales(const float* w, float* scales, long gr
     }
 }
 
-// ...and one thread per weight applies it.
+// ...and one thread per weight applies it (or a learned scale, prepared as used here).
 template <typename T>
 __device__ void ternary_apply(const float* w, const float* scales, T* out, long n, long g,
-                              float lambda) {
+                              int sdt, float min, float lambda) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    st(out, i, ternary_value(w[i], scales[i / g], lambda));
+    st(out, i, ternary_value(w[i], used_scale(scales[i / g], sdt, min), lambda));
+}
+
+// LSQ's gradient of learned scales, one block per group: ds = factor * sum over the group of
+// dw * (|x| <= 1 ? q - x : q), x = w / s at the used scale, q its ternary level; factor is
+// lambda / sqrt(g). dw is the latent's gradient, which the straight-through estimator makes
+// W_t's.
+extern "C" __global__ void ternary_scale_grad(const float* w, const float* dw, const float* s,
+                                              float* ds, long g, int sdt, float min,
+                                              float factor) {
+    __shared__ float part[32];
+    long base = (long)blockIdx.x * g;
+    float su = used_scale(s[blockIdx.x], sdt, min);
+    float acc = 0.f;
+    for (long i = threadIdx.x; i < g; i += blockDim.x) {
+        float x = w[base + i] / su;
+        float q = ternary_level(w[base + i], su);
+        acc += dw[base + i] * (fabsf(x) <= 1.f ? q - x : q);
+    }
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) part[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0.f;
+        for (int k = 0; k < warps; k++) total += part[k];
+        ds[blockIdx.x] = total * factor;
+    }
 }
 
 // Per-token 8-bit absmax fake quantization of the activations, one warp per row of d:
@@ -106,8 +138,9 @@ extern "C" __global__ void ternarize_##SUF(const float* w, T* out, long groups, 
     ternarize<T>(w, out, groups, g, absmax, sdt, min, lambda);                                 \
 }                                                                                              \
 extern "C" __global__ void ternary_apply_##SUF(const float* w, const float* scales, T* out,    \
-                                               long n, long g, float lambda) {                 \
-    ternary_apply<T>(w, scales, out, n, g, lambda);                                            \
+                                               long n, long g, int sdt, float min,             \
+                                               float lambda) {                                 \
+    ternary_apply<T>(w, scales, out, n, g, sdt, min, lambda);                                  \
 }                                                                                              \
 extern "C" __global__ void act_quant_##SUF(const T* x, T* y, long rows, int d) {              \
     act_quant<T>(x, y, rows, d);                                                               \

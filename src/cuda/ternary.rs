@@ -14,29 +14,43 @@ static KERNELS: Family = family!("ternlab_ternary", "ternary.cu");
 /// find the scale and a thread per weight to apply it.
 const WARP_GROUP_MAX: usize = 8192;
 
-/// `ternarize(const float* w, T* out, long groups, int g, int absmax, int sdt, float min,
-/// float lambda)`, or for groups over `WARP_GROUP_MAX` `ternary_scales(const float* w, float*
-/// scales, long groups, long g, int absmax, int sdt, float min)` then `ternary_apply(const
-/// float* w, const float* scales, T* out, long n, long g, float lambda)`: `out` (w's count,
-/// f32 or bf16) = W_t of the f32 latent `w` under `q`, or `w + lambda * (W_t - w)` for
-/// lambda < 1.
-pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant, lambda: f32) -> Result<()> {
-    let (w, out) = (w.buf()?, out.buf()?);
-    let n = w.n();
-    w.expect("ternarize: latent", n, DType::F32)?;
-    out.expect("ternarize: output", n, out.dtype)?;
-    let g = q.group;
-    if g == 0 || !n.is_multiple_of(g) {
-        candle_core::bail!("ternarize: group size {g} does not divide {n} weights");
-    }
-    let groups = n / g;
-    let absmax = usize::from(q.scale == ScaleRule::Absmax);
+/// The scale dtype as the kernels take it (0 f32, 1 bf16, 2 f16) and the smallest scale.
+fn scale_args(q: Quant) -> (usize, f32) {
     let sdt = match q.scale_dtype {
         ScaleDtype::F32 => 0,
         ScaleDtype::Bf16 => 1,
         ScaleDtype::F16 => 2,
     };
-    let min = q.scale_dtype.min_scale() as f32;
+    (sdt, q.scale_dtype.min_scale() as f32)
+}
+
+/// The number of groups of `n` weights under `q`, which must divide them.
+fn groups_of(kernel: &str, n: usize, q: Quant) -> Result<usize> {
+    let g = q.group;
+    if g == 0 || !n.is_multiple_of(g) {
+        candle_core::bail!("{kernel}: group size {g} does not divide {n} weights");
+    }
+    Ok(n / g)
+}
+
+/// `ternarize(const float* w, T* out, long groups, int g, int absmax, int sdt, float min,
+/// float lambda)`, or for groups over `WARP_GROUP_MAX` `ternary_scales(const float* w, float*
+/// scales, long groups, long g, int absmax, int sdt, float min)` then `ternary_apply(const
+/// float* w, const float* scales, T* out, long n, long g, int sdt, float min, float lambda)`:
+/// `out` (w's count, f32 or bf16) = W_t of the f32 latent `w` under `q`, or
+/// `w + lambda * (W_t - w)` for lambda < 1. For `learned` scales see `ternarize_learned`.
+pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant, lambda: f32) -> Result<()> {
+    let (w, out) = (w.buf()?, out.buf()?);
+    let n = w.n();
+    w.expect("ternarize: latent", n, DType::F32)?;
+    out.expect("ternarize: output", n, out.dtype)?;
+    if q.scale == ScaleRule::Learned {
+        candle_core::bail!("ternarize: a learned scale is the layer's own (ternarize_learned)");
+    }
+    let g = q.group;
+    let groups = groups_of("ternarize", n, q)?;
+    let absmax = usize::from(q.scale == ScaleRule::Absmax);
+    let (sdt, min) = scale_args(q);
     if g <= WARP_GROUP_MAX {
         return gpu
             .kernel(&KERNELS, "ternarize", Some(out.dtype), warp_per_row(groups))?
@@ -60,13 +74,74 @@ pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant, lambda: 
         .i32(sdt)
         .f32(min)
         .go()?;
-    gpu.kernel(&KERNELS, "ternary_apply", Some(out.dtype), per_item(n))?
-        .buf(&w)
-        .buf(&scales)
-        .buf(&out)
-        .i64(n)
-        .i64(g)
+    apply(gpu, &w, &scales, &out, q, lambda)
+}
+
+fn apply(gpu: &Gpu, w: &Buf, scales: &Buf, out: &Buf, q: Quant, lambda: f32) -> Result<()> {
+    let (sdt, min) = scale_args(q);
+    gpu.kernel(&KERNELS, "ternary_apply", Some(out.dtype), per_item(w.n()))?
+        .buf(w)
+        .buf(scales)
+        .buf(out)
+        .i64(w.n())
+        .i64(q.group)
+        .i32(sdt)
+        .f32(min)
         .f32(lambda)
+        .go()
+}
+
+/// `ternary_apply` with a layer's learned `scales` (f32, one per group; used at least the
+/// minimum and rounded to the scale dtype, as `crate::model::ternary::used_scales`): `out` =
+/// W_t of `w`, or `w + lambda * (W_t - w)`.
+pub fn ternarize_learned(
+    gpu: &Gpu,
+    w: &impl AsBuf,
+    scales: &impl AsBuf,
+    out: &impl AsBuf,
+    q: Quant,
+    lambda: f32,
+) -> Result<()> {
+    let (w, scales, out) = (w.buf()?, scales.buf()?, out.buf()?);
+    let n = w.n();
+    w.expect("ternarize_learned: latent", n, DType::F32)?;
+    out.expect("ternarize_learned: output", n, out.dtype)?;
+    let groups = groups_of("ternarize_learned", n, q)?;
+    scales.expect("ternarize_learned: scales", groups, DType::F32)?;
+    apply(gpu, &w, &scales, &out, q, lambda)
+}
+
+/// `ternary_scale_grad(const float* w, const float* dw, const float* s, float* ds, long g, int
+/// sdt, float min, float factor)`: `ds` (one per group, f32) = LSQ's gradient of the learned
+/// scales `s` from the latent's gradient `dw` (see
+/// `crate::model::ternary::ste_weight_learned`), at quantization strength `lambda`.
+pub fn scale_grad(
+    gpu: &Gpu,
+    w: &impl AsBuf,
+    dw: &impl AsBuf,
+    s: &impl AsBuf,
+    ds: &impl AsBuf,
+    q: Quant,
+    lambda: f32,
+) -> Result<()> {
+    let (w, dw, s, ds) = (w.buf()?, dw.buf()?, s.buf()?, ds.buf()?);
+    let n = w.n();
+    w.expect("ternary_scale_grad: w", n, DType::F32)?;
+    dw.expect("ternary_scale_grad: dw", n, DType::F32)?;
+    let groups = groups_of("ternary_scale_grad", n, q)?;
+    s.expect("ternary_scale_grad: s", groups, DType::F32)?;
+    ds.expect("ternary_scale_grad: ds", groups, DType::F32)?;
+    let (sdt, min) = scale_args(q);
+    let factor = (lambda as f64 / (q.group as f64).sqrt()) as f32;
+    gpu.kernel(&KERNELS, "ternary_scale_grad", None, blocks(groups, 256))?
+        .buf(&w)
+        .buf(&dw)
+        .buf(&s)
+        .buf(&ds)
+        .i64(q.group)
+        .i32(sdt)
+        .f32(min)
+        .f32(factor)
         .go()
 }
 

@@ -6,7 +6,7 @@
 
 use super::config::{Projection, Qwen3Config};
 use super::ops::{self, Ops};
-use super::ternary::{ternarize_at, Quant};
+use super::ternary::{self as tq, ternarize_at, Quant, ScaleRule};
 use super::weights::WeightSource;
 use crate::choice::Choice;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -56,6 +56,9 @@ pub struct Linear {
     /// The input is fake-quantized to 8 bits per token first (`quant.activation_bits = 8`).
     pub(crate) act_quant: bool,
     pub(crate) name: String,
+    /// The learned scales (`quant.scale = "learned"`), f32 of shape `ternary::scale_shape`, a
+    /// trainable parameter named `...weight_scale`.
+    pub(crate) scale: Option<Tensor>,
 }
 
 impl Linear {
@@ -71,12 +74,22 @@ impl Linear {
         let act_quant = quant.is_some() && vb.activation_bits() == 8;
         let name = vb.path("weight");
         let weight = vb.param("weight", &[out_dim, in_dim], quant.is_some())?;
+        let scale = match quant {
+            Some(q) if q.scale == ScaleRule::Learned => {
+                let init =
+                    tq::group_scales(&weight, q)?.reshape(tq::scale_shape(q, (out_dim, in_dim)))?;
+                let lr = vb.scale_lr();
+                Some(vb.new_param("weight_scale", &init, lr)?)
+            }
+            _ => None,
+        };
         Ok(Self {
             weight,
             quant,
             lambda: 1.0,
             act_quant,
             name,
+            scale,
         })
     }
 
@@ -91,7 +104,10 @@ impl Linear {
         // The ternary projection is computed from the f32 latent; the product runs in the
         // activations' dtype (bf16 under `train.dtype = "bf16"`).
         let w = match self.quant {
-            Some(q) => ops::ternary_weight(&self.weight, q, self.lambda, x.dtype(), ops)?,
+            Some(q) => {
+                let s = self.scale.as_ref();
+                ops::ternary_weight(&self.weight, q, s, self.lambda, x.dtype(), ops)?
+            }
             None => self.weight.to_dtype(x.dtype())?,
         };
         // x is (N, in): activations stay 2-D between layers, so no reshape is recorded (each
@@ -112,6 +128,21 @@ impl Linear {
         self.quant
     }
 
+    /// The learned scales, if the layer has them (`quant.scale = "learned"`).
+    pub fn learned_scale(&self) -> Option<&Tensor> {
+        self.scale.as_ref()
+    }
+
+    /// The scales a ternary layer multiplies by now, (groups, 1) f32, no gradient: its learned
+    /// ones (as rounded for use) or those its rule finds in the weight.
+    pub fn group_scales(&self) -> Result<Tensor> {
+        let q = self.quant.expect("group_scales of a ternary layer");
+        match &self.scale {
+            Some(s) => tq::used_scales(s, q),
+            None => tq::group_scales(&self.weight, q),
+        }
+    }
+
     /// Whether the input is fake-quantized to 8 bits per token first.
     pub fn quantizes_activations(&self) -> bool {
         self.act_quant
@@ -124,7 +155,7 @@ impl Linear {
     /// The same layer with `W_t` materialised as a constant dense weight (for evaluation).
     fn frozen(&self) -> Result<Self> {
         let weight = match self.quant {
-            Some(q) => ternarize_at(&self.weight, q, self.lambda)?,
+            Some(q) => ternarize_at(&self.weight, q, self.scale.as_ref(), self.lambda)?,
             None => self.weight.detach(),
         };
         Ok(Self {
@@ -134,6 +165,7 @@ impl Linear {
             // The trained model's inputs stay quantized.
             act_quant: self.act_quant,
             name: self.name.clone(),
+            scale: None,
         })
     }
 }

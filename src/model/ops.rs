@@ -7,7 +7,7 @@
 //! silently freeze the decoder); the kernels have backward passes of their own.
 
 use super::layers::Rope;
-use super::ternary::{ste_weight, Quant};
+use super::ternary::{ste_weight, ste_weight_learned, Quant};
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// Which implementation of the ops a model's forward runs.
@@ -28,8 +28,20 @@ fn fused_on(ops: Ops, device: &Device) -> bool {
 
 /// The weight a ternary layer multiplies by, in `dtype`: `W_t` in value (`W + lambda * (W_t -
 /// W)` under a quantization warm-up), identity gradient to the f32 latent `w` (the
-/// straight-through estimator).
-pub fn ternary_weight(w: &Tensor, q: Quant, lambda: f32, dtype: DType, ops: Ops) -> Result<Tensor> {
+/// straight-through estimator); with a learned `scale`, LSQ's gradient to it
+/// (`ternary::ste_weight_learned`).
+pub fn ternary_weight(
+    w: &Tensor,
+    q: Quant,
+    scale: Option<&Tensor>,
+    lambda: f32,
+    dtype: DType,
+    ops: Ops,
+) -> Result<Tensor> {
+    if let Some(s) = scale {
+        // (composed on every device: the hand-written CUDA step has its own kernels for it)
+        return ste_weight_learned(w, s, q, lambda)?.to_dtype(dtype);
+    }
     #[cfg(feature = "cuda")]
     if fused_on(ops, w.device()) {
         return crate::cuda::ternary::ternary_weight(w, q, lambda, dtype);

@@ -27,6 +27,8 @@ pub struct TernarySpec {
     /// 8: the input of every ternary projection is fake-quantized to 8 bits per token
     /// (`act_quant`); 0: off.
     pub activation_bits: u32,
+    /// Learning-rate multiplier of learned scales (`ScaleRule::Learned`).
+    pub scale_lr: f64,
 }
 
 impl TernarySpec {
@@ -42,6 +44,7 @@ impl TernarySpec {
             exclude_layers: Vec::new(),
             lambda_warmup_steps: 0,
             activation_bits: 0,
+            scale_lr: 1.0,
         }
     }
 
@@ -77,7 +80,8 @@ impl TernarySpec {
 }
 
 /// The scales of `w`'s groups, (groups, 1) f32: by `q.scale`, at least the minimum, rounded
-/// to `q.scale_dtype` (and the minimum again, so that no scale rounds to 0).
+/// to `q.scale_dtype` (and the minimum again, so that no scale rounds to 0). Under a learned
+/// scale these are its initial values (the absmean's); the layer's own are `used_scales`.
 pub fn group_scales(w: &Tensor, q: Quant) -> Result<Tensor> {
     let wg = w.to_dtype(DType::F32)?.reshape(((), q.group))?;
     scales_of(&wg, q)
@@ -86,9 +90,30 @@ pub fn group_scales(w: &Tensor, q: Quant) -> Result<Tensor> {
 fn scales_of(wg: &Tensor, q: Quant) -> Result<Tensor> {
     let a = wg.abs()?;
     let s = match q.scale {
-        ScaleRule::Absmean => a.mean_keepdim(D::Minus1)?,
+        ScaleRule::Absmean | ScaleRule::Learned => a.mean_keepdim(D::Minus1)?,
         ScaleRule::Absmax => a.max_keepdim(D::Minus1)?,
     };
+    round_scales(&s, q)
+}
+
+/// The shape a learned scale of a (out, in) weight is kept in: (out, in / group) for groups
+/// within a row, (groups, 1) for larger ones (one scale per matrix: (1, 1)).
+pub fn scale_shape(q: Quant, (out, inp): (usize, usize)) -> (usize, usize) {
+    if q.group <= inp {
+        (out, inp / q.group)
+    } else {
+        (out * inp / q.group, 1)
+    }
+}
+
+/// The scales a learned-scale layer multiplies by, (groups, 1) f32, without a gradient: its
+/// parameter at least the minimum, rounded to the scale dtype (as `group_scales`).
+pub fn used_scales(s: &Tensor, q: Quant) -> Result<Tensor> {
+    round_scales(&s.detach().reshape(((), 1))?, q)
+}
+
+/// `s` at least the minimum, rounded to `q.scale_dtype`, at least the minimum again.
+fn round_scales(s: &Tensor, q: Quant) -> Result<Tensor> {
     let min = q.scale_dtype.min_scale();
     let s = s.maximum(min)?;
     if q.scale_dtype == ScaleDtype::F32 {
@@ -105,13 +130,20 @@ fn ternary_levels(x: &Tensor) -> Result<Tensor> {
     x.sign()? * keep
 }
 
-/// `W_t`, the ternary projection of `w` (any float dtype in, f32 out). No gradient.
+/// `W_t`, the ternary projection of `w` (any float dtype in, f32 out) with the scales `q.scale`
+/// finds (`learned`: the initial ones). No gradient.
 pub fn ternarize(w: &Tensor, q: Quant) -> Result<Tensor> {
+    let wg = w.detach().to_dtype(DType::F32)?.reshape(((), q.group))?;
+    ternarize_with(w, q, &scales_of(&wg, q)?)
+}
+
+/// `W_t` of `w` with the given group scales (groups, 1), as `group_scales` or `used_scales`
+/// make them. No gradient.
+pub fn ternarize_with(w: &Tensor, q: Quant, s: &Tensor) -> Result<Tensor> {
     let shape = w.shape().clone();
     let wg = w.detach().to_dtype(DType::F32)?.reshape(((), q.group))?;
-    let s = scales_of(&wg, q)?;
-    let levels = ternary_levels(&wg.broadcast_div(&s)?)?;
-    levels.broadcast_mul(&s)?.reshape(shape)
+    let levels = ternary_levels(&wg.broadcast_div(s)?)?;
+    levels.broadcast_mul(s)?.reshape(shape)
 }
 
 /// The weight a ternary layer multiplies by: equal to `W_t` in value, with the gradient of
@@ -119,19 +151,56 @@ pub fn ternarize(w: &Tensor, q: Quant) -> Result<Tensor> {
 /// warm-up (`lambda < 1`) the value is `W + lambda * (W_t - W)`, with the same gradient
 /// (`lambda = 0` is the dense weight exactly).
 pub fn ste_weight(w: &Tensor, q: Quant, lambda: f32) -> Result<Tensor> {
-    let wt = ternarize(w, q)?;
+    blend(w, &ternarize(w, q)?, lambda)
+}
+
+/// `w + stop_grad(lambda * (wt - w))` (no multiplication at lambda 1).
+fn blend(w: &Tensor, wt: &Tensor, lambda: f32) -> Result<Tensor> {
     if lambda >= 1.0 {
         return w + (wt - w)?.detach();
     }
     w + ((wt - w)? * lambda as f64)?.detach()
 }
 
-/// The value of `ste_weight`, without a gradient: `W_t`, or `W + lambda * (W_t - W)`.
-pub fn ternarize_at(w: &Tensor, q: Quant, lambda: f32) -> Result<Tensor> {
+/// `ste_weight` with a learned scale `s` (shape `scale_shape`): the value is `W_t` at the
+/// scales `used_scales(s)` (or the warm-up's blend), `w`'s gradient is the straight-through
+/// identity, and `s` gets LSQ's gradient (Esser et al. 2020; ParetoQ trains its scales so):
+/// that of `s * round(clip(w / s, -1, 1))` with the rounding passed straight through, i.e. per
+/// weight `dW_t * (q - w / s)` inside the clip range and `dW_t * q` outside, summed over the
+/// group, times `lambda` and LSQ's gradient scale `1 / sqrt(group)` (Q_p = 1). The scale's
+/// rounding to its dtype is passed straight through as well.
+pub fn ste_weight_learned(w: &Tensor, s: &Tensor, q: Quant, lambda: f32) -> Result<Tensor> {
+    let used = used_scales(s, q)?;
+    let value = blend(w, &ternarize_with(w, q, &used)?, lambda)?;
+    let gs = 1.0 / (q.group as f64).sqrt();
+    let s_lin = (s.reshape(((), 1))? * gs)?;
+    // `used` in value (to rounding), gradient `gs`
+    let s_g = (&s_lin + (&used - &s_lin)?.detach())?;
+    let wg = w.detach().to_dtype(DType::F32)?.reshape(((), q.group))?;
+    let exact = wg.broadcast_div(&used)?;
+    let levels = ternary_levels(&exact)?;
+    // w / s inside the clip range (decided at the used scales), 0 outside, where clip's
+    // gradient is 0
+    let inside = exact.abs()?.le(1.0)?.to_dtype(DType::F32)?;
+    let x = (wg.broadcast_div(&s_g)? * inside)?;
+    let rounded = (&x + (levels - &x)?.detach())?;
+    let term = rounded.broadcast_mul(&s_g)?;
+    // zero in value: it only carries the scale's gradient
+    let grad_only = ((&term - term.detach())? * lambda as f64)?.reshape(w.shape())?;
+    value + grad_only
+}
+
+/// The value of `ste_weight` (or `ste_weight_learned` with the learned scale `s`), without a
+/// gradient: `W_t`, or `W + lambda * (W_t - W)`.
+pub fn ternarize_at(w: &Tensor, q: Quant, s: Option<&Tensor>, lambda: f32) -> Result<Tensor> {
+    let wt = match s {
+        Some(s) => ternarize_with(w, q, &used_scales(s, q)?)?,
+        None => ternarize(w, q)?,
+    };
     if lambda >= 1.0 {
-        return ternarize(w, q);
+        return Ok(wt);
     }
-    ste_weight(&w.detach().to_dtype(DType::F32)?, q, lambda)
+    Ok(blend(&w.detach().to_dtype(DType::F32)?, &wt, lambda)?.detach())
 }
 
 /// Per-token absmax fake quantization to 8 bits (BitNet b1.58's activations): each row of `x`
@@ -171,10 +240,14 @@ pub struct TernaryCheck {
 }
 
 pub fn check_ternary(w: &Tensor, q: Quant) -> Result<TernaryCheck> {
+    check_ternary_with(w, q, &group_scales(w, q)?)
+}
+
+/// `check_ternary` at the given group scales (a learned scale's `used_scales`).
+pub fn check_ternary_with(w: &Tensor, q: Quant, s: &Tensor) -> Result<TernaryCheck> {
     let total = w.elem_count();
-    let wt = ternarize(w, q)?.reshape(((), q.group))?;
-    let s = group_scales(w, q)?;
-    let q = wt.broadcast_div(&s)?;
+    let wt = ternarize_with(w, q, s)?.reshape(((), q.group))?;
+    let q = wt.broadcast_div(s)?;
     let nearest = q.round()?.clamp(-1f32, 1f32)?;
     let err = (q - nearest)?.abs()?.flatten_all()?;
     let max_err = err.max(0)?.to_scalar::<f32>()? as f64;

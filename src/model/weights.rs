@@ -14,6 +14,8 @@ pub type Weights = HashMap<String, Tensor>;
 #[derive(Default)]
 pub struct Params {
     pub named: Vec<(String, Var)>,
+    /// Learning-rate multipliers by name (1 where absent): `quant.scale_lr` of learned scales.
+    pub lr_multipliers: HashMap<String, f64>,
 }
 
 impl Params {
@@ -23,6 +25,11 @@ impl Params {
 
     pub fn get(&self, name: &str) -> Option<&Var> {
         self.named.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// The learning-rate multiplier of the parameter `name` (1 unless one was set).
+    pub fn lr_multiplier(&self, name: &str) -> f64 {
+        self.lr_multipliers.get(name).copied().unwrap_or(1.0)
     }
 
     pub fn num_elements(&self) -> usize {
@@ -126,6 +133,25 @@ impl<'a> WeightSource<'a> {
         let dtype = if f32 { DType::F32 } else { t.dtype() };
         let t = t.to_dtype(dtype)?.to_device(self.device)?;
         self.params.add(name, t)
+    }
+
+    /// Registers `init` as the new trainable parameter `name` (under this prefix) in f32 on
+    /// the device, trained at `lr_multiplier` times the learning rate (a learned scale, which
+    /// no checkpoint holds).
+    pub fn new_param(&mut self, name: &str, init: &Tensor, lr_multiplier: f64) -> Result<Tensor> {
+        let name = self.path(name);
+        let t = init.to_dtype(DType::F32)?.to_device(self.device)?;
+        if lr_multiplier != 1.0 {
+            self.params
+                .lr_multipliers
+                .insert(name.clone(), lr_multiplier);
+        }
+        self.params.add(name, t)
+    }
+
+    /// The learning-rate multiplier of learned scales (`quant.scale_lr`).
+    pub fn scale_lr(&self) -> f64 {
+        self.ternary.scale_lr
     }
 
     /// How many parameters are registered so far (see `matrices_first`).

@@ -114,6 +114,14 @@ pub struct QuantSpec {
     /// BitNet b1.58's activations), straight-through gradient; 0: off (the seed's).
     #[serde(skip_serializing_if = "is_default")]
     pub activation_bits: u32,
+    /// Learning-rate multiplier of the learned scales (`scale = "learned"`): they train at
+    /// `scale_lr * train.lr` on the same schedule.
+    #[serde(skip_serializing_if = "is_one")]
+    pub scale_lr: f64,
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 /// Keys added after the seed's recipe are left out of a written spec (and so of the config
@@ -329,6 +337,7 @@ impl Default for QuantSpec {
             exclude_layers: Vec::new(),
             lambda_warmup_steps: 0,
             activation_bits: 0,
+            scale_lr: 1.0,
         }
     }
 }

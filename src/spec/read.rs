@@ -124,6 +124,7 @@ pub fn known_keys() -> Vec<String> {
     full.quant.exclude_layers = vec![0];
     full.quant.lambda_warmup_steps = 1;
     full.quant.activation_bits = 8;
+    full.quant.scale_lr = 2.0;
     full.distill.weight = 1.0;
     full.train.save = crate::export::Save::Ternary;
     let table = toml::Table::try_from(&full).expect("a spec serializes");
@@ -274,6 +275,15 @@ impl Spec {
                 "quant.activation_bits",
                 self.quant.activation_bits,
                 "must be 0 (off) or 8",
+            ));
+        }
+        let sl = self.quant.scale_lr;
+        if !(sl > 0.0 && sl.is_finite()) {
+            return Err(bad(
+                file,
+                "quant.scale_lr",
+                sl,
+                "must be a finite number > 0 (a multiplier of train.lr for learned scales)",
             ));
         }
         if e.prompts.iter().any(|p| p.is_empty()) {

@@ -64,7 +64,8 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         let da = ctx.act((n, f))?;
         linear_back_x(gpu, &dx, wd, &da, 0.)?;
         let down_in = t.a.of(&mlp_.down_proj);
-        grads.insert(&mlp_.down_proj.weight, linear_back_w(gpu, &dx, down_in)?);
+        let dw = linear_back_w(gpu, &dx, down_in)?;
+        ctx.weight_grad(&mut grads, &mlp_.down_proj, dw)?;
         let (dg, du) = (ctx.act((n, f))?, ctx.act((n, f))?);
         mlp::silu_mul_back(gpu, &t.g, &t.u, &da, &dg, &du)?;
         drop(da);
@@ -72,9 +73,13 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         linear_back_x(gpu, &dg, wg, &dxn2, 0.)?;
         linear_back_x(gpu, &du, wu, &dxn2, 1.)?;
         let gate_in = t.xn2.of(&mlp_.gate_proj);
-        grads.insert(&mlp_.gate_proj.weight, linear_back_w(gpu, &dg, gate_in)?);
+        ctx.weight_grad(
+            &mut grads,
+            &mlp_.gate_proj,
+            linear_back_w(gpu, &dg, gate_in)?,
+        )?;
         let up_in = t.xn2.of(&mlp_.up_proj);
-        grads.insert(&mlp_.up_proj.weight, linear_back_w(gpu, &du, up_in)?);
+        ctx.weight_grad(&mut grads, &mlp_.up_proj, linear_back_w(gpu, &du, up_in)?)?;
         drop((dg, du));
         let post = &layer.post_attention_layernorm;
         let dw = ctx.rms_norm_back(&t.h, post, &dxn2, &dx, true)?;
@@ -85,7 +90,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         let dmerged = ctx.act((n, h * d))?;
         linear_back_x(gpu, &dx, wo, &dmerged, 0.)?;
         let o_in = t.merged.of(&at.o_proj);
-        grads.insert(&at.o_proj.weight, linear_back_w(gpu, &dx, o_in)?);
+        ctx.weight_grad(&mut grads, &at.o_proj, linear_back_w(gpu, &dx, o_in)?)?;
         let datt = ctx.swap_axes(&dmerged, (b, l, k, r * d))?;
         drop(dmerged);
         let probs = match &t.probs {
@@ -114,7 +119,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         linear_back_x(gpu, &dk, wk, &dxn1, 1.)?;
         linear_back_x(gpu, &dv, wv, &dxn1, 1.)?;
         for (lin, dy) in [(&at.q_proj, &dq), (&at.k_proj, &dk), (&at.v_proj, &dv)] {
-            grads.insert(&lin.weight, linear_back_w(gpu, dy, t.xn1.of(lin))?);
+            ctx.weight_grad(&mut grads, lin, linear_back_w(gpu, dy, t.xn1.of(lin))?)?;
         }
         drop((dq, dk, dv));
         let ln = &layer.input_layernorm;

@@ -28,6 +28,7 @@
 use crate::cuda::causal_attention::CausalAttention;
 use crate::cuda::{norm, ternary, Gpu};
 use crate::model::{Linear, RmsNorm, Rope};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Shape, Tensor};
 
 mod backward;
@@ -90,8 +91,23 @@ impl Ctx {
                 .timed("cast weight", || lin.weight.detach().to_dtype(self.cd));
         };
         let wt = self.act(lin.weight.shape())?;
-        ternary::ternarize(&self.gpu, &lin.weight, &wt, q, lin.lambda)?;
+        match &lin.scale {
+            Some(s) => ternary::ternarize_learned(&self.gpu, &lin.weight, s, &wt, q, lin.lambda)?,
+            None => ternary::ternarize(&self.gpu, &lin.weight, &wt, q, lin.lambda)?,
+        }
         Ok(wt)
+    }
+
+    /// Records a projection's weight gradient `dw` (f32), and the gradient of its learned
+    /// scales where it has them (LSQ's, from `dw`).
+    fn weight_grad(&self, grads: &mut GradStore, lin: &Linear, dw: Tensor) -> Result<()> {
+        if let (Some(s), Some(q)) = (&lin.scale, lin.quant) {
+            let ds = self.gpu.empty(s.shape(), DType::F32)?;
+            ternary::scale_grad(&self.gpu, &lin.weight, &dw, s, &ds, q, lin.lambda)?;
+            grads.insert(s, ds);
+        }
+        grads.insert(&lin.weight, dw);
+        Ok(())
     }
 
     /// A norm's weight in f32, as the kernels read it.
