@@ -34,7 +34,42 @@ pub fn n_held_out(n_paragraphs: usize, val_fraction: f64) -> usize {
     ((n_paragraphs as f64 * val_fraction + 1e-9).floor() as usize).max(1)
 }
 
+/// Corpora this process has tokenized, by file (path, length, modification time), tokenizer
+/// (its JSON) and split: a sweep's runs share one tokenization of their corpus.
+type CorpusKey = (std::path::PathBuf, u64, Option<std::time::SystemTime>, u64, u64);
+static TOKENIZED: std::sync::Mutex<Vec<(CorpusKey, std::sync::Arc<Corpus>)>> =
+    std::sync::Mutex::new(Vec::new());
+
 impl Corpus {
+    /// `load`, once per process for each (file as it is now, tokenizer, val_fraction).
+    pub fn load_shared(
+        path: &Path,
+        tokenizer: &Tokenizer,
+        val_fraction: f64,
+    ) -> Result<std::sync::Arc<Self>> {
+        use std::hash::{Hash, Hasher};
+        let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?
+            .hash(&mut h);
+        let key = (
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+            meta.len(),
+            meta.modified().ok(),
+            h.finish(),
+            val_fraction.to_bits(),
+        );
+        let mut cache = TOKENIZED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(c.clone());
+        }
+        let c = std::sync::Arc::new(Self::load(path, tokenizer, val_fraction)?);
+        cache.push((key, c.clone()));
+        Ok(c)
+    }
+
     pub fn load(path: &Path, tokenizer: &Tokenizer, val_fraction: f64) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let text = String::from_utf8(bytes)

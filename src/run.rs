@@ -37,7 +37,7 @@ pub struct PreparedRun {
     pub model_cfg: Qwen3Config,
     pub origin: ModelOrigin,
     pub tokenizer: Tokenizer,
-    pub corpus: Corpus,
+    pub corpus: std::sync::Arc<Corpus>,
     pub config_hash: String,
     pub run_id: String,
     /// Where greedy generation stops (see `train::eos_ids`).
@@ -142,7 +142,7 @@ pub fn prepare(planned: &PlannedRun, file: &Path) -> Result<PreparedRun> {
             format!("{} does not exist or is not a file", data_path.display()),
         ));
     }
-    let corpus = Corpus::load(data_path, &tokenizer, spec.data.val_fraction)
+    let corpus = Corpus::load_shared(data_path, &tokenizer, spec.data.val_fraction)
         .map_err(|e| bad("data.path", format!("{e:#}")))?;
     let need = spec.data.seq_len + 2;
     if corpus.train.len() < need {
