@@ -107,3 +107,23 @@ fn eval_windows_are_the_seeds() {
     // Too short for one window: none (the run is refused before training).
     assert!(eval_starts(3, 3).is_empty());
 }
+
+#[test]
+fn a_corpus_is_tokenized_once_per_file_tokenizer_and_split() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corpus.txt");
+    std::fs::write(&path, "one two three\n\nfour five six\n\nseven eight\n").unwrap();
+    let tok = tokenizers::Tokenizer::from_bytes(ternlab::run::TINY_TOKENIZER).unwrap();
+    let a = ternlab::data::Corpus::load_shared(&path, &tok, 0.1).unwrap();
+    let b = ternlab::data::Corpus::load_shared(&path, &tok, 0.1).unwrap();
+    assert!(Arc::ptr_eq(&a, &b), "the same file, tokenizer and split: one tokenization");
+    let other_split = ternlab::data::Corpus::load_shared(&path, &tok, 0.5).unwrap();
+    assert!(!Arc::ptr_eq(&a, &other_split));
+    // The file changes (its length here): tokenized again, with the new text.
+    std::fs::write(&path, "one two three\n\nfour five six seven\n\nnine\n").unwrap();
+    let c = ternlab::data::Corpus::load_shared(&path, &tok, 0.1).unwrap();
+    assert!(!Arc::ptr_eq(&a, &c));
+    let fresh = ternlab::data::Corpus::load(&path, &tok, 0.1).unwrap();
+    assert_eq!((&c.train, &c.val), (&fresh.train, &fresh.val));
+}
