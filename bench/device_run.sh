@@ -6,8 +6,8 @@
 # Writes $OUT/log.txt and $OUT/results.tgz (every JSON result and the tiny runs).
 #
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
-#                                            baseline before (default: parity seed bench ref big
-#                                            tiny)
+#                                            baseline before study-pretrain study-ternary
+#                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
 set -uo pipefail
@@ -106,5 +106,20 @@ if want baseline; then
     --results "$out/baseline" 2>&1 | grep -vE "step +[0-9]+/"
   $tl compare "$out/baseline/baseline-seeds" --metric val_nll
   $tl compare "$out/baseline/baseline" --format json | head -c 3000
+fi
+if want study-pretrain || want study-ternary; then
+  # docs/study.md: the corpus comes xz-compressed in .device (it is git-ignored here too).
+  [[ -f data/debian-docs.txt ]] || xz -dc .device/debian-docs.txt.xz >data/debian-docs.txt
+  sha256sum data/debian-docs.txt
+  for step in study-pretrain study-ternary; do
+    want $step || continue
+    echo "== $step"
+    time TERNLAB=$tl RESULTS=results bash scripts/run_study.sh ${step#study-} 2>&1 |
+      grep -vE "step +[0-9]+/"
+  done
+  # (results/ stays on the machine for the next call; the runs' files, without the models,
+  # come back)
+  tar czf "$final/study.tgz" --exclude='*.safetensors' results/study-pretrain \
+    $(ls -d results/study-ternary 2>/dev/null)
 fi
 tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny baseline 2>/dev/null)
