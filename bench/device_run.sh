@@ -7,6 +7,7 @@
 #
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
+#                                            study-extra
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -17,7 +18,9 @@ exec > >(tee -a "$final/log.txt") 2>&1
 # The test binaries find the fixtures and the ternlab binary through these (tests/common).
 export TERNLAB_REPO=$PWD TERNLAB_BIN=$PWD/.device/ternlab
 for b in ternlab ternlab-before parity gradients fused seed_parity; do
-  [[ -f .device/$b.xz ]] && xz -dkf .device/$b.xz && chmod +x .device/$b
+  # (kept when already unpacked from this archive: two calls may share the machine)
+  [[ -f .device/$b.xz && ! .device/$b -nt .device/$b.xz ]] && xz -dkf .device/$b.xz &&
+    chmod +x .device/$b
 done
 source .device/cuda-run-env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -107,11 +110,11 @@ if want baseline; then
   $tl compare "$out/baseline/baseline-seeds" --metric val_nll
   $tl compare "$out/baseline/baseline" --format json | head -c 3000
 fi
-if want study-pretrain || want study-ternary; then
+if want study-pretrain || want study-ternary || want study-extra; then
   # docs/study.md: the corpus comes xz-compressed in .device (it is git-ignored here too).
   [[ -f data/debian-docs.txt ]] || xz -dc .device/debian-docs.txt.xz >data/debian-docs.txt
   sha256sum data/debian-docs.txt
-  for step in study-pretrain study-ternary; do
+  for step in study-pretrain study-ternary study-extra; do
     want $step || continue
     echo "== $step"
     time TERNLAB=$tl RESULTS=results bash scripts/run_study.sh ${step#study-} 2>&1 |
@@ -120,6 +123,6 @@ if want study-pretrain || want study-ternary; then
   # (results/ stays on the machine for the next call; the runs' files, without the models,
   # come back)
   tar czf "$final/study.tgz" --exclude='*.safetensors' results/study-pretrain \
-    $(ls -d results/study-ternary 2>/dev/null)
+    $(ls -d results/study-ternary results/study-lr results/study-distill 2>/dev/null)
 fi
 tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny baseline 2>/dev/null)

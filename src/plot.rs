@@ -56,14 +56,20 @@ fn series(c: &Comparison, runs: &[RunResult], experiment: &str) -> Vec<Series> {
                 .into_iter()
                 .map(|(s, v)| (s as f64, v.iter().sum::<f64>() / v.len() as f64))
                 .collect();
+            // (a key a configuration leaves at its default, "-" in compare, is left out)
             let mut label = row
                 .config
                 .iter()
+                .filter(|(_, v)| v.as_str() != "-")
                 .map(|(k, v)| format!("{}={v}", k.rsplit('.').next().unwrap_or(k)))
                 .collect::<Vec<_>>()
                 .join(" ");
             if label.is_empty() {
-                label = experiment.to_string();
+                label = if row.config.is_empty() {
+                    experiment.to_string()
+                } else {
+                    "defaults".to_string()
+                };
             }
             label.push_str(&format!(" (n={})", row.runs.len()));
             Series {
