@@ -36,7 +36,13 @@ pub fn n_held_out(n_paragraphs: usize, val_fraction: f64) -> usize {
 
 /// Corpora this process has tokenized, by file (path, length, modification time), tokenizer
 /// (its JSON) and split: a sweep's runs share one tokenization of their corpus.
-type CorpusKey = (std::path::PathBuf, u64, Option<std::time::SystemTime>, u64, u64);
+type CorpusKey = (
+    std::path::PathBuf,
+    u64,
+    Option<std::time::SystemTime>,
+    u64,
+    u64,
+);
 static TOKENIZED: std::sync::Mutex<Vec<(CorpusKey, std::sync::Arc<Corpus>)>> =
     std::sync::Mutex::new(Vec::new());
 
@@ -48,7 +54,8 @@ impl Corpus {
         val_fraction: f64,
     ) -> Result<std::sync::Arc<Self>> {
         use std::hash::{Hash, Hasher};
-        let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
         tokenizer
             .to_string(false)

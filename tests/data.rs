@@ -117,7 +117,10 @@ fn a_corpus_is_tokenized_once_per_file_tokenizer_and_split() {
     let tok = tokenizers::Tokenizer::from_bytes(ternlab::run::TINY_TOKENIZER).unwrap();
     let a = ternlab::data::Corpus::load_shared(&path, &tok, 0.1).unwrap();
     let b = ternlab::data::Corpus::load_shared(&path, &tok, 0.1).unwrap();
-    assert!(Arc::ptr_eq(&a, &b), "the same file, tokenizer and split: one tokenization");
+    assert!(
+        Arc::ptr_eq(&a, &b),
+        "the same file, tokenizer and split: one tokenization"
+    );
     let other_split = ternlab::data::Corpus::load_shared(&path, &tok, 0.5).unwrap();
     assert!(!Arc::ptr_eq(&a, &other_split));
     // The file changes (its length here): tokenized again, with the new text.
