@@ -106,8 +106,17 @@ pub fn hf_tensors(model: &Qwen3, params: &Params, dtype: DType) -> Result<HashMa
         .filter(|(_, live)| live.is_ternary())
         .map(|(f, _)| (f.name().to_string(), f.weight().clone()))
         .collect();
+    let learned: Vec<candle_core::TensorId> = model
+        .linears()
+        .iter()
+        .filter_map(|l| l.learned_scale().map(|s| s.id()))
+        .collect();
     let mut out = HashMap::new();
     for (name, var) in &params.named {
+        if learned.contains(&var.as_tensor().id()) {
+            // (a learned scale is in W_t already; no checkpoint of this layout has it)
+            continue;
+        }
         let t = ternary.get(name).unwrap_or(var.as_tensor());
         out.insert(
             name.clone(),
@@ -145,4 +154,155 @@ pub fn hf_config(cfg: &Qwen3Config, dtype: DType) -> serde_json::Value {
         "use_cache": true,
         "torch_dtype": dtype,
     })
+}
+
+/// The packed file's format name (its metadata key `format`).
+pub const PACKED_FORMAT: &str = "ternlab-ternary-v1";
+
+/// How the packed file stores a ternary weight's levels (its metadata key `codes`).
+pub const PACKED_CODES: &str = "2 bits per weight, 4 weights per byte, the first weight in the \
+    lowest two bits; code = level + 1 (0: -1, 1: 0, 2: +1); weights in row-major (out, in) order";
+
+/// One ternary projection of a packed file (its metadata `layers` entry).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PackedLayer {
+    /// (out, in)
+    pub shape: [usize; 2],
+    /// Consecutive row-major weights per scale.
+    pub group: usize,
+    /// The scales' dtype: "f32", "bf16" or "f16".
+    pub scale_dtype: String,
+}
+
+/// `ternary.safetensors`: each ternary projection as `<prefix>.weight_codes` (U8, 2-bit codes,
+/// `PACKED_CODES`) and `<prefix>.weight_scale` (its group scales as used, in the scale dtype,
+/// shape `ternary::scale_shape`); every other parameter as trained, in `dtype`; metadata
+/// `format`, `codes` and `layers` (JSON: name -> `PackedLayer`). The levels are those of W_t
+/// (a run that ended inside its quantization warm-up saves the fully ternary weights here).
+pub fn save_packed(path: &Path, model: &Qwen3, params: &Params, dtype: DType) -> Result<()> {
+    use crate::model::ternary::levels_with;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut layers = std::collections::BTreeMap::new();
+    let learned: Vec<candle_core::TensorId> = model
+        .ternary_linears()
+        .iter()
+        .filter_map(|l| l.learned_scale().map(|s| s.id()))
+        .collect();
+    for lin in model.ternary_linears() {
+        let q = lin.quant().expect("a ternary layer");
+        let (out, inp) = lin.weight().dims2()?;
+        let s = lin.group_scales()?;
+        let levels = levels_with(lin.weight(), q, &s)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let mut codes = vec![0u8; levels.len().div_ceil(4)];
+        for (i, l) in levels.iter().enumerate() {
+            codes[i / 4] |= ((*l as i32 + 1) as u8) << (2 * (i % 4));
+        }
+        let prefix = lin.name().trim_end_matches(".weight");
+        let n = codes.len();
+        tensors.push((
+            format!("{prefix}.weight_codes"),
+            Tensor::from_vec(codes, n, &Device::Cpu)?,
+        ));
+        let scale = s
+            .reshape(crate::model::ternary::scale_shape(q, (out, inp)))?
+            .to_device(&Device::Cpu)?
+            .to_dtype(q.scale_dtype.dtype())?;
+        tensors.push((format!("{prefix}.weight_scale"), scale));
+        layers.insert(
+            lin.name().to_string(),
+            PackedLayer {
+                shape: [out, inp],
+                group: q.group,
+                scale_dtype: q.scale_dtype.name().to_string(),
+            },
+        );
+    }
+    for (name, var) in &params.named {
+        if layers.contains_key(name) || learned.contains(&var.as_tensor().id()) {
+            continue;
+        }
+        let t = var.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?;
+        tensors.push((name.clone(), t));
+    }
+    let metadata: HashMap<String, String> = [
+        ("format".to_string(), PACKED_FORMAT.to_string()),
+        ("codes".to_string(), PACKED_CODES.to_string()),
+        ("layers".to_string(), serde_json::to_string(&layers)?),
+    ]
+    .into();
+    let tmp = sibling(path, ".tmp");
+    safetensors::tensor::serialize_to_file(tensors, Some(metadata), &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// Reads a packed file back into checkpoint tensors: each ternary projection's W_t (f32, the
+/// levels times their scales, exactly the trained W_t), every other tensor as stored.
+pub fn unpack(path: &Path) -> Result<crate::model::Weights> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let info = meta.metadata().clone().unwrap_or_default();
+    anyhow::ensure!(
+        info.get("format").map(String::as_str) == Some(PACKED_FORMAT),
+        "{}: not a ternlab packed file (metadata format = {:?}, expected {PACKED_FORMAT:?})",
+        path.display(),
+        info.get("format")
+    );
+    let layers: std::collections::BTreeMap<String, PackedLayer> =
+        serde_json::from_str(info.get("layers").map_or("{}", String::as_str))?;
+    let mut all = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    for (name, layer) in &layers {
+        let prefix = name.trim_end_matches(".weight");
+        let take = |all: &mut HashMap<String, Tensor>, key: String| {
+            all.remove(&key)
+                .with_context(|| format!("{}: no tensor {key}", path.display()))
+        };
+        let codes = take(&mut all, format!("{prefix}.weight_codes"))?.to_vec1::<u8>()?;
+        let scale = take(&mut all, format!("{prefix}.weight_scale"))?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let [out, inp] = layer.shape;
+        let n = out * inp;
+        anyhow::ensure!(
+            codes.len() == n.div_ceil(4) && scale.len() * layer.group == n,
+            "{}: {name}: {} code bytes and {} scales do not fit {out} x {inp} in groups of {}",
+            path.display(),
+            codes.len(),
+            scale.len(),
+            layer.group
+        );
+        let w: Vec<f32> = (0..n)
+            .map(|i| {
+                let level = ((codes[i / 4] >> (2 * (i % 4))) & 3) as f32 - 1.0;
+                level * scale[i / layer.group]
+            })
+            .collect();
+        all.insert(name.clone(), Tensor::from_vec(w, (out, inp), &Device::Cpu)?);
+    }
+    Ok(all)
+}
+
+/// What a run saved, checked: the packed file, unpacked into a model with dense projections
+/// (activations quantized where the trained model's are), gives the trained model's logits
+/// on `ids`; returns the largest absolute difference (0 on the CPU in f32).
+pub fn check_packed(path: &Path, model: &Qwen3, ids: &Tensor) -> Result<f64> {
+    use crate::model::{GroupSize, TernarySpec};
+    let weights = unpack(path)?;
+    let dense = TernarySpec::new(Vec::new(), GroupSize::Row);
+    let (mut copy, _) = Qwen3::new(&model.cfg, weights, &dense, model.device())?;
+    copy = copy
+        .with_compute_dtype(model.compute_dtype)
+        .with_ops(model.ops());
+    for (mine, theirs) in copy.linears_mut().into_iter().zip(model.linears()) {
+        mine.act_quant = theirs.quantizes_activations();
+    }
+    let want = model.frozen()?.forward(ids)?.to_dtype(DType::F32)?;
+    let got = copy.forward(ids)?.to_dtype(DType::F32)?;
+    let err = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(err as f64)
 }

@@ -126,6 +126,14 @@ pub struct Report {
     /// is their weighted sum).
     #[serde(default)]
     pub distill: Option<DistillReport>,
+    /// With `train.save = "ternary"`: the largest absolute difference between the trained
+    /// model's logits and those of the saved packed file, unpacked (`export::check_packed`, on
+    /// a window of held-out tokens), and whether it is 0: a check of what was saved, which
+    /// the seed's `ternary_ok` (which divides W_t by the scale it was made with) is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed_max_err: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed_ok: Option<bool>,
     pub n_ternary_layers: usize,
     pub n_ternary_params: usize,
     pub samples: Vec<Sample>,

@@ -365,8 +365,12 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
     } else {
         None
     };
+    let mut packed_max_err = None;
     if result.outcome == Outcome::Completed && t.save == Save::Ternary {
-        progress.message(&format!("{}: saving ternary/", p.run_id));
+        progress.message(&format!(
+            "{}: saving ternary/ and ternary.safetensors",
+            p.run_id
+        ));
         let source_dir = match &p.origin {
             ModelOrigin::Checkpoint(c) => c.config.parent(),
             ModelOrigin::Preset(_) => None,
@@ -382,6 +386,11 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
                 dtype: stored_dtype,
             },
         )?;
+        let packed = dir.join("ternary.safetensors");
+        crate::export::save_packed(&packed, &model, &params, stored_dtype)?;
+        let n = d.seq_len.min(p.corpus.val.len());
+        let ids = candle_core::Tensor::new(&p.corpus.val[..n], &device)?.unsqueeze(0)?;
+        packed_max_err = Some(crate::export::check_packed(&packed, &model, &ids)?);
     }
     let ternary = model.ternary_linears();
     let tokens_trained = losses.len() * d.batch_size * d.seq_len;
@@ -413,6 +422,8 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
             final_ce: result.ce_terms.last().copied().unwrap_or(f64::NAN),
             final_kl: result.kl_terms.last().copied().unwrap_or(f64::NAN),
         }),
+        packed_max_err,
+        packed_ok: packed_max_err.map(|e| e == 0.0),
         n_ternary_layers: ternary.len(),
         n_ternary_params: ternary.iter().map(|l| l.weight().elem_count()).sum(),
         samples,

@@ -41,6 +41,9 @@ fn a_saved_dense_model_starts_the_next_run_where_it_ended() {
         );
     }
     assert!(!first.join("ternary.tmp").exists());
+    // The saved model checks out: its packed form gives the trained logits exactly.
+    assert_eq!(report["packed_max_err"], 0.0);
+    assert_eq!(report["packed_ok"], true);
     let tensors =
         candle_core::safetensors::load(saved.join("model.safetensors"), &Device::Cpu).unwrap();
     // The tiny preset: embedding, 4 layers of 7 projections and 4 norms, final norm (tied head).
@@ -118,4 +121,122 @@ fn save_takes_only_the_names_it_knows() {
         "{}",
         out.show()
     );
+}
+
+/// The tiny model, every projection ternary with groups of 32 under `edit`, and its parameters.
+fn tiny(
+    edit: impl FnOnce(&mut ternlab::model::TernarySpec),
+) -> (ternlab::model::Qwen3, ternlab::model::Params) {
+    use ternlab::choice::Choice;
+    use ternlab::model::{load::random_weights, Preset, Projection, Qwen3, Qwen3Config};
+    let cfg = Qwen3Config::preset(Preset::Tiny, 300);
+    let mut spec = ternlab::model::TernarySpec::new(
+        Projection::ALL.to_vec(),
+        ternlab::model::GroupSize::Columns(32),
+    );
+    edit(&mut spec);
+    Qwen3::new(&cfg, random_weights(&cfg, 7).unwrap(), &spec, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn the_packed_file_unpacks_to_the_trained_ternary_weights_bit_for_bit() {
+    use ternlab::model::{Granularity, ScaleDtype, ScaleRule};
+    let dir = tempfile::tempdir().unwrap();
+    type Edit = Box<dyn Fn(&mut ternlab::model::TernarySpec)>;
+    let cases: [(&str, Edit); 3] = [
+        ("seed", Box::new(|_| ())),
+        (
+            "tensor-f16",
+            Box::new(|s| {
+                s.granularity = Granularity::Tensor;
+                s.scale_dtype = ScaleDtype::F16;
+            }),
+        ),
+        (
+            "learned-bf16",
+            Box::new(|s| {
+                s.scale = ScaleRule::Learned;
+                s.scale_dtype = ScaleDtype::Bf16;
+            }),
+        ),
+    ];
+    for (what, edit) in cases {
+        let (model, params) = tiny(edit);
+        // Learned scales moved off their start, as training moves them.
+        for (name, v) in &params.named {
+            if name.ends_with("weight_scale") {
+                v.set(&(v.as_tensor() * 1.37).unwrap()).unwrap();
+            }
+        }
+        let path = dir.path().join(format!("{what}.safetensors"));
+        ternlab::export::save_packed(&path, &model, &params, DType::BF16).unwrap();
+        let unpacked = ternlab::export::unpack(&path).unwrap();
+        let frozen = model.frozen().unwrap();
+        for (lin, f) in model.linears().into_iter().zip(frozen.linears()) {
+            let got = unpacked[lin.name()]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want = f.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // Bit for bit, but for the sign of zero: W_t's zeros carry the latent's sign
+            // (sign(w) * 0 * s), the unpacked ones are +0 (the same in every sum).
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0));
+            assert!(same, "{what}: {} differs from the trained W_t", lin.name());
+        }
+        // What is stored: a quarter of a byte a ternary weight, each scale in its dtype, the
+        // other tensors in bf16, and a header (the JSON index and metadata, a few kB).
+        let bytes = std::fs::metadata(&path).unwrap().len() as usize;
+        let mut data = 0;
+        for lin in model.ternary_linears() {
+            let (n, q) = (lin.weight().elem_count(), lin.quant().unwrap());
+            data += n / 4 + n / q.group * q.scale_dtype.dtype().size_in_bytes();
+        }
+        let ternary: Vec<_> = model
+            .ternary_linears()
+            .iter()
+            .map(|l| l.name().to_string())
+            .collect();
+        for (name, v) in &params.named {
+            if !ternary.contains(name) && !name.ends_with("weight_scale") {
+                data += v.elem_count() * 2;
+            }
+        }
+        assert!(
+            bytes > data && bytes < data + 16_384,
+            "{what}: {bytes} bytes for {data} of data"
+        );
+        assert_eq!(
+            unpacked
+                .keys()
+                .filter(|k| k.ends_with("weight_scale"))
+                .count(),
+            0
+        );
+    }
+}
+
+#[test]
+fn the_saved_check_fails_when_the_saved_model_is_not_the_trained_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, params) = tiny(|_| ());
+    let path = dir.path().join("packed.safetensors");
+    ternlab::export::save_packed(&path, &model, &params, DType::BF16).unwrap();
+    let ids = candle_core::Tensor::new(&[[3u32, 14, 15, 92, 65, 35]], &Device::Cpu).unwrap();
+    assert_eq!(
+        ternlab::export::check_packed(&path, &model, &ids).unwrap(),
+        0.0
+    );
+    // The model moves on after the save (one latent row pushed across its levels): the
+    // saved file no longer gives its logits.
+    let name = "model.layers.1.mlp.down_proj.weight";
+    let v = params.get(name).unwrap();
+    let row = (v.as_tensor().narrow(0, 0, 1).unwrap() * -3.0).unwrap();
+    let moved = v.as_tensor().slice_assign(&[0..1, 0..384], &row).unwrap();
+    v.set(&moved).unwrap();
+    let err = ternlab::export::check_packed(&path, &model, &ids).unwrap();
+    assert!(err > 1e-4, "{err}");
 }

@@ -118,8 +118,21 @@ fn the_spec_parser_never_panics() {
     let mut rng = ChaCha8Rng::seed_from_u64(20261126);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut bases = vec![String::new()];
-    for entry in std::fs::read_dir(root.join("experiments")).unwrap() {
-        bases.push(std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    // Every spec under experiments/, sub-folders (experiments/study/) included.
+    let mut dirs = vec![root.join("experiments")];
+    while let Some(dir) = dirs.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|x| x == "toml") {
+                bases.push(std::fs::read_to_string(path).unwrap());
+            }
+        }
     }
     let mut n = 0;
     for _ in 0..300 {

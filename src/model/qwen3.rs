@@ -176,6 +176,14 @@ impl Qwen3 {
             .collect()
     }
 
+    /// `linears`, to change.
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .collect()
+    }
+
     pub fn ternary_linears(&self) -> Vec<&Linear> {
         self.linears()
             .into_iter()

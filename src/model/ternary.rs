@@ -130,6 +130,13 @@ fn ternary_levels(x: &Tensor) -> Result<Tensor> {
     x.sign()? * keep
 }
 
+/// The ternary levels (-1, 0 or +1, f32, w's shape) of `w` at the group scales `s`
+/// (groups, 1): `W_t = levels * s`. No gradient.
+pub fn levels_with(w: &Tensor, q: Quant, s: &Tensor) -> Result<Tensor> {
+    let wg = w.detach().to_dtype(DType::F32)?.reshape(((), q.group))?;
+    ternary_levels(&wg.broadcast_div(s)?)?.reshape(w.shape())
+}
+
 /// `W_t`, the ternary projection of `w` (any float dtype in, f32 out) with the scales `q.scale`
 /// finds (`learned`: the initial ones). No gradient.
 pub fn ternarize(w: &Tensor, q: Quant) -> Result<Tensor> {
