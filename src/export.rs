@@ -172,14 +172,19 @@ pub struct PackedLayer {
     pub group: usize,
     /// The scales' dtype: "f32", "bf16" or "f16".
     pub scale_dtype: String,
+    /// 8: the layer's input is fake-quantized to 8 bits per token (absmax) before the
+    /// product, as it trained (`quant.activation_bits`); 0: not.
+    #[serde(default)]
+    pub activation_bits: u32,
 }
 
 /// `ternary.safetensors`: each ternary projection as `<prefix>.weight_codes` (U8, 2-bit codes,
 /// `PACKED_CODES`) and `<prefix>.weight_scale` (its group scales as used, in the scale dtype,
-/// shape `ternary::scale_shape`); every other parameter as trained, in `dtype`; metadata
-/// `format`, `codes` and `layers` (JSON: name -> `PackedLayer`). The levels are those of W_t
+/// shape `ternary::scale_shape`); every other parameter as it trained (its dtype kept); metadata
+/// `format`, `codes` and `layers` (JSON: name -> `PackedLayer`, which says whether the layer
+/// quantizes its input). The levels are those of W_t
 /// (a run that ended inside its quantization warm-up saves the fully ternary weights here).
-pub fn save_packed(path: &Path, model: &Qwen3, params: &Params, dtype: DType) -> Result<()> {
+pub fn save_packed(path: &Path, model: &Qwen3, params: &Params) -> Result<()> {
     use crate::model::ternary::levels_with;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut layers = std::collections::BTreeMap::new();
@@ -217,6 +222,7 @@ pub fn save_packed(path: &Path, model: &Qwen3, params: &Params, dtype: DType) ->
                 shape: [out, inp],
                 group: q.group,
                 scale_dtype: q.scale_dtype.name().to_string(),
+                activation_bits: if lin.quantizes_activations() { 8 } else { 0 },
             },
         );
     }
@@ -224,8 +230,7 @@ pub fn save_packed(path: &Path, model: &Qwen3, params: &Params, dtype: DType) ->
         if layers.contains_key(name) || learned.contains(&var.as_tensor().id()) {
             continue;
         }
-        let t = var.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?;
-        tensors.push((name.clone(), t));
+        tensors.push((name.clone(), var.as_tensor().to_device(&Device::Cpu)?));
     }
     let metadata: HashMap<String, String> = [
         ("format".to_string(), PACKED_FORMAT.to_string()),
@@ -243,17 +248,7 @@ pub fn save_packed(path: &Path, model: &Qwen3, params: &Params, dtype: DType) ->
 /// levels times their scales, exactly the trained W_t), every other tensor as stored.
 pub fn unpack(path: &Path) -> Result<crate::model::Weights> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
-    let info = meta.metadata().clone().unwrap_or_default();
-    anyhow::ensure!(
-        info.get("format").map(String::as_str) == Some(PACKED_FORMAT),
-        "{}: not a ternlab packed file (metadata format = {:?}, expected {PACKED_FORMAT:?})",
-        path.display(),
-        info.get("format")
-    );
-    let layers: std::collections::BTreeMap<String, PackedLayer> =
-        serde_json::from_str(info.get("layers").map_or("{}", String::as_str))?;
+    let layers = layers_of(path, &bytes)?;
     let mut all = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
     for (name, layer) in &layers {
         let prefix = name.trim_end_matches(".weight");
@@ -285,6 +280,27 @@ pub fn unpack(path: &Path) -> Result<crate::model::Weights> {
         all.insert(name.clone(), Tensor::from_vec(w, (out, inp), &Device::Cpu)?);
     }
     Ok(all)
+}
+
+/// The ternary projections of a packed file, by name (its metadata `layers`).
+pub fn packed_layers(path: &Path) -> Result<std::collections::BTreeMap<String, PackedLayer>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    layers_of(path, &bytes)
+}
+
+fn layers_of(path: &Path, bytes: &[u8]) -> Result<std::collections::BTreeMap<String, PackedLayer>> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let info = meta.metadata().clone().unwrap_or_default();
+    anyhow::ensure!(
+        info.get("format").map(String::as_str) == Some(PACKED_FORMAT),
+        "{}: not a ternlab packed file (metadata format = {:?}, expected {PACKED_FORMAT:?})",
+        path.display(),
+        info.get("format")
+    );
+    Ok(serde_json::from_str(
+        info.get("layers").map_or("{}", String::as_str),
+    )?)
 }
 
 /// What a run saved, checked: the packed file, unpacked into a model with dense projections

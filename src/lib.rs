@@ -13,6 +13,7 @@ pub mod compare;
 pub mod cuda;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod export;
 pub mod faults;
 pub mod model;

@@ -84,6 +84,25 @@ enum Command {
         #[arg(long, default_value = "bench.json")]
         out: PathBuf,
     },
+    /// Held-out NLL and perplexity of a model over non-overlapping windows: a run folder
+    /// that saved its model (on its own held-out split by default), its ternary.safetensors,
+    /// a Hugging Face Qwen3 directory or a hub repo id (with --text). Prints JSON.
+    Eval {
+        /// A run folder, a packed ternary.safetensors, a model directory or a hub repo id.
+        model: String,
+        /// A UTF-8 text file, tokenized whole (default for a run folder: its held-out split).
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// Tokens per window (default: the run's seq_len, else 2048).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Windows per forward pass (default: the run's batch_size, else 1).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// auto, cpu, cuda, cuda:N or metal.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Loss curves per configuration with a band over seeds, to PNG or SVG.
     Plot {
         /// An experiment's results folder.
@@ -188,6 +207,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{json}");
             std::fs::write(&out, &json)?;
             eprintln!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            model,
+            text,
+            seq_len,
+            batch_size,
+            device,
+        } => {
+            let device: ternlab::device::DeviceChoice =
+                serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<
+                    serde::de::value::Error,
+                >::new(&device))
+                .map_err(|e| BadInput(format!("--device {e}")))?;
+            ternlab::device::check_built(device)
+                .map_err(|e| BadInput(format!("--device: {e:#}")))?;
+            let args = ternlab::eval::EvalArgs {
+                model,
+                text,
+                seq_len,
+                batch_size,
+                device,
+            };
+            let e = ternlab::eval::eval(&args)?;
+            println!("{}", serde_json::to_string_pretty(&e)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot { dir, out } => {

@@ -387,7 +387,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
             },
         )?;
         let packed = dir.join("ternary.safetensors");
-        crate::export::save_packed(&packed, &model, &params, stored_dtype)?;
+        crate::export::save_packed(&packed, &model, &params)?;
         let n = d.seq_len.min(p.corpus.val.len());
         let ids = candle_core::Tensor::new(&p.corpus.val[..n], &device)?.unsqueeze(0)?;
         packed_max_err = Some(crate::export::check_packed(&packed, &model, &ids)?);

@@ -169,7 +169,7 @@ fn the_packed_file_unpacks_to_the_trained_ternary_weights_bit_for_bit() {
             }
         }
         let path = dir.path().join(format!("{what}.safetensors"));
-        ternlab::export::save_packed(&path, &model, &params, DType::BF16).unwrap();
+        ternlab::export::save_packed(&path, &model, &params).unwrap();
         let unpacked = ternlab::export::unpack(&path).unwrap();
         let frozen = model.frozen().unwrap();
         for (lin, f) in model.linears().into_iter().zip(frozen.linears()) {
@@ -224,7 +224,7 @@ fn the_saved_check_fails_when_the_saved_model_is_not_the_trained_one() {
     let dir = tempfile::tempdir().unwrap();
     let (model, params) = tiny(|_| ());
     let path = dir.path().join("packed.safetensors");
-    ternlab::export::save_packed(&path, &model, &params, DType::BF16).unwrap();
+    ternlab::export::save_packed(&path, &model, &params).unwrap();
     let ids = candle_core::Tensor::new(&[[3u32, 14, 15, 92, 65, 35]], &Device::Cpu).unwrap();
     assert_eq!(
         ternlab::export::check_packed(&path, &model, &ids).unwrap(),
@@ -239,4 +239,74 @@ fn the_saved_check_fails_when_the_saved_model_is_not_the_trained_one() {
     v.set(&moved).unwrap();
     let err = ternlab::export::check_packed(&path, &model, &ids).unwrap();
     assert!(err > 1e-4, "{err}");
+}
+
+/// `ternlab eval ARGS` in `dir`, parsed.
+fn eval(dir: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["eval"];
+    all.extend_from_slice(args);
+    let out = common::cli::ternlab(dir, &all, &[]);
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+#[test]
+fn eval_of_a_saved_run_gives_its_val_nll() {
+    let dir = tempfile::tempdir().unwrap();
+    // With 8-bit activations, which eval must quantize as training did.
+    let (run_dir, report) = run(
+        dir.path(),
+        "evaluated",
+        &[
+            ("quant.group_size", "32"),
+            ("quant.activation_bits", "8"),
+            ("train.save", "\"ternary\""),
+        ],
+    );
+    let run_path = run_dir.to_str().unwrap();
+    let own = eval(dir.path(), &[run_path, "--device", "cpu"]);
+    // The report's held-out NLL, to the bit: the same split, windows, batches and weights.
+    assert_eq!(own["nll"], report["val_nll"], "{own}");
+    assert_eq!(own["seq_len"], 32);
+
+    // On a text file: the run folder and its packed file are the same model (the file says
+    // which layers quantize their inputs); the Hugging Face directory holds W_t rounded to
+    // bf16 and cannot say that, a little off.
+    let text = common::cli::corpus();
+    let on = |model: &str| {
+        let args = [
+            model,
+            "--text",
+            &text,
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "4",
+        ];
+        eval(dir.path(), &args)
+    };
+    let (a, b) = (on(run_path), on(&format!("{run_path}/ternary.safetensors")));
+    assert_eq!(a["nll"], b["nll"]);
+    assert_eq!(
+        a["windows"],
+        a["tokens"].as_u64().unwrap().saturating_sub(1) / 64
+    );
+    let hf = on(&format!("{run_path}/ternary"));
+    let (x, y) = (a["nll"].as_f64().unwrap(), hf["nll"].as_f64().unwrap());
+    assert!(x != y && (x - y).abs() < 1e-2 * x, "{x} vs {y}");
+}
+
+#[test]
+fn eval_says_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run_dir, _) = run(dir.path(), "unsaved", &[]);
+    let out = common::cli::ternlab(dir.path(), &["eval", run_dir.to_str().unwrap()], &[]);
+    assert_eq!(out.code, Some(2), "{}", out.show());
+    assert!(
+        out.stderr.contains("train.save = \"ternary\""),
+        "{}",
+        out.show()
+    );
+    let out = common::cli::ternlab(dir.path(), &["eval", "./no-such-model"], &[]);
+    assert_eq!(out.code, Some(2), "{}", out.show());
 }
