@@ -7,7 +7,7 @@
 #
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
-#                                            study-extra
+#                                            study-extra export
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -110,6 +110,21 @@ if want baseline; then
   $tl compare "$out/baseline/baseline-seeds" --metric val_nll
   $tl compare "$out/baseline/baseline" --format json | head -c 3000
 fi
+if want export; then
+  echo "== export: a tiny run saved with train.save = ternary, its ternary/ loaded in transformers"
+  $tl run experiments/tiny.toml --set run.device=cuda --set quant.group_size=32 \
+    --set train.save=ternary --set train.steps=50 --results "$out/export" | tail -3
+  run=$(ls -d "$out"/export/tiny/*/ | head -1)
+  grep -E '"(val_nll|packed_max_err|packed_ok|trainer)"' "$run/report.json"
+  for m in "$run" "$run/ternary"; do
+    echo "-- ternlab eval $m (CPU, f32)"
+    $tl eval "$m" --text data/train_data.txt --seq-len 128 --batch-size 1 --device cpu
+  done
+  for dev in cpu cuda; do
+    echo "-- transformers, $dev, f32"
+    python3 bench/export_transformers.py "$run/ternary" data/train_data.txt 128 --device $dev
+  done
+fi
 if want study-pretrain || want study-ternary || want study-extra; then
   # docs/study.md: the corpus comes xz-compressed in .device (it is git-ignored here too).
   [[ -f data/debian-docs.txt ]] || xz -dc .device/debian-docs.txt.xz >data/debian-docs.txt
@@ -125,4 +140,4 @@ if want study-pretrain || want study-ternary || want study-extra; then
   tar czf "$final/study.tgz" --exclude='*.safetensors' results/study-pretrain \
     $(ls -d results/study-ternary results/study-lr results/study-distill 2>/dev/null)
 fi
-tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny baseline 2>/dev/null)
+tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny baseline export 2>/dev/null)

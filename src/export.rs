@@ -126,7 +126,8 @@ pub fn hf_tensors(model: &Qwen3, params: &Params, dtype: DType) -> Result<HashMa
     Ok(out)
 }
 
-/// A transformers Qwen3 config.json for `cfg` (the keys transformers 4.x and 5.x both read).
+/// A transformers Qwen3 config.json for `cfg`: the keys of 4.x (`rope_theta`, `torch_dtype`)
+/// and of 5.x (`rope_parameters`, `dtype`).
 pub fn hf_config(cfg: &Qwen3Config, dtype: DType) -> serde_json::Value {
     let dtype = match dtype {
         DType::BF16 => "bfloat16",
@@ -147,12 +148,14 @@ pub fn hf_config(cfg: &Qwen3Config, dtype: DType) -> serde_json::Value {
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
         "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "max_position_embeddings": cfg.max_position_embeddings,
         "initializer_range": 0.02,
         "use_cache": true,
         "torch_dtype": dtype,
+        "dtype": dtype,
     })
 }
 

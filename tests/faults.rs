@@ -239,7 +239,11 @@ fn quantizer_keys_name_their_valid_values() {
     );
     refused(
         &[("quant.scale", "\"lsq\"")],
-        &["`quant.scale`", "\"lsq\"", "\"absmean\"", "\"absmax\""],
+        &[
+            "`quant.scale`",
+            "\"lsq\"",
+            "\"absmean\", \"absmax\" or \"learned\"",
+        ],
     );
     refused(
         &[("quant.scale_dtype", "\"f8\"")],

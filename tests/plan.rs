@@ -329,7 +329,11 @@ fn bad_names_are_refused_with_the_valid_ones() {
         ),
         (
             "[model]\npreset = \"Tiny\"\n",
-            &["`model.preset`", "\"Tiny\"", "\"tiny\" or \"qwen3-0.6b\""],
+            &[
+                "`model.preset`",
+                "\"Tiny\"",
+                "\"tiny\", \"small\" or \"qwen3-0.6b\"",
+            ],
         ),
         (
             "[sweep]\n\"train.dtype\" = [\"f32\", \"f16\"]\n",
