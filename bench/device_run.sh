@@ -7,7 +7,7 @@
 #
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
-#                                            study-extra export
+#                                            study-extra export generate
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -124,6 +124,18 @@ if want export; then
     echo "-- transformers, $dev, f32"
     python3 bench/export_transformers.py "$run/ternary" data/train_data.txt 128 --device $dev
   done
+fi
+if want generate; then
+  echo "== generate with and without the KV cache on a Qwen3-0.6B-shaped checkpoint, bf16"
+  ckpt=/tmp/qwen3-0.6b-random
+  mkdir -p /tmp/qwen3-tok && cp .device/qwen3/tokenizer_config.json /tmp/qwen3-tok/ &&
+    xz -dc .device/qwen3/tokenizer.json.xz > /tmp/qwen3-tok/tokenizer.json
+  [[ -d $ckpt ]] || python3 bench/qwen3-0.6b/make_checkpoint.py /tmp/qwen3-tok $ckpt
+  for round in 1 2; do for flag in "" --no-cache; do
+    echo "-- round $round ${flag:-(cache)}"
+    $tl generate $ckpt --prompt "Open source software has" --max-new-tokens 200 --device cuda \
+      $flag 2>&1 >/dev/null | tail -1
+  done; done
 fi
 if want study-pretrain || want study-ternary || want study-extra; then
   # docs/study.md: the corpus comes xz-compressed in .device (it is git-ignored here too).

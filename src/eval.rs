@@ -51,6 +51,8 @@ struct Source {
     run: Option<Spec>,
     /// Projections whose inputs were quantized to 8 bits (a run with activation_bits = 8).
     act_quant: Vec<String>,
+    /// The directory of config.json (where generation settings are read from).
+    dir: PathBuf,
 }
 
 fn bad(what: String) -> anyhow::Error {
@@ -84,6 +86,7 @@ fn packed(file: &Path, run: Option<Spec>) -> Result<Source> {
         weights_from: file.display().to_string(),
         run,
         act_quant,
+        dir,
     })
 }
 
@@ -116,18 +119,63 @@ fn source(model: &str) -> Result<Source> {
         weights_from: files.origin.clone(),
         run: None,
         act_quant: Vec::new(),
+        dir: files
+            .config
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf(),
+    })
+}
+
+/// A model loaded for inference: MODEL as `eval` takes it, on `device`, with its tokenizer and
+/// the ids generation stops at.
+pub struct Loaded {
+    pub model: Qwen3,
+    pub tokenizer: Tokenizer,
+    pub eos: Vec<u32>,
+    pub device: String,
+    /// Where the weights came from.
+    pub weights_from: String,
+    /// The run's spec, for a run folder.
+    pub run: Option<Spec>,
+}
+
+/// Loads `model` (a run folder, packed file, model directory or hub id) for inference.
+pub fn load(model: &str, device: DeviceChoice) -> Result<Loaded> {
+    let src = source(model)?;
+    let (dev, name) = crate::device::open(device)?;
+    let run = src.run.as_ref();
+    let dtype = run
+        .map_or(TrainDtype::Auto, |s| s.train.dtype)
+        .resolve(&dev);
+    let dense = TernarySpec::new(Vec::new(), GroupSize::Row);
+    let (m, _) = Qwen3::new(&src.cfg, src.weights, &dense, &dev)?;
+    let mut m = m
+        .with_compute_dtype(dtype.select())
+        .with_fused(run.is_none_or(|s| s.run.fused));
+    for lin in m.linears_mut() {
+        lin.act_quant = src.act_quant.iter().any(|n| n == lin.name());
+    }
+    let eos = crate::train::eos_ids(Some(&src.dir), &src.tokenizer)?;
+    Ok(Loaded {
+        model: m,
+        tokenizer: src.tokenizer,
+        eos,
+        device: name,
+        weights_from: src.weights_from,
+        run: src.run,
     })
 }
 
 /// Evaluates `args.model` (see the module doc).
 pub fn eval(args: &EvalArgs) -> Result<Evaluation> {
-    let src = source(&args.model)?;
-    let run = src.run.as_ref();
+    let l = load(&args.model, args.device)?;
+    let run = l.run.as_ref();
     let (tokens, text) = match (&args.text, run) {
         (Some(file), _) => {
             let t = std::fs::read_to_string(file)
                 .map_err(|e| bad(format!("--text {}: {e}", file.display())))?;
-            let enc = src
+            let enc = l
                 .tokenizer
                 .encode(t.as_str(), false)
                 .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", file.display()))?;
@@ -135,7 +183,7 @@ pub fn eval(args: &EvalArgs) -> Result<Evaluation> {
         }
         (None, Some(spec)) => {
             let d = &spec.data;
-            let corpus = Corpus::load(&d.path, &src.tokenizer, d.val_fraction)
+            let corpus = Corpus::load(&d.path, &l.tokenizer, d.val_fraction)
                 .map_err(|e| bad(format!("{}: data.path of the run: {e:#}", args.model)))?;
             (
                 corpus.val,
@@ -160,27 +208,16 @@ pub fn eval(args: &EvalArgs) -> Result<Evaluation> {
             tokens.len()
         )));
     }
-    let (device, device_name) = crate::device::open(args.device)?;
-    let dtype = run
-        .map_or(TrainDtype::Auto, |s| s.train.dtype)
-        .resolve(&device);
-    let fused = run.is_none_or(|s| s.run.fused);
-    let dense = TernarySpec::new(Vec::new(), GroupSize::Row);
-    let (model, _) = Qwen3::new(&src.cfg, src.weights, &dense, &device)?;
-    let mut model = model.with_compute_dtype(dtype.select()).with_fused(fused);
-    for lin in model.linears_mut() {
-        lin.act_quant = src.act_quant.iter().any(|n| n == lin.name());
-    }
-    let nll = crate::train::heldout_nll(&model.frozen()?, &tokens, seq_len, batch)?;
+    let nll = crate::train::heldout_nll(&l.model.frozen()?, &tokens, seq_len, batch)?;
     Ok(Evaluation {
         model: args.model.clone(),
-        weights: src.weights_from,
+        weights: l.weights_from,
         text,
         tokens: tokens.len(),
         windows: crate::data::eval_starts(tokens.len(), seq_len).len(),
         seq_len,
         nll,
         ppl: nll.exp(),
-        device: device_name,
+        device: l.device,
     })
 }

@@ -16,6 +16,7 @@ pub mod device;
 pub mod eval;
 pub mod export;
 pub mod faults;
+pub mod generate;
 pub mod model;
 pub mod numpy_rng;
 pub mod optim;

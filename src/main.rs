@@ -103,6 +103,28 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Continue a prompt with a model (as `eval` takes it), with a KV cache: greedy at
+    /// temperature 0, else sampled (seeded). Prints the text; speed on stderr.
+    Generate {
+        /// A run folder, a packed ternary.safetensors, a model directory or a hub repo id.
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 60)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// auto, cpu, cuda, cuda:N or metal.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Forward the whole sequence for every token (the reference for the cache).
+        #[arg(long)]
+        no_cache: bool,
+    },
     /// Loss curves per configuration with a band over seeds, to PNG or SVG.
     Plot {
         /// An experiment's results folder.
@@ -216,13 +238,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             batch_size,
             device,
         } => {
-            let device: ternlab::device::DeviceChoice =
-                serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<
-                    serde::de::value::Error,
-                >::new(&device))
-                .map_err(|e| BadInput(format!("--device {e}")))?;
-            ternlab::device::check_built(device)
-                .map_err(|e| BadInput(format!("--device: {e:#}")))?;
+            let device = device_arg(&device)?;
             let args = ternlab::eval::EvalArgs {
                 model,
                 text,
@@ -232,6 +248,55 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let e = ternlab::eval::eval(&args)?;
             println!("{}", serde_json::to_string_pretty(&e)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            device,
+            no_cache,
+        } => {
+            if !(temperature >= 0.0 && top_p > 0.0 && top_p <= 1.0) {
+                return Err(BadInput(
+                    "--temperature must be >= 0 and --top-p in (0, 1]".to_string(),
+                )
+                .into());
+            }
+            let l = ternlab::eval::load(&model, device_arg(&device)?)?;
+            let ids = l
+                .tokenizer
+                .encode(prompt.as_str(), false)
+                .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+            let sampler = ternlab::generate::Sampler {
+                temperature,
+                top_p,
+                seed,
+            };
+            let g = ternlab::generate::generate(
+                &l.model,
+                ids.get_ids(),
+                max_new_tokens,
+                &l.eos,
+                sampler,
+                !no_cache,
+            )?;
+            let text = l
+                .tokenizer
+                .decode(&g.tokens, false)
+                .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+            println!("{prompt}{text}");
+            let n = g.tokens.len();
+            eprintln!(
+                "{n} new tokens on {}: prompt of {} tokens in {:.3} s, then {:.1} tokens/s",
+                l.device,
+                ids.get_ids().len(),
+                g.prefill_s,
+                n.saturating_sub(1) as f64 / g.decode_s.max(1e-9)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Plot { dir, out } => {
@@ -246,6 +311,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `--device NAME`, checked against this build.
+fn device_arg(name: &str) -> anyhow::Result<ternlab::device::DeviceChoice> {
+    let de = serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name);
+    let device: ternlab::device::DeviceChoice =
+        serde::Deserialize::deserialize(de).map_err(|e| BadInput(format!("--device {e}")))?;
+    ternlab::device::check_built(device).map_err(|e| BadInput(format!("--device: {e:#}")))?;
+    Ok(device)
 }
 
 fn train_plan(p: &Plan, results: PathBuf, force: bool) -> anyhow::Result<ExitCode> {

@@ -44,6 +44,65 @@ impl Pass {
     }
 }
 
+impl Pass {
+    /// The pass of `l` new tokens after `offset` cached ones (generation with a `KvCache`):
+    /// RoPE at positions offset..offset+l, a (l, offset + l) causal mask, the composed ops.
+    pub fn at(
+        cfg: &Qwen3Config,
+        (b, l): (usize, usize),
+        offset: usize,
+        device: &Device,
+        cd: DType,
+    ) -> Result<Self> {
+        let full = Rope::new(cfg, offset + l, device)?;
+        let rope = Rope {
+            cos: full.cos.narrow(0, offset, l)?,
+            sin: full.sin.narrow(0, offset, l)?,
+        };
+        let t = offset + l;
+        let mask: Vec<f32> = (0..l)
+            .flat_map(|i| {
+                (0..t).map(move |j| {
+                    if j > offset + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        Ok(Self {
+            b,
+            l,
+            rope,
+            mask: Tensor::from_vec(mask, (l, t), device)?,
+            cd,
+            ops: Ops::Composed,
+        })
+    }
+}
+
+/// The keys and values of the positions seen so far, per decoder layer ((B, K, T, D) each,
+/// after norm and RoPE), so that generation feeds one new token at a time.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A bias-free linear layer `y = x W^T`, optionally ternary (forward with `W_t`, STE backward).
 #[derive(Clone)]
 pub struct Linear {
@@ -268,6 +327,17 @@ impl Attention {
 
     /// x (B*L, E) -> (B*L, E), for `p.b` sequences of `p.l` tokens.
     pub fn forward(&self, x: &Tensor, p: &Pass) -> Result<Tensor> {
+        self.forward_with(x, p, None)
+    }
+
+    /// `forward`, attending also to the cached keys and values of earlier positions (and
+    /// adding this pass's to them) when given a layer's cache (`Pass::at`).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        p: &Pass,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let (b, l) = (p.b, p.l);
         let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let r = h / k;
@@ -279,13 +349,26 @@ impl Attention {
         let kk = ops::qk_norm_rope(&kk, &self.k_norm.weight, self.k_norm.eps, &p.rope, p.ops)?;
         let v = self.v_proj.forward(x, p.ops)?.reshape((b, l, k, d))?;
         let v = v.transpose(1, 2)?.contiguous()?;
+        // (with a cache: the T = cached + L positions' keys and values)
+        let (kk, v) = match cache {
+            None => (kk, v),
+            Some(slot) => {
+                let kv = match slot.take() {
+                    None => (kk, v),
+                    Some((k0, v0)) => (Tensor::cat(&[&k0, &kk], 2)?, Tensor::cat(&[&v0, &v], 2)?),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+        };
+        let t = kk.dim(2)?;
         // 2. grouped-query attention without repeating K and V: query heads k*R .. k*R+R
         //    share key/value head k, so (B, H, L, D) -> (B, K, R*L, D).
         let q = q.reshape((b, k, r * l, d))?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = q.matmul(&kk.t()?)?.reshape((b, h, l, l))?; // (B, K, R*L, L) -> (B, H, L, L)
+        let scores = q.matmul(&kk.t()?)?.reshape((b, h, l, t))?; // (B, K, R*L, T) -> (B, H, L, T)
         let probs = ops::causal_softmax(&scores, scale, &p.mask, p.ops)?;
-        let out = probs.reshape((b, k, r * l, l))?.matmul(&v)?; // (B, K, R*L, D)
+        let out = probs.reshape((b, k, r * l, t))?.matmul(&v)?; // (B, K, R*L, D)
 
         // 3. merge heads: (B, H, L, D) -> (B*L, H*D) and project out
         let out = out
@@ -401,8 +484,18 @@ impl DecoderLayer {
     /// (the seed's bf16 embedding rows): its norm then returns that precision, and the
     /// projections and the residual sum promote to `cd`, as MLX's type promotion does.
     pub fn forward(&self, x: &Tensor, p: &Pass) -> Result<Tensor> {
+        self.forward_with(x, p, None)
+    }
+
+    /// `forward` with this layer's slot of a `KvCache` (see `Attention::forward_with`).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        p: &Pass,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let xn = self.input_layernorm.forward(x, p.ops)?.to_dtype(p.cd)?;
-        let h = (x.to_dtype(p.cd)? + self.self_attn.forward(&xn, p)?)?;
+        let h = (x.to_dtype(p.cd)? + self.self_attn.forward_with(&xn, p, cache)?)?;
         &h + self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h, p.ops)?, p.ops)?

@@ -24,7 +24,7 @@ pub mod ternary;
 pub mod weights;
 
 pub use config::{Preset, Projection, Qwen3Config};
-pub use layers::{Attention, DecoderLayer, Linear, Mlp, Pass, RmsNorm, Rope};
+pub use layers::{Attention, DecoderLayer, KvCache, Linear, Mlp, Pass, RmsNorm, Rope};
 pub use ops::{cross_entropy, Ops};
 pub use qwen3::Qwen3;
 pub use ternary::{Granularity, GroupSize, Quant, ScaleDtype, ScaleRule, TernarySpec};

@@ -9,7 +9,7 @@
 //! Weights are named as in the Hugging Face checkpoint (`model.layers.3.mlp.up_proj.weight`).
 
 use super::config::Qwen3Config;
-use super::layers::{DecoderLayer, Linear, Pass, RmsNorm};
+use super::layers::{DecoderLayer, KvCache, Linear, Pass, RmsNorm};
 use super::ops::Ops;
 use super::ternary::TernarySpec;
 use super::weights::{Params, WeightSource, Weights};
@@ -144,6 +144,26 @@ impl Qwen3 {
             self.compute_dtype,
             self.ops,
         )?;
+        self.forward_pass(ids, &pass, None)
+    }
+
+    /// The logits (B, L, V) of `ids` (B, L) following the positions in `cache`, which gains
+    /// theirs (generation: the prompt once, then one token at a time). Composed ops.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let offset = cache.len();
+        let pass = Pass::at(&self.cfg, (b, l), offset, &self.device, self.compute_dtype)?;
+        cache.layers.resize(self.layers.len(), None);
+        self.forward_pass(ids, &pass, Some(cache))
+    }
+
+    fn forward_pass(
+        &self,
+        ids: &Tensor,
+        pass: &Pass,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
         // (B*L, E) from here to the head. Under f32 compute a bf16 embedding's rows enter the
         // first layer as they are, as in the seed (MLX); see `DecoderLayer::forward`.
         let rows = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
@@ -152,10 +172,11 @@ impl Qwen3 {
         } else {
             rows.to_dtype(self.compute_dtype)?
         };
-        for layer in &self.layers {
-            x = layer.forward(&x, &pass)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward_with(&x, pass, slot)?;
         }
-        let x = self.norm.forward(&x, self.ops)?;
+        let x = self.norm.forward(&x, pass.ops)?;
         let head = self
             .lm_head
             .as_ref()
