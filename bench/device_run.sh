@@ -134,8 +134,9 @@ if want generate; then
   for round in 1 2; do for flag in "" --no-cache; do
     echo "-- round $round ${flag:-(cache)}"
     $tl generate $ckpt --prompt "Open source software has" --max-new-tokens 200 --device cuda \
-      $flag 2>&1 >/dev/null | tail -1
+      $flag 2>&1 >"$out/gen$round$flag.txt" | tail -1
   done; done
+  cmp -s "$out/gen1.txt" "$out/gen1--no-cache.txt" && echo "-- the same 200 tokens with and without the cache"
 fi
 if want study-pretrain || want study-ternary || want study-extra; then
   # docs/study.md: the corpus comes xz-compressed in .device (it is git-ignored here too).

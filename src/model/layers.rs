@@ -46,13 +46,14 @@ impl Pass {
 
 impl Pass {
     /// The pass of `l` new tokens after `offset` cached ones (generation with a `KvCache`):
-    /// RoPE at positions offset..offset+l, a (l, offset + l) causal mask, the composed ops.
+    /// RoPE at positions offset..offset+l and a (l, offset + l) causal mask.
     pub fn at(
         cfg: &Qwen3Config,
         (b, l): (usize, usize),
         offset: usize,
         device: &Device,
         cd: DType,
+        ops: Ops,
     ) -> Result<Self> {
         let full = Rope::new(cfg, offset + l, device)?;
         let rope = Rope {
@@ -77,7 +78,7 @@ impl Pass {
             rope,
             mask: Tensor::from_vec(mask, (l, t), device)?,
             cd,
-            ops: Ops::Composed,
+            ops,
         })
     }
 }
@@ -367,7 +368,9 @@ impl Attention {
         let q = q.reshape((b, k, r * l, d))?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = q.matmul(&kk.t()?)?.reshape((b, h, l, t))?; // (B, K, R*L, T) -> (B, H, L, T)
-        let probs = ops::causal_softmax(&scores, scale, &p.mask, p.ops)?;
+                                                                 // (the fused softmax knows only the square causal mask: cached keys take the mask)
+        let softmax_ops = if t == l { p.ops } else { Ops::Composed };
+        let probs = ops::causal_softmax(&scores, scale, &p.mask, softmax_ops)?;
         let out = probs.reshape((b, k, r * l, t))?.matmul(&v)?; // (B, K, R*L, D)
 
         // 3. merge heads: (B, H, L, D) -> (B*L, H*D) and project out

@@ -148,11 +148,18 @@ impl Qwen3 {
     }
 
     /// The logits (B, L, V) of `ids` (B, L) following the positions in `cache`, which gains
-    /// theirs (generation: the prompt once, then one token at a time). Composed ops.
+    /// theirs (generation: the prompt once, then one token at a time).
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let offset = cache.len();
-        let pass = Pass::at(&self.cfg, (b, l), offset, &self.device, self.compute_dtype)?;
+        let pass = Pass::at(
+            &self.cfg,
+            (b, l),
+            offset,
+            &self.device,
+            self.compute_dtype,
+            self.ops,
+        )?;
         cache.layers.resize(self.layers.len(), None);
         self.forward_pass(ids, &pass, Some(cache))
     }
