@@ -13,7 +13,6 @@ use crate::schedule::lr_at;
 use crate::spec::TrainSpec;
 use crate::trainer::{Distill, Trainer};
 use anyhow::Result;
-use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -282,22 +281,13 @@ pub fn generate_greedy(
     let enc = tokenizer
         .encode(prompt, false)
         .map_err(|e| anyhow::anyhow!("tokenizing prompt {prompt:?}: {e}"))?;
-    let mut ids: Vec<u32> = enc.get_ids().to_vec();
+    let ids: Vec<u32> = enc.get_ids().to_vec();
     anyhow::ensure!(!ids.is_empty(), "prompt {prompt:?} tokenizes to nothing");
-    let prompt_len = ids.len();
-    let device: &Device = model.device();
-    for _ in 0..max_new_tokens {
-        let x = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
-        let logits = model.forward(&x)?; // (1, T, V)
-        let last = logits.squeeze(0)?.get(ids.len() - 1)?;
-        let next = last.argmax(0)?.to_scalar::<u32>()?;
-        if eos.contains(&next) {
-            break;
-        }
-        ids.push(next);
-    }
+    // (with a KV cache, as mlx_lm's generate and `ternlab generate`)
+    let sampler = crate::generate::Sampler::greedy();
+    let g = crate::generate::generate(model, &ids, max_new_tokens, eos, sampler, true)?;
     let text = tokenizer
-        .decode(&ids[prompt_len..], false)
+        .decode(&g.tokens, false)
         .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
     let byte_level = matches!(
         tokenizer.get_decoder(),
