@@ -45,6 +45,13 @@ TERNLAB_TEST_DEVICE=cuda TERNLAB_TEST_DTYPE=bf16 .device/seed_parity --test-thre
 fi
 
 tl=.device/ternlab
+# A random Qwen3-0.6B-shaped bf16 checkpoint with the real tokenizer (made once per machine).
+ckpt=/tmp/qwen3-0.6b-random
+qwen3_checkpoint() {
+  mkdir -p /tmp/qwen3-tok && cp .device/qwen3/tokenizer_config.json /tmp/qwen3-tok/ &&
+    xz -dc .device/qwen3/tokenizer.json.xz > /tmp/qwen3-tok/tokenizer.json
+  [[ -d $ckpt ]] || python3 bench/qwen3-0.6b/make_checkpoint.py /tmp/qwen3-tok $ckpt
+}
 bench() {  # name, then ternlab bench args
   local name=$1; shift
   echo "== ternlab bench $name"
@@ -99,10 +106,7 @@ if want profile; then
 fi
 if want baseline; then
   echo "== the 250-step baseline on a Qwen3-0.6B-shaped checkpoint, f32 and bf16 x 5 seeds"
-  ckpt=/tmp/qwen3-0.6b-random
-  mkdir -p /tmp/qwen3-tok && cp .device/qwen3/tokenizer_config.json /tmp/qwen3-tok/ &&
-    xz -dc .device/qwen3/tokenizer.json.xz > /tmp/qwen3-tok/tokenizer.json
-  python3 bench/qwen3-0.6b/make_checkpoint.py /tmp/qwen3-tok $ckpt
+  qwen3_checkpoint
   time $tl run experiments/baseline.toml --set model.source=$ckpt --set run.device=cuda \
     --results "$out/baseline" 2>&1 | grep -vE "step +[0-9]+/"
   $tl sweep bench/baseline-seeds.toml --set model.source=$ckpt --set run.device=cuda \
@@ -127,10 +131,7 @@ if want export; then
 fi
 if want generate; then
   echo "== generate with and without the KV cache on a Qwen3-0.6B-shaped checkpoint, bf16"
-  ckpt=/tmp/qwen3-0.6b-random
-  mkdir -p /tmp/qwen3-tok && cp .device/qwen3/tokenizer_config.json /tmp/qwen3-tok/ &&
-    xz -dc .device/qwen3/tokenizer.json.xz > /tmp/qwen3-tok/tokenizer.json
-  [[ -d $ckpt ]] || python3 bench/qwen3-0.6b/make_checkpoint.py /tmp/qwen3-tok $ckpt
+  qwen3_checkpoint
   for round in 1 2; do for flag in "" --no-cache; do
     echo "-- round $round ${flag:-(cache)}"
     $tl generate $ckpt --prompt "Open source software has" --max-new-tokens 200 --device cuda \

@@ -74,14 +74,15 @@ fn packed(file: &Path, run: Option<Spec>) -> Result<Source> {
             config.display()
         )));
     }
-    let act_quant = crate::export::packed_layers(file)?
+    let (weights, layers) = crate::export::read_packed(file)?;
+    let act_quant = layers
         .into_iter()
         .filter(|(_, l)| l.activation_bits == 8)
         .map(|(name, _)| name)
         .collect();
     Ok(Source {
         cfg: Qwen3Config::from_hf_json(&config)?,
-        weights: crate::export::unpack(file)?,
+        weights,
         tokenizer: tokenizer_at(&dir.join("tokenizer.json"))?,
         weights_from: file.display().to_string(),
         run,

@@ -106,11 +106,7 @@ pub fn hf_tensors(model: &Qwen3, params: &Params, dtype: DType) -> Result<HashMa
         .filter(|(_, live)| live.is_ternary())
         .map(|(f, _)| (f.name().to_string(), f.weight().clone()))
         .collect();
-    let learned: Vec<candle_core::TensorId> = model
-        .linears()
-        .iter()
-        .filter_map(|l| l.learned_scale().map(|s| s.id()))
-        .collect();
+    let learned = learned_scales(model);
     let mut out = HashMap::new();
     for (name, var) in &params.named {
         if learned.contains(&var.as_tensor().id()) {
@@ -124,6 +120,16 @@ pub fn hf_tensors(model: &Qwen3, params: &Params, dtype: DType) -> Result<HashMa
         );
     }
     Ok(out)
+}
+
+/// The learned-scale parameters of `model` (`quant.scale = "learned"`), which an export stores
+/// inside W_t or as the packed scales rather than as tensors of their own.
+fn learned_scales(model: &Qwen3) -> Vec<candle_core::TensorId> {
+    model
+        .linears()
+        .iter()
+        .filter_map(|l| l.learned_scale().map(|s| s.id()))
+        .collect()
 }
 
 /// A transformers Qwen3 config.json for `cfg`: the keys of 4.x (`rope_theta`, `torch_dtype`)
@@ -191,11 +197,7 @@ pub fn save_packed(path: &Path, model: &Qwen3, params: &Params) -> Result<()> {
     use crate::model::ternary::levels_with;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut layers = std::collections::BTreeMap::new();
-    let learned: Vec<candle_core::TensorId> = model
-        .ternary_linears()
-        .iter()
-        .filter_map(|l| l.learned_scale().map(|s| s.id()))
-        .collect();
+    let learned = learned_scales(model);
     for lin in model.ternary_linears() {
         let q = lin.quant().expect("a ternary layer");
         let (out, inp) = lin.weight().dims2()?;
@@ -250,6 +252,16 @@ pub fn save_packed(path: &Path, model: &Qwen3, params: &Params) -> Result<()> {
 /// Reads a packed file back into checkpoint tensors: each ternary projection's W_t (f32, the
 /// levels times their scales, exactly the trained W_t), every other tensor as stored.
 pub fn unpack(path: &Path) -> Result<crate::model::Weights> {
+    Ok(read_packed(path)?.0)
+}
+
+/// `unpack`, with the file's ternary projections by name (its metadata `layers`).
+pub fn read_packed(
+    path: &Path,
+) -> Result<(
+    crate::model::Weights,
+    std::collections::BTreeMap<String, PackedLayer>,
+)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let layers = layers_of(path, &bytes)?;
     let mut all = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
@@ -282,13 +294,7 @@ pub fn unpack(path: &Path) -> Result<crate::model::Weights> {
             .collect();
         all.insert(name.clone(), Tensor::from_vec(w, (out, inp), &Device::Cpu)?);
     }
-    Ok(all)
-}
-
-/// The ternary projections of a packed file, by name (its metadata `layers`).
-pub fn packed_layers(path: &Path) -> Result<std::collections::BTreeMap<String, PackedLayer>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    layers_of(path, &bytes)
+    Ok((all, layers))
 }
 
 fn layers_of(path: &Path, bytes: &[u8]) -> Result<std::collections::BTreeMap<String, PackedLayer>> {

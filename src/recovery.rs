@@ -4,7 +4,7 @@
 //! that training closed; and the ternary weights themselves: the share at -1, 0 and +1 at the
 //! end, and how many changed level during training, per projection type.
 
-use crate::model::ternary::ternarize_with;
+use crate::model::ternary::levels_with;
 use crate::model::{Linear, Qwen3};
 use anyhow::Result;
 use candle_core::{DType, Device};
@@ -48,9 +48,7 @@ pub struct Levels {
 /// The levels (-1, 0, +1 as 0, 1, 2) of a ternary layer's weights.
 fn levels_of(lin: &Linear) -> Result<Vec<u8>> {
     let q = lin.quant().expect("a ternary layer has a quantizer");
-    let s = lin.group_scales()?;
-    let wt = ternarize_with(lin.weight(), q, &s)?.reshape(((), q.group))?;
-    let l = (wt.broadcast_div(&s)?.round()? + 1.0)?;
+    let l = (levels_with(lin.weight(), q, &lin.group_scales()?)? + 1.0)?;
     Ok(l.to_dtype(DType::U8)?
         .flatten_all()?
         .to_device(&Device::Cpu)?

@@ -4,24 +4,10 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::cli::{on_spec, spec_text, write_spec};
+use common::cli::{on_spec, run_tiny as run, spec_text, write_spec};
+use common::max_abs;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-/// Trains the tiny spec `name` with `set` in `dir`; returns its run folder and report.json.
-fn run(dir: &Path, name: &str, set: &[(&str, &str)]) -> (PathBuf, Value) {
-    let results = dir.join("results");
-    let spec = write_spec(dir, &format!("{name}.toml"), &spec_text(name, set, ""));
-    let out = on_spec("run", &spec, &results, &[], &[]);
-    assert_eq!(out.code, Some(0), "{}", out.show());
-    let run = std::fs::read_dir(results.join(name))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.join("report.json").is_file())
-        .expect("a run folder with a report");
-    let report = std::fs::read_to_string(run.join("report.json")).unwrap();
-    (run, serde_json::from_str(&report).unwrap())
-}
+use std::path::Path;
 
 #[test]
 fn a_saved_dense_model_starts_the_next_run_where_it_ended() {
@@ -371,14 +357,7 @@ fn generation_with_the_kv_cache_gives_the_tokens_of_generation_without() {
     assert_eq!(kv.len(), seq.len());
     let a = full.get(0).unwrap().get(seq.len() - 1).unwrap();
     let b = last.unwrap().get(0).unwrap().get(0).unwrap();
-    let err = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let err = max_abs(&(a - b).unwrap());
     eprintln!("cached vs full logits: {err:e}");
     // measured 6.0e-7 (the products of a shorter key matrix, summed in another order)
     assert!(err < 5e-6, "{err}");

@@ -6,9 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::cli::{on_spec, spec_text, write_spec};
-use serde_json::Value;
-use std::path::PathBuf;
+use common::cli::run_tiny;
 use ternlab::choice::Choice;
 use ternlab::model::load::random_weights;
 use ternlab::model::ternary::{group_scales, ternarize};
@@ -23,22 +21,6 @@ fn tiny(edit: impl FnOnce(&mut TernarySpec)) -> Qwen3 {
     edit(&mut spec);
     let weights = random_weights(&cfg, 5).unwrap();
     Qwen3::new(&cfg, weights, &spec, &Device::Cpu).unwrap().0
-}
-
-/// Trains the tiny spec `name` with `set` through `ternlab run` in `dir`; returns the run's
-/// folder and its report.json.
-fn run_tiny(dir: &std::path::Path, name: &str, set: &[(&str, &str)]) -> (PathBuf, Value) {
-    let results = dir.join("results");
-    let spec = write_spec(dir, &format!("{name}.toml"), &spec_text(name, set, ""));
-    let out = on_spec("run", &spec, &results, &[], &[]);
-    assert_eq!(out.code, Some(0), "{}", out.show());
-    let run = std::fs::read_dir(results.join(name))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.join("report.json").is_file())
-        .expect("a run folder with a report");
-    let report = serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap());
-    (run, report.unwrap())
 }
 
 /// The distinct |W_t| values of `w` other than 0, by their bits.

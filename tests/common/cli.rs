@@ -219,3 +219,19 @@ pub fn snapshot(path: &Path) -> (String, SystemTime) {
         std::fs::metadata(path).unwrap().modified().unwrap(),
     )
 }
+
+/// Trains the tiny spec `name` with `set` (see [`spec_text`]) through `ternlab run` in `dir`;
+/// returns the run's folder and its report.json.
+pub fn run_tiny(dir: &Path, name: &str, set: &[(&str, &str)]) -> (PathBuf, serde_json::Value) {
+    let results = dir.join("results");
+    let spec = write_spec(dir, &format!("{name}.toml"), &spec_text(name, set, ""));
+    let out = on_spec("run", &spec, &results, &[], &[]);
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    let run = std::fs::read_dir(results.join(name))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("report.json").is_file())
+        .expect("a run folder with a report");
+    let report = std::fs::read_to_string(run.join("report.json")).unwrap();
+    (run, serde_json::from_str(&report).unwrap())
+}
