@@ -5,7 +5,7 @@
 //! each step (src/numpy_rng.rs), so a run trains on the same windows as the MLX script.
 
 use crate::choice::{serde_by_name, Choice};
-use crate::numpy_rng::{default_rng, Generator};
+use crate::numpy_rng::{default_rng, Generator, Pcg64};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -134,6 +134,17 @@ impl Choice for Sampling {
 
 serde_by_name!(Sampling);
 
+/// Where a `Batcher` stands: the batches drawn so far and the random generator's state (the
+/// 128-bit numbers as decimal strings, which JSON numbers cannot hold), so that a resumed run
+/// draws the windows the uninterrupted one would have.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplerState {
+    pub batches: usize,
+    pub pcg64_state: String,
+    pub pcg64_inc: String,
+    pub pending_u32: Option<u32>,
+}
+
 /// Produces the (inputs, targets) windows of each training step.
 pub struct Batcher<'a> {
     tokens: &'a [u32],
@@ -166,6 +177,29 @@ impl<'a> Batcher<'a> {
             rng: default_rng(seed),
             step: 0,
         })
+    }
+
+    pub fn state(&self) -> SamplerState {
+        let bg = self.rng.bit_generator();
+        let (state, inc) = bg.state();
+        SamplerState {
+            batches: self.step,
+            pcg64_state: state.to_string(),
+            pcg64_inc: inc.to_string(),
+            pending_u32: bg.pending_u32(),
+        }
+    }
+
+    /// Continues from `s` (a state this batcher's run saved).
+    pub fn restore(&mut self, s: &SamplerState) -> Result<()> {
+        let num = |x: &str| {
+            x.parse::<u128>()
+                .map_err(|e| anyhow::anyhow!("sampler state {x:?} is not a 128-bit number: {e}"))
+        };
+        let bg = Pcg64::from_state(num(&s.pcg64_state)?, num(&s.pcg64_inc)?, s.pending_u32);
+        self.rng = Generator::from_bit_generator(bg);
+        self.step = s.batches;
+        Ok(())
     }
 
     /// Start offsets of the next batch's windows.

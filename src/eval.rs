@@ -100,7 +100,8 @@ fn source(model: &str) -> Result<Source> {
         let file = path.join("ternary.safetensors");
         if !file.is_file() {
             return Err(bad(format!(
-                "{model}: the run saved no model; train it with train.save = \"ternary\""
+                "{model}: the run saved no ternary model; train it with train.save = \"ternary\" \
+                 or \"both\""
             )));
         }
         return packed(&file, Some(spec));

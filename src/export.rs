@@ -20,16 +20,33 @@ pub enum Save {
     /// Nothing (the seed's).
     #[default]
     None,
-    /// `ternary/`: the Hugging Face directory of the trained model, projections at `W_t`.
+    /// `ternary/`, the Hugging Face directory of the trained model with the projections at
+    /// `W_t`, and `ternary.safetensors`, the packed form.
     Ternary,
+    /// `latent/`: what training continues from (see `crate::checkpoint`).
+    Latent,
+    /// Both of these.
+    Both,
+}
+
+impl Save {
+    pub fn ternary(self) -> bool {
+        matches!(self, Save::Ternary | Save::Both)
+    }
+
+    pub fn latent(self) -> bool {
+        matches!(self, Save::Latent | Save::Both)
+    }
 }
 
 impl Choice for Save {
-    const ALL: &'static [Self] = &[Save::None, Save::Ternary];
+    const ALL: &'static [Self] = &[Save::None, Save::Ternary, Save::Latent, Save::Both];
     fn name(self) -> &'static str {
         match self {
             Save::None => "none",
             Save::Ternary => "ternary",
+            Save::Latent => "latent",
+            Save::Both => "both",
         }
     }
 }
@@ -82,13 +99,28 @@ pub fn save_hf_dir(dir: &Path, model: &Qwen3, params: &Params, c: &Companions) -
         .to_string(false)
         .map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
     std::fs::write(tmp.join("tokenizer.json"), tok)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp, dir).with_context(|| format!("renaming to {}", dir.display()))
+    replace_dir(&tmp, dir)
 }
 
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+/// Puts the complete folder `tmp` at `dir`: an old `dir` is moved aside first and removed
+/// after, so that at every moment one complete folder exists under `dir` or its `.old` name.
+pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
+    let old = sibling(dir, ".old");
+    if old.exists() {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    if dir.exists() {
+        std::fs::rename(dir, &old).with_context(|| format!("renaming {}", dir.display()))?;
+    }
+    std::fs::rename(tmp, dir).with_context(|| format!("renaming to {}", dir.display()))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// `dir` with `suffix` appended to its name.
+pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut s = dir.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)

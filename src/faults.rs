@@ -5,7 +5,9 @@
 //!
 //! `TERNLAB_INJECT=KIND@STEP[:PART]` makes runs whose id contains PART (every run without it)
 //! meet a fault at training step STEP, so that tests can exercise what happens next:
-//! KIND is `error` (the step fails), `panic` (the step panics) or `nan` (the loss is NaN).
+//! KIND is `error` (the step fails), `panic` (the step panics), `nan` (the loss is NaN),
+//! `exit` (the process ends at once, as if killed: nothing recorded, no unwinding) or
+//! `interrupt` (as Ctrl-C before the step).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -26,11 +28,18 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// What Ctrl-C does, for the `interrupt` fault.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultKind {
     Error,
     Panic,
     Nan,
+    Exit,
+    Interrupt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +61,8 @@ pub fn injected(run_id: &str) -> anyhow::Result<Option<Fault>> {
 fn parse(v: &str, run_id: &str) -> anyhow::Result<Option<Fault>> {
     let bad = || {
         anyhow::anyhow!(
-            "{INJECT_VAR}={v:?}: expected KIND@STEP[:RUN_ID_PART], KIND one of error, panic, nan"
+            "{INJECT_VAR}={v:?}: expected KIND@STEP[:RUN_ID_PART], KIND one of error, panic, nan, \
+             exit, interrupt"
         )
     };
     let (spec, part) = match v.split_once(':') {
@@ -64,6 +74,8 @@ fn parse(v: &str, run_id: &str) -> anyhow::Result<Option<Fault>> {
         "error" => FaultKind::Error,
         "panic" => FaultKind::Panic,
         "nan" => FaultKind::Nan,
+        "exit" => FaultKind::Exit,
+        "interrupt" => FaultKind::Interrupt,
         _ => return Err(bad()),
     };
     let step = step.parse().map_err(|_| bad())?;

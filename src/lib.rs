@@ -7,6 +7,7 @@
 //! cuda (the kernels, by op), optim (AdamW).
 
 pub mod bench;
+pub mod checkpoint;
 pub mod choice;
 pub mod compare;
 #[cfg(feature = "cuda")]

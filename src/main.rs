@@ -367,6 +367,12 @@ fn print_plan(p: &Plan, results: &std::path::Path) {
         for (k, v) in &r.swept {
             line.push_str(&format!("  {:>w2$}", v.to_string(), w2 = k.len()));
         }
+        if matches!(state, RunState::Unfinished | RunState::Failed(_)) {
+            let dir = ternlab::run::run_dir(results, &p.name, &r.id);
+            if let Some((_, s)) = ternlab::checkpoint::latest(&dir, &r.config_hash) {
+                line.push_str(&format!("  (resumes at step {})", s.step));
+            }
+        }
         println!("{line}");
     }
 }

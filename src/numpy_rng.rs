@@ -174,6 +174,16 @@ impl Pcg64 {
     pub fn pending_u32(&self) -> Option<u32> {
         self.has_uint32.then_some(self.uinteger)
     }
+
+    /// The generator at a state read with `state` and `pending_u32` (a checkpoint's sampler).
+    pub fn from_state(state: u128, inc: u128, pending_u32: Option<u32>) -> Self {
+        Self {
+            state,
+            inc,
+            has_uint32: pending_u32.is_some(),
+            uinteger: pending_u32.unwrap_or(0),
+        }
+    }
 }
 
 /// numpy's `Generator` over [`Pcg64`], reduced to `integers` with the int64 dtype.
@@ -192,6 +202,11 @@ pub fn default_rng(seed: u64) -> Generator {
 impl Generator {
     pub fn bit_generator(&self) -> &Pcg64 {
         &self.bit_generator
+    }
+
+    /// A generator continuing from `bit_generator`'s state.
+    pub fn from_bit_generator(bit_generator: Pcg64) -> Self {
+        Self { bit_generator }
     }
 
     /// `integers(low, high, size=size)`: `size` values uniform in `[low, high)`, int64.

@@ -185,6 +185,47 @@ impl AdamW {
             .map(|s| (&s.m, &s.v))
     }
 
+    /// How many updates it has made (`t` of the bias correction).
+    pub fn steps_taken(&self) -> usize {
+        self.step_t
+    }
+
+    /// Every parameter's (m, v), in the order of the parameters it was made with.
+    pub fn all_moments(&self) -> Vec<(&Tensor, &Tensor)> {
+        self.slots.iter().map(|s| (&s.m, &s.v)).collect()
+    }
+
+    /// Continues from a saved state: `steps_taken` updates made, and every parameter's (m, v)
+    /// in the order of `all_moments` (each with its parameter's shape, dtype and device).
+    pub fn restore(&mut self, steps_taken: usize, moments: Vec<(Tensor, Tensor)>) -> Result<()> {
+        if moments.len() != self.slots.len() {
+            candle_core::bail!(
+                "{} saved moment pairs for {} parameters",
+                moments.len(),
+                self.slots.len()
+            );
+        }
+        for (slot, (m, v)) in self.slots.iter_mut().zip(moments) {
+            for t in [&m, &v] {
+                let p = slot.var.as_tensor();
+                if t.shape() != p.shape() || t.dtype() != p.dtype() {
+                    candle_core::bail!(
+                        "a saved moment is {:?} {:?}, its parameter {:?} {:?}",
+                        t.shape(),
+                        t.dtype(),
+                        p.shape(),
+                        p.dtype()
+                    );
+                }
+            }
+            // (the fused kernel updates the moments in place: each needs storage of its own)
+            slot.m = m.to_device(slot.var.device())?.copy()?;
+            slot.v = v.to_device(slot.var.device())?.copy()?;
+        }
+        self.step_t = steps_taken;
+        Ok(())
+    }
+
     /// One update of every parameter that has a gradient in `grads`.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step_t += 1;

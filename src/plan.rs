@@ -150,11 +150,13 @@ pub fn parse_axes(file: &Path, sweep: &toml::Table) -> anyhow::Result<Vec<Axis>>
     Ok(axes)
 }
 
-/// Stable hash of what determines a run's results: the resolved spec except `[run]`
-/// (the device does not change the experiment).
+/// Stable hash of what determines a run's results: the resolved spec except `[run]` (the
+/// device does not change the experiment) and `train.checkpoint_every` (a resumed run's curve
+/// is the uninterrupted one's).
 pub fn config_hash(spec: &Spec) -> String {
     let mut s = spec.clone();
     s.run = Default::default();
+    s.train.checkpoint_every = 0;
     let text = toml::to_string(&s).expect("a spec serializes");
     Sha256::digest(text.as_bytes())
         .iter()

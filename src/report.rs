@@ -27,6 +27,36 @@ impl LossCurveWriter {
         Ok(Self { csv })
     }
 
+    /// Continues the curve of a run resumed at `step`: the rows of earlier steps are kept as
+    /// written, later ones (trained after the checkpoint, before the run stopped) dropped.
+    pub fn resume(path: &Path, step: usize) -> Result<Self> {
+        let mut kept = csv::Writer::from_writer(Vec::new());
+        kept.write_record(LOSS_CSV_HEADER)?;
+        if path.is_file() {
+            let mut rd = csv::Reader::from_path(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            for row in rd.records() {
+                // (a row cut short by the stop that does not parse is dropped too)
+                let Ok(row) = row else { continue };
+                match row.get(0).and_then(|s| s.parse::<usize>().ok()) {
+                    Some(s) if s < step && row.len() == LOSS_CSV_HEADER.len() => {
+                        kept.write_record(&row)?
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let kept = kept.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+        write_atomic(path, &kept)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            csv: csv::Writer::from_writer(file),
+        })
+    }
+
     pub fn write(&mut self, r: &StepRecord) -> Result<()> {
         self.csv.write_record([
             r.step.to_string(),
@@ -167,6 +197,10 @@ pub struct Report {
     pub ternary_bad: usize,
     pub train_tokens: usize,
     pub val_tokens: usize,
+    /// The step a killed or interrupted run went on from (its newest latent checkpoint); the
+    /// times then cover this process only, but `train_time_s` the whole training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<usize>,
     #[serde(deserialize_with = "f64_or_nan")]
     pub wall_time_s: f64,
     #[serde(deserialize_with = "f64_or_nan")]

@@ -13,7 +13,7 @@ use crate::report::{
     head_mean, tail_mean, write_atomic, write_json_atomic, DistillReport, LossCurveWriter, Report,
     RunStatus, Sample, Versions,
 };
-use crate::spec::{BadInput, DenseDtype, Save, Spec};
+use crate::spec::{BadInput, DenseDtype, Spec};
 use crate::train::{self, Outcome, ValDuringTraining};
 use crate::trainer::Trainer;
 use anyhow::{Context, Result};
@@ -275,7 +275,11 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         &dir.join("config.toml"),
         toml::to_string(&p.spec)?.as_bytes(),
     )?;
-    let mut curve = LossCurveWriter::create(&dir.join("loss.csv"))?;
+    let resume_from = crate::checkpoint::latest(&dir, &p.config_hash);
+    let mut curve = match &resume_from {
+        Some((_, state)) => LossCurveWriter::resume(&dir.join("loss.csv"), state.step)?,
+        None => LossCurveWriter::create(&dir.join("loss.csv"))?,
+    };
 
     let (device, device_name) = crate::device::open(p.spec.run.device)?;
     progress.message(&format!(
@@ -310,6 +314,38 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         None
     };
     let teacher = teacher.as_ref();
+    // (after the start was measured and the teacher copied: both are the starting model)
+    let resume = match &resume_from {
+        Some((ckpt, state)) => {
+            progress.message(&format!(
+                "{}: resuming from step {} ({})",
+                p.run_id,
+                state.step,
+                ckpt.display()
+            ));
+            Some(crate::checkpoint::load(ckpt, &params, &device)?)
+        }
+        None => None,
+    };
+    let mut on_snapshot = |snap: &crate::checkpoint::Snapshot, at: train::SnapshotAt| match at {
+        train::SnapshotAt::End => {
+            crate::checkpoint::write(&dir.join("latent"), snap, &p.config_hash)
+        }
+        train::SnapshotAt::Checkpoint | train::SnapshotAt::Interrupted => {
+            crate::checkpoint::write(
+                &crate::checkpoint::step_dir(&dir, snap.step),
+                snap,
+                &p.config_hash,
+            )?;
+            crate::checkpoint::prune(&dir, 2)
+        }
+    };
+    let ckpt = train::Checkpointing {
+        every: t.checkpoint_every,
+        final_snapshot: t.save.latent(),
+        on_snapshot: Some(&mut on_snapshot),
+        resume,
+    };
     let result = train::train(
         &model,
         &params,
@@ -322,6 +358,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
             progress.step(r, t.steps);
             curve.write(r)
         },
+        ckpt,
     )?;
     progress.finish();
 
@@ -366,7 +403,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         None
     };
     let mut packed_max_err = None;
-    if result.outcome == Outcome::Completed && t.save == Save::Ternary {
+    if result.outcome == Outcome::Completed && t.save.ternary() {
         progress.message(&format!(
             "{}: saving ternary/ and ternary.safetensors",
             p.run_id
@@ -449,6 +486,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         train_time_s: result.train_seconds,
         tokens_per_s: tokens_trained as f64 / result.train_seconds.max(1e-9),
         peak_memory_bytes: crate::device::peak_memory_bytes(&device),
+        resumed_from_step: resume_from.as_ref().map(|(_, s)| s.step),
         versions: Versions::current(),
     };
     write_json_atomic(&dir.join("report.json"), &report)?;

@@ -258,7 +258,7 @@ pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<
             outcomes.push(previous_outcome(&opts.results, plan, run, &state));
             continue;
         }
-        outcomes.push(train_one(p, &opts.results, &label));
+        outcomes.push(train_one(p, &opts.results, &label, opts.force));
         drop(lock);
     }
     outcomes
@@ -294,11 +294,14 @@ fn previous_outcome(results: &Path, plan: &Plan, run: &PlannedRun, state: &RunSt
     }
 }
 
-/// Trains one run in a fresh folder, turning any error or panic into a `failed` status.
-fn train_one(p: &PreparedRun, results: &Path, label: &str) -> Outcome {
+/// Trains one run, turning any error or panic into a `failed` status: in a fresh folder, or,
+/// when its folder holds a latent checkpoint of this configuration (an unfinished or failed
+/// run that had `train.checkpoint_every`) and `force` is off, on from the newest checkpoint.
+fn train_one(p: &PreparedRun, results: &Path, label: &str, force: bool) -> Outcome {
     let dir = p.run_dir(results);
     let result = (|| -> anyhow::Result<crate::report::Report> {
-        if dir.exists() {
+        let resumable = crate::checkpoint::latest(&dir, &p.config_hash).is_some();
+        if dir.exists() && (force || !resumable) {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;

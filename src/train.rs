@@ -3,6 +3,7 @@
 //! ternary check, held-out NLL / perplexity over non-overlapping windows, and greedy
 //! generations.
 
+use crate::checkpoint::{Resume, Snapshot};
 use crate::data::{eval_starts, windows, Batcher};
 use crate::faults::{self, Fault, FaultKind};
 use crate::model::ops::cross_entropy_with;
@@ -68,8 +69,46 @@ pub struct Teacher {
     pub temperature: f64,
 }
 
+/// When the training loop hands out a snapshot of its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotAt {
+    /// Every `checkpoint_every` steps.
+    Checkpoint,
+    /// Stopped by Ctrl-C (with checkpoints on).
+    Interrupted,
+    /// The last step done (with `final_snapshot`).
+    End,
+}
+
+/// Receives the training state's snapshots.
+pub type OnSnapshot<'a> = &'a mut dyn FnMut(&Snapshot, SnapshotAt) -> Result<()>;
+
+/// Snapshots of the training state (`crate::checkpoint`), and where training resumes.
+pub struct Checkpointing<'a> {
+    /// A snapshot every this many steps and when interrupted (0: neither).
+    pub every: usize,
+    /// A snapshot after the last step.
+    pub final_snapshot: bool,
+    pub on_snapshot: Option<OnSnapshot<'a>>,
+    /// The state to continue from: parameters already loaded, the rest here.
+    pub resume: Option<Resume>,
+}
+
+impl Checkpointing<'_> {
+    /// No snapshots, from the start.
+    pub fn none() -> Checkpointing<'static> {
+        Checkpointing {
+            every: 0,
+            final_snapshot: false,
+            on_snapshot: None,
+            resume: None,
+        }
+    }
+}
+
 /// Trains `steps` steps, distilling from `teacher` when given. `on_step` sees every record as
-/// soon as it exists (for the CSV and the progress display).
+/// soon as it exists (for the CSV and the progress display); `ckpt` says when to hand out
+/// snapshots and where to resume from.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     model: &Qwen3,
@@ -80,6 +119,7 @@ pub fn train(
     teacher: Option<&Teacher>,
     fault: Option<Fault>,
     on_step: &mut dyn FnMut(&StepRecord) -> Result<()>,
+    ckpt: Checkpointing,
 ) -> Result<TrainResult> {
     let device = model.device().clone();
     let trainer = Trainer::for_model(model);
@@ -88,20 +128,67 @@ pub fn train(
     let start = Instant::now();
     let mut losses = Vec::with_capacity(t.steps);
     let (mut ce_terms, mut kl_terms) = (Vec::new(), Vec::new());
-    for step in 0..t.steps {
+    let (mut first, mut seconds_before) = (0, 0.0);
+    if let Some(r) = ckpt.resume {
+        opt.restore(r.optimizer_steps, r.moments)?;
+        batcher.restore(&r.sampler)?;
+        (losses, ce_terms, kl_terms) = (r.losses, r.ce_terms, r.kl_terms);
+        (first, seconds_before) = (r.step, r.train_seconds);
+    }
+    let elapsed = || seconds_before + start.elapsed().as_secs_f64();
+    let mut on_snapshot = ckpt.on_snapshot;
+    let mut snapshot = |step: usize,
+                        at: SnapshotAt,
+                        opt: &AdamW,
+                        batcher: &Batcher,
+                        losses: &[f64],
+                        ce_terms: &[f64],
+                        kl_terms: &[f64]|
+     -> Result<()> {
+        let Some(f) = on_snapshot.as_mut() else {
+            return Ok(());
+        };
+        f(
+            &Snapshot {
+                step,
+                params,
+                optimizer: opt,
+                sampler: batcher.state(),
+                lambda: model.quant_lambda(step) as f64,
+                losses,
+                ce_terms,
+                kl_terms,
+                train_seconds: elapsed(),
+            },
+            at,
+        )
+    };
+    let mut last_snapshot = first;
+    for step in first..t.steps {
+        let fault_now = fault.filter(|f| f.step == step).map(|f| f.kind);
+        if fault_now == Some(FaultKind::Interrupt) {
+            faults::interrupt();
+        }
         if faults::interrupted() {
+            if ckpt.every > 0 && step > last_snapshot {
+                let at = SnapshotAt::Interrupted;
+                snapshot(step, at, &opt, batcher, &losses, &ce_terms, &kl_terms)?;
+            }
             return Ok(TrainResult {
                 losses,
                 ce_terms,
                 kl_terms,
                 outcome: Outcome::Interrupted { step },
-                train_seconds: start.elapsed().as_secs_f64(),
+                train_seconds: elapsed(),
             });
         }
-        let fault_now = fault.filter(|f| f.step == step).map(|f| f.kind);
         match fault_now {
             Some(FaultKind::Error) => anyhow::bail!("injected error at step {step}"),
             Some(FaultKind::Panic) => panic!("injected panic at step {step}"),
+            Some(FaultKind::Exit) => {
+                eprintln!("injected exit at step {step}");
+                std::process::exit(137)
+            }
             _ => {}
         }
         let lr = lr_at(t, step);
@@ -136,7 +223,7 @@ pub fn train(
                     step,
                     loss: loss_value,
                 },
-                train_seconds: start.elapsed().as_secs_f64(),
+                train_seconds: elapsed(),
             });
         }
         let grads = fwd.backward(model)?;
@@ -153,16 +240,30 @@ pub fn train(
             lr,
             loss: loss_value,
             tokens_seen: (step + 1) * b * l,
-            elapsed_s: start.elapsed().as_secs_f64(),
+            elapsed_s: elapsed(),
             val_loss,
         })?;
+        let done = step + 1;
+        let periodic = ckpt.every > 0 && done % ckpt.every == 0;
+        let end = ckpt.final_snapshot && done == t.steps;
+        for (wanted, at) in [(periodic, SnapshotAt::Checkpoint), (end, SnapshotAt::End)] {
+            if wanted {
+                snapshot(done, at, &opt, batcher, &losses, &ce_terms, &kl_terms)?;
+                last_snapshot = done;
+            }
+        }
+    }
+    if ckpt.final_snapshot && first == t.steps {
+        // (resumed from a checkpoint of the last step: nothing left to train)
+        let at = SnapshotAt::End;
+        snapshot(first, at, &opt, batcher, &losses, &ce_terms, &kl_terms)?;
     }
     Ok(TrainResult {
         losses,
         ce_terms,
         kl_terms,
         outcome: Outcome::Completed,
-        train_seconds: start.elapsed().as_secs_f64(),
+        train_seconds: elapsed(),
     })
 }
 

@@ -266,8 +266,14 @@ fn quantizer_keys_name_their_valid_values() {
         &["`quant.scale_lr`", "0", "> 0"],
     );
     refused(
-        &[("train.save", "\"latent\"")],
-        &["`train.save`", "\"none\"", "\"ternary\""],
+        &[("train.save", "\"dense\"")],
+        &[
+            "`train.save`",
+            "\"none\"",
+            "\"ternary\"",
+            "\"latent\"",
+            "\"both\"",
+        ],
     );
     // tiny has layers 0 to 3.
     refused(

@@ -147,6 +147,7 @@ fn loss_curve_matches_transformers() {
         None,
         None,
         &mut |_| Ok(()),
+        ternlab::train::Checkpointing::none(),
     )
     .unwrap();
     assert_eq!(result.outcome, Outcome::Completed);

@@ -162,11 +162,17 @@ pub struct TrainSpec {
     /// arithmetic. "checkpoint" (the seed): as stored in the checkpoint (bf16 for Qwen3 and the
     /// presets); "f32": promoted to f32 like the ternary latents (PyTorch-style mixed precision).
     pub dense_dtype: DenseDtype,
-    /// What the run keeps of its model when it completes: "none" (the seed's) or "ternary"
+    /// What the run keeps of its model when it completes: "none" (the seed's), "ternary"
     /// (`ternary/` in the run folder, a Hugging Face Qwen3 directory with the projections at
-    /// `W_t`; see `crate::export`).
+    /// `W_t`, and the packed `ternary.safetensors`; see `crate::export`), "latent" (`latent/`:
+    /// the latents, optimizer and sampler state; see `crate::checkpoint`) or "both".
     #[serde(skip_serializing_if = "is_default")]
     pub save: Save,
+    /// A latent checkpoint every this many steps (0: none), the last two kept under
+    /// `checkpoints/`; a rerun of the sweep resumes an unfinished run from the newest. It does
+    /// not change the results, so it is not part of the config hash.
+    #[serde(skip_serializing_if = "is_default")]
+    pub checkpoint_every: usize,
 }
 
 /// `train.dtype`: "auto" (chosen by device: `resolve`) or a fixed compute precision.
@@ -357,6 +363,7 @@ impl Default for TrainSpec {
             bias_correction: false,
             dense_dtype: DenseDtype::Checkpoint,
             save: Save::None,
+            checkpoint_every: 0,
         }
     }
 }

@@ -127,6 +127,7 @@ pub fn known_keys() -> Vec<String> {
     full.quant.scale_lr = 2.0;
     full.distill.weight = 1.0;
     full.train.save = crate::export::Save::Ternary;
+    full.train.checkpoint_every = 1;
     let table = toml::Table::try_from(&full).expect("a spec serializes");
     let mut keys = Vec::new();
     fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {
