@@ -7,7 +7,7 @@
 #
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
-#                                            study-extra export generate
+#                                            study-extra export generate resume
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -139,6 +139,42 @@ if want generate; then
   done; done
   cmp -s "$out/gen1.txt" "$out/gen1--no-cache.txt" && echo "-- the same 200 tokens with and without the cache"
 fi
+if want resume; then
+  echo "== resume on the GPU: tiny, 40 steps, a checkpoint every 10; killed during step 25, rerun"
+  r="$out/resume"; rm -rf "$r"
+  set_=(--set run.device=cuda --set train.steps=40 --set train.checkpoint_every=10
+    --set quant.scale=learned --set quant.lambda_warmup_steps=20 --set eval.every=5)
+  for k in whole again; do
+    $tl run experiments/tiny.toml "${set_[@]}" --results "$r/$k" 2>&1 | tail -1
+  done
+  TERNLAB_INJECT=exit@25 $tl run experiments/tiny.toml "${set_[@]}" --results "$r/broken" 2>&1 | tail -1
+  $tl run experiments/tiny.toml "${set_[@]}" --results "$r/broken" 2>&1 | grep -E "resuming|completed"
+  python3 - "$r" <<'PY'
+import csv, glob, json, sys
+r = sys.argv[1]
+def run(k):
+    d = glob.glob(f"{r}/{k}/tiny/*/")[0]
+    rows = [(x["step"], x["loss"], x["val_loss"]) for x in csv.DictReader(open(d + "loss.csv"))]
+    return rows, json.load(open(d + "report.json"))
+whole, rw = run("whole")
+for k in ["again", "broken"]:
+    rows, rep = run(k)
+    same = sum(a == b for a, b in zip(rows, whole))
+    worst = max(abs(float(a[1]) - float(b[1])) for a, b in zip(rows, whole))
+    print(f"{k}: {len(rows)} rows, {same} equal to the uninterrupted run's, worst loss diff {worst:.3g},"
+          f" val_nll {rep['val_nll']!r} vs {rw['val_nll']!r}, resumed_from_step {rep.get('resumed_from_step')}")
+PY
+  echo "== a latent checkpoint of a Qwen3-0.6B-shaped model: 20 steps, with and without checkpoints"
+  qwen3_checkpoint
+  for every in 0 10; do
+    $tl run experiments/baseline.toml --set model.source=$ckpt --set run.device=cuda \
+      --set train.steps=20 --set train.checkpoint_every=$every --set eval.max_new_tokens=1 \
+      --results "$r/big-$every" 2>&1 | tail -1
+    grep -E '"(train_time_s|tokens_per_s)"' "$r"/big-$every/*/*/report.json
+  done
+  du -sh "$r"/big-10/*/*/checkpoints/*
+  rm -rf "$r"/big-*
+fi
 if want study-pretrain || want study-ternary || want study-extra; then
   # docs/study.md: the corpus comes xz-compressed in .device (it is git-ignored here too).
   [[ -f data/debian-docs.txt ]] || xz -dc .device/debian-docs.txt.xz >data/debian-docs.txt
@@ -154,4 +190,4 @@ if want study-pretrain || want study-ternary || want study-extra; then
   tar czf "$final/study.tgz" --exclude='*.safetensors' results/study-pretrain \
     $(ls -d results/study-ternary results/study-lr results/study-distill 2>/dev/null)
 fi
-tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny baseline export 2>/dev/null)
+tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny baseline export resume 2>/dev/null)

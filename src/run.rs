@@ -327,23 +327,11 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         }
         None => None,
     };
-    let mut on_snapshot = |snap: &crate::checkpoint::Snapshot, at: train::SnapshotAt| match at {
-        train::SnapshotAt::End => {
-            crate::checkpoint::write(&dir.join("latent"), snap, &p.config_hash)
-        }
-        train::SnapshotAt::Checkpoint | train::SnapshotAt::Interrupted => {
-            crate::checkpoint::write(
-                &crate::checkpoint::step_dir(&dir, snap.step),
-                snap,
-                &p.config_hash,
-            )?;
-            crate::checkpoint::prune(&dir, 2)
-        }
-    };
+    let saver = crate::checkpoint::Saver::new(&dir, &p.config_hash);
     let ckpt = train::Checkpointing {
         every: t.checkpoint_every,
-        final_snapshot: t.save.latent(),
-        on_snapshot: Some(&mut on_snapshot),
+        save_latent: t.save.latent(),
+        saver: Some(&saver),
         resume,
     };
     let result = train::train(

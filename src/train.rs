@@ -3,7 +3,7 @@
 //! ternary check, held-out NLL / perplexity over non-overlapping windows, and greedy
 //! generations.
 
-use crate::checkpoint::{Resume, Snapshot};
+use crate::checkpoint::{Resume, Saver, Snapshot, SnapshotAt};
 use crate::data::{eval_starts, windows, Batcher};
 use crate::faults::{self, Fault, FaultKind};
 use crate::model::ops::cross_entropy_with;
@@ -69,38 +69,25 @@ pub struct Teacher {
     pub temperature: f64,
 }
 
-/// When the training loop hands out a snapshot of its state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotAt {
-    /// Every `checkpoint_every` steps.
-    Checkpoint,
-    /// Stopped by Ctrl-C (with checkpoints on).
-    Interrupted,
-    /// The last step done (with `final_snapshot`).
-    End,
-}
-
-/// Receives the training state's snapshots.
-pub type OnSnapshot<'a> = &'a mut dyn FnMut(&Snapshot, SnapshotAt) -> Result<()>;
-
-/// Snapshots of the training state (`crate::checkpoint`), and where training resumes.
+/// Saving the training state (`crate::checkpoint`), and where training resumes.
 pub struct Checkpointing<'a> {
-    /// A snapshot every this many steps and when interrupted (0: neither).
+    /// A checkpoint every this many steps and when interrupted (0: neither).
     pub every: usize,
-    /// A snapshot after the last step.
-    pub final_snapshot: bool,
-    pub on_snapshot: Option<OnSnapshot<'a>>,
+    /// `latent/` after the last step.
+    pub save_latent: bool,
+    /// Where these go (None: nowhere).
+    pub saver: Option<&'a Saver>,
     /// The state to continue from: parameters already loaded, the rest here.
     pub resume: Option<Resume>,
 }
 
 impl Checkpointing<'_> {
-    /// No snapshots, from the start.
+    /// Nothing saved, from the start.
     pub fn none() -> Checkpointing<'static> {
         Checkpointing {
             every: 0,
-            final_snapshot: false,
-            on_snapshot: None,
+            save_latent: false,
+            saver: None,
             resume: None,
         }
     }
@@ -136,19 +123,19 @@ pub fn train(
         (first, seconds_before) = (r.step, r.train_seconds);
     }
     let elapsed = || seconds_before + start.elapsed().as_secs_f64();
-    let mut on_snapshot = ckpt.on_snapshot;
-    let mut snapshot = |step: usize,
-                        at: SnapshotAt,
-                        opt: &AdamW,
-                        batcher: &Batcher,
-                        losses: &[f64],
-                        ce_terms: &[f64],
-                        kl_terms: &[f64]|
+    let saver = ckpt.saver;
+    let snapshot = |step: usize,
+                    at: SnapshotAt,
+                    opt: &AdamW,
+                    batcher: &Batcher,
+                    losses: &[f64],
+                    ce_terms: &[f64],
+                    kl_terms: &[f64]|
      -> Result<()> {
-        let Some(f) = on_snapshot.as_mut() else {
+        let Some(saver) = saver else {
             return Ok(());
         };
-        f(
+        saver.save(
             &Snapshot {
                 step,
                 params,
@@ -174,6 +161,7 @@ pub fn train(
                 let at = SnapshotAt::Interrupted;
                 snapshot(step, at, &opt, batcher, &losses, &ce_terms, &kl_terms)?;
             }
+            saver.map(Saver::wait).transpose()?;
             return Ok(TrainResult {
                 losses,
                 ce_terms,
@@ -186,6 +174,8 @@ pub fn train(
             Some(FaultKind::Error) => anyhow::bail!("injected error at step {step}"),
             Some(FaultKind::Panic) => panic!("injected panic at step {step}"),
             Some(FaultKind::Exit) => {
+                // (after the checkpoint in flight is on disk, so that a test knows what is)
+                saver.map(Saver::wait).transpose()?;
                 eprintln!("injected exit at step {step}");
                 std::process::exit(137)
             }
@@ -215,6 +205,7 @@ pub fn train(
             loss_value = f64::NAN;
         }
         if !loss_value.is_finite() {
+            saver.map(Saver::wait).transpose()?;
             return Ok(TrainResult {
                 losses,
                 ce_terms,
@@ -245,7 +236,7 @@ pub fn train(
         })?;
         let done = step + 1;
         let periodic = ckpt.every > 0 && done % ckpt.every == 0;
-        let end = ckpt.final_snapshot && done == t.steps;
+        let end = ckpt.save_latent && done == t.steps;
         for (wanted, at) in [(periodic, SnapshotAt::Checkpoint), (end, SnapshotAt::End)] {
             if wanted {
                 snapshot(done, at, &opt, batcher, &losses, &ce_terms, &kl_terms)?;
@@ -253,11 +244,12 @@ pub fn train(
             }
         }
     }
-    if ckpt.final_snapshot && first == t.steps {
+    if ckpt.save_latent && first == t.steps {
         // (resumed from a checkpoint of the last step: nothing left to train)
         let at = SnapshotAt::End;
         snapshot(first, at, &opt, batcher, &losses, &ce_terms, &kl_terms)?;
     }
+    saver.map(Saver::wait).transpose()?;
     Ok(TrainResult {
         losses,
         ce_terms,
