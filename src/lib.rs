@@ -12,6 +12,7 @@ pub mod compare;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
+pub mod dataset;
 pub mod device;
 pub mod eval;
 pub mod export;
