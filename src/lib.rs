@@ -13,6 +13,7 @@ pub mod compare;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
+pub mod dataset;
 pub mod device;
 pub mod eval;
 pub mod export;

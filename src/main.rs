@@ -86,13 +86,20 @@ enum Command {
     },
     /// Held-out NLL and perplexity of a model over non-overlapping windows: a run folder
     /// that saved its model (on its own held-out split by default), its ternary.safetensors,
-    /// a Hugging Face Qwen3 directory or a hub repo id (with --text). Prints JSON.
+    /// a Hugging Face Qwen3 directory or a hub repo id (with --text or --dataset). Prints JSON.
     Eval {
         /// A run folder, a packed ternary.safetensors, a model directory or a hub repo id.
         model: String,
         /// A UTF-8 text file, tokenized whole (default for a run folder: its held-out split).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "dataset")]
         text: Option<PathBuf>,
+        /// A benchmark's test text from the hub, through the hub cache: wikitext-2.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// How windows are cut and scored: gptq (L - 1 predictions a window; the default
+        /// with --dataset) or seed (L; the default otherwise, as training evaluates).
+        #[arg(long, value_parser = ternlab::choice::from_name::<ternlab::eval::Protocol>)]
+        protocol: Option<ternlab::eval::Protocol>,
         /// Tokens per window (default: the run's seq_len, else 2048).
         #[arg(long)]
         seq_len: Option<usize>,
@@ -234,6 +241,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval {
             model,
             text,
+            dataset,
+            protocol,
             seq_len,
             batch_size,
             device,
@@ -242,6 +251,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let args = ternlab::eval::EvalArgs {
                 model,
                 text,
+                dataset,
+                protocol,
                 seq_len,
                 batch_size,
                 device,

@@ -1,6 +1,7 @@
-//! The Hugging Face hub side of `load`: the standard cache (HF_HUB_CACHE / HF_HOME,
-//! HF_HUB_OFFLINE, revisions as branches or commits), downloads from HF_ENDPOINT through
-//! hf-hub's client, and the checks hf-hub leaves out (a blob's sha256, cut connections).
+//! The Hugging Face hub side of `load` (model repos) and of `eval --dataset` (dataset repos):
+//! the standard cache (HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE, revisions as branches or
+//! commits), downloads from HF_ENDPOINT through hf-hub's client, and the checks hf-hub leaves
+//! out (a blob's sha256, cut connections).
 
 use super::load::{shard_names, CheckpointFiles};
 use anyhow::{bail, Context, Result};
@@ -32,10 +33,9 @@ pub fn hub_offline() -> bool {
         .unwrap_or(false)
 }
 
-/// Looks a file up in the hub cache; a `revision` may be a branch / tag (through `refs/`) or a
-/// commit hash (a snapshot folder of that name).
-fn cached(cache: &Cache, repo_id: &str, revision: &str, file: &str) -> Option<PathBuf> {
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
+/// Looks a file up in the hub cache; the repo's revision may be a branch / tag (through
+/// `refs/`) or a commit hash (a snapshot folder of that name).
+fn cached(cache: &Cache, repo: &Repo, file: &str) -> Option<PathBuf> {
     if let Some(p) = cache.repo(repo.clone()).get(file) {
         return Some(p);
     }
@@ -43,13 +43,22 @@ fn cached(cache: &Cache, repo_id: &str, revision: &str, file: &str) -> Option<Pa
         .path()
         .join(repo.folder_name())
         .join("snapshots")
-        .join(revision)
+        .join(repo.revision())
         .join(file);
     snapshot.is_file().then_some(snapshot)
 }
 
+/// One file of the dataset repo `repo_id` at `revision`: from the hub cache, else downloaded
+/// into it (`<cache>/datasets--<owner>--<name>/snapshots/<commit>/<file>`, where
+/// huggingface_hub puts it). Offline and not cached, or absent on the hub, is an error that
+/// says which and what to do.
+pub fn dataset_file(repo_id: &str, revision: &str, file: &str) -> Result<PathBuf> {
+    let hub = HubRepo::new(repo_id, revision, RepoType::Dataset);
+    hub.get(file)?.with_context(|| hub.not_found(file))
+}
+
 pub(super) fn from_hub(repo_id: &str, revision: &str) -> Result<CheckpointFiles> {
-    let hub = HubRepo::new(repo_id, revision);
+    let hub = HubRepo::new(repo_id, revision, RepoType::Model);
     let config = hub
         .get("config.json")?
         .with_context(|| hub.not_found("config.json"))?;
@@ -113,11 +122,12 @@ pub fn hub_endpoint() -> Result<String> {
 
 pub const DEFAULT_HUB_ENDPOINT: &str = "https://huggingface.co";
 
-/// One repo at one revision: files from the hub cache, else downloaded through hf-hub's
-/// client into that cache (unless offline).
+/// One repo (a model's or a dataset's) at one revision: files from the hub cache, else
+/// downloaded through hf-hub's client into that cache (unless offline).
 struct HubRepo<'a> {
     repo_id: &'a str,
     revision: &'a str,
+    repo_type: RepoType,
     cache: Cache,
     offline: bool,
     /// The client and its endpoint, made when the first download is needed (a cached or
@@ -135,10 +145,11 @@ enum Failed {
 }
 
 impl<'a> HubRepo<'a> {
-    fn new(repo_id: &'a str, revision: &'a str) -> Self {
+    fn new(repo_id: &'a str, revision: &'a str, repo_type: RepoType) -> Self {
         Self {
             repo_id,
             revision,
+            repo_type,
             cache: Cache::new(hub_cache_dir()),
             offline: hub_offline(),
             api: std::cell::OnceCell::new(),
@@ -146,8 +157,42 @@ impl<'a> HubRepo<'a> {
         }
     }
 
+    fn repo(&self) -> Repo {
+        Repo::with_revision(
+            self.repo_id.to_string(),
+            self.repo_type,
+            self.revision.to_string(),
+        )
+    }
+
     fn cached(&self, file: &str) -> Option<PathBuf> {
-        cached(&self.cache, self.repo_id, self.revision, file)
+        cached(&self.cache, &self.repo(), file)
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.repo_type {
+            RepoType::Model => "model",
+            RepoType::Dataset => "dataset",
+            RepoType::Space => "space",
+        }
+    }
+
+    /// `repo@revision` for a model (as the spec names it), `dataset repo@revision` for a dataset.
+    fn at(&self) -> String {
+        match self.repo_type {
+            RepoType::Model => format!("{}@{}", self.repo_id, self.revision),
+            _ => format!("{} {}@{}", self.kind(), self.repo_id, self.revision),
+        }
+    }
+
+    /// What to check when the hub lacks the repo, a revision or a file. A model's repo and
+    /// revision are the spec's; a dataset's come from ternlab's table (`crate::dataset`), so
+    /// there the endpoint is what can be wrong.
+    fn what_to_check(&self) -> &'static str {
+        match self.repo_type {
+            RepoType::Model => "check model.source and model.revision",
+            _ => "check that HF_ENDPOINT (if set) names the hub or a mirror that carries it",
+        }
     }
 
     /// The file from the cache, else downloaded; `None` when offline and not cached, or when
@@ -172,9 +217,8 @@ impl<'a> HubRepo<'a> {
     /// `repo@revision (hub cache ...)`.
     fn where_(&self) -> String {
         format!(
-            "{}@{} (hub cache {}{})",
-            self.repo_id,
-            self.revision,
+            "{} (hub cache {}{})",
+            self.at(),
             self.cache.path().display(),
             if self.offline {
                 ", HF_HUB_OFFLINE is set"
@@ -200,9 +244,10 @@ impl<'a> HubRepo<'a> {
             };
             format!(
                 "{file} of {} not found: the hub at {endpoint} has no {file} at revision \
-                 {:?}{answer}; check model.source and model.revision",
+                 {:?}{answer}; {}",
                 self.where_(),
-                self.revision
+                self.revision,
+                self.what_to_check()
             )
         }
     }
@@ -217,20 +262,15 @@ impl<'a> HubRepo<'a> {
             .with_progress(true)
             .build()
             .context("starting the hub client")?;
-        let repo = api.repo(Repo::with_revision(
-            self.repo_id.to_string(),
-            RepoType::Model,
-            self.revision.to_string(),
-        ));
+        let repo = api.repo(self.repo());
         Ok(self.api.get_or_init(|| (repo, endpoint)))
     }
 
     fn download(&self, file: &str) -> Result<PathBuf, Failed> {
         let (repo, endpoint) = self.api().map_err(|e| {
             Failed::Error(e.context(format!(
-                "{}@{}: {file} is not in the hub cache {} and must be downloaded",
-                self.repo_id,
-                self.revision,
+                "{}: {file} is not in the hub cache {} and must be downloaded",
+                self.at(),
                 self.cache.path().display()
             )))
         })?;
@@ -239,10 +279,7 @@ impl<'a> HubRepo<'a> {
             .download(file)
             .map_err(|e| self.explain(file, &url, endpoint, e))?;
         check_blob(&pointer).map_err(|e| {
-            Failed::Error(e.context(format!(
-                "{}@{}: downloading {file} from {endpoint}",
-                self.repo_id, self.revision
-            )))
+            Failed::Error(e.context(format!("{}: downloading {file} from {endpoint}", self.at())))
         })?;
         Ok(pointer)
     }
@@ -250,7 +287,7 @@ impl<'a> HubRepo<'a> {
     /// hf-hub's error as what happened and what to do.
     fn explain(&self, file: &str, url: &str, endpoint: &str, e: ApiError) -> Failed {
         let (repo_id, revision) = (self.repo_id, self.revision);
-        let at = format!("{repo_id}@{revision}");
+        let at = self.at();
         let from_env = if std::env::var("HF_ENDPOINT").is_ok_and(|v| !v.trim().is_empty()) {
             "HF_ENDPOINT"
         } else {
@@ -269,13 +306,26 @@ impl<'a> HubRepo<'a> {
                         Some(m) => format!("HTTP {code} {error_code}: {m}"),
                         None => format!("HTTP {code} {error_code}").trim_end().to_string(),
                     };
+                    let model = matches!(self.repo_type, RepoType::Model);
                     match (code, error_code.as_str()) {
+                        (_, "RepoNotFound") | (401, "") if !model => format!(
+                            "{at}: the hub at {endpoint} has no {} repo {repo_id:?} ({detail} \
+                             for {url}); {} (a private or gated repo answers the same without \
+                             a token: log in with `huggingface-cli login`)",
+                            self.kind(),
+                            self.what_to_check()
+                        ),
                         (_, "RepoNotFound") | (401, "") => format!(
                             "{at}: the hub at {endpoint} has no model repo {repo_id:?} ({detail} \
                              for {url}); check model.source: a hub repo id like \
                              \"Qwen/Qwen3-0.6B\", or an existing local directory (a private or \
                              gated repo answers the same without a token: log in with \
                              `huggingface-cli login`)"
+                        ),
+                        (_, "RevisionNotFound") if !model => format!(
+                            "{at}: {repo_id} has no revision {revision:?} on {endpoint} \
+                             ({detail} for {url}); {}",
+                            self.what_to_check()
                         ),
                         (_, "RevisionNotFound") => format!(
                             "{at}: {repo_id} has no revision {revision:?} on {endpoint} \
@@ -333,12 +383,10 @@ impl<'a> HubRepo<'a> {
     }
 
     fn blobs_dir(&self) -> PathBuf {
-        let repo = Repo::with_revision(
-            self.repo_id.to_string(),
-            RepoType::Model,
-            self.revision.to_string(),
-        );
-        self.cache.path().join(repo.folder_name()).join("blobs")
+        self.cache
+            .path()
+            .join(self.repo().folder_name())
+            .join("blobs")
     }
 }
 

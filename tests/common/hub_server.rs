@@ -1,16 +1,18 @@
-//! A local stand-in for the Hugging Face hub, for the download tests (tests/hub.rs): an HTTP/1.1
-//! server on 127.0.0.1 (one thread, one request per connection) that answers
-//! `/{repo_id}/resolve/{revision}/{filename}` as huggingface.co does, as far as hf-hub's sync
-//! client reads it:
+//! A local stand-in for the Hugging Face hub, for the download tests (tests/hub.rs,
+//! tests/eval_dataset.rs): an HTTP/1.1 server on 127.0.0.1 (one thread, one request per
+//! connection) that answers `/{repo_id}/resolve/{revision}/{filename}` (model repos) and
+//! `/datasets/{repo_id}/resolve/{revision}/{filename}` (dataset repos) as huggingface.co does,
+//! as far as hf-hub's sync client reads it:
 //!
 //! - a revision is a branch (`main`, ...) or a 40-hex commit hash; every answer about a file
 //!   carries `X-Repo-Commit` (the commit the revision resolved to) and honours `Range`
 //!   (`206` with `Content-Range: bytes a-b/size`, as the client's `bytes=0-0` probe needs);
 //! - a small (git) file answers directly, with `ETag: "<blob id>"` (git's blob id is a SHA-1;
 //!   a 40-hex stand-in here, which the client only uses as a file name);
-//! - a large (LFS) file, here every `*.safetensors`, answers `302 Found` with an absolute
-//!   `Location` on the "CDN" (`/cdn/<sha256>` on this server), `X-Linked-Etag: "<sha256>"`,
-//!   `X-Linked-Size` and the pointer file's own `ETag`; the CDN serves the bytes with ranges;
+//! - a large (LFS) file, here every `*.safetensors` and `*.parquet`, answers `302 Found` with
+//!   an absolute `Location` on the "CDN" (`/cdn/<sha256>` on this server),
+//!   `X-Linked-Etag: "<sha256>"`, `X-Linked-Size` and the pointer file's own `ETag`; the CDN
+//!   serves the bytes with ranges;
 //! - a renamed repo answers `307` with a relative `Location` to its new name;
 //! - unknown repos, revisions and files answer `404` with `X-Error-Code` `RepoNotFound`,
 //!   `RevisionNotFound` or `EntryNotFound`.
@@ -52,7 +54,7 @@ pub fn blob_id(bytes: &[u8]) -> String {
 
 /// Whether the hub keeps a file in LFS (and answers it with a redirect to the CDN).
 pub fn is_lfs(file: &str) -> bool {
-    file.ends_with(".safetensors")
+    file.ends_with(".safetensors") || file.ends_with(".parquet")
 }
 
 #[derive(Default, Clone)]
@@ -66,17 +68,35 @@ struct RepoData {
 /// The repos a [`HubServer`] serves.
 #[derive(Default, Clone)]
 pub struct Hub {
+    /// By the repo's part of a URL: `owner/name` for a model, `datasets/owner/name` for a
+    /// dataset.
     repos: BTreeMap<String, RepoData>,
     /// old repo id -> new repo id.
     renamed: BTreeMap<String, String>,
 }
 
 impl Hub {
-    /// Adds a commit holding `files` to `repo_id` and points `branch` at it; returns the
-    /// commit hash.
+    /// Adds a commit holding `files` to the model repo `repo_id` and points `branch` at it;
+    /// returns the commit hash.
     pub fn commit(&mut self, repo_id: &str, branch: &str, files: &[(&str, &[u8])]) -> String {
+        self.commit_at(repo_id, branch, files)
+    }
+
+    /// [`Hub::commit`] for the dataset repo `repo_id`.
+    pub fn commit_dataset(
+        &mut self,
+        repo_id: &str,
+        branch: &str,
+        files: &[(&str, &[u8])],
+    ) -> String {
+        self.commit_at(&format!("datasets/{repo_id}"), branch, files)
+    }
+
+    /// Adds a commit to the repo at `url_part` (its commit hashes then differ from those of a
+    /// model and a dataset of the same name).
+    fn commit_at(&mut self, url_part: &str, branch: &str, files: &[(&str, &[u8])]) -> String {
         let mut h = Sha256::new();
-        h.update(format!("{repo_id}\0{branch}\0").as_bytes());
+        h.update(format!("{url_part}\0{branch}\0").as_bytes());
         for (name, bytes) in files {
             h.update(format!("{name}\0{}\0", sha256_hex(bytes)).as_bytes());
         }
@@ -86,7 +106,7 @@ impl Hub {
             .take(20)
             .map(|b| format!("{b:02x}"))
             .collect();
-        let repo = self.repos.entry(repo_id.to_string()).or_default();
+        let repo = self.repos.entry(url_part.to_string()).or_default();
         repo.commits.insert(
             commit.clone(),
             files
@@ -430,11 +450,19 @@ fn answer(req: &Request, url: &str, hub: &Hub, fault: Option<&Fault>) -> Respons
             None => Response::new(404).text("NoSuchKey"),
         };
     }
-    // /{repo_id}/resolve/{revision}/{file...}; a repo id has one or two parts.
-    let Some(at) = segments.iter().take(3).position(|s| *s == "resolve") else {
+    // /{repo_id}/resolve/{revision}/{file...}, with `datasets/` before a dataset's repo id; a
+    // repo id has one or two parts.
+    let first = usize::from(segments.first() == Some(&"datasets"));
+    let Some(at) = segments
+        .iter()
+        .skip(first)
+        .take(3)
+        .position(|s| *s == "resolve")
+        .map(|i| i + first)
+    else {
         return Response::new(404).text("Not Found");
     };
-    if at == 0 || segments.len() < at + 3 {
+    if at == first || segments.len() < at + 3 {
         return Response::new(404).text("Not Found");
     }
     let repo_id = segments[..at].join("/");
