@@ -164,15 +164,15 @@ for k in ["again", "broken"]:
     print(f"{k}: {len(rows)} rows, {same} equal to the uninterrupted run's, worst loss diff {worst:.3g},"
           f" val_nll {rep['val_nll']!r} vs {rw['val_nll']!r}, resumed_from_step {rep.get('resumed_from_step')}")
 PY
-  echo "== a latent checkpoint of a Qwen3-0.6B-shaped model: 20 steps, with and without checkpoints"
+  echo "== latent checkpoints of a Qwen3-0.6B-shaped model: 250 steps, every 100 or none"
   qwen3_checkpoint
-  for every in 0 10; do
+  for every in 0 100; do
     $tl run experiments/baseline.toml --set model.source=$ckpt --set run.device=cuda \
-      --set train.steps=20 --set train.checkpoint_every=$every --set eval.max_new_tokens=1 \
+      --set train.checkpoint_every=$every --set eval.max_new_tokens=1 \
       --results "$r/big-$every" 2>&1 | tail -1
-    grep -E '"(train_time_s|tokens_per_s)"' "$r"/big-$every/*/*/report.json
+    grep -A6 -E '"(train_time_s|tokens_per_s|saves)"' "$r"/big-$every/*/*/report.json
   done
-  du -sh "$r"/big-10/*/*/checkpoints/*
+  du -sh "$r"/big-100/*/*/checkpoints/*
   rm -rf "$r"/big-*
 fi
 if want study-pretrain || want study-ternary || want study-extra; then

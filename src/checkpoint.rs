@@ -140,16 +140,33 @@ impl Host {
     }
 }
 
+/// What saving cost a run (report.json's `saves`): training stalls for the copy to the host
+/// and for waiting on a write still in flight, not for the write itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SaveStats {
+    /// Snapshots saved (checkpoints and `latent/`).
+    pub count: usize,
+    /// Bytes of tensors in each.
+    pub bytes: usize,
+    /// Seconds copying the state to the host, all saves.
+    pub host_copy_s: f64,
+    /// Seconds writing the files (in the background), all saves.
+    pub write_s: f64,
+    /// Seconds training waited for a write to finish.
+    pub waited_s: f64,
+}
+
 /// Saves a run's snapshots into its folder. The state is copied to the host when it is handed
 /// over (training then goes on changing it); the files are written by a thread of their own, so
-/// that a step does not wait for the disk (5.8 GB at Qwen3-0.6B, several seconds). One write is
-/// in flight at a time; `wait` (also on drop) returns when it is on disk, with its error.
+/// that training does not wait for the disk (5.8 GB at Qwen3-0.6B). One write is in flight at a
+/// time; `wait` (also on drop) returns when it is on disk, with its error.
 pub struct Saver {
     run_dir: PathBuf,
     config_hash: String,
     /// How many checkpoints under `checkpoints/` are kept.
     keep: usize,
     pending: std::sync::Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
+    stats: std::sync::Arc<std::sync::Mutex<SaveStats>>,
 }
 
 impl Saver {
@@ -159,20 +176,40 @@ impl Saver {
             config_hash: config_hash.to_string(),
             keep: 2,
             pending: Default::default(),
+            stats: Default::default(),
         }
+    }
+
+    pub fn stats(&self) -> SaveStats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Saves `snap` where `at` says.
     pub fn save(&self, snap: &Snapshot, at: SnapshotAt) -> Result<()> {
         self.wait()?;
+        let t0 = std::time::Instant::now();
         let host = Host::of(snap, &self.config_hash)?;
-        let (run_dir, keep) = (self.run_dir.clone(), self.keep);
-        let handle = std::thread::spawn(move || match at {
-            SnapshotAt::End => host.write(&run_dir.join("latent")),
-            SnapshotAt::Checkpoint | SnapshotAt::Interrupted => {
-                host.write(&step_dir(&run_dir, host.state.step))?;
-                prune(&run_dir, keep)
-            }
+        {
+            let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+            st.count += 1;
+            st.bytes = host
+                .tensors
+                .values()
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum();
+            st.host_copy_s += t0.elapsed().as_secs_f64();
+        }
+        let (run_dir, keep, stats) = (self.run_dir.clone(), self.keep, self.stats.clone());
+        let handle = std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            let r = match at {
+                SnapshotAt::End => host.write(&run_dir.join("latent")),
+                SnapshotAt::Checkpoint | SnapshotAt::Interrupted => host
+                    .write(&step_dir(&run_dir, host.state.step))
+                    .and_then(|()| prune(&run_dir, keep)),
+            };
+            stats.lock().unwrap_or_else(|e| e.into_inner()).write_s += t0.elapsed().as_secs_f64();
+            r
         });
         *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         Ok(())
@@ -185,7 +222,15 @@ impl Saver {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        match handle.map(|h| h.join()) {
+        let t0 = std::time::Instant::now();
+        let joined = handle.map(|h| h.join());
+        if joined.is_some() {
+            self.stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .waited_s += t0.elapsed().as_secs_f64();
+        }
+        match joined {
             None => Ok(()),
             Some(Ok(r)) => r.context("saving the training state"),
             Some(Err(_)) => anyhow::bail!("the thread saving the training state panicked"),

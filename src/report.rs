@@ -201,6 +201,9 @@ pub struct Report {
     /// times then cover this process only, but `train_time_s` the whole training.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from_step: Option<usize>,
+    /// What saving checkpoints and `latent/` cost (absent when nothing was saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saves: Option<crate::checkpoint::SaveStats>,
     #[serde(deserialize_with = "f64_or_nan")]
     pub wall_time_s: f64,
     #[serde(deserialize_with = "f64_or_nan")]

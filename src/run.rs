@@ -475,6 +475,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         tokens_per_s: tokens_trained as f64 / result.train_seconds.max(1e-9),
         peak_memory_bytes: crate::device::peak_memory_bytes(&device),
         resumed_from_step: resume_from.as_ref().map(|(_, s)| s.step),
+        saves: Some(saver.stats()).filter(|s| s.count > 0),
         versions: Versions::current(),
     };
     write_json_atomic(&dir.join("report.json"), &report)?;

@@ -116,6 +116,11 @@ fn killed_then_interrupted_run_resumes_to_the_uninterrupted_runs_results_bit_for
     assert!(whole_report.get("resumed_from_step").is_none());
     // Checkpoints after steps 4, 8 and 12; the newest two kept.
     assert_eq!(whole.checkpoints(), ["step-00000008", "step-00000012"]);
+    // (three checkpoints and latent/, each holding every parameter and its two moments)
+    let saves = &whole_report["saves"];
+    assert_eq!(saves["count"], 4, "{saves}");
+    let n_params = whole_report["n_params"].as_u64().unwrap();
+    assert!(saves["bytes"].as_u64().unwrap() > 3 * 2 * n_params, "{saves}");
 
     let broken = Case::new(&tmp.path().join("broken"));
     // Killed during step 6: the checkpoint of step 4 is what is left.
