@@ -24,6 +24,7 @@ pub mod numpy_rng;
 pub mod optim;
 pub mod plan;
 pub mod plot;
+pub mod pool;
 pub mod progress;
 pub mod quant;
 pub mod recovery;

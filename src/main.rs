@@ -46,6 +46,26 @@ enum Command {
         /// Retrain finished runs too.
         #[arg(long)]
         force: bool,
+        /// Spread the runs over these devices (e.g. cuda:0,cuda:1 or cpu), each run in a
+        /// process of its own; a run's crash leaves the others going.
+        #[arg(long, value_name = "D1,D2,...")]
+        devices: Option<String>,
+        /// Runs at a time on each device of --devices.
+        #[arg(long, default_value_t = 1, requires = "devices")]
+        jobs: usize,
+    },
+    /// Train one run of a spec's sweep, by its id (what `sweep --devices` and Slurm tasks run).
+    RunOne {
+        /// The experiment spec (TOML).
+        spec: PathBuf,
+        /// The run's id, as `plan` lists it.
+        run_id: String,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<Override>,
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        #[arg(long)]
+        force: bool,
     },
     /// List the runs a spec would do and their state; trains nothing.
     Plan {
@@ -172,9 +192,39 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             train_plan(&p, args.results, force)
         }
-        Command::Sweep { args, force } => {
+        Command::Sweep {
+            args,
+            force,
+            devices: None,
+            ..
+        } => {
             let p = plan(&args.spec, &args.set)?;
             train_plan(&p, args.results, force)
+        }
+        Command::Sweep {
+            args,
+            force,
+            devices: Some(devices),
+            jobs,
+        } => sweep_on_devices(args, force, &devices, jobs),
+        Command::RunOne {
+            spec,
+            run_id,
+            set,
+            results,
+            force,
+        } => {
+            let mut p = plan(&spec, &set)?;
+            let Some(run) = p.runs.iter().find(|r| r.id == run_id).cloned() else {
+                return Err(BadInput(format!(
+                    "{}: no run {run_id:?} in its plan of {} runs (`ternlab plan` lists them)",
+                    spec.display(),
+                    p.runs.len()
+                ))
+                .into());
+            };
+            p.runs = vec![run];
+            train_plan(&p, results, force)
         }
         Command::Plan { args } => {
             let p = plan(&args.spec, &args.set)?;
@@ -333,13 +383,67 @@ fn device_arg(name: &str) -> anyhow::Result<ternlab::device::DeviceChoice> {
     Ok(device)
 }
 
+/// `sweep --devices`: every run checked here, then each trained by a child process on a slot.
+fn sweep_on_devices(
+    args: SpecArgs,
+    force: bool,
+    devices: &str,
+    jobs: usize,
+) -> anyhow::Result<ExitCode> {
+    let list = devices
+        .split(',')
+        .map(|d| device_arg(d.trim()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if list.is_empty() || jobs == 0 {
+        return Err(
+            BadInput("--devices needs at least one device and --jobs at least 1".into()).into(),
+        );
+    }
+    // (checked as the children will run them: on the first of the devices)
+    let mut set = args.set.clone();
+    set.push(
+        format!("run.device={:?}", list[0].to_string())
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?,
+    );
+    let p = plan(&args.spec, &set)?;
+    ternlab::faults::injected("").map_err(|e| BadInput(format!("{e:#}")))?;
+    runner::prepare_all(&p)?;
+    ternlab::faults::install_interrupt_handler();
+    let opts = SweepOptions {
+        results: args.results,
+        force,
+    };
+    let child = ternlab::pool::ChildCommand {
+        exe: std::env::current_exe()?,
+        spec: args.spec.clone(),
+        sets: args
+            .set
+            .iter()
+            .map(|o| format!("{}={}", o.key, o.value))
+            .collect(),
+    };
+    let slots = ternlab::pool::slots(&list, jobs);
+    let outcomes = ternlab::pool::sweep(&p, &opts, &slots, &child);
+    finish_sweep(&p, &opts, &outcomes)
+}
+
 fn train_plan(p: &Plan, results: PathBuf, force: bool) -> anyhow::Result<ExitCode> {
     ternlab::faults::injected("").map_err(|e| BadInput(format!("{e:#}")))?;
     let prepared = runner::prepare_all(p)?;
     ternlab::faults::install_interrupt_handler();
     let opts = SweepOptions { results, force };
     let outcomes = runner::sweep(p, &prepared, &opts);
-    println!("{}", summary_table(&outcomes));
+    finish_sweep(p, &opts, &outcomes)
+}
+
+/// The summary table and the exit code of a sweep.
+fn finish_sweep(
+    p: &Plan,
+    opts: &SweepOptions,
+    outcomes: &[runner::Outcome],
+) -> anyhow::Result<ExitCode> {
+    println!("{}", summary_table(outcomes));
     println!("results: {}", opts.results.join(&p.name).display());
     // Elsewhere: another sweep process is training that run.
     let all_ok = outcomes.iter().all(|o| {

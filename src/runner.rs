@@ -226,14 +226,16 @@ pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<
             outcomes.push(not_run(run, Fate::NotRun, None));
             continue;
         }
-        let skip = |state: &RunState| match state {
-            RunState::Done | RunState::Diverged(_) | RunState::Conflict(_) => !opts.force,
-            _ => false,
-        };
+        let skip = |state: &RunState| skips(state, opts.force);
         let state = state_of(&opts.results, &plan.name, run);
         if skip(&state) {
             eprintln!("{label}: {} (skipped; --force retrains)", state.label());
-            outcomes.push(previous_outcome(&opts.results, plan, run, &state));
+            outcomes.push(outcome_from_folder(
+                &opts.results,
+                plan,
+                run,
+                Fate::Skipped(state),
+            ));
             continue;
         }
         let lock = match RunLock::try_acquire(&opts.results, &plan.name, &run.id) {
@@ -255,7 +257,12 @@ pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<
         // Another process may have finished it between the look and the lock.
         let state = folder_state(&opts.results, &plan.name, run);
         if skip(&state) {
-            outcomes.push(previous_outcome(&opts.results, plan, run, &state));
+            outcomes.push(outcome_from_folder(
+                &opts.results,
+                plan,
+                run,
+                Fate::Skipped(state),
+            ));
             continue;
         }
         outcomes.push(train_one(p, &opts.results, &label, opts.force));
@@ -275,22 +282,34 @@ fn not_run(run: &PlannedRun, fate: Fate, error: Option<String>) -> Outcome {
     }
 }
 
-fn previous_outcome(results: &Path, plan: &Plan, run: &PlannedRun, state: &RunState) -> Outcome {
+/// Whether a sweep leaves a run in `state` alone: finished (done or diverged) or a folder of
+/// another configuration, unless `force`.
+pub fn skips(state: &RunState, force: bool) -> bool {
+    match state {
+        RunState::Done | RunState::Diverged(_) | RunState::Conflict(_) => !force,
+        _ => false,
+    }
+}
+
+/// The summary line of a run from what its folder holds (report.json, status.json).
+pub fn outcome_from_folder(results: &Path, plan: &Plan, run: &PlannedRun, fate: Fate) -> Outcome {
     let dir = run_dir(results, &plan.name, &run.id);
     let report = std::fs::read_to_string(dir.join("report.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
     let num = |k: &str| report.as_ref().and_then(|r| r[k].as_f64());
+    let error = match &fate {
+        Fate::Skipped(RunState::Conflict(e)) => Some(e.clone()),
+        Fate::Skipped(RunState::Done) => None,
+        _ => read_status(&dir).and_then(|s| s.error),
+    };
     Outcome {
         id: run.id.clone(),
-        fate: Fate::Skipped(state.clone()),
+        fate,
         final_loss: num("final_loss"),
         val_ppl: num("val_ppl"),
         seconds: num("wall_time_s"),
-        error: match state {
-            RunState::Diverged(e) | RunState::Failed(e) | RunState::Conflict(e) => Some(e.clone()),
-            _ => None,
-        },
+        error,
     }
 }
 
