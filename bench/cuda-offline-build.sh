@@ -21,7 +21,7 @@ _ternlab_cuda_setup() {
     local wheels=(
         nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
         nvidia-cuda-cccl==13.0.85 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88
-        nvidia-cublas==13.1.0.3 nvidia-curand==10.4.0.35
+        nvidia-cublas==13.1.0.3 nvidia-curand==10.4.0.35 nvidia-nccl-cu13==2.27.7
     )
     local done_mark="$dir/.installed-$(printf '%s\n' "${wheels[@]}" | md5sum | cut -c1-12)"
     if [[ ! -f "$done_mark" ]]; then
@@ -35,6 +35,9 @@ _ternlab_cuda_setup() {
     for lib in cublas.so.13 cublasLt.so.13 curand.so.10 nvrtc.so.13 cudart.so.13; do
         ln -sfn "lib$lib" "$root/lib/lib${lib%%.so*}.so"
     done
+    # NCCL (the `nccl` feature) comes in a wheel of its own, under nvidia/nccl.
+    ln -sfn "$dir/nvidia/nccl/lib/libnccl.so.2" "$root/lib/libnccl.so"
+    ln -sfn "$dir/nvidia/nccl/include/nccl.h" "$root/include/nccl.h"
     local stubs="$root/lib/stubs"
     if [[ ! -f "$stubs/libcuda.so" ]]; then
         mkdir -p "$stubs" || return 1

@@ -10,7 +10,8 @@
 # replaces the search.
 
 _ternlab_cuda_run_env() {
-    local need=(libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13)
+    local need=(libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13
+                libnccl.so.2)
     local dirs=() d lib hit add=""
     if [[ -n "${CUDA_RUN_LIB_DIRS:-}" ]]; then
         read -r -a dirs <<<"$CUDA_RUN_LIB_DIRS"

@@ -7,7 +7,7 @@
 #
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
-#                                            study-extra export generate resume
+#                                            study-extra export generate resume dp
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -44,7 +44,7 @@ TERNLAB_TEST_DEVICE=cuda TERNLAB_TEST_DTYPE=f32 .device/seed_parity --test-threa
 TERNLAB_TEST_DEVICE=cuda TERNLAB_TEST_DTYPE=bf16 .device/seed_parity --test-threads 1 --nocapture 2>&1 | grep -vE '^\s+[0-9]+:|^\s+at '
 fi
 
-tl=.device/ternlab
+tl=${TL:-.device/ternlab}  # (TL="timeout 300 .device/ternlab" bounds each command)
 # A random Qwen3-0.6B-shaped bf16 checkpoint with the real tokenizer (made once per machine).
 ckpt=/tmp/qwen3-0.6b-random
 qwen3_checkpoint() {
@@ -175,6 +175,49 @@ PY
   du -sh "$r"/big-100/*/*/checkpoints/*
   rm -rf "$r"/big-*
 fi
+if want dp; then
+  n=$(nvidia-smi -L | wc -l)
+  echo "== data-parallel: tiny, 20 steps of 8 x 128, one GPU against 2..$n (f32, then bf16)"
+  r="$out/dp"; rm -rf "$r"
+  for dt in f32 bf16; do
+    for g in $(seq 1 $n); do
+      [[ $g == 1 || $g == 2 || $g == 4 ]] || continue
+      $tl run experiments/tiny.toml --set run.device=cuda --set run.devices=$g --set train.steps=20 \
+        --set train.dtype=$dt --set eval.max_new_tokens=1 --results "$r/tiny-$dt-$g" 2>&1 | tail -1
+    done
+  done
+  python3 - "$r" <<'PY'
+import glob, json, sys
+r = sys.argv[1]
+for dt in ["f32", "bf16"]:
+    one = json.load(open(glob.glob(f"{r}/tiny-{dt}-1/tiny/*/report.json")[0]))
+    for f in sorted(glob.glob(f"{r}/tiny-{dt}-[24]/tiny/*/report.json")):
+        rep = json.load(open(f))
+        d = [abs(a - b) / abs(b) for a, b in zip(rep["loss_curve"], one["loss_curve"])]
+        print(f"{dt} {rep['device']}: {len(d)} steps, worst relative loss difference {max(d):.3g} "
+              f"(step {d.index(max(d))}), val_nll {rep['val_nll']:.7f} vs {one['val_nll']:.7f}")
+PY
+  echo "== data-parallel at Qwen3-0.6B shapes, bf16, 8 x 1024 a GPU, 40 steps: tokens/s"
+  qwen3_checkpoint
+  for g in $(seq 1 $n); do
+    [[ $g == 1 || $g == 2 || $g == 4 ]] || continue
+    $tl run experiments/baseline.toml --set model.source=$ckpt --set run.device=cuda \
+      --set run.devices=$g --set train.dtype=bf16 --set data.batch_size=$((8 * g)) \
+      --set data.seq_len=1024 --set train.steps=40 --set eval.max_new_tokens=1 \
+      --results "$r/big-$g" 2>&1 | tail -1
+    grep -hE '"(device|tokens_per_s|train_time_s|peak_memory_bytes)"' "$r"/big-$g/*/*/report.json
+  done
+  rm -rf "$r"/big-*
+  if (( n >= 2 )); then
+    echo "== experiments/tiny-sweep.toml (6 runs, 300 steps of 8 x 64) on cuda:0, then on cuda:0,cuda:1"
+    for devs in cuda:0 cuda:0,cuda:1; do
+      start=$(date +%s.%N)
+      $tl sweep experiments/tiny-sweep.toml --set train.steps=300 --devices $devs \
+        --results "$r/sweep-$devs" 2>&1 | grep -cE "^(lr|seed).*completed"
+      echo "--devices $devs: $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s wall"
+    done
+  fi
+fi
 if want study-pretrain || want study-ternary || want study-extra; then
   # docs/study.md: the corpus comes xz-compressed in .device (it is git-ignored here too).
   [[ -f data/debian-docs.txt ]] || xz -dc .device/debian-docs.txt.xz >data/debian-docs.txt
@@ -190,4 +233,4 @@ if want study-pretrain || want study-ternary || want study-extra; then
   tar czf "$final/study.tgz" --exclude='*.safetensors' results/study-pretrain \
     $(ls -d results/study-ternary results/study-lr results/study-distill 2>/dev/null)
 fi
-tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny baseline export resume 2>/dev/null)
+tar czf "$final/results.tgz" -C "$out" $(cd "$out" && ls -d json tiny baseline export resume dp 2>/dev/null)

@@ -7,10 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/../target-cuda}
 source bench/cuda-offline-build.sh
-cargo build --release --features cuda
+cargo build --release --features cuda,nccl
 mkdir -p .device
 cp "$CARGO_TARGET_DIR/release/ternlab" .device/ternlab
-cargo test --release --features cuda --no-run --test parity --test gradients --test fused \
+cargo test --release --features cuda,nccl --no-run --test parity --test gradients --test fused \
   --test seed_parity 2>&1 |
   sed -n 's/.*Executable tests\/\([a-z_]*\)\.rs (\(.*\))/\1 \2/p' |
   while read -r name exe; do cp "$exe" ".device/$name"; done

@@ -22,6 +22,7 @@ pub mod generate;
 pub mod model;
 pub mod numpy_rng;
 pub mod optim;
+pub mod parallel;
 pub mod plan;
 pub mod plot;
 pub mod pool;

@@ -54,6 +54,9 @@ enum Command {
         #[arg(long, default_value_t = 1, requires = "devices")]
         jobs: usize,
     },
+    /// One rank of a data-parallel run (started by the run itself).
+    #[command(hide = true)]
+    Rank { run_dir: PathBuf },
     /// Train one run of a spec's sweep, by its id (what `sweep --devices` and Slurm tasks run).
     RunOne {
         /// The experiment spec (TOML).
@@ -207,6 +210,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             devices: Some(devices),
             jobs,
         } => sweep_on_devices(args, force, &devices, jobs),
+        Command::Rank { run_dir } => {
+            ternlab::run::execute_rank(&run_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::RunOne {
             spec,
             run_id,

@@ -6,6 +6,7 @@ use crate::choice::Choice;
 use crate::data::{Batcher, Corpus};
 use crate::model::load::{random_weights, read_weights, resolve_checkpoint, CheckpointFiles};
 use crate::model::{Preset, Qwen3, Qwen3Config, TernarySpec};
+use crate::parallel::{Group, Ranks};
 use crate::plan::PlannedRun;
 use crate::progress::Progress;
 use crate::quant::Granularity;
@@ -287,6 +288,27 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         p.run_id
     ));
     let (model, params, stored_dtype) = p.build_model(&device)?;
+    let world = p.spec.run.devices;
+    let (group, mut ranks) = if world > 1 {
+        progress.message(&format!(
+            "{}: starting {} more ranks (data-parallel over {world} GPUs)",
+            p.run_id,
+            world - 1
+        ));
+        let id = Group::new_id()?;
+        let resume_dir = resume_from.as_ref().map(|(d, _)| d.as_path());
+        let mut ranks = Ranks::spawn(&dir, world, &id, resume_dir)?;
+        let group = Group::join(&id, 0, world, &device)?;
+        ranks.watch(&group);
+        progress.message(&format!("{}: rank 0 of {world} joined", p.run_id));
+        (Some(group), Some(ranks))
+    } else {
+        (None, None)
+    };
+    let device_name = match world {
+        1 => device_name,
+        n => format!("{device_name} x {n} (data-parallel)"),
+    };
     let (t, d) = (&p.spec.train, &p.spec.data);
     let heldout = |m: &Qwen3| train::heldout_nll(m, &p.corpus.val, d.seq_len, d.batch_size);
     progress.message(&format!(
@@ -347,7 +369,15 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
             curve.write(r)
         },
         ckpt,
-    )?;
+        group.as_ref(),
+    );
+    let result = match (result, ranks.as_ref().and_then(Ranks::died)) {
+        (Err(e), Some(why)) => return Err(e.context(why)),
+        (r, _) => r?,
+    };
+    if let Some(r) = ranks.take() {
+        r.finish(result.outcome == Outcome::Completed)?;
+    }
     progress.finish();
 
     let losses = &result.losses;
@@ -480,4 +510,80 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
     };
     write_json_atomic(&dir.join("report.json"), &report)?;
     Ok(report)
+}
+
+/// One child rank of a data-parallel run (`ternlab rank <run folder>`, started by rank 0 with
+/// its place in the environment, `crate::parallel`): the run's model on `cuda:k+rank`, its share
+/// of every batch, gradients averaged with the other ranks; nothing written.
+pub fn execute_rank(run_dir: &Path) -> Result<()> {
+    let (rank, world, id) = crate::parallel::from_env()?
+        .context("`ternlab rank` runs inside a data-parallel run, started by its rank 0")?;
+    // Ctrl-C reaches every process of the terminal: rank 0 decides when the run stops, and
+    // ends the other ranks then.
+    let _ = ctrlc::set_handler(|| {});
+    let file = run_dir.join("config.toml");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let spec: Spec = toml::from_str(&text).with_context(|| format!("{}", file.display()))?;
+    let planned = PlannedRun {
+        config_hash: crate::plan::config_hash(&spec),
+        id: run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        swept: Vec::new(),
+        spec,
+    };
+    let p = prepare(&planned, &file)?;
+    let base = match p.spec.run.device {
+        crate::device::DeviceChoice::Cuda(n) => n.unwrap_or(0),
+        other => anyhow::bail!("data parallelism runs on CUDA GPUs, not {other}"),
+    };
+    let (device, _) = crate::device::open(crate::device::DeviceChoice::Cuda(Some(base + rank)))?;
+    let (model, params, _) = p.build_model(&device)?;
+    let group = Group::join(&id, rank, world, &device)?;
+    eprintln!(
+        "{}: rank {rank} of {world} joined on cuda:{}",
+        p.run_id,
+        base + rank
+    );
+    let (t, d) = (&p.spec.train, &p.spec.data);
+    let ds = &p.spec.distill;
+    let teacher = if ds.weight > 0.0 {
+        Some(train::Teacher {
+            model: model.teacher()?,
+            weight: ds.weight,
+            temperature: ds.temperature,
+        })
+    } else {
+        None
+    };
+    let resume = match std::env::var_os(crate::parallel::RESUME_VAR) {
+        Some(dir) => Some(crate::checkpoint::load(Path::new(&dir), &params, &device)?),
+        None => None,
+    };
+    let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, d.sampling, t.seed)?;
+    let val = ValDuringTraining {
+        tokens: &p.corpus.val,
+        seq_len: d.seq_len,
+        batch_size: d.batch_size,
+        every: 0,
+    };
+    let ckpt = train::Checkpointing {
+        resume,
+        ..train::Checkpointing::none()
+    };
+    train::train(
+        &model,
+        &params,
+        &mut batcher,
+        t,
+        &val,
+        teacher.as_ref(),
+        None,
+        &mut |_| Ok(()),
+        ckpt,
+        Some(&group),
+    )?;
+    Ok(())
 }

@@ -10,6 +10,7 @@ use crate::model::ops::cross_entropy_with;
 use crate::model::ternary::check_ternary_with;
 use crate::model::{Ops, Params, Qwen3};
 use crate::optim::AdamW;
+use crate::parallel::Group;
 use crate::schedule::lr_at;
 use crate::spec::TrainSpec;
 use crate::trainer::{Distill, Trainer};
@@ -95,7 +96,8 @@ impl Checkpointing<'_> {
 
 /// Trains `steps` steps, distilling from `teacher` when given. `on_step` sees every record as
 /// soon as it exists (for the CSV and the progress display); `ckpt` says when to hand out
-/// snapshots and where to resume from.
+/// snapshots and where to resume from; `group`, when given, is the data-parallel group this
+/// process trains in (`crate::parallel`).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     model: &Qwen3,
@@ -107,6 +109,7 @@ pub fn train(
     fault: Option<Fault>,
     on_step: &mut dyn FnMut(&StepRecord) -> Result<()>,
     ckpt: Checkpointing,
+    group: Option<&Group>,
 ) -> Result<TrainResult> {
     let device = model.device().clone();
     let trainer = Trainer::for_model(model);
@@ -184,6 +187,10 @@ pub fn train(
         let lr = lr_at(t, step);
         opt.set_learning_rate(lr);
         let (x, y) = batcher.next_batch(&device)?;
+        let (x, y) = match group {
+            Some(g) => (g.shard(&x)?, g.shard(&y)?),
+            None => (x, y),
+        };
         // The same parameters, at this step's quantization warm-up (`quant.lambda_warmup_steps`).
         let model = &model.at_step(step);
         let teacher_logits = teacher.map(|t| t.model.forward(&x)).transpose()?;
@@ -195,12 +202,23 @@ pub fn train(
                 temperature: t.temperature,
             });
         let fwd = trainer.forward_distilled(model, &x, &y, distill.as_ref())?;
-        if let Some(kl) = &fwd.kl {
-            ce_terms.push(fwd.ce.to_scalar::<f32>()? as f64);
+        // (the values, averaged over the ranks of a data-parallel group: copies, since the
+        // graph keeps the originals)
+        let (mut loss, mut ce, mut kl) = (fwd.loss.clone(), fwd.ce.clone(), fwd.kl.clone());
+        if let Some(g) = group {
+            loss = loss.copy()?;
+            ce = ce.copy()?;
+            kl = kl.map(|k| k.copy()).transpose()?;
+            let mut all = vec![&loss, &ce];
+            all.extend(kl.as_ref());
+            g.average(&all)?;
+        }
+        if let Some(kl) = &kl {
+            ce_terms.push(ce.to_scalar::<f32>()? as f64);
             kl_terms.push(kl.to_scalar::<f32>()? as f64);
         }
         // Reading the loss is the step's one host sync.
-        let mut loss_value = fwd.loss.to_scalar::<f32>()? as f64;
+        let mut loss_value = loss.to_scalar::<f32>()? as f64;
         if fault_now == Some(FaultKind::Nan) {
             loss_value = f64::NAN;
         }
@@ -218,6 +236,9 @@ pub fn train(
             });
         }
         let grads = fwd.backward(model)?;
+        if let Some(g) = group {
+            g.average_grads(&grads, &params.vars())?;
+        }
         opt.step(&grads)?;
         losses.push(loss_value);
         let last = step + 1 == t.steps;

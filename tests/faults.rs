@@ -275,6 +275,21 @@ fn quantizer_keys_name_their_valid_values() {
             "\"both\"",
         ],
     );
+    // Data parallelism: CUDA only, an even split of the batch, a build with NCCL.
+    refused(&[("run.devices", "0")], &["`run.devices`", "at least 1"]);
+    refused(
+        &[("run.devices", "2")],
+        &["`run.devices`", "CUDA GPUs", "run.device = \"cuda\""],
+    );
+    refused(
+        &[("run.devices", "3"), ("run.device", "\"cuda\"")],
+        &["`run.devices`", "data.batch_size = 2"],
+    );
+    #[cfg(not(feature = "nccl"))]
+    refused(
+        &[("run.devices", "2"), ("run.device", "\"cuda:1\"")],
+        &["`run.devices`", "--features cuda,nccl"],
+    );
     // tiny has layers 0 to 3.
     refused(
         &[("quant.exclude_layers", "[1, 4]")],

@@ -148,6 +148,7 @@ fn loss_curve_matches_transformers() {
         None,
         &mut |_| Ok(()),
         ternlab::train::Checkpointing::none(),
+        None,
     )
     .unwrap();
     assert_eq!(result.outcome, Outcome::Completed);

@@ -292,6 +292,14 @@ pub struct RunSpec {
     /// Fused CUDA kernels (ternary projection, AdamW) on CUDA; false runs the composed candle
     /// ops everywhere (for comparison). No effect on CPU or Metal.
     pub fused: bool,
+    /// GPUs the run trains on, data-parallel (`crate::parallel`): `device` = cuda:k and the
+    /// next `devices - 1` cards, the batch split evenly between them.
+    #[serde(skip_serializing_if = "is_one_usize")]
+    pub devices: usize,
+}
+
+fn is_one_usize(v: &usize) -> bool {
+    *v == 1
 }
 
 impl Default for Spec {
@@ -392,6 +400,7 @@ impl Default for RunSpec {
         Self {
             device: DeviceChoice::Auto,
             fused: true,
+            devices: 1,
         }
     }
 }

@@ -128,6 +128,7 @@ pub fn known_keys() -> Vec<String> {
     full.distill.weight = 1.0;
     full.train.save = crate::export::Save::Ternary;
     full.train.checkpoint_every = 1;
+    full.run.devices = 2;
     let table = toml::Table::try_from(&full).expect("a spec serializes");
     let mut keys = Vec::new();
     fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {
@@ -294,6 +295,40 @@ impl Spec {
                 "",
                 "prompts must not be empty strings",
             ));
+        }
+        let n = self.run.devices;
+        if n == 0 {
+            return Err(bad(file, "run.devices", n, "must be at least 1"));
+        }
+        if n > 1 {
+            if !matches!(self.run.device, crate::device::DeviceChoice::Cuda(_)) {
+                return Err(bad(
+                    file,
+                    "run.devices",
+                    n,
+                    "data parallelism runs on CUDA GPUs: set run.device = \"cuda\" (or \"cuda:K\", \
+                     the first of the cards)",
+                ));
+            }
+            if d.batch_size % n != 0 {
+                return Err(bad(
+                    file,
+                    "run.devices",
+                    n,
+                    &format!(
+                        "must divide data.batch_size = {} (each GPU takes an equal share)",
+                        d.batch_size
+                    ),
+                ));
+            }
+            if !cfg!(feature = "nccl") {
+                return Err(bad(
+                    file,
+                    "run.devices",
+                    n,
+                    "needs a build with NCCL: cargo build --release --features cuda,nccl",
+                ));
+            }
         }
         Ok(())
     }
