@@ -120,7 +120,10 @@ fn killed_then_interrupted_run_resumes_to_the_uninterrupted_runs_results_bit_for
     let saves = &whole_report["saves"];
     assert_eq!(saves["count"], 4, "{saves}");
     let n_params = whole_report["n_params"].as_u64().unwrap();
-    assert!(saves["bytes"].as_u64().unwrap() > 3 * 2 * n_params, "{saves}");
+    assert!(
+        saves["bytes"].as_u64().unwrap() > 3 * 2 * n_params,
+        "{saves}"
+    );
 
     let broken = Case::new(&tmp.path().join("broken"));
     // Killed during step 6: the checkpoint of step 4 is what is left.
