@@ -32,6 +32,7 @@ pub mod report;
 pub mod run;
 pub mod runner;
 pub mod schedule;
+pub mod slurm;
 pub mod spec;
 pub mod train;
 pub mod trainer;
