@@ -67,8 +67,11 @@ pub fn read_experiment(dir: &Path) -> Result<(Vec<RunResult>, usize)> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .filter(|p| {
-            !p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            // (.locks/, and the job scripts and output of `sweep --slurm`: not runs)
+            !p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with('.') || n == crate::slurm::FOLDER
+            })
         })
         .collect();
     dirs.sort();

@@ -33,6 +33,7 @@ pub mod report;
 pub mod run;
 pub mod runner;
 pub mod schedule;
+pub mod slurm;
 pub mod spec;
 pub mod train;
 pub mod trainer;

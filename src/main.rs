@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use ternlab::compare::{self, Format};
 use ternlab::plan::{plan, Plan};
 use ternlab::report::RunStatus;
-use ternlab::runner::{self, state_of, summary_table, Fate, RunState, SweepOptions};
+use ternlab::runner::{self, summary_table, Fate, RunState, SweepOptions};
+use ternlab::slurm;
 use ternlab::spec::{BadInput, Override};
 
 #[derive(Parser)]
@@ -27,6 +28,30 @@ struct SpecArgs {
     /// Results folder.
     #[arg(long, default_value = "results")]
     results: PathBuf,
+}
+
+/// `sweep --slurm` and its options.
+#[derive(clap::Args)]
+struct SlurmArgs {
+    /// Submit the runs not yet done or queued to Slurm as one job array, a task per run (each
+    /// `ternlab run-one`), instead of training them here.
+    #[arg(long, conflicts_with = "devices")]
+    slurm: bool,
+    /// The job's partition (default: the cluster's default).
+    #[arg(long, requires = "slurm")]
+    partition: Option<String>,
+    /// GPUs per run (default: 1 when the runs train on CUDA, 0 on the CPU).
+    #[arg(long, requires = "slurm", value_name = "G")]
+    gpus_per_run: Option<u32>,
+    /// CPU cores per run (default: 4 per GPU; 2 for a CPU run).
+    #[arg(long, requires = "slurm", value_name = "N")]
+    cpus_per_task: Option<u32>,
+    /// Time limit of each run, as Slurm takes it.
+    #[arg(long, requires = "slurm", value_name = "HH:MM:SS")]
+    time: Option<String>,
+    /// Only write the job script; print its path and runs.
+    #[arg(long, requires = "slurm")]
+    dry_run: bool,
 }
 
 #[derive(Subcommand)]
@@ -53,6 +78,8 @@ enum Command {
         /// Runs at a time on each device of --devices.
         #[arg(long, default_value_t = 1, requires = "devices")]
         jobs: usize,
+        #[command(flatten)]
+        slurm: SlurmArgs,
     },
     /// One rank of a data-parallel run (started by the run itself).
     #[command(hide = true)]
@@ -198,18 +225,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sweep {
             args,
             force,
-            devices: None,
-            ..
-        } => {
-            let p = plan(&args.spec, &args.set)?;
-            train_plan(&p, args.results, force)
-        }
-        Command::Sweep {
-            args,
-            force,
-            devices: Some(devices),
+            devices,
             jobs,
-        } => sweep_on_devices(args, force, &devices, jobs),
+            slurm,
+        } => match devices {
+            _ if slurm.slurm => sweep_on_slurm(args, force, slurm),
+            Some(devices) => sweep_on_devices(args, force, &devices, jobs),
+            None => {
+                let p = plan(&args.spec, &args.set)?;
+                train_plan(&p, args.results, force)
+            }
+        },
         Command::Rank { run_dir } => {
             ternlab::run::execute_rank(&run_dir)?;
             Ok(ExitCode::SUCCESS)
@@ -435,6 +461,68 @@ fn sweep_on_devices(
     finish_sweep(&p, &opts, &outcomes)
 }
 
+/// `sweep --slurm`: every run checked here, then those that need training submitted as one
+/// job array (or, with --dry-run, only its script written).
+fn sweep_on_slurm(args: SpecArgs, force: bool, s: SlurmArgs) -> anyhow::Result<ExitCode> {
+    let p = plan(&args.spec, &args.set)?;
+    runner::prepare_all(&p)?;
+    let sets = args
+        .set
+        .iter()
+        .map(|o| format!("{}={}", o.key, o.value))
+        .collect();
+    let task = slurm::TaskCommand::from_here(&args.spec, &args.results, sets)?;
+    let opts = slurm::SlurmOptions {
+        partition: s.partition,
+        gpus_per_run: s.gpus_per_run,
+        cpus_per_task: s.cpus_per_task,
+        time: s.time,
+        dry_run: s.dry_run,
+        force,
+    };
+    let sub = slurm::submit(&p, &task, &opts)?;
+    for (id, why) in &sub.skipped {
+        eprintln!("{id}: {why}; not submitted");
+    }
+    let Some(script) = &sub.script else {
+        println!(
+            "nothing to submit: none of the {} run(s) is pending (done, queued or being \
+             trained; `ternlab plan` shows which)",
+            p.runs.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let list = || {
+        for (i, id) in sub.runs.iter().enumerate() {
+            println!("  {i:>3}  {id}");
+        }
+    };
+    match &sub.job_id {
+        None => {
+            println!("wrote {} (not submitted)", script.display());
+            println!("{} run(s), by array index:", sub.runs.len());
+            list();
+            println!("submit it with: sbatch {}", script.display());
+        }
+        Some(job) => {
+            println!("wrote {}", script.display());
+            println!(
+                "submitted job {job}: {} run(s) as array tasks 0-{}",
+                sub.runs.len(),
+                sub.runs.len() - 1
+            );
+            list();
+            println!(
+                "output: {}",
+                slurm::folder(&task.results, &p.name)
+                    .join(format!("{job}_<task>.out"))
+                    .display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn train_plan(p: &Plan, results: PathBuf, force: bool) -> anyhow::Result<ExitCode> {
     ternlab::faults::injected("").map_err(|e| BadInput(format!("{e:#}")))?;
     let prepared = runner::prepare_all(p)?;
@@ -483,11 +571,15 @@ fn print_plan(p: &Plan, results: &std::path::Path) {
         header.push_str(&format!("  {k}"));
     }
     println!("{header}");
+    let mut queue = slurm::Queue::new();
     for r in &p.runs {
-        let state = state_of(results, &p.name, r);
+        let state = slurm::state_with_queue(results, &p.name, r, &mut queue);
         let mut line = format!("{:<w$}  {:<10}", r.id, state.label());
         for (k, v) in &r.swept {
             line.push_str(&format!("  {:>w2$}", v.to_string(), w2 = k.len()));
+        }
+        if let RunState::Queued(task) = &state {
+            line.push_str(&format!("  (Slurm job {task})"));
         }
         if matches!(state, RunState::Unfinished | RunState::Failed(_)) {
             let dir = ternlab::run::run_dir(results, &p.name, &r.id);

@@ -41,6 +41,10 @@ pub enum RunState {
     Unfinished,
     /// Another live process is training it now.
     Running,
+    /// Submitted to Slurm (`sweep --slurm`) and not started yet: the array task, `<job>_<i>`,
+    /// is still in the queue. Only `plan` and `sweep --slurm` ask the queue (src/slurm.rs);
+    /// [`state_of`] never says this.
+    Queued(String),
     /// The folder holds results of another configuration (a hash prefix collision, or an edited
     /// config.toml): never mixed, retrained only with --force.
     Conflict(String),
@@ -55,6 +59,7 @@ impl RunState {
             RunState::Failed(_) => "failed",
             RunState::Unfinished => "unfinished",
             RunState::Running => "running",
+            RunState::Queued(_) => "queued",
             RunState::Conflict(_) => "conflict",
         }
     }
@@ -265,6 +270,9 @@ pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<
             ));
             continue;
         }
+        // Training starts here, whoever was meant to: the run is no longer waiting in a Slurm
+        // queue (a task of its job that starts later finds it running or done).
+        crate::slurm::forget_queued(&opts.results, &plan.name, &run.id);
         outcomes.push(train_one(p, &opts.results, &label, opts.force));
         drop(lock);
     }

@@ -17,8 +17,8 @@ use std::path::PathBuf;
 
 mod read;
 pub use read::{
-    check_override_key, extract, known_keys, layers, load, nearest_key, parse_table, read_table,
-    BadInput, Override,
+    check_override_key, extract, is_spec_variable, known_keys, layers, load, nearest_key,
+    parse_table, read_table, BadInput, Override,
 };
 
 pub use crate::quant::{Granularity, GroupSize, ScaleDtype, ScaleRule};

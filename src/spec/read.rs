@@ -38,6 +38,22 @@ impl std::str::FromStr for Override {
 /// over the file, other `TERNLAB_*` variables are not spec keys.
 const SECTIONS: &[&str] = &["model", "data", "quant", "train", "eval", "run", "distill"];
 
+/// What follows `TERNLAB_` in a variable of the spec's environment layer: `NAME` or
+/// `<SECTION>__<KEY>`, in any case.
+fn is_spec_suffix(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    k == "name" || SECTIONS.iter().any(|s| k.starts_with(&format!("{s}__")))
+}
+
+/// Whether the environment variable `name` is part of the spec's environment layer (the
+/// prefix in any case and the name trimmed, as the layer reads it).
+pub fn is_spec_variable(name: &str) -> bool {
+    let name = name.trim();
+    name.get(..8)
+        .is_some_and(|p| p.eq_ignore_ascii_case("TERNLAB_"))
+        && is_spec_suffix(&name[8..])
+}
+
 /// The layers of a spec, lowest first: the seed's defaults, the file (without its `[sweep]`
 /// table), the environment (`TERNLAB_TRAIN__LR=1e-3`), the `--set` overrides.
 pub fn layers(file_table: &toml::Table, overrides: &[Override]) -> Figment {
@@ -46,10 +62,7 @@ pub fn layers(file_table: &toml::Table, overrides: &[Override]) -> Figment {
         .merge(Toml::string(&text))
         .merge(
             Env::prefixed("TERNLAB_")
-                .filter(|k| {
-                    let k = k.as_str().to_ascii_lowercase();
-                    k == "name" || SECTIONS.iter().any(|s| k.starts_with(&format!("{s}__")))
-                })
+                .filter(|k| is_spec_suffix(k.as_str()))
                 .split("__"),
         );
     for o in overrides {
