@@ -7,7 +7,7 @@
 #
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
-#                                            study-extra export generate resume dp
+#                                            study-extra export generate resume dp dp-faults
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -217,6 +217,31 @@ PY
       echo "--devices $devs: $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s wall"
     done
   fi
+fi
+if want dp-faults; then
+  n=$(nvidia-smi -L | wc -l); r="$out/dpf"; rm -rf "$r"
+  dp=(experiments/tiny.toml --set run.device=cuda --set train.steps=20 --set eval.max_new_tokens=1)
+  echo "== data-parallel faults: more ranks than cards ($((n + 2)) on $n)"
+  $tl run "${dp[@]}" --set run.devices=$((n + 2)) --results "$r/cards" 2>&1 | grep -E "failed|error" | tail -2
+  echo "== rank 1 killed at step 3 (TERNLAB_INJECT=exit@3:#rank1): the run fails, nothing waits"
+  time TERNLAB_INJECT='exit@3:#rank1' $tl run "${dp[@]}" --set run.devices=2 --results "$r/rank1" 2>&1 |
+    grep -E "failed|died|error" | tail -3
+  echo "== resume a data-parallel run: every rank killed at step 12, a checkpoint every 5, rerun"
+  for k in whole broken; do
+    inject=(); [[ $k == broken ]] && inject=(TERNLAB_INJECT=exit@12)
+    env "${inject[@]}" $tl run "${dp[@]}" --set run.devices=2 --set train.checkpoint_every=5 \
+      --results "$r/$k" 2>&1 | tail -1
+  done
+  $tl run "${dp[@]}" --set run.devices=2 --set train.checkpoint_every=5 --results "$r/broken" 2>&1 |
+    grep -E "resuming|completed"
+  python3 - "$r" <<'PY'
+import glob, json, sys
+r = sys.argv[1]
+a, b = (json.load(open(glob.glob(f"{r}/{k}/tiny/*/report.json")[0])) for k in ["whole", "broken"])
+d = [abs(x - y) / abs(x) for x, y in zip(a["loss_curve"], b["loss_curve"])]
+print(f"resumed from {b.get('resumed_from_step')}: {len(d)} steps, {sum(x == 0 for x in d)} equal, "
+      f"worst relative difference {max(d):.3g}; val_nll {b['val_nll']!r} vs {a['val_nll']!r}")
+PY
 fi
 if want study-pretrain || want study-ternary || want study-extra; then
   # docs/study.md: the corpus comes xz-compressed in .device (it is git-ignored here too).

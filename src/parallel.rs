@@ -93,6 +93,41 @@ impl Group {
     }
 }
 
+/// Fails unless cards `first .. first + world` exist (before any rank starts: a rank that
+/// cannot open its card would otherwise leave the others waiting to meet it).
+pub fn check_cards(first: usize, world: usize) -> Result<()> {
+    #[cfg(feature = "nccl")]
+    {
+        let n = cudarc::driver::CudaContext::device_count()
+            .map_err(|e| anyhow::anyhow!("counting CUDA devices: {e:?}"))? as usize;
+        anyhow::ensure!(
+            first + world <= n,
+            "run.devices = {world} from cuda:{first} needs cuda:{first}..cuda:{}, but this machine \
+             has {n} CUDA device(s)",
+            first + world - 1
+        );
+        Ok(())
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = (first, world);
+        anyhow::bail!("{}", no_nccl())
+    }
+}
+
+/// Ends this process when the process that started it (rank 0) is gone, however it went: a
+/// rank left alone would wait in its next all-reduce forever, holding its GPU.
+pub fn exit_with_parent() {
+    let parent = std::os::unix::process::parent_id();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if std::os::unix::process::parent_id() != parent {
+            eprintln!("rank 0 is gone: this rank stops");
+            std::process::exit(1);
+        }
+    });
+}
+
 #[cfg(not(feature = "nccl"))]
 fn no_nccl() -> &'static str {
     "run.devices > 1 needs a build with NCCL: cargo build --release --features cuda,nccl"
@@ -303,6 +338,32 @@ impl Ranks {
             done: Default::default(),
             watchdog: None,
         })
+    }
+
+    /// Joins group `id` as rank 0 on `device` while watching the ranks: one that exits before
+    /// the group is complete fails this call instead of leaving it waiting. (The thread that
+    /// waits in NCCL's init is then left behind, blocked.)
+    pub fn join(&mut self, id: &str, world: usize, device: &candle_core::Device) -> Result<Group> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (id, device) = (id.to_string(), device.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(Group::join(&id, 0, world, &device));
+        });
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(group) => return group,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("joining the data-parallel group: the thread panicked")
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let mut cs = self.children.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, c) in cs.iter_mut().enumerate() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    anyhow::bail!("rank {} exited before joining the group: {status}", i + 1);
+                }
+            }
+        }
     }
 
     /// Watches the ranks from now on: the first to exit with a failure aborts `group`.

@@ -295,10 +295,15 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
             p.run_id,
             world - 1
         ));
+        let first = match p.spec.run.device {
+            crate::device::DeviceChoice::Cuda(n) => n.unwrap_or(0),
+            other => anyhow::bail!("data parallelism runs on CUDA GPUs, not {other}"),
+        };
+        crate::parallel::check_cards(first, world)?;
         let id = Group::new_id()?;
         let resume_dir = resume_from.as_ref().map(|(d, _)| d.as_path());
         let mut ranks = Ranks::spawn(&dir, world, &id, resume_dir)?;
-        let group = Group::join(&id, 0, world, &device)?;
+        let group = ranks.join(&id, world, &device)?;
         ranks.watch(&group);
         progress.message(&format!("{}: rank 0 of {world} joined", p.run_id));
         (Some(group), Some(ranks))
@@ -521,6 +526,7 @@ pub fn execute_rank(run_dir: &Path) -> Result<()> {
     // Ctrl-C reaches every process of the terminal: rank 0 decides when the run stops, and
     // ends the other ranks then.
     let _ = ctrlc::set_handler(|| {});
+    crate::parallel::exit_with_parent();
     let file = run_dir.join("config.toml");
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -573,6 +579,8 @@ pub fn execute_rank(run_dir: &Path) -> Result<()> {
         resume,
         ..train::Checkpointing::none()
     };
+    // (`TERNLAB_INJECT=KIND@STEP:#rank1` reaches rank 1 alone: its id is the run's plus this)
+    let fault = crate::faults::injected(&format!("{}#rank{rank}", p.run_id))?;
     train::train(
         &model,
         &params,
@@ -580,7 +588,7 @@ pub fn execute_rank(run_dir: &Path) -> Result<()> {
         t,
         &val,
         teacher.as_ref(),
-        None,
+        fault,
         &mut |_| Ok(()),
         ckpt,
         Some(&group),
