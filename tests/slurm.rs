@@ -3,7 +3,8 @@
 //! finishes through the scheduler.
 //!
 //! The second test needs Slurm up on this machine (`scripts/slurm/up.sh`, which `.ci/run`
-//! calls first) and fails, saying so, when it is not. To see `queued` without racing the
+//! calls first, and this test calls itself when none answers) and fails, saying so, when it
+//! cannot have one. To see `queued` without racing the
 //! scheduler, its first submission goes through an `sbatch` on PATH that adds `--hold` (the
 //! 22.05 of Debian 12 has no SBATCH_HOLD variable): the job waits until the test cancels it,
 //! which must turn the runs back to `pending`; the second submission is the real one.
@@ -164,28 +165,52 @@ fn dry_run_writes_a_job_array_of_the_pending_runs() {
     assert_eq!(scripts(&slurm_dir), written);
 }
 
-/// Fails (does not skip) when no Slurm answers here, saying how to start one.
-fn require_slurm() {
+/// Whether a Slurm answers here with a usable node; else what `sinfo` said.
+fn slurm_state() -> Result<(), String> {
     let out = Command::new("sinfo").args(["-h", "-o", "%T"]).output();
-    let said = match &out {
+    match &out {
         Ok(o) if o.status.success() => {
             let states = String::from_utf8_lossy(&o.stdout).to_string();
             if states
                 .lines()
                 .any(|s| ["idle", "mixed", "allocated"].contains(&s.trim()))
             {
-                return;
+                return Ok(());
             }
-            format!("sinfo lists no usable node: {states:?}")
+            Err(format!("sinfo lists no usable node: {states:?}"))
         }
-        Ok(o) => format!(
+        Ok(o) => Err(format!(
             "sinfo failed: {}",
             String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("sinfo cannot run: {e}")),
+    }
+}
+
+/// Starts a single-node Slurm when none is up (`scripts/slurm/up.sh`, as `.ci/run` does, so
+/// that a plain `cargo test` works too where it can: as root, with Debian's packages reachable);
+/// fails (does not skip) when there is still none, saying why and how to start one.
+fn require_slurm() {
+    if slurm_state().is_ok() {
+        return;
+    }
+    let up = Command::new("bash")
+        .arg(common::repo_root().join("scripts/slurm/up.sh"))
+        .output();
+    let said = match slurm_state() {
+        Ok(()) => return,
+        Err(e) => e,
+    };
+    let up = match up {
+        Ok(o) => format!(
+            "scripts/slurm/up.sh exited {:?}: {}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).trim()
         ),
-        Err(e) => format!("sinfo cannot run: {e}"),
+        Err(e) => format!("scripts/slurm/up.sh did not start: {e}"),
     };
     panic!(
-        "tests/slurm.rs needs a Slurm on this machine and none is up ({said}). Start a \
+        "tests/slurm.rs needs a Slurm on this machine and none is up ({said}; {up}). Start a \
          single-node one with `sudo bash scripts/slurm/up.sh` (Debian; .ci/run does this \
          before the tests)."
     );
