@@ -56,7 +56,7 @@ bench() {  # name, then ternlab bench args
   local name=$1; shift
   echo "== ternlab bench $name"
   $tl bench --set run.device=cuda --steps 20 --warmup 5 --out "$out/json/ternlab-$name.json" "$@" \
-    | grep -E '"(median_step_s|tokens_per_s|achieved_tflops|share_of_peak|peak_memory_gib|device_name)"'
+    | grep -E '"(median_step_s|tokens_per_s|achieved_tflops|share_of_peak|peak_card|peak_memory_gib|device_name)"'
 }
 ref() {  # name, then ref args
   local name=$1; shift

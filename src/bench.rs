@@ -47,6 +47,9 @@ pub struct BenchResult {
     pub tokens_per_s: f64,
     pub model_tflop_per_step: f64,
     pub achieved_tflops: f64,
+    /// The card whose datasheet peak `share_of_peak` divides by (`card_peak`), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_card: Option<String>,
     pub peak_tflops: Option<f64>,
     pub share_of_peak: Option<f64>,
     /// The most device memory in use at once over the steps, weights and optimizer state
@@ -77,13 +80,136 @@ pub fn flops_per_step(cfg: &Qwen3Config, batch: usize, seq: usize) -> f64 {
     6.0 * matmul_params * tokens + attention
 }
 
-/// Dense peak TFLOP/s of known cards for a precision (NVIDIA's datasheets, SXM parts).
+/// One card's dense peak TFLOP/s (no structured sparsity), from NVIDIA's datasheets: bf16
+/// tensor cores, tf32 tensor cores, plain f32.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CardPeak {
+    /// The card as the table names it (`H100 SXM`, `H100 PCIe`, ...).
+    pub card: &'static str,
+    pub bf16: f64,
+    pub tf32: f64,
+    pub f32: f64,
+}
+
+/// Known cards, by a part of the name the driver reports (`cuDeviceGetName`: "NVIDIA H100
+/// 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", ...). The first match counts, so the
+/// specific forms come before the SXM parts they would also match, and H200 before H20.
+const CARDS: &[(&str, CardPeak)] = &[
+    (
+        "H100 PCIe",
+        CardPeak {
+            card: "H100 PCIe",
+            bf16: 756.5,
+            tf32: 378.0,
+            f32: 51.2,
+        },
+    ),
+    (
+        "H100 NVL",
+        CardPeak {
+            card: "H100 NVL",
+            bf16: 835.5,
+            tf32: 417.5,
+            f32: 60.0,
+        },
+    ),
+    (
+        "H200 NVL",
+        CardPeak {
+            card: "H200 NVL",
+            bf16: 835.5,
+            tf32: 417.5,
+            f32: 60.0,
+        },
+    ),
+    (
+        "H800 PCIe",
+        CardPeak {
+            card: "H800 PCIe",
+            bf16: 756.5,
+            tf32: 378.0,
+            f32: 51.2,
+        },
+    ),
+    (
+        "GH200",
+        CardPeak {
+            card: "GH200",
+            bf16: 989.4,
+            tf32: 494.7,
+            f32: 66.9,
+        },
+    ),
+    (
+        "H100",
+        CardPeak {
+            card: "H100 SXM",
+            bf16: 989.4,
+            tf32: 494.7,
+            f32: 66.9,
+        },
+    ),
+    (
+        "H200",
+        CardPeak {
+            card: "H200 SXM",
+            bf16: 989.4,
+            tf32: 494.7,
+            f32: 66.9,
+        },
+    ),
+    (
+        "H800",
+        CardPeak {
+            card: "H800 SXM",
+            bf16: 989.4,
+            tf32: 494.7,
+            f32: 66.9,
+        },
+    ),
+    (
+        "H20",
+        CardPeak {
+            card: "H20",
+            bf16: 148.0,
+            tf32: 74.0,
+            f32: 44.0,
+        },
+    ),
+    (
+        "A100",
+        CardPeak {
+            card: "A100",
+            bf16: 312.0,
+            tf32: 156.0,
+            f32: 19.5,
+        },
+    ),
+    (
+        "L40S",
+        CardPeak {
+            card: "L40S",
+            bf16: 362.05,
+            tf32: 183.0,
+            f32: 91.6,
+        },
+    ),
+];
+
+/// The peak figures of the card called `device_name`, if ternlab knows it.
+pub fn card_peak(device_name: &str) -> Option<CardPeak> {
+    CARDS
+        .iter()
+        .find(|(part, _)| device_name.contains(part))
+        .map(|(_, peak)| *peak)
+}
+
+/// Dense peak TFLOP/s of the card called `device_name` at a precision, if ternlab knows it.
 pub fn peak_tflops(device_name: &str, dtype: ComputeDtype) -> Option<f64> {
-    let hopper = device_name.contains("H100") || device_name.contains("H200");
-    hopper.then_some(match dtype {
-        ComputeDtype::Bf16 => 989.4,
-        ComputeDtype::Tf32 => 494.7,
-        ComputeDtype::F32 => 66.9,
+    card_peak(device_name).map(|c| match dtype {
+        ComputeDtype::Bf16 => c.bf16,
+        ComputeDtype::Tf32 => c.tf32,
+        ComputeDtype::F32 => c.f32,
     })
 }
 
@@ -188,6 +314,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
     let achieved = flops / median / 1e12;
     let dtype = t.dtype.resolve(&device);
     let peak = peak_tflops(&name, dtype);
+    let peak_card = card_peak(&name).map(|c| c.card.to_string());
     Ok(BenchResult {
         run_id: p.run_id.clone(),
         device: device_label,
@@ -207,6 +334,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         tokens_per_s: (d.batch_size * d.seq_len) as f64 / median,
         model_tflop_per_step: flops / 1e12,
         achieved_tflops: achieved,
+        peak_card,
         peak_tflops: peak,
         share_of_peak: peak.map(|pk| achieved / pk),
         peak_memory_gib: crate::device::peak_memory_bytes(&device)
@@ -214,4 +342,28 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         last_loss,
         ternlab: env!("CARGO_PKG_VERSION").into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_hopper_form_factor_has_its_own_peak() {
+        let bf16 = |n: &str| peak_tflops(n, ComputeDtype::Bf16);
+        // What the driver reports for each card.
+        assert_eq!(bf16("NVIDIA H100 80GB HBM3"), Some(989.4));
+        assert_eq!(bf16("NVIDIA H100 PCIe"), Some(756.5));
+        assert_eq!(bf16("NVIDIA H100 NVL"), Some(835.5));
+        assert_eq!(bf16("NVIDIA H200"), Some(989.4));
+        assert_eq!(bf16("NVIDIA H200 NVL"), Some(835.5));
+        assert_eq!(bf16("NVIDIA H20"), Some(148.0));
+        assert_eq!(bf16("NVIDIA GH200 480GB"), Some(989.4));
+        assert_eq!(card_peak("NVIDIA H100 PCIe").unwrap().card, "H100 PCIe");
+        assert_eq!(
+            peak_tflops("NVIDIA A100-SXM4-80GB", ComputeDtype::Tf32),
+            Some(156.0)
+        );
+        assert_eq!(bf16("cpu (2 threads)"), None);
+    }
 }
