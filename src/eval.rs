@@ -99,8 +99,9 @@ struct Source {
     run: Option<Spec>,
     /// Projections whose inputs were quantized to 8 bits (a run with activation_bits = 8).
     act_quant: Vec<String>,
-    /// The directory of config.json (where generation settings are read from).
-    dir: PathBuf,
+    /// The directory of config.json (where generation settings are read from); None for a
+    /// preset's run.
+    dir: Option<PathBuf>,
 }
 
 fn bad(what: String) -> anyhow::Error {
@@ -135,6 +136,47 @@ fn packed(file: &Path, run: Option<Spec>) -> Result<Source> {
         weights_from: file.display().to_string(),
         run,
         act_quant,
+        dir: Some(dir),
+    })
+}
+
+/// A run folder that kept only `latent/`: the run's model rebuilt from its config.toml (on the
+/// CPU), the latents loaded, and each ternary projection taken at `W_t` (what the packed file
+/// would hold), the rest as trained.
+fn latent(run: &Path, mut spec: Spec) -> Result<Source> {
+    let file = run.join("config.toml");
+    let id = run.file_name().map(|n| n.to_string_lossy().to_string());
+    spec.run.device = DeviceChoice::Cpu;
+    spec.run.devices = 1;
+    let planned = crate::plan::PlannedRun {
+        config_hash: crate::plan::config_hash(&spec),
+        id: id.unwrap_or_default(),
+        swept: Vec::new(),
+        spec: spec.clone(),
+    };
+    let p = crate::run::prepare(&planned, &file)?;
+    let cpu = candle_core::Device::Cpu;
+    let (model, params, _) = p.build_model(&cpu)?;
+    let latent = run.join("latent");
+    let state = crate::checkpoint::load(&latent, &params, &cpu)?;
+    let model = model.at_step(state.step);
+    let act_quant = model
+        .linears()
+        .into_iter()
+        .filter(|l| l.quantizes_activations())
+        .map(|l| l.name().to_string())
+        .collect();
+    let dir = match &p.origin {
+        crate::run::ModelOrigin::Checkpoint(c) => c.config.parent().map(Path::to_path_buf),
+        crate::run::ModelOrigin::Preset(_) => None,
+    };
+    Ok(Source {
+        cfg: p.model_cfg.clone(),
+        weights: crate::export::trained_weights(&model, &params)?,
+        tokenizer: p.tokenizer.clone(),
+        weights_from: latent.display().to_string(),
+        run: Some(spec),
+        act_quant,
         dir,
     })
 }
@@ -146,13 +188,16 @@ fn source(model: &str) -> Result<Source> {
         let spec: Spec = toml::from_str(&text)
             .with_context(|| format!("{}", path.join("config.toml").display()))?;
         let file = path.join("ternary.safetensors");
-        if !file.is_file() {
-            return Err(bad(format!(
-                "{model}: the run saved no ternary model; train it with train.save = \"ternary\" \
-                 or \"both\""
-            )));
+        if file.is_file() {
+            return packed(&file, Some(spec));
         }
-        return packed(&file, Some(spec));
+        if path.join("latent").join("state.json").is_file() {
+            return latent(path, spec);
+        }
+        return Err(bad(format!(
+            "{model}: the run saved no model; train it with train.save = \"ternary\", \
+             \"latent\" or \"both\""
+        )));
     }
     if path.is_file() {
         return packed(path, None);
@@ -169,11 +214,13 @@ fn source(model: &str) -> Result<Source> {
         weights_from: files.origin.clone(),
         run: None,
         act_quant: Vec::new(),
-        dir: files
-            .config
-            .parent()
-            .unwrap_or(Path::new("."))
-            .to_path_buf(),
+        dir: Some(
+            files
+                .config
+                .parent()
+                .unwrap_or(Path::new("."))
+                .to_path_buf(),
+        ),
     })
 }
 
@@ -206,7 +253,7 @@ pub fn load(model: &str, device: DeviceChoice) -> Result<Loaded> {
     for lin in m.linears_mut() {
         lin.act_quant = src.act_quant.iter().any(|n| n == lin.name());
     }
-    let eos = crate::train::eos_ids(Some(&src.dir), &src.tokenizer)?;
+    let eos = crate::train::eos_ids(src.dir.as_deref(), &src.tokenizer)?;
     Ok(Loaded {
         model: m,
         tokenizer: src.tokenizer,

@@ -129,6 +129,16 @@ pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
 /// The checkpoint's tensors by name, on the CPU in `dtype`: each ternary projection's `W_t`
 /// (at the model's current `lambda`), every other parameter as trained.
 pub fn hf_tensors(model: &Qwen3, params: &Params, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    trained_weights(model, params)?
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(dtype)?.contiguous()?)))
+        .collect()
+}
+
+/// The trained model as a dense checkpoint, on the CPU: each ternary projection's `W_t` as the
+/// model computes it (at its current `lambda`), every other parameter as trained, its dtype
+/// kept; learned scales are inside `W_t`.
+pub fn trained_weights(model: &Qwen3, params: &Params) -> Result<HashMap<String, Tensor>> {
     let frozen = model.frozen()?;
     // (`frozen` keeps the layers' order and names; its ternary layers hold `W_t`)
     let ternary: HashMap<String, Tensor> = frozen
@@ -146,10 +156,7 @@ pub fn hf_tensors(model: &Qwen3, params: &Params, dtype: DType) -> Result<HashMa
             continue;
         }
         let t = ternary.get(name).unwrap_or(var.as_tensor());
-        out.insert(
-            name.clone(),
-            t.to_device(&Device::Cpu)?.to_dtype(dtype)?.contiguous()?,
-        );
+        out.insert(name.clone(), t.to_device(&Device::Cpu)?.contiguous()?);
     }
     Ok(out)
 }

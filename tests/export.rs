@@ -306,6 +306,30 @@ fn eval_of_a_saved_run_gives_its_val_nll() {
 }
 
 #[test]
+fn eval_of_a_run_that_kept_only_its_latents_gives_its_val_nll() {
+    let dir = tempfile::tempdir().unwrap();
+    // The run's model is rebuilt from its spec and latent/: learned scales and 8-bit
+    // activations included, as training evaluated it.
+    let (run_dir, report) = run(
+        dir.path(),
+        "latent",
+        &[
+            ("quant.group_size", "32"),
+            ("quant.activation_bits", "8"),
+            ("quant.scale", "\"learned\""),
+            ("train.save", "\"latent\""),
+        ],
+    );
+    assert!(!run_dir.join("ternary.safetensors").exists());
+    let own = eval(dir.path(), &[run_dir.to_str().unwrap(), "--device", "cpu"]);
+    assert_eq!(own["nll"], report["val_nll"], "{own}");
+    assert!(
+        own["weights"].as_str().unwrap().ends_with("latent"),
+        "{own}"
+    );
+}
+
+#[test]
 fn eval_says_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let (run_dir, _) = run(dir.path(), "unsaved", &[]);
