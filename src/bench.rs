@@ -3,7 +3,6 @@
 //! warm-up, and reports median step time, tokens/s, achieved TFLOP/s, share of the card's
 //! peak and device memory.
 
-use crate::data::Batcher;
 use crate::model::{Ops, Qwen3Config};
 use crate::optim::AdamW;
 use crate::run::PreparedRun;
@@ -267,7 +266,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
     let (t, d) = (&p.spec.train, &p.spec.data);
     let trainer = Trainer::for_model(&model);
     let mut opt = AdamW::for_params(&params, t, model.ops() == Ops::Fused)?;
-    let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, d.sampling, t.seed)?;
+    let mut batcher = p.batcher()?;
     // From here on, as torch.cuda.reset_peak_memory_stats before the reference's loop: the
     // weights and optimizer state count, as they are in use.
     crate::device::reset_peak_memory(&device);

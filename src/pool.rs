@@ -12,7 +12,7 @@ use crate::plan::{Plan, PlannedRun};
 use crate::report::RunStatus;
 use crate::run::run_dir;
 use crate::runner::{
-    folder_state, is_running_elsewhere, outcome_from_folder, read_status, skips, state_of,
+    folder_state, is_running_elsewhere, not_run, outcome_from_folder, read_status, skips, state_of,
     write_status, Fate, Outcome, RunState, SweepOptions,
 };
 use std::io::{BufRead, BufReader};
@@ -102,7 +102,7 @@ pub fn sweep(
             ));
         } else if state == RunState::Running {
             eprintln!("{}: being trained by another process; skipped", run.id);
-            outcomes[i] = Some(not_run(run, Fate::Elsewhere));
+            outcomes[i] = Some(not_run(run, Fate::Elsewhere, None));
         } else {
             queue.push_back(i);
         }
@@ -135,9 +135,8 @@ pub fn sweep(
                     });
                 }
                 Err(e) => {
-                    let mut o = not_run(run, Fate::Ended(RunStatus::Failed));
-                    o.error = Some(format!("starting {}: {e}", child.exe.display()));
-                    outcomes[i] = Some(o);
+                    let error = Some(format!("starting {}: {e}", child.exe.display()));
+                    outcomes[i] = Some(not_run(run, Fate::Ended(RunStatus::Failed), error));
                 }
             }
         }
@@ -166,7 +165,7 @@ pub fn sweep(
     plan.runs
         .iter()
         .zip(outcomes)
-        .map(|(run, o)| o.unwrap_or_else(|| not_run(run, Fate::NotRun)))
+        .map(|(run, o)| o.unwrap_or_else(|| not_run(run, Fate::NotRun, None)))
         .collect()
 }
 
@@ -186,9 +185,7 @@ fn finished(plan: &Plan, opts: &SweepOptions, run: &PlannedRun, how: &str) -> Ou
         if dir.exists() {
             let _ = write_status(&dir, RunStatus::Failed, &run.config_hash, Some(msg.clone()));
         }
-        let mut o = not_run(run, Fate::Ended(RunStatus::Failed));
-        o.error = Some(msg);
-        return o;
+        return not_run(run, Fate::Ended(RunStatus::Failed), Some(msg));
     }
     let fate = match folder_state(&opts.results, &plan.name, run) {
         RunState::Done => Fate::Ended(RunStatus::Completed),
@@ -198,15 +195,4 @@ fn finished(plan: &Plan, opts: &SweepOptions, run: &PlannedRun, how: &str) -> Ou
         other => Fate::Skipped(other),
     };
     outcome_from_folder(&opts.results, plan, run, fate)
-}
-
-fn not_run(run: &PlannedRun, fate: Fate) -> Outcome {
-    Outcome {
-        id: run.id.clone(),
-        fate,
-        final_loss: None,
-        val_ppl: None,
-        seconds: None,
-        error: None,
-    }
 }

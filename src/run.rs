@@ -223,6 +223,32 @@ impl PreparedRun {
         ))
     }
 
+    /// The run's distillation teacher, its starting `model` frozen (None without
+    /// distillation). Made before any training or resume changes `model`.
+    pub fn teacher(&self, model: &Qwen3) -> Result<Option<train::Teacher>> {
+        let ds = &self.spec.distill;
+        if ds.weight <= 0.0 {
+            return Ok(None);
+        }
+        Ok(Some(train::Teacher {
+            model: model.teacher()?,
+            weight: ds.weight,
+            temperature: ds.temperature,
+        }))
+    }
+
+    /// The run's training batches from its first step (the seed's sampler).
+    pub fn batcher(&self) -> Result<Batcher<'_>> {
+        let (d, t) = (&self.spec.data, &self.spec.train);
+        Batcher::new(
+            &self.corpus.train,
+            d.seq_len,
+            d.batch_size,
+            d.sampling,
+            t.seed,
+        )
+    }
+
     fn origin_name(&self) -> String {
         match &self.origin {
             ModelOrigin::Preset(p) => format!("preset:{}", p.name()),
@@ -322,7 +348,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
     ));
     let start = crate::recovery::Start::measure(&model, &heldout)?;
     crate::device::reset_peak_memory(&device);
-    let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, d.sampling, t.seed)?;
+    let mut batcher = p.batcher()?;
     let val = ValDuringTraining {
         tokens: &p.corpus.val,
         seq_len: d.seq_len,
@@ -330,16 +356,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         every: p.spec.eval.every,
     };
     let fault = crate::faults::injected(&p.run_id)?;
-    let ds = &p.spec.distill;
-    let teacher = if ds.weight > 0.0 {
-        Some(train::Teacher {
-            model: model.teacher()?,
-            weight: ds.weight,
-            temperature: ds.temperature,
-        })
-    } else {
-        None
-    };
+    let teacher = p.teacher(&model)?;
     let teacher = teacher.as_ref();
     // (after the start was measured and the teacher copied: both are the starting model)
     let resume = match &resume_from {
@@ -554,21 +571,12 @@ pub fn execute_rank(run_dir: &Path) -> Result<()> {
         base + rank
     );
     let (t, d) = (&p.spec.train, &p.spec.data);
-    let ds = &p.spec.distill;
-    let teacher = if ds.weight > 0.0 {
-        Some(train::Teacher {
-            model: model.teacher()?,
-            weight: ds.weight,
-            temperature: ds.temperature,
-        })
-    } else {
-        None
-    };
+    let teacher = p.teacher(&model)?;
     let resume = match std::env::var_os(crate::parallel::RESUME_VAR) {
         Some(dir) => Some(crate::checkpoint::load(Path::new(&dir), &params, &device)?),
         None => None,
     };
-    let mut batcher = Batcher::new(&p.corpus.train, d.seq_len, d.batch_size, d.sampling, t.seed)?;
+    let mut batcher = p.batcher()?;
     let val = ValDuringTraining {
         tokens: &p.corpus.val,
         seq_len: d.seq_len,

@@ -279,7 +279,8 @@ pub fn sweep(plan: &Plan, prepared: &[PreparedRun], opts: &SweepOptions) -> Vec<
     outcomes
 }
 
-fn not_run(run: &PlannedRun, fate: Fate, error: Option<String>) -> Outcome {
+/// The summary line of a run that did not train here (nothing measured).
+pub fn not_run(run: &PlannedRun, fate: Fate, error: Option<String>) -> Outcome {
     Outcome {
         id: run.id.clone(),
         fate,

@@ -154,6 +154,8 @@ pub fn train(
         )
     };
     let mut last_snapshot = first;
+    // (the order every rank of a data-parallel group averages the gradients in)
+    let vars = params.vars();
     for step in first..t.steps {
         let fault_now = fault.filter(|f| f.step == step).map(|f| f.kind);
         if fault_now == Some(FaultKind::Interrupt) {
@@ -237,7 +239,7 @@ pub fn train(
         }
         let grads = fwd.backward(model)?;
         if let Some(g) = group {
-            g.average_grads(&grads, &params.vars())?;
+            g.average_grads(&grads, &vars)?;
         }
         opt.step(&grads)?;
         losses.push(loss_value);
