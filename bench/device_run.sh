@@ -8,6 +8,7 @@
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
 #                                            study-extra export generate resume dp dp-faults
+#                                            graph e2e
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -32,16 +33,16 @@ want() { [[ " $sections " == *" $1 "* ]]; }
 
 if want parity; then
 echo "== parity and gradients on the GPU (fixture from scripts/make_parity_fixture.py)"
-TERNLAB_TEST_DEVICE=cuda .device/parity --test-threads 1 --nocapture
-TERNLAB_TEST_DEVICE=cuda .device/gradients --test-threads 1
+TERNLAB_TEST_DEVICE=cuda timeout 300 .device/parity --test-threads 1 --nocapture
+TERNLAB_TEST_DEVICE=cuda timeout 300 .device/gradients --test-threads 1
 echo "== fused kernels against the composed ops"
-.device/fused --test-threads 1
+timeout 300 .device/fused --test-threads 1
 fi
 
 if want seed; then
 echo "== seed parity through the hand-written step: f32, then bf16 compute (fixture: scripts/make_seed_fixture.py)"
-TERNLAB_TEST_DEVICE=cuda TERNLAB_TEST_DTYPE=f32 .device/seed_parity --test-threads 1 --nocapture 2>&1 | grep -vE '^\s+[0-9]+:|^\s+at '
-TERNLAB_TEST_DEVICE=cuda TERNLAB_TEST_DTYPE=bf16 .device/seed_parity --test-threads 1 --nocapture 2>&1 | grep -vE '^\s+[0-9]+:|^\s+at '
+TERNLAB_TEST_DEVICE=cuda TERNLAB_TEST_DTYPE=f32 timeout 300 .device/seed_parity --test-threads 1 --nocapture 2>&1 | grep -vE '^\s+[0-9]+:|^\s+at '
+TERNLAB_TEST_DEVICE=cuda TERNLAB_TEST_DTYPE=bf16 timeout 300 .device/seed_parity --test-threads 1 --nocapture 2>&1 | grep -vE '^\s+[0-9]+:|^\s+at '
 fi
 
 tl=${TL:-.device/ternlab}  # (TL="timeout 300 .device/ternlab" bounds each command)
@@ -113,6 +114,30 @@ if want baseline; then
     --results "$out/baseline" 2>&1 | grep -vE "step +[0-9]+/"
   $tl compare "$out/baseline/baseline-seeds" --metric val_nll
   $tl compare "$out/baseline/baseline" --format json | head -c 3000
+fi
+if want graph; then
+  # The step replayed from CUDA graphs (the default) against the same binary launch by launch
+  # (TERNLAB_CUDA_GRAPH=0), alternating, bf16: what the graphs change on one card.
+  for round in 1 2; do for g in 1 0; do
+    for shape in "4 256" "16 1024"; do set -- $shape
+      echo "== TERNLAB_CUDA_GRAPH=$g, round $round: bf16 $1 x $2"
+      TERNLAB_CUDA_GRAPH=$g $tl bench --set run.device=cuda --set train.dtype=bf16 \
+        --set data.batch_size=$1 --set data.seq_len=$2 --steps 20 --warmup 5 \
+        --out "$out/json/graph$g-$round-$1x$2.json" |
+        grep -E '"(median_step_s|cuda_graph|median_(forward|backward|optimizer)_s|tokens_per_s|peak_memory_gib|device_name)"'
+    done
+  done; done
+fi
+if want e2e; then
+  echo "== the 250-step baseline end to end, bf16, twice (the first on a fresh machine is cold)"
+  qwen3_checkpoint
+  for round in 1 2; do
+    rm -rf "$out/e2e"
+    /usr/bin/time -f "round $round: %e s wall, %M KiB max RSS" $tl run experiments/baseline.toml \
+      --set model.source=$ckpt --set run.device=cuda --set train.dtype=bf16 \
+      --results "$out/e2e" 2>&1 | grep -vE "step +[0-9]+/" | tail -4
+    python3 -c "import json,glob,sys; r=json.load(open(glob.glob(sys.argv[1]+'/*/*/report.json')[0])); print({k: r.get(k) for k in ['wall_time_s','train_time_s','tokens_per_s','phases','final_loss','val_nll','peak_memory_bytes']})" "$out/e2e"
+  done
 fi
 if want export; then
   echo "== export: a tiny run saved with train.save = ternary, its ternary/ loaded in transformers"

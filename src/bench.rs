@@ -8,7 +8,7 @@ use crate::optim::AdamW;
 use crate::run::PreparedRun;
 use crate::schedule::lr_at;
 use crate::spec::ComputeDtype;
-use crate::trainer::Trainer;
+use crate::trainer::{Graphs, Trainer};
 use anyhow::Result;
 use candle_core::Device;
 use serde::Serialize;
@@ -36,8 +36,11 @@ pub struct BenchResult {
     pub timed_steps: usize,
     pub warmup_steps: usize,
     pub median_step_s: f64,
+    /// Whether the timed steps replayed from CUDA graphs (`trainer::Graphs`).
+    pub cuda_graph: bool,
     /// Medians of the forward (loss included), backward and optimizer phases, each timed with
-    /// a device sync at its end (so they add up to a little more than a step).
+    /// a device sync at its end (so they add up to a little more than a step), over steps run
+    /// launch by launch (a graph's replay is not split into phases).
     pub median_forward_s: f64,
     pub median_backward_s: f64,
     pub median_optimizer_s: f64,
@@ -267,38 +270,67 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
     let trainer = Trainer::for_model(&model);
     let mut opt = AdamW::for_params(&params, t, model.ops() == Ops::Fused)?;
     let mut batcher = p.batcher()?;
-    // From here on, as torch.cuda.reset_peak_memory_stats before the reference's loop: the
-    // weights and optimizer state count, as they are in use.
-    crate::device::reset_peak_memory(&device);
+    let mut graphs = Graphs::for_trainer(&trainer, &model, d.batch_size, d.seq_len)?;
     let mut times = Vec::with_capacity(steps);
     let mut phases: [Vec<f64>; 3] = Default::default();
     let mut last_loss = f64::NAN;
-    // Untimed-by-phase steps first (the real cadence: one sync per step), then the same
-    // number with a sync after each phase.
+    let mut peak_memory = None;
+    let mut replayed = 0;
+    // The timed steps first, as the training loop runs them (replayed from CUDA graphs where
+    // it can; one sync per step), then the same number launch by launch with a sync after each
+    // phase.
     for step in 0..warmup + 2 * steps {
         if step == warmup {
             take_profile();
+            // From here on, as torch.cuda.reset_peak_memory_stats before the reference's timed
+            // steps: the weights and optimizer state count, as they are in use.
+            crate::device::reset_peak_memory(&device);
         }
         let (x, y) = batcher.next_batch(&device)?;
         device.synchronize()?;
         let by_phase = step >= warmup + steps;
         let start = Instant::now();
         opt.set_learning_rate(lr_at(t, step));
-        let fwd = trainer.forward(&model, &x, &y)?;
-        let loss = fwd.loss.clone();
-        let t_fwd = by_phase.then(|| sync_time(&device, start)).transpose()?;
-        let grads = fwd.backward(&model)?;
-        let t_bwd = by_phase.then(|| sync_time(&device, start)).transpose()?;
-        opt.step(&grads)?;
-        last_loss = loss.to_scalar::<f32>()? as f64;
+        let cache = graphs.param_cache();
+        let replay = if by_phase {
+            None
+        } else {
+            graphs.step(&model, &x, &y, &mut opt)?
+        };
+        if let Some([loss, _]) = replay {
+            last_loss = loss as f64;
+            replayed += usize::from(step >= warmup);
+        } else {
+            let fwd = trainer.forward(&model, &x, &y)?;
+            let loss = fwd.loss.clone();
+            let t_fwd = by_phase.then(|| sync_time(&device, start)).transpose()?;
+            let grads = fwd.backward(&model)?;
+            let t_bwd = by_phase.then(|| sync_time(&device, start)).transpose()?;
+            opt.step(&grads)?;
+            last_loss = loss.to_scalar::<f32>()? as f64;
+            if let (Some(f), Some(b)) = (t_fwd, t_bwd) {
+                device.synchronize()?;
+                let total = start.elapsed().as_secs_f64();
+                phases[0].push(f);
+                phases[1].push(b - f);
+                phases[2].push(total - b);
+                continue;
+            }
+        }
         device.synchronize()?;
-        let total = start.elapsed().as_secs_f64();
-        if let (Some(f), Some(b)) = (t_fwd, t_bwd) {
-            phases[0].push(f);
-            phases[1].push(b - f);
-            phases[2].push(total - b);
-        } else if step >= warmup {
-            times.push(total);
+        drop(cache);
+        if step >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+        if step + 1 == warmup + steps {
+            // (before the phase steps: their memory is the eager step's, and the graphs' memory
+            // is handed back for them)
+            // (the pool's peak and the graph's, which allocates from memory of its own: the
+            // weights and optimizer state in the one, the step's activations in the other)
+            peak_memory = crate::device::peak_memory_bytes(&device)
+                .map(|b| b + crate::device::graph_memory_bytes(&device).unwrap_or(0));
+            graphs = Graphs::off();
+            crate::device::trim_memory_pool(&device);
         }
     }
     let median_of = |xs: &[f64]| {
@@ -325,6 +357,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         timed_steps: steps,
         warmup_steps: warmup,
         median_step_s: median,
+        cuda_graph: replayed == steps,
         median_forward_s: median_of(&phases[0]),
         median_backward_s: median_of(&phases[1]),
         median_optimizer_s: median_of(&phases[2]),
@@ -336,8 +369,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         peak_card,
         peak_tflops: peak,
         share_of_peak: peak.map(|pk| achieved / pk),
-        peak_memory_gib: crate::device::peak_memory_bytes(&device)
-            .map(|b| b as f64 / (1u64 << 30) as f64),
+        peak_memory_gib: peak_memory.map(|b| b as f64 / (1u64 << 30) as f64),
         last_loss,
         ternlab: env!("CARGO_PKG_VERSION").into(),
     })

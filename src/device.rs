@@ -85,6 +85,7 @@ fn open_device(choice: DeviceChoice) -> anyhow::Result<Device> {
             let n = n.unwrap_or(0);
             let device = Device::new_cuda(n)?;
             keep_freed_device_memory(n)?;
+            no_event_tracking(&device);
             Ok(device)
         }
         DeviceChoice::Metal => {
@@ -95,6 +96,7 @@ fn open_device(choice: DeviceChoice) -> anyhow::Result<Device> {
             if candle_core::utils::cuda_is_available() {
                 let device = Device::new_cuda(0)?;
                 keep_freed_device_memory(0)?;
+                no_event_tracking(&device);
                 Ok(device)
             } else if candle_core::utils::metal_is_available() {
                 Ok(Device::new_metal(0)?)
@@ -116,6 +118,18 @@ fn keep_freed_device_memory(ordinal: usize) -> anyhow::Result<()> {
         cuda_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
         u64::MAX,
     )
+}
+
+/// cudarc gives every buffer two CUDA events, to order its uses across streams; ternlab runs
+/// everything of a device on candle's one stream, where they are never recorded, so making
+/// them is host time per allocation (thousands a step) spent for nothing.
+fn no_event_tracking(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        // SAFETY: one stream per device (see above): nothing to order across streams.
+        unsafe { d.disable_event_tracking() }
+    }
+    let _ = device;
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -166,13 +180,30 @@ pub fn reset_peak_memory(device: &Device) {
     if let Some(n) = cuda_ordinal(device) {
         let attr = cuda_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
         let _ = set_pool_attribute(n, attr, 0);
+        let attr = cuda_sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
+        let mut zero: u64 = 0;
+        // SAFETY: resetting the graph memory high watermark takes a u64 that is 0.
+        let _ = unsafe {
+            let mut dev: cuda_sys::CUdevice = 0;
+            cuda_sys::cuDeviceGet(&mut dev, n as i32)
+                .result()
+                .and_then(|()| {
+                    cuda_sys::cuDeviceSetGraphMemAttribute(
+                        dev,
+                        attr,
+                        (&mut zero as *mut u64).cast(),
+                    )
+                    .result()
+                })
+        };
     }
     let _ = device;
 }
 
 /// The most device memory in use at once since `reset_peak_memory` (allocated from the pool,
 /// like PyTorch's `max_memory_allocated`; what the pool keeps cached is not counted). None off
-/// CUDA.
+/// CUDA. What the training step's CUDA graphs allocate comes from memory of their own:
+/// `graph_memory_bytes`.
 pub fn peak_memory_bytes(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Some(n) = cuda_ordinal(device) {
@@ -187,4 +218,49 @@ pub fn peak_memory_bytes(device: &Device) -> Option<u64> {
     }
     let _ = device;
     None
+}
+
+/// The most memory that CUDA graphs (the replayed training step) had allocated at once since
+/// `reset_peak_memory`; None off CUDA.
+pub fn graph_memory_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Some(n) = cuda_ordinal(device) {
+        let mut graphs: u64 = 0;
+        let attr = cuda_sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
+        // SAFETY: as above; the device handle comes from the driver.
+        unsafe {
+            let mut dev: cuda_sys::CUdevice = 0;
+            cuda_sys::cuDeviceGet(&mut dev, n as i32).result().ok()?;
+            cuda_sys::cuDeviceGetGraphMemAttribute(dev, attr, (&mut graphs as *mut u64).cast())
+                .result()
+                .ok()?;
+        }
+        return Some(graphs);
+    }
+    let _ = device;
+    None
+}
+
+/// Hands the memory that the pool, and the CUDA graphs' memory, keep but nothing uses back to
+/// the driver (CUDA; after a device sync). Before a step is captured in a CUDA graph, whose
+/// allocations come from memory of their own, so that the eager steps' activations are not
+/// reserved twice; and after graphs are dropped, for the eager steps that follow.
+pub fn trim_memory_pool(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Some(n) = cuda_ordinal(device) {
+        if device.synchronize().is_ok() {
+            if let Ok(pool) = default_pool(n) {
+                // SAFETY: a pool handle from the driver.
+                let _ = unsafe { cuda_sys::cuMemPoolTrimTo(pool, 0) };
+            }
+            // SAFETY: a device handle from the driver.
+            let _ = unsafe {
+                let mut dev: cuda_sys::CUdevice = 0;
+                cuda_sys::cuDeviceGet(&mut dev, n as i32)
+                    .result()
+                    .and_then(|()| cuda_sys::cuDeviceGraphMemTrim(dev).result())
+            };
+        }
+    }
+    let _ = device;
 }

@@ -3,7 +3,7 @@
 //! temperature 0, else sampled from the softmax at `temperature` within the nucleus `top_p`,
 //! seeded.
 
-use crate::model::{KvCache, Qwen3};
+use crate::model::{KvCache, Pass, Qwen3, Rope};
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -112,4 +112,86 @@ fn pick(logits: &Tensor, s: Sampler, rng: &mut impl Rng) -> Result<u32> {
         }
     }
     Ok(*kept.last().expect("at least one token") as u32)
+}
+
+/// Greedy continuations of several prompts in one batch (a run's samples): the prompts left
+/// padded to the longest, each row at its own positions (0 at its first token, as alone) and
+/// masked from the padding, then one new token per row per step against the KV cache, until
+/// every row met one of `eos` or `max_new` tokens. The rows' arithmetic is that of one prompt
+/// at a time up to the rounding of products over more rows; one forward per token for all rows
+/// instead of one per row and token (decoding is bound by launches, not arithmetic).
+pub fn generate_greedy_batch(
+    model: &Qwen3,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    eos: &[u32],
+) -> Result<Vec<Vec<u32>>> {
+    anyhow::ensure!(
+        prompts.iter().all(|p| !p.is_empty()),
+        "a prompt has no tokens"
+    );
+    let b = prompts.len();
+    let mut out = vec![Vec::new(); b];
+    if b == 0 || max_new == 0 {
+        return Ok(out);
+    }
+    let model = model.frozen()?;
+    let dev = model.device().clone();
+    let (cd, ops) = (model.compute_dtype, model.ops());
+    let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pads: Vec<usize> = prompts.iter().map(|q| p - q.len()).collect();
+    let table = Rope::new(&model.cfg, p + max_new, &dev)?;
+    let ids: Vec<u32> = prompts
+        .iter()
+        .zip(&pads)
+        .flat_map(|(q, &pad)| std::iter::repeat_n(0, pad).chain(q.iter().copied()))
+        .collect();
+    let positions: Vec<Vec<u32>> = pads
+        .iter()
+        .map(|&pad| (0..p).map(|i| i.saturating_sub(pad) as u32).collect())
+        .collect();
+    // (a padding query sees itself, so that its row of the softmax is not all -inf)
+    let visible = |r: usize, i: usize, j: usize| j <= i && (j >= pads[r] || j == i);
+    let pass = Pass::rows(&table, &positions, p, visible, cd, ops)?;
+    let mut kv = KvCache::default();
+    let ids = Tensor::from_vec(ids, (b, p), &dev)?;
+    let mut logits = model.forward_pass_cached(&ids, &pass, &mut kv)?;
+    let mut done = vec![false; b];
+    for step in 0..max_new {
+        let l = logits.dim(1)?;
+        let last = logits
+            .narrow(1, l - 1, 1)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?;
+        let next = last.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        for r in 0..b {
+            if done[r] {
+                continue;
+            }
+            if eos.contains(&next[r]) {
+                done[r] = true;
+            } else {
+                out[r].push(next[r]);
+            }
+        }
+        if done.iter().all(|&d| d) || step + 1 == max_new {
+            break;
+        }
+        // The new tokens at cache position p + step, row r's at its own position.
+        let positions: Vec<Vec<u32>> = pads
+            .iter()
+            .map(|&pad| vec![(p + step - pad) as u32])
+            .collect();
+        let pass = Pass::rows(
+            &table,
+            &positions,
+            p + step + 1,
+            |r, _, j| j >= pads[r],
+            cd,
+            ops,
+        )?;
+        logits =
+            model.forward_pass_cached(&Tensor::from_vec(next, (b, 1), &dev)?, &pass, &mut kv)?;
+    }
+    Ok(out)
 }

@@ -11,7 +11,7 @@
 //!
 //! Each operation is written in the order the reference writes it, so that f32 results agree
 //! to the last bit where the reference's do. The composed version (candle ops) runs on the
-//! CPU and Metal and is the reference for the fused CUDA kernels (one kernel per parameter).
+//! CPU and Metal and is the reference for the fused CUDA kernel (one launch for all parameters).
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
@@ -112,8 +112,15 @@ pub struct AdamW {
     slots: Vec<Slot>,
     pub params: AdamWParams,
     step_t: usize,
-    /// One CUDA kernel per parameter (when the parameters live on a CUDA device).
+    /// One CUDA kernel for all parameters (when the parameters live on a CUDA device).
     fused: bool,
+    /// The kernel's table on the device (made at the first fused step).
+    #[cfg(feature = "cuda")]
+    table: Option<crate::cuda::adamw::MultiTable>,
+    /// The gradients' addresses of a step captured in a CUDA graph (`record_step`), which
+    /// every replay (`replay_step`) updates from.
+    #[cfg(feature = "cuda")]
+    recorded: Option<Vec<Option<u64>>>,
 }
 
 impl AdamW {
@@ -138,6 +145,10 @@ impl AdamW {
             params,
             step_t: 0,
             fused,
+            #[cfg(feature = "cuda")]
+            table: None,
+            #[cfg(feature = "cuda")]
+            recorded: None,
         })
     }
 
@@ -229,18 +240,40 @@ impl AdamW {
     /// One update of every parameter that has a gradient in `grads`.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step_t += 1;
+        #[cfg(feature = "cuda")]
+        if self.fused {
+            // (f32 gradients, kept until the kernel is launched)
+            let gs = self
+                .slots
+                .iter()
+                .map(|s| {
+                    grads
+                        .get(s.var.as_tensor())
+                        .map(|g| {
+                            let g = g.to_dtype(DType::F32)?.contiguous()?;
+                            // (the kernel reads 16-byte aligned runs: a view that starts
+                            // elsewhere is copied)
+                            match crate::cuda::AsBuf::buf(&g)?.p % 16 {
+                                0 => Ok(g),
+                                _ => g.copy(),
+                            }
+                        })
+                        .transpose()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let ptrs = gs
+                .iter()
+                .map(|g| g.as_ref().map(|g| crate::cuda::AsBuf::buf(g).map(|b| b.p)))
+                .map(Option::transpose)
+                .collect::<Result<Vec<_>>>()?;
+            self.write_table(&ptrs)?;
+            return self.table()?.launch(None);
+        }
         for slot in &mut self.slots {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            let mut params = self.params;
-            params.lr *= slot.lr_multiplier;
-            let k = StepConstants::new(&params, self.step_t, slot.var.dtype());
-            #[cfg(feature = "cuda")]
-            if self.fused {
-                fused_step(slot, g, &k, self.params.bias_correction)?;
-                continue;
-            }
+            let k = constants(&self.params, self.step_t, slot);
             let (p, m, v) = composed_step(
                 slot.var.as_tensor(),
                 &slot.m,
@@ -255,32 +288,104 @@ impl AdamW {
         }
         Ok(())
     }
+
+    /// The kernel's table, made for these parameters the first time.
+    #[cfg(feature = "cuda")]
+    fn table(&mut self) -> Result<&mut crate::cuda::adamw::MultiTable> {
+        if self.table.is_none() {
+            let p = self.slots[0].var.as_tensor();
+            let gpu = crate::cuda::Gpu::of(p.device())?;
+            let sizes: Vec<usize> = self.slots.iter().map(|s| s.var.elem_count()).collect();
+            self.table = Some(crate::cuda::adamw::MultiTable::new(&gpu, &sizes)?);
+        }
+        Ok(self.table.as_mut().expect("made above"))
+    }
+
+    /// Writes the table of this step: each parameter with its f32 gradient at `grads[i]` (an
+    /// address; None: no update).
+    #[cfg(feature = "cuda")]
+    fn write_table(&mut self, grads: &[Option<u64>]) -> Result<()> {
+        use crate::cuda::adamw::{Entry, Scalars};
+        use crate::cuda::Buf;
+        let bias_correction = self.params.bias_correction;
+        let mut entries = Vec::with_capacity(self.slots.len());
+        for (slot, g) in self.slots.iter().zip(grads) {
+            let p = slot.var.as_tensor();
+            let Some(g) = *g else {
+                // (length 0: the kernel leaves it alone)
+                entries.push(Entry::default());
+                continue;
+            };
+            let k = constants(&self.params, self.step_t, slot);
+            let correction = if p.dtype() == DType::F32 {
+                (k.scale_m, k.scale_v)
+            } else {
+                (k.c1, k.c2)
+            };
+            let scalars = Scalars {
+                lr: k.lr as f32,
+                b1: k.b1 as f32,
+                one_minus_b1: k.one_minus_b1 as f32,
+                b2: k.b2 as f32,
+                one_minus_b2: k.one_minus_b2 as f32,
+                eps: k.eps as f32,
+                decay: k.decay as f32,
+                correction: (correction.0 as f32, correction.1 as f32),
+                bias_correction,
+            };
+            let g = Buf {
+                p: g,
+                dtype: DType::F32,
+                dims: p.dims().to_vec(),
+            };
+            entries.push(Entry::new(p, &slot.m, &slot.v, &g, &scalars)?);
+        }
+        self.table()?.write(&entries)
+    }
+
+    /// The update inside a CUDA graph capture: launches the kernel on the table that each
+    /// replay writes first (`replay_step`), remembering where the captured step leaves the
+    /// gradients (f32 and contiguous, as the hand-written step makes them); the update happens
+    /// only if the f32 at `gate` (the step's loss) is finite. Counts no step.
+    #[cfg(feature = "cuda")]
+    pub fn record_step(&mut self, grads: &GradStore, gate: u64) -> Result<()> {
+        if !self.fused {
+            candle_core::bail!("a captured step needs the fused AdamW");
+        }
+        let mut ptrs = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            ptrs.push(match grads.get(s.var.as_tensor()) {
+                None => None,
+                Some(g) if g.dtype() == DType::F32 && g.is_contiguous() => {
+                    Some(crate::cuda::AsBuf::buf(g)?.p)
+                }
+                Some(g) => candle_core::bail!(
+                    "a captured step needs contiguous f32 gradients, got {:?}",
+                    g.dtype()
+                ),
+            });
+        }
+        self.recorded = Some(ptrs);
+        self.table()?.launch(Some(gate))
+    }
+
+    /// Before a replay of the captured step: counts the step and writes its table (this
+    /// step's learning rate, the captured gradients' addresses).
+    #[cfg(feature = "cuda")]
+    pub fn replay_step(&mut self) -> Result<()> {
+        let Some(ptrs) = self.recorded.clone() else {
+            candle_core::bail!("no captured AdamW step to replay");
+        };
+        self.step_t += 1;
+        self.write_table(&ptrs)
+    }
 }
 
-/// One AdamW update of `slot` in place by the CUDA kernel (`crate::cuda::adamw`).
-#[cfg(feature = "cuda")]
-fn fused_step(slot: &Slot, g: &Tensor, k: &StepConstants, bias_correction: bool) -> Result<()> {
-    let p = slot.var.as_tensor();
-    let correction = if p.dtype() == DType::F32 {
-        (k.scale_m, k.scale_v)
-    } else {
-        (k.c1, k.c2)
-    };
-    let scalars = crate::cuda::adamw::Scalars {
-        lr: k.lr as f32,
-        b1: k.b1 as f32,
-        one_minus_b1: k.one_minus_b1 as f32,
-        b2: k.b2 as f32,
-        one_minus_b2: k.one_minus_b2 as f32,
-        eps: k.eps as f32,
-        decay: k.decay as f32,
-        correction: (correction.0 as f32, correction.1 as f32),
-        bias_correction,
-    };
-    // A bf16 gradient widens to f32 exactly; the kernel rounds f32 gradients to bf16 itself.
-    let g = g.to_dtype(DType::F32)?.contiguous()?;
-    let gpu = crate::cuda::Gpu::of(p.device())?;
-    crate::cuda::adamw::adamw(&gpu, p, &slot.m, &slot.v, &g, &scalars)
+/// A parameter's constants at update `step_t` and the current learning rate.
+fn constants(params: &AdamWParams, step_t: usize, slot: &Slot) -> StepConstants {
+    let mut params = *params;
+    params.lr *= slot.lr_multiplier;
+    StepConstants::new(&params, step_t, slot.var.dtype())
 }
 
 /// One AdamW update as candle ops: returns the new (parameter, m, v). Every operation runs in

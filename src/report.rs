@@ -206,12 +206,49 @@ pub struct Report {
     pub saves: Option<crate::checkpoint::SaveStats>,
     #[serde(deserialize_with = "f64_or_nan")]
     pub wall_time_s: f64,
+    /// Where `wall_time_s` went, phase by phase (absent in reports of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<PhaseTimes>,
     #[serde(deserialize_with = "f64_or_nan")]
     pub train_time_s: f64,
     #[serde(deserialize_with = "f64_or_nan")]
     pub tokens_per_s: f64,
     pub peak_memory_bytes: Option<u64>,
+    /// The most memory the training step's CUDA graph allocated at once (its own memory, not
+    /// in `peak_memory_bytes`; absent when no step replayed from a graph).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_memory_bytes: Option<u64>,
     pub versions: Versions,
+}
+
+/// Seconds of a run's phases (each ends with a device sync): opening the device and building
+/// the model (loading a checkpoint), the held-out NLL of the starting model (dense and
+/// rounded), training, the final held-out NLL (after checking the ternary weights), the
+/// samples, and the rest (the recovery numbers, writing `ternary/` when saved).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    pub build_s: f64,
+    pub start_nll_s: f64,
+    pub train_s: f64,
+    pub final_nll_s: f64,
+    pub samples_s: f64,
+    pub save_s: f64,
+}
+
+/// A stopwatch for `PhaseTimes`: each lap syncs the device, then reads and restarts the clock.
+pub struct Laps(std::time::Instant);
+
+impl Laps {
+    pub fn start() -> Self {
+        Self(std::time::Instant::now())
+    }
+
+    pub fn lap(&mut self, device: &candle_core::Device) -> f64 {
+        let _ = device.synchronize();
+        let t = self.0.elapsed().as_secs_f64();
+        self.0 = std::time::Instant::now();
+        t
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -308,12 +308,14 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         None => LossCurveWriter::create(&dir.join("loss.csv"))?,
     };
 
+    let mut laps = crate::report::Laps::start();
     let (device, device_name) = crate::device::open(p.spec.run.device)?;
     progress.message(&format!(
         "{}: building the model on {device_name}",
         p.run_id
     ));
     let (model, params, stored_dtype) = p.build_model(&device)?;
+    let build_s = laps.lap(&device);
     let world = p.spec.run.devices;
     let (group, mut ranks) = if world > 1 {
         progress.message(&format!(
@@ -347,6 +349,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         p.run_id
     ));
     let start = crate::recovery::Start::measure(&model, &heldout)?;
+    let start_nll_s = laps.lap(&device);
     crate::device::reset_peak_memory(&device);
     let mut batcher = p.batcher()?;
     let val = ValDuringTraining {
@@ -401,6 +404,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         r.finish(result.outcome == Outcome::Completed)?;
     }
     progress.finish();
+    let train_s = laps.lap(&device);
 
     let losses = &result.losses;
     let (status, error) = match &result.outcome {
@@ -415,24 +419,29 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         ),
     };
     let verification = train::verify_ternary(&model)?;
+    let (mut final_nll_s, mut samples_s) = (0.0, 0.0);
     let (val_nll, samples) = if result.outcome == Outcome::Completed {
         progress.message(&format!("{}: held-out loss and samples", p.run_id));
         let frozen = model.frozen()?;
         let nll = heldout(&frozen)?;
-        let mut samples = Vec::new();
-        for prompt in &p.spec.eval.prompts {
-            let generation = train::generate_greedy(
-                &frozen,
-                &p.tokenizer,
-                &p.eos_ids,
-                prompt,
-                p.spec.eval.max_new_tokens,
-            )?;
-            samples.push(Sample {
+        final_nll_s = laps.lap(&device);
+        let prompts = &p.spec.eval.prompts;
+        let texts = train::generate_greedy_batch(
+            &frozen,
+            &p.tokenizer,
+            &p.eos_ids,
+            prompts,
+            p.spec.eval.max_new_tokens,
+        )?;
+        let samples: Vec<Sample> = prompts
+            .iter()
+            .zip(texts)
+            .map(|(prompt, generation)| Sample {
                 prompt: prompt.clone(),
                 generation,
-            });
-        }
+            })
+            .collect();
+        samples_s = laps.lap(&device);
         (nll, samples)
     } else {
         (f64::NAN, Vec::new())
@@ -469,6 +478,7 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         let ids = candle_core::Tensor::new(&p.corpus.val[..n], &device)?.unsqueeze(0)?;
         packed_max_err = Some(crate::export::check_packed(&packed, &model, &ids)?);
     }
+    let save_s = laps.lap(&device);
     let ternary = model.ternary_linears();
     let tokens_trained = losses.len() * d.batch_size * d.seq_len;
     let report = Report {
@@ -523,9 +533,18 @@ pub fn execute(p: &PreparedRun, results: &Path, progress: &mut dyn Progress) -> 
         train_tokens: p.corpus.train.len(),
         val_tokens: p.corpus.val.len(),
         wall_time_s: wall.elapsed().as_secs_f64(),
+        phases: Some(crate::report::PhaseTimes {
+            build_s,
+            start_nll_s,
+            train_s,
+            final_nll_s,
+            samples_s,
+            save_s,
+        }),
         train_time_s: result.train_seconds,
         tokens_per_s: tokens_trained as f64 / result.train_seconds.max(1e-9),
         peak_memory_bytes: crate::device::peak_memory_bytes(&device),
+        graph_memory_bytes: crate::device::graph_memory_bytes(&device).filter(|&b| b > 0),
         resumed_from_step: resume_from.as_ref().map(|(_, s)| s.step),
         saves: Some(saver.stats()).filter(|s| s.count > 0),
         versions: Versions::current(),

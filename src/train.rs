@@ -13,7 +13,7 @@ use crate::optim::AdamW;
 use crate::parallel::Group;
 use crate::schedule::lr_at;
 use crate::spec::TrainSpec;
-use crate::trainer::{Distill, Trainer};
+use crate::trainer::{Distill, Graphs, StepForward, Trainer};
 use anyhow::Result;
 use std::path::Path;
 use std::time::Instant;
@@ -115,6 +115,12 @@ pub fn train(
     let trainer = Trainer::for_model(model);
     let mut opt = AdamW::for_params(params, t, model.ops() == Ops::Fused)?;
     let (b, l) = (val.batch_size, val.seq_len);
+    // (steps replay from CUDA graphs where they can: alone, not distilling)
+    let mut graphs = if teacher.is_none() && group.is_none() {
+        Graphs::for_trainer(&trainer, model, b, l)?
+    } else {
+        Graphs::off()
+    };
     let start = Instant::now();
     let mut losses = Vec::with_capacity(t.steps);
     let (mut ce_terms, mut kl_terms) = (Vec::new(), Vec::new());
@@ -195,32 +201,21 @@ pub fn train(
         };
         // The same parameters, at this step's quantization warm-up (`quant.lambda_warmup_steps`).
         let model = &model.at_step(step);
-        let teacher_logits = teacher.map(|t| t.model.forward(&x)).transpose()?;
-        let distill = teacher
-            .zip(teacher_logits.as_ref())
-            .map(|(t, logits)| Distill {
-                teacher_logits: logits,
-                weight: t.weight,
-                temperature: t.temperature,
-            });
-        let fwd = trainer.forward_distilled(model, &x, &y, distill.as_ref())?;
-        // (the values, averaged over the ranks of a data-parallel group: copies, since the
-        // graph keeps the originals)
-        let (mut loss, mut ce, mut kl) = (fwd.loss.clone(), fwd.ce.clone(), fwd.kl.clone());
-        if let Some(g) = group {
-            loss = loss.copy()?;
-            ce = ce.copy()?;
-            kl = kl.map(|k| k.copy()).transpose()?;
-            let mut all = vec![&loss, &ce];
-            all.extend(kl.as_ref());
-            g.average(&all)?;
-        }
-        if let Some(kl) = &kl {
-            ce_terms.push(ce.to_scalar::<f32>()? as f64);
-            kl_terms.push(kl.to_scalar::<f32>()? as f64);
-        }
-        // Reading the loss is the step's one host sync.
-        let mut loss_value = loss.to_scalar::<f32>()? as f64;
+        let cache = graphs.param_cache();
+        // The loss is read before the update (the step's one host sync), so that a step whose
+        // loss is not finite changes nothing (a replayed step checks it on the device).
+        let (mut loss_value, update) = match graphs.step(model, &x, &y, &mut opt)? {
+            // (replayed, the update made unless the loss is not finite)
+            Some([loss, _]) => (loss as f64, None),
+            None => {
+                let (loss, grads) = eager_step(model, &trainer, &x, &y, teacher, group)?;
+                if let Some([ce, kl]) = loss.terms {
+                    ce_terms.push(ce);
+                    kl_terms.push(kl);
+                }
+                (loss.value, Some(grads))
+            }
+        };
         if fault_now == Some(FaultKind::Nan) {
             loss_value = f64::NAN;
         }
@@ -237,11 +232,14 @@ pub fn train(
                 train_seconds: elapsed(),
             });
         }
-        let grads = fwd.backward(model)?;
-        if let Some(g) = group {
-            g.average_grads(&grads, &vars)?;
+        if let Some(backward) = update {
+            let grads = backward.backward(model)?;
+            if let Some(g) = group {
+                g.average_grads(&grads, &vars)?;
+            }
+            opt.step(&grads)?;
         }
-        opt.step(&grads)?;
+        drop(cache);
         losses.push(loss_value);
         let last = step + 1 == t.steps;
         let val_loss = if val.every > 0 && ((step + 1) % val.every == 0 || last) {
@@ -280,6 +278,51 @@ pub fn train(
         outcome: Outcome::Completed,
         train_seconds: elapsed(),
     })
+}
+
+/// The loss of an eagerly run step as read on the host, with its CE and KL terms when
+/// distilling.
+struct StepLoss {
+    value: f64,
+    terms: Option<[f64; 2]>,
+}
+
+/// The forward and loss of one step, launch by launch (the teacher's logits first when
+/// distilling); the loss averaged over the ranks of a data-parallel group.
+fn eager_step(
+    model: &Qwen3,
+    trainer: &Trainer,
+    x: &candle_core::Tensor,
+    y: &candle_core::Tensor,
+    teacher: Option<&Teacher>,
+    group: Option<&Group>,
+) -> Result<(StepLoss, StepForward)> {
+    let teacher_logits = teacher.map(|t| t.model.forward(x)).transpose()?;
+    let distill = teacher
+        .zip(teacher_logits.as_ref())
+        .map(|(t, logits)| Distill {
+            teacher_logits: logits,
+            weight: t.weight,
+            temperature: t.temperature,
+        });
+    let fwd = trainer.forward_distilled(model, x, y, distill.as_ref())?;
+    // (the values, averaged over the ranks of a data-parallel group: copies, since the graph
+    // keeps the originals)
+    let (mut loss, mut ce, mut kl) = (fwd.loss.clone(), fwd.ce.clone(), fwd.kl.clone());
+    if let Some(g) = group {
+        loss = loss.copy()?;
+        ce = ce.copy()?;
+        kl = kl.map(|k| k.copy()).transpose()?;
+        let mut all = vec![&loss, &ce];
+        all.extend(kl.as_ref());
+        g.average(&all)?;
+    }
+    let terms = match &kl {
+        Some(kl) => Some([ce.to_scalar::<f32>()? as f64, kl.to_scalar::<f32>()? as f64]),
+        None => None,
+    };
+    let value = loss.to_scalar::<f32>()? as f64;
+    Ok((StepLoss { value, terms }, fwd))
 }
 
 /// Mean token NLL over the seed's non-overlapping held-out windows, `batch` windows at a time.
@@ -394,23 +437,45 @@ pub fn generate_greedy(
     prompt: &str,
     max_new_tokens: usize,
 ) -> Result<String> {
-    let enc = tokenizer
-        .encode(prompt, false)
-        .map_err(|e| anyhow::anyhow!("tokenizing prompt {prompt:?}: {e}"))?;
-    let ids: Vec<u32> = enc.get_ids().to_vec();
-    anyhow::ensure!(!ids.is_empty(), "prompt {prompt:?} tokenizes to nothing");
-    // (with a KV cache, as mlx_lm's generate and `ternlab generate`)
-    let sampler = crate::generate::Sampler::greedy();
-    let g = crate::generate::generate(model, &ids, max_new_tokens, eos, sampler, true)?;
-    let text = tokenizer
-        .decode(&g.tokens, false)
-        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+    let prompts = [prompt.to_string()];
+    let mut texts = generate_greedy_batch(model, tokenizer, eos, &prompts, max_new_tokens)?;
+    Ok(texts.remove(0))
+}
+
+/// `generate_greedy` of every prompt, in one batch (`crate::generate::generate_greedy_batch`).
+pub fn generate_greedy_batch(
+    model: &Qwen3,
+    tokenizer: &Tokenizer,
+    eos: &[u32],
+    prompts: &[String],
+    max_new_tokens: usize,
+) -> Result<Vec<String>> {
+    let ids = prompts
+        .iter()
+        .map(|prompt| {
+            let enc = tokenizer
+                .encode(prompt.as_str(), false)
+                .map_err(|e| anyhow::anyhow!("tokenizing prompt {prompt:?}: {e}"))?;
+            let ids: Vec<u32> = enc.get_ids().to_vec();
+            anyhow::ensure!(!ids.is_empty(), "prompt {prompt:?} tokenizes to nothing");
+            Ok(ids)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let generated = crate::generate::generate_greedy_batch(model, &ids, max_new_tokens, eos)?;
     let byte_level = matches!(
         tokenizer.get_decoder(),
         Some(tokenizers::DecoderWrapper::ByteLevel(_))
     );
-    Ok(match text.strip_prefix(' ') {
-        Some(rest) if byte_level => rest.to_string(),
-        _ => text,
-    })
+    generated
+        .iter()
+        .map(|tokens| {
+            let text = tokenizer
+                .decode(tokens, false)
+                .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+            Ok(match text.strip_prefix(' ') {
+                Some(rest) if byte_level => rest.to_string(),
+                _ => text,
+            })
+        })
+        .collect()
 }

@@ -397,3 +397,29 @@ fn generation_with_the_kv_cache_gives_the_tokens_of_generation_without() {
     );
     assert_eq!(x.tokens, y.tokens);
 }
+
+/// A run's samples come in one batch (`generate_greedy_batch`: left padded, each row at its
+/// own positions, masked from the padding): each row's tokens are those of its prompt alone
+/// (`generate` with the cache), on the random tiny model (flat logits: near-ties everywhere)
+/// in f32 on the CPU; and a stop token ends its row only.
+#[test]
+fn samples_in_one_batch_are_each_prompts_own_tokens() {
+    use ternlab::generate::{generate, generate_greedy_batch, Sampler};
+    let (model, _) = tiny(|_| ());
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 99, 3, 250, 41, 7], vec![42], vec![8, 9, 10, 11]];
+    let batch = generate_greedy_batch(&model, &prompts, 20, &[]).unwrap();
+    for (p, got) in prompts.iter().zip(&batch) {
+        let alone = generate(&model, p, 20, &[], Sampler::greedy(), true).unwrap();
+        assert_eq!(got.len(), 20);
+        assert_eq!(got, &alone.tokens, "prompt {p:?}");
+    }
+    // The second row's 5th token as a stop token: each row ends where its own generation does,
+    // the others going on.
+    let stop = batch[1][4];
+    let stopped = generate_greedy_batch(&model, &prompts, 20, &[stop]).unwrap();
+    for (p, got) in prompts.iter().zip(&stopped) {
+        let alone = generate(&model, p, 20, &[stop], Sampler::greedy(), true).unwrap();
+        assert_eq!(got, &alone.tokens, "prompt {p:?} with stop token {stop}");
+    }
+    assert!(stopped[1].len() < 20, "the stop token ended its row");
+}

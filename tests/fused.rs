@@ -183,6 +183,69 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
     }
 }
 
+/// The one launch over many parameters: f32 and bf16 ones side by side, one spanning several
+/// of the kernel's blocks (32,768 elements each), one without a gradient (left alone), each
+/// equal to the composed optimizer's to the bit.
+#[test]
+fn fused_adamw_updates_mixed_parameters_in_one_launch() {
+    let dev = gpu();
+    let params = AdamWParams {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        bias_correction: false,
+    };
+    let shapes = [
+        ((300, 250), DType::F32),
+        ((33, 65), DType::BF16),
+        ((7, 5), DType::F32),
+        ((129, 3), DType::BF16),
+    ];
+    let inits: Vec<Tensor> = shapes
+        .iter()
+        .map(|(s, dt)| {
+            let t = Tensor::randn(0f32, 1.0, *s, &dev).unwrap();
+            t.to_dtype(*dt).unwrap()
+        })
+        .collect();
+    let a: Vec<Var> = inits.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let b: Vec<Var> = inits
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_device(&Device::Cpu).unwrap()).unwrap())
+        .collect();
+    let mut fused = AdamW::new(a.clone(), params, true).unwrap();
+    let mut composed = AdamW::new(b.clone(), params, false).unwrap();
+    for step in 0..3 {
+        let (mut ga, mut gb) = (Default::default(), Default::default());
+        let (ga, gb): (
+            &mut candle_core::backprop::GradStore,
+            &mut candle_core::backprop::GradStore,
+        ) = (&mut ga, &mut gb);
+        for (i, ((s, _), (va, vb))) in shapes.iter().zip(a.iter().zip(&b)).enumerate() {
+            if i == 2 {
+                continue; // no gradient
+            }
+            let g = Tensor::randn(0f32, 1.0, *s, &dev).unwrap();
+            ga.insert(va.as_tensor(), g.clone());
+            gb.insert(vb.as_tensor(), g.to_device(&Device::Cpu).unwrap());
+        }
+        fused.step(ga).unwrap();
+        composed.step(gb).unwrap();
+        for (i, (va, vb)) in a.iter().zip(&b).enumerate() {
+            let d = max_abs(
+                &(f32_of(va.as_tensor()).to_device(&Device::Cpu).unwrap() - f32_of(vb.as_tensor()))
+                    .unwrap(),
+            );
+            assert_eq!(d, 0.0, "step {step}, parameter {i}: differs by {d:e}");
+        }
+    }
+    let moved = |i: usize| rel_err(&f32_of(a[i].as_tensor()), &f32_of(&inits[i]));
+    assert!(moved(0) > 1e-3 && moved(3) > 1e-3, "the parameters moved");
+    assert_eq!(moved(2), 0.0, "the parameter without a gradient stayed");
+}
+
 #[test]
 fn rms_norm_matches_the_composed_one() {
     let dev = gpu();
@@ -642,5 +705,152 @@ fn hand_written_step_learns_scales_like_autograd() {
                 assert!(err < 4e-4, "{what}: gradient of {name} differs by {err:e}");
             }
         }
+    }
+}
+
+/// Steps replayed from CUDA graphs (`trainer::Graphs`) against the same steps launch by launch:
+/// a run through a quantization warm-up (lambda 0, 1/3, 2/3, then 1), a new batch every step,
+/// learned scales. The warm-up's steps and the first step at lambda 1 run eagerly, the rest are
+/// captured once and replayed; losses and parameters agree with the eager run's. They are not
+/// bitwise equal: the embedding's gradient is summed with atomic adds, in any order.
+#[test]
+fn steps_replayed_from_cuda_graphs_match_eager_steps() {
+    use ternlab::choice::Choice;
+    use ternlab::model::load::random_weights;
+    use ternlab::model::{Preset, Projection, Qwen3, Qwen3Config, TernarySpec};
+    use ternlab::quant::ScaleRule;
+    use ternlab::trainer::{Graphs, Trainer};
+    let dev = gpu();
+    let mut cfg = Qwen3Config::preset(Preset::Tiny, 300);
+    cfg.num_hidden_layers = 2;
+    let (b, l, steps) = (2, 37, 9);
+    let batch = |step: usize| {
+        let ids: Vec<u32> = (0..(b * l) as u32 + 1)
+            .map(|i| (i * 7919 + 5 + 13 * step as u32) % 300)
+            .collect();
+        let x = Tensor::from_vec(ids[..b * l].to_vec(), (b, l), &dev).unwrap();
+        let y = Tensor::from_vec(ids[1..].to_vec(), (b, l), &dev).unwrap();
+        (x, y)
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let mut ternary = TernarySpec::new(
+            Projection::ALL.to_vec(),
+            ternlab::spec::GroupSize::Columns(32),
+        );
+        ternary.lambda_warmup_steps = 3;
+        ternary.scale = ScaleRule::Learned;
+        let run = |graphed: bool| {
+            let weights = random_weights(&cfg, 3)
+                .unwrap()
+                .into_iter()
+                .map(|(k, t)| (k, t.to_dtype(DType::F32).unwrap()))
+                .collect();
+            let (model, params) = Qwen3::new(&cfg, weights, &ternary, &dev).unwrap();
+            let model = model.with_compute_dtype(dtype).with_fused(true);
+            let adamw = AdamWParams {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                bias_correction: false,
+            };
+            let mut opt = AdamW::new(params.vars(), adamw, true).unwrap();
+            let trainer = Trainer::for_model(&model);
+            let mut graphs = if graphed {
+                Graphs::for_trainer(&trainer, &model, b, l).unwrap()
+            } else {
+                Graphs::off()
+            };
+            assert_eq!(graphs.on(), graphed);
+            let (mut losses, mut replayed) = (Vec::new(), 0);
+            for step in 0..steps {
+                let (x, y) = batch(step);
+                let m = model.at_step(step);
+                opt.set_learning_rate(1e-3 * (1.0 - step as f64 / 20.0));
+                let _cache = graphs.param_cache();
+                match graphs.step(&m, &x, &y, &mut opt).unwrap() {
+                    Some([loss, ce]) => {
+                        assert_eq!(loss, ce, "no distillation: the loss is its CE term");
+                        losses.push(loss);
+                        replayed += 1;
+                    }
+                    None => {
+                        let fwd = trainer.forward(&m, &x, &y).unwrap();
+                        losses.push(fwd.loss.to_scalar::<f32>().unwrap());
+                        let grads = fwd.backward(&m).unwrap();
+                        opt.step(&grads).unwrap();
+                    }
+                }
+            }
+            assert_eq!(opt.steps_taken(), steps);
+            let finals: Vec<Tensor> = params
+                .vars()
+                .iter()
+                .map(|v| f32_of(v.as_tensor()).copy().unwrap())
+                .collect();
+            if graphed {
+                // A replayed step whose loss is not finite updates nothing: the final norm's
+                // first weight made NaN in place (the graph reads it where it is), the replay's
+                // loss is NaN and every parameter keeps its bits.
+                let (_, norm) = params
+                    .named
+                    .iter()
+                    .find(|(n, _)| n == "model.norm.weight")
+                    .unwrap();
+                dev.synchronize().unwrap();
+                let p = ternlab::cuda::AsBuf::buf(norm.as_tensor()).unwrap().p;
+                // SAFETY: the f32 weight has at least one element; the device is idle.
+                unsafe {
+                    candle_core::cuda_backend::cudarc::driver::result::memcpy_htod_sync(
+                        p,
+                        &[f32::NAN],
+                    )
+                    .unwrap()
+                };
+                let bits = |ps: &ternlab::model::Params| -> Vec<Vec<u32>> {
+                    ps.vars()
+                        .iter()
+                        .map(|v| {
+                            f32_of(v.as_tensor())
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1::<f32>()
+                                .unwrap()
+                                .iter()
+                                .map(|x| x.to_bits())
+                                .collect()
+                        })
+                        .collect()
+                };
+                let before = bits(&params);
+                let (x, y) = batch(0);
+                let m = model.at_step(steps);
+                let [loss, _] = graphs.step(&m, &x, &y, &mut opt).unwrap().unwrap();
+                assert!(loss.is_nan(), "{dtype:?}: loss {loss} with a NaN weight");
+                assert!(
+                    before == bits(&params),
+                    "{dtype:?}: a step with a NaN loss changed a parameter"
+                );
+            }
+            (losses, replayed, finals)
+        };
+        let (eager, _, p_eager) = run(false);
+        let (graphed, replayed, p_graphed) = run(true);
+        // lambda 0, 1/3, 2/3 and the first step at 1 eagerly; then captured and replayed
+        assert_eq!(replayed, steps - 4, "{dtype:?}: steps replayed");
+        for (step, (a, b)) in graphed.iter().zip(&eager).enumerate() {
+            let d = ((a - b) / b).abs();
+            eprintln!("{dtype:?} step {step}: loss {a} vs {b} ({d:e})");
+            assert!(
+                d < 1e-5,
+                "{dtype:?} step {step}: loss {a} replayed, {b} eager"
+            );
+        }
+        for (i, (a, b)) in p_graphed.iter().zip(&p_eager).enumerate() {
+            let err = rel_err(a, b);
+            assert!(err < 1e-4, "{dtype:?}: parameter {i} differs by {err:e}");
+        }
+        assert!(eager[steps - 1] < eager[0], "{dtype:?}: the loss went down");
     }
 }

@@ -173,7 +173,7 @@ fn check(sampling: &str) {
     }
 }
 
-/// Greedy samples of ternlab's generation (the code `run` uses: the ternary projection of the
+/// Greedy samples of ternlab's generation (the code `run` uses: all prompts in one batch, the ternary projection of the
 /// latents, mlx_lm's stop ids, its detokenizer's leading space) on the parameters the seed
 /// generated its samples with (`<sampling>-trained.safetensors`: f32 latents, bf16 rest).
 fn generate_on_seed_weights(fixture: &Value, device: &str, dtype: &str) -> Vec<(String, String)> {
@@ -216,17 +216,17 @@ fn generate_on_seed_weights(fixture: &Value, device: &str, dtype: &str) -> Vec<(
     let tokenizer = tokenizers::Tokenizer::from_file(tmp.path().join("tokenizer.json")).unwrap();
     let eos = ternlab::train::eos_ids(Some(tmp.path()), &tokenizer).unwrap();
     let max_new = fixture["settings"]["MAX_TOKENS"].as_u64().unwrap() as usize;
-    fixture["report"]["samples"]
+    // All prompts in one batch, as a run makes its samples (left padded, each row at its own
+    // positions); the seed made them one at a time.
+    let prompts: Vec<String> = fixture["report"]["samples"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| {
-            let prompt = s["prompt"].as_str().unwrap();
-            let text = ternlab::train::generate_greedy(&frozen, &tokenizer, &eos, prompt, max_new)
-                .unwrap();
-            (prompt.to_string(), text)
-        })
-        .collect()
+        .map(|s| s["prompt"].as_str().unwrap().to_string())
+        .collect();
+    let texts = ternlab::train::generate_greedy_batch(&frozen, &tokenizer, &eos, &prompts, max_new)
+        .unwrap();
+    prompts.into_iter().zip(texts).collect()
 }
 
 #[test]

@@ -1,56 +1,142 @@
 // AdamW (src/cuda/adamw.rs; the arithmetic is explained in src/optim.rs).
 
-// AdamW, one thread per entry, each operation in the reference's order and rounded once (the
-// _rn intrinsics keep NVRTC from contracting them into fused multiply-adds), so the result is
-// the composed version's (src/optim.rs) to the bit. Without bias correction MLX's
+// The step's scalars of one parameter, already in its precision: lr, b1, 1 - b1, b2, 1 - b2,
+// eps, decay, and the two corrections (f32: candle's scale_m, scale_v; bf16: MLX's c1, c2).
+struct AdamwK {
+    float lr, b1, omb1, b2, omb2, eps, decay, ca, cb;
+    int bias_correction;
+};
+
+// AdamW on one f32 value, each operation in the reference's order and rounded once (the _rn
+// intrinsics keep NVRTC from contracting them into fused multiply-adds), so the result is the
+// composed version's (src/optim.rs) to the bit. Without bias correction MLX's
 // p * decay - (lr * m) / (sqrt(v) + eps); with it candle's p * decay - (m_hat / (sqrt(v_hat)
-// + eps)) * lr. The scalars come from the host already in the parameter's precision.
-extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* g, long n,
-                                     float lr, float b1, float omb1, float b2, float omb2,
-                                     float eps, float decay, float scale_m, float scale_v,
-                                     int bias_correction) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float gi = g[i];
-    float mi = __fadd_rn(__fmul_rn(m[i], b1), __fmul_rn(gi, omb1));
-    float vi = __fadd_rn(__fmul_rn(v[i], b2), __fmul_rn(__fmul_rn(gi, gi), omb2));
-    m[i] = mi;
-    v[i] = vi;
-    float pi = decay == 1.f ? p[i] : __fmul_rn(p[i], decay);
+// + eps)) * lr.
+__device__ __forceinline__ void adamw_f32_v(float& p, float& m, float& v, float gi,
+                                            const AdamwK& k) {
+    float mi = __fadd_rn(__fmul_rn(m, k.b1), __fmul_rn(gi, k.omb1));
+    float vi = __fadd_rn(__fmul_rn(v, k.b2), __fmul_rn(__fmul_rn(gi, gi), k.omb2));
+    m = mi;
+    v = vi;
+    float pi = k.decay == 1.f ? p : __fmul_rn(p, k.decay);
     float upd;
-    if (bias_correction) {
-        float mh = __fmul_rn(mi, scale_m), vh = __fmul_rn(vi, scale_v);
-        upd = __fmul_rn(__fdiv_rn(mh, __fadd_rn(__fsqrt_rn(vh), eps)), lr);
+    if (k.bias_correction) {
+        float mh = __fmul_rn(mi, k.ca), vh = __fmul_rn(vi, k.cb);
+        upd = __fmul_rn(__fdiv_rn(mh, __fadd_rn(__fsqrt_rn(vh), k.eps)), k.lr);
     } else {
-        upd = __fdiv_rn(__fmul_rn(mi, lr), __fadd_rn(__fsqrt_rn(vi), eps));
+        upd = __fdiv_rn(__fmul_rn(mi, k.lr), __fadd_rn(__fsqrt_rn(vi), k.eps));
     }
-    p[i] = __fsub_rn(pi, upd);
+    p = __fsub_rn(pi, upd);
 }
 
-// AdamW on a bf16 parameter with bf16 moments, as MLX computes it: the gradient rounded to
-// bf16, then every operation in f32 and rounded to bf16. Without bias correction
-// p * decay - (lr * m) / (sqrt(v) + eps); with it MLX's (c1 * m) / (sqrt(v) * c2 + eps).
-extern "C" __global__ void adamw_bf16(unsigned short* p, unsigned short* m, unsigned short* v,
-                                      const float* g, long n, float lr, float b1, float omb1,
-                                      float b2, float omb2, float eps, float decay, float c1,
-                                      float c2, int bias_correction) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float gi = bfr(g[i]);
-    float mi = bfr(__fadd_rn(bfr(__fmul_rn(ld(m, i), b1)), bfr(__fmul_rn(gi, omb1))));
+// AdamW on one bf16 parameter value with bf16 moments (all three widened to f32), as MLX
+// computes it: the gradient rounded to bf16, then every operation in f32 and rounded to bf16.
+// Without bias correction p * decay - (lr * m) / (sqrt(v) + eps); with it MLX's
+// (c1 * m) / (sqrt(v) * c2 + eps). m and v come back rounded; p is rounded when stored.
+__device__ __forceinline__ void adamw_bf16_v(float& p, float& m, float& v, float g,
+                                             const AdamwK& k) {
+    float gi = bfr(g);
+    float mi = bfr(__fadd_rn(bfr(__fmul_rn(m, k.b1)), bfr(__fmul_rn(gi, k.omb1))));
     float sq = bfr(__fmul_rn(gi, gi));
-    float vi = bfr(__fadd_rn(bfr(__fmul_rn(ld(v, i), b2)), bfr(__fmul_rn(sq, omb2))));
-    st(m, i, mi);
-    st(v, i, vi);
-    float pi = decay == 1.f ? ld(p, i) : bfr(__fmul_rn(ld(p, i), decay));
+    float vi = bfr(__fadd_rn(bfr(__fmul_rn(v, k.b2)), bfr(__fmul_rn(sq, k.omb2))));
+    m = mi;
+    v = vi;
+    float pi = k.decay == 1.f ? p : bfr(__fmul_rn(p, k.decay));
     float root = bfr(__fsqrt_rn(vi));
     float upd;
-    if (bias_correction) {
-        float den = bfr(__fadd_rn(bfr(__fmul_rn(root, c2)), eps));
-        upd = bfr(__fdiv_rn(bfr(__fmul_rn(mi, c1)), den));
+    if (k.bias_correction) {
+        float den = bfr(__fadd_rn(bfr(__fmul_rn(root, k.cb)), k.eps));
+        upd = bfr(__fdiv_rn(bfr(__fmul_rn(mi, k.ca)), den));
     } else {
-        upd = bfr(__fdiv_rn(bfr(__fmul_rn(mi, lr)), bfr(__fadd_rn(root, eps))));
+        upd = bfr(__fdiv_rn(bfr(__fmul_rn(mi, k.lr)), bfr(__fadd_rn(root, k.eps))));
     }
-    st(p, i, __fsub_rn(pi, upd));
+    p = __fsub_rn(pi, upd);
 }
 
+// One parameter of a multi-tensor update (`Entry` in src/cuda/adamw.rs, same layout): its
+// four buffers, its length (0: no update this step), the step's scalars in its precision (in
+// `AdamwK`'s order), and its dtype.
+struct AdamwEntry {
+    unsigned long long p, m, v, g;
+    long long n;
+    float k[9];
+    int bf16;
+    int bias_correction;
+    int pad;
+};
+
+// Four neighbouring values from index i (a multiple of 4: one 16- or 8-byte access).
+__device__ __forceinline__ void ld4(const float* x, long i, float* o) {
+    float4 t = *(const float4*)(x + i);
+    o[0] = t.x; o[1] = t.y; o[2] = t.z; o[3] = t.w;
+}
+__device__ __forceinline__ void ld4(const unsigned short* x, long i, float* o) {
+    uint2 t = *(const uint2*)(x + i);
+    o[0] = __uint_as_float(t.x << 16); o[1] = __uint_as_float(t.x & 0xffff0000u);
+    o[2] = __uint_as_float(t.y << 16); o[3] = __uint_as_float(t.y & 0xffff0000u);
+}
+__device__ __forceinline__ void st4(float* x, long i, const float* o) {
+    *(float4*)(x + i) = make_float4(o[0], o[1], o[2], o[3]);
+}
+__device__ __forceinline__ void st4(unsigned short* x, long i, const float* o) {
+    uint2 t;
+    t.x = (unsigned int)f32_to_bf16(o[0]) | ((unsigned int)f32_to_bf16(o[1]) << 16);
+    t.y = (unsigned int)f32_to_bf16(o[2]) | ((unsigned int)f32_to_bf16(o[3]) << 16);
+    *(uint2*)(x + i) = t;
+}
+
+// Elements [start, end) of one parameter, four at a time (start is a multiple of 4; every
+// buffer starts 16-byte aligned), the last few one by one.
+template <typename T, bool BF16>
+__device__ __forceinline__ void adamw_span(T* p, T* m, T* v, const float* g, long start,
+                                           long end, const AdamwK& k) {
+    for (long i = start + 4 * (long)threadIdx.x; i < end; i += 4 * (long)blockDim.x) {
+        if (i + 4 <= end) {
+            float pv[4], mv[4], vv[4], gv[4];
+            ld4(p, i, pv);
+            ld4(m, i, mv);
+            ld4(v, i, vv);
+            ld4(g, i, gv);
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                if (BF16) adamw_bf16_v(pv[t], mv[t], vv[t], gv[t], k);
+                else adamw_f32_v(pv[t], mv[t], vv[t], gv[t], k);
+            }
+            st4(p, i, pv);
+            st4(m, i, mv);
+            st4(v, i, vv);
+        } else {
+            for (long j = i; j < end; j++) {
+                float pj = ld(p, j), mj = ld(m, j), vj = ld(v, j);
+                if (BF16) adamw_bf16_v(pj, mj, vj, g[j], k);
+                else adamw_f32_v(pj, mj, vj, g[j], k);
+                st(p, j, pj);
+                st(m, j, mj);
+                st(v, j, vj);
+            }
+        }
+    }
+}
+
+// Every parameter in one launch: block b updates elements [c.y * chunk, (c.y + 1) * chunk) of
+// entry c.x, c = chunks[b] (chunk a multiple of 4). The table lives on the device, so a
+// captured CUDA graph replays with each step's scalars. With a `gate` (the step's loss, on the
+// device), nothing is updated unless it is finite: a replayed step whose loss is not finite
+// changes nothing, as an eager step that stops at its loss.
+extern "C" __global__ void adamw_multi(const AdamwEntry* entries, const uint2* chunks,
+                                       long chunk, const float* gate) {
+    if (gate && !isfinite(*gate)) return;
+    uint2 c = chunks[blockIdx.x];
+    const AdamwEntry* e = entries + c.x;
+    long start = (long)c.y * chunk;
+    long end = start + chunk < (long)e->n ? start + chunk : (long)e->n;
+    AdamwK k = {e->k[0], e->k[1], e->k[2], e->k[3], e->k[4], e->k[5], e->k[6], e->k[7], e->k[8],
+                e->bias_correction};
+    const float* g = (const float*)e->g;
+    if (e->bf16) {
+        adamw_span<unsigned short, true>((unsigned short*)e->p, (unsigned short*)e->m,
+                                         (unsigned short*)e->v, g, start, end, k);
+    } else {
+        adamw_span<float, false>((float*)e->p, (float*)e->m, (float*)e->v, g, start, end, k);
+    }
+}

@@ -1,7 +1,10 @@
-//! One in-place AdamW step of an f32 or bf16 parameter (`adamw.cu`; the two arithmetics are
-//! `crate::optim`'s, which the kernels reproduce to the bit).
+//! In-place AdamW steps of f32 and bf16 parameters, all of a model's in one launch
+//! (`adamw.cu`; the two arithmetics are `crate::optim`'s, which the kernel reproduces to the
+//! bit).
 
-use super::launch::{family, per_item, AsBuf, Family, Gpu};
+use super::launch::{blocks, family, AsBuf, Buf, Family, Gpu};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
+use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Result};
 
 static KERNELS: Family = family!("ternlab_adamw", "adamw.cu");
@@ -20,18 +23,8 @@ pub struct Scalars {
     pub bias_correction: bool,
 }
 
-/// `adamw_{f32,bf16}(T* p, T* m, T* v, const float* g, long n, float lr, float b1, float omb1,
-/// float b2, float omb2, float eps, float decay, float corr_a, float corr_b,
-/// int bias_correction)`: p, m, v (all f32, or all bf16) updated in place from the f32 gradient.
-pub fn adamw(
-    gpu: &Gpu,
-    p: &impl AsBuf,
-    m: &impl AsBuf,
-    v: &impl AsBuf,
-    g: &impl AsBuf,
-    k: &Scalars,
-) -> Result<()> {
-    let (p, m, v, g) = (p.buf()?, m.buf()?, v.buf()?, g.buf()?);
+/// A parameter, its moments and its gradient as the kernels take them.
+fn check(p: &Buf, m: &Buf, v: &Buf, g: &Buf) -> Result<()> {
     let n = p.n();
     if !matches!(p.dtype, DType::F32 | DType::BF16) {
         candle_core::bail!(
@@ -42,22 +35,144 @@ pub fn adamw(
     }
     m.expect("fused AdamW: the first moment", n, p.dtype)?;
     v.expect("fused AdamW: the second moment", n, p.dtype)?;
-    g.expect("fused AdamW: the gradient", n, DType::F32)?;
-    gpu.kernel(&KERNELS, "adamw", Some(p.dtype), per_item(n))?
-        .buf(&p)
-        .buf(&m)
-        .buf(&v)
-        .buf(&g)
-        .i64(n)
-        .f32(k.lr)
-        .f32(k.b1)
-        .f32(k.one_minus_b1)
-        .f32(k.b2)
-        .f32(k.one_minus_b2)
-        .f32(k.eps)
-        .f32(k.decay)
-        .f32(k.correction.0)
-        .f32(k.correction.1)
-        .i32(usize::from(k.bias_correction))
-        .go()
+    g.expect("fused AdamW: the gradient", n, DType::F32)
+}
+
+/// One parameter of a multi-tensor update, as `adamw.cu`'s `AdamwEntry` lays it out: its
+/// buffers, its length (0: not updated this step), its scalars (`Scalars`, in the order lr,
+/// b1, 1 - b1, b2, 1 - b2, eps, decay, correction), and whether it is bf16.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Entry {
+    pub p: u64,
+    pub m: u64,
+    pub v: u64,
+    pub g: u64,
+    pub n: i64,
+    pub k: [f32; 9],
+    pub bf16: i32,
+    pub bias_correction: i32,
+    pad: i32,
+}
+
+impl Entry {
+    /// The entry of parameter `p` with moments `m`, `v` and gradient `g` (f32), at `k`.
+    pub fn new(
+        p: &impl AsBuf,
+        m: &impl AsBuf,
+        v: &impl AsBuf,
+        g: &impl AsBuf,
+        k: &Scalars,
+    ) -> Result<Self> {
+        let (p, m, v, g) = (p.buf()?, m.buf()?, v.buf()?, g.buf()?);
+        let n = p.n();
+        check(&p, &m, &v, &g)?;
+        // (the kernel reads four values at a time)
+        if [p.p, m.p, v.p, g.p].iter().any(|a| a % 16 != 0) {
+            candle_core::bail!("fused AdamW: buffers must start 16-byte aligned");
+        }
+        Ok(Self {
+            p: p.p,
+            m: m.p,
+            v: v.p,
+            g: g.p,
+            n: n as i64,
+            k: [
+                k.lr,
+                k.b1,
+                k.one_minus_b1,
+                k.b2,
+                k.one_minus_b2,
+                k.eps,
+                k.decay,
+                k.correction.0,
+                k.correction.1,
+            ],
+            bf16: i32::from(p.dtype == DType::BF16),
+            bias_correction: i32::from(k.bias_correction),
+            pad: 0,
+        })
+    }
+}
+
+/// Elements of one parameter that one block of `adamw_multi` updates (a multiple of 4).
+const CHUNK: usize = 32 * 1024;
+
+/// The device side of multi-tensor AdamW over a fixed list of parameter sizes: the table of
+/// entries (rewritten every step: each step's scalars, and the gradients' addresses) and the
+/// list of (entry, chunk) blocks, made once. The kernel reads both from the device, so a CUDA
+/// graph that captured the launch replays with whatever table was written before it.
+pub struct MultiTable {
+    gpu: Gpu,
+    entries: CudaSlice<u8>,
+    chunks: CudaSlice<u32>,
+    len: usize,
+    blocks: usize,
+}
+
+impl MultiTable {
+    /// A table for parameters of `sizes` elements, in this order.
+    pub fn new(gpu: &Gpu, sizes: &[usize]) -> Result<Self> {
+        let stream = gpu.dev.cuda_stream();
+        let mut chunks = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            for c in 0..n.div_ceil(CHUNK).max(1) {
+                chunks.extend([i as u32, c as u32]);
+            }
+        }
+        let blocks = chunks.len() / 2;
+        let chunks = stream.clone_htod(&chunks).w()?;
+        let entries = stream
+            .alloc_zeros::<u8>(sizes.len().max(1) * std::mem::size_of::<Entry>())
+            .w()?;
+        Ok(Self {
+            gpu: gpu.clone(),
+            entries,
+            chunks,
+            len: sizes.len(),
+            blocks,
+        })
+    }
+
+    /// Writes the table (stream-ordered: kernels launched before read the previous one).
+    pub fn write(&mut self, entries: &[Entry]) -> Result<()> {
+        if entries.len() != self.len {
+            candle_core::bail!(
+                "multi-tensor AdamW: {} entries for a table of {}",
+                entries.len(),
+                self.len
+            );
+        }
+        // SAFETY: `Entry` is plain old data with the C layout the kernel reads.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                entries.as_ptr().cast::<u8>(),
+                std::mem::size_of_val(entries),
+            )
+        };
+        let stream = self.gpu.dev.cuda_stream();
+        stream.memcpy_htod(bytes, &mut self.entries).w()?;
+        Ok(())
+    }
+
+    /// `adamw_multi(const AdamwEntry* entries, const uint2* chunks, long chunk,
+    /// const float* gate)`: every parameter of the last table written, updated in place, in one
+    /// launch; with a `gate` (an f32 on the device) only if it is finite.
+    pub fn launch(&self, gate: Option<u64>) -> Result<()> {
+        let stream = self.gpu.dev.cuda_stream();
+        let e = self.entries.device_ptr(&stream).0;
+        let c = self.chunks.device_ptr(&stream).0;
+        let ptr = |p: u64| Buf {
+            p,
+            dtype: DType::U32,
+            dims: vec![0],
+        };
+        self.gpu
+            .kernel(&KERNELS, "adamw_multi", None, blocks(self.blocks, 256))?
+            .buf(&ptr(e))
+            .buf(&ptr(c))
+            .i64(CHUNK)
+            .opt(gate.map(ptr).as_ref())
+            .go()
+    }
 }

@@ -3,9 +3,12 @@
 // headers under NVRTC: bf16 is handled as its 16 bits (`unsigned short`), and every kernel has
 // an f32 and a bf16 instance named `<kernel>_f32` / `<kernel>_bf16`.
 
-// f32 -> bf16, rounding to nearest even.
+// f32 -> bf16, rounding to nearest even; a NaN stays a (quiet) NaN. (Without the NaN case the
+// rounding carry turns the GPU's canonical NaN, 0x7fffffff, into -0: a diverging bf16 run
+// would have shown zeros where its activations were NaN.)
 __device__ __forceinline__ unsigned short f32_to_bf16(float v) {
     unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
 }

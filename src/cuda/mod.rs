@@ -18,9 +18,10 @@
 //! | `residual` | `add` | |
 //! | `loss` | `cross_entropy` (loss, and the gradient when asked) | `cross_entropy_op` |
 //! | `ternary` | `ternarize` (+ `ternary_scales`, `ternary_apply` for whole matrices), `act_quant` | `ternary_weight`, `act_quant_op` (straight-through backward) |
-//! | `adamw` | `adamw` (f32 and bf16 arithmetic of `crate::optim`) | |
+//! | `adamw` | `adamw_multi` (every parameter in one launch; f32 and bf16 arithmetic of `crate::optim`) | |
 //!
-//! Every kernel but `swap_axes` has an f32 and a bf16 instance; arithmetic is f32.
+//! Every kernel but `swap_axes` and `adamw_multi` has an f32 and a bf16 instance; arithmetic is
+//! f32.
 
 pub mod adamw;
 pub mod attention;

@@ -81,14 +81,15 @@ __device__ void rmsnorm_bwd_x(const T* __restrict__ x, const float* __restrict__
 }
 
 // dw_j = sum over rows of dy_j * x_j * r_row into dw (f32, zeroed by the caller): a block takes
-// 64 rows, its warps find their r, its threads sum their columns, one atomic add per column
-// per block.
+// `per_block` rows (at most 64) and blockDim.x columns (grid y: the column tiles), its warps
+// find their rows' r, its threads sum their columns, one atomic add per column per block.
 template <typename T>
-__device__ void rmsnorm_bwd_w(const T* x, const T* dy, float* dw, long rows, int d, float eps) {
+__device__ void rmsnorm_bwd_w(const T* x, const T* dy, float* dw, long rows, int d, float eps,
+                              int per_block) {
     __shared__ float rs[64];
-    long first = (long)blockIdx.x * 64;
+    long first = (long)blockIdx.x * per_block;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    for (int k = warp; k < 64; k += warps) {
+    for (int k = warp; k < per_block; k += warps) {
         long row = first + k;
         float ss = 0.f;
         if (row < rows) for (int i = lane; i < d; i += 32) { float v = ld(x + row * d, i); ss += v * v; }
@@ -96,14 +97,14 @@ __device__ void rmsnorm_bwd_w(const T* x, const T* dy, float* dw, long rows, int
         if (lane == 0) rs[k] = rsqrtf(ss / d + eps);
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float acc = 0.f;
-        for (int k = 0; k < 64 && first + k < rows; k++) {
-            long row = first + k;
-            acc += ld(dy + row * d, j) * ld(x + row * d, j) * rs[k];
-        }
-        atomicAdd(dw + j, acc);
+    int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    float acc = 0.f;
+    for (int k = 0; k < per_block && first + k < rows; k++) {
+        long row = first + k;
+        acc += ld(dy + row * d, j) * ld(x + row * d, j) * rs[k];
     }
+    atomicAdd(dw + j, acc);
 }
 
 // The whole backward in one pass for rows of d <= 128 (the head-sized q/k norms): dx, and dw
@@ -155,8 +156,8 @@ extern "C" __global__ void rmsnorm_bwd_x_add_##SUF(const T* x, const float* w, c
     rmsnorm_bwd_x<T, true>(x, w, dy, dx, rows, d, eps);                                        \
 }                                                                                              \
 extern "C" __global__ void rmsnorm_bwd_w_##SUF(const T* x, const T* dy, float* dw, long rows, \
-                                               int d, float eps) {                             \
-    rmsnorm_bwd_w<T>(x, dy, dw, rows, d, eps);                                                 \
+                                               int d, float eps, int per_block) {              \
+    rmsnorm_bwd_w<T>(x, dy, dw, rows, d, eps, per_block);                                      \
 }                                                                                              \
 extern "C" __global__ void rmsnorm_bwd_small_##SUF(const T* x, const float* w, const T* dy,   \
                                                    T* dx, float* dw, long rows, int d,         \

@@ -3,6 +3,7 @@
 
 use super::launch::{alloc, blocks, cuda_only, family, warp_per_row, AsBuf, Buf, Family, Gpu};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 static KERNELS: Family = family!("ternlab_norm", "norm.cu");
@@ -65,8 +66,8 @@ pub fn rmsnorm_back_x(
         .go()
 }
 
-/// `rmsnorm_bwd_w(const T* x, const T* dy, float* dw, long rows, int d, float eps)`: the
-/// weight's gradient added into the f32 `dw` (d), zeroed by the caller.
+/// `rmsnorm_bwd_w(const T* x, const T* dy, float* dw, long rows, int d, float eps,
+/// int per_block)`: the weight's gradient added into the f32 `dw` (d), zeroed by the caller.
 pub fn rmsnorm_back_w(
     gpu: &Gpu,
     x: &impl AsBuf,
@@ -79,8 +80,17 @@ pub fn rmsnorm_back_w(
     let rows = rows("rmsnorm_bwd_w", &x, d)?;
     dy.expect("rmsnorm_bwd_w: dy", x.n(), x.dtype)?;
     dw.expect("rmsnorm_bwd_w: dw", d, DType::F32)?;
-    // A block per 64 rows, a thread per column up to 256.
-    let cfg = blocks(rows.div_ceil(64), d.next_multiple_of(32).min(256));
+    // A thread per column (up to 256 a block, the rest in more blocks along y), and rows per
+    // block such that there are some 512 blocks (a few per SM), from 8 to 64 rows each: at
+    // 1,024 rows of 1,024 a block of 64 rows left most of an H100's SMs idle.
+    let threads = d.next_multiple_of(32).min(256);
+    let tiles = d.div_ceil(threads);
+    let per_block = (rows * tiles / 512).clamp(8, 64);
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(per_block) as u32, tiles as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
     gpu.kernel(&KERNELS, "rmsnorm_bwd_w", Some(x.dtype), cfg)?
         .buf(&x)
         .buf(&dy)
@@ -88,6 +98,7 @@ pub fn rmsnorm_back_w(
         .i64(rows)
         .i32(d)
         .f32(eps)
+        .i32(per_block)
         .go()
 }
 

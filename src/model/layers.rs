@@ -23,6 +23,10 @@ pub struct Pass {
     /// dtype of activations and matmuls.
     pub cd: DType,
     pub ops: Ops,
+    /// The rotary tables are per sequence ((B, 1, L, D): each row at its own positions) and
+    /// the mask too ((B, 1, L, T)): RoPE and the softmax run as composed ops, which broadcast
+    /// them (`Pass::rows`).
+    pub per_row: bool,
 }
 
 impl Pass {
@@ -40,6 +44,7 @@ impl Pass {
             mask: ops::causal_mask(l, device)?,
             cd,
             ops,
+            per_row: false,
         })
     }
 }
@@ -79,6 +84,52 @@ impl Pass {
             mask: Tensor::from_vec(mask, (l, t), device)?,
             cd,
             ops,
+            per_row: false,
+        })
+    }
+
+    /// A pass of `b` sequences of `l` new tokens after `t - l` cached positions each, the
+    /// tokens of row `r` at positions `positions[r]` (taken from `table`, a `Rope` long enough)
+    /// and attending to the cached and new positions `visible(r, i, j)` says (query i of the
+    /// new tokens, key j of all t): batched generation of prompts of different lengths, left
+    /// padded (`crate::generate::generate_greedy_batch`).
+    pub fn rows(
+        table: &Rope,
+        positions: &[Vec<u32>],
+        t: usize,
+        visible: impl Fn(usize, usize, usize) -> bool,
+        cd: DType,
+        ops: Ops,
+    ) -> Result<Self> {
+        let (b, l) = (positions.len(), positions.first().map_or(0, Vec::len));
+        let device = table.cos.device();
+        let flat: Vec<u32> = positions.iter().flatten().copied().collect();
+        let idx = Tensor::from_vec(flat, b * l, device)?;
+        let d = table.cos.dim(1)?;
+        let gather = |t: &Tensor| t.index_select(&idx, 0)?.reshape((b, 1, l, d));
+        let mut mask = Vec::with_capacity(b * l * t);
+        for r in 0..b {
+            for i in 0..l {
+                mask.extend((0..t).map(|j| {
+                    if visible(r, i, j) {
+                        0f32
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+        }
+        Ok(Self {
+            b,
+            l,
+            rope: Rope {
+                cos: gather(&table.cos)?,
+                sin: gather(&table.sin)?,
+            },
+            mask: Tensor::from_vec(mask, (b, 1, l, t), device)?,
+            cd,
+            ops,
+            per_row: true,
         })
     }
 }
@@ -258,6 +309,7 @@ impl RmsNorm {
 }
 
 /// Rotary position embedding tables for positions 0..L: `cos`, `sin` of shape (L, D).
+#[derive(Clone)]
 pub struct Rope {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
@@ -344,10 +396,12 @@ impl Attention {
         let r = h / k;
         // 1. project and split heads; normalise q and k per head and rotate them (RoPE):
         //    (B, L, N, D) -> (B, N, L, D)
+        // (per-row rotary tables: RoPE as composed ops, which broadcast them)
+        let rope_ops = if p.per_row { Ops::Composed } else { p.ops };
         let q = self.q_proj.forward(x, p.ops)?.reshape((b, l, h, d))?;
-        let q = ops::qk_norm_rope(&q, &self.q_norm.weight, self.q_norm.eps, &p.rope, p.ops)?;
+        let q = ops::qk_norm_rope(&q, &self.q_norm.weight, self.q_norm.eps, &p.rope, rope_ops)?;
         let kk = self.k_proj.forward(x, p.ops)?.reshape((b, l, k, d))?;
-        let kk = ops::qk_norm_rope(&kk, &self.k_norm.weight, self.k_norm.eps, &p.rope, p.ops)?;
+        let kk = ops::qk_norm_rope(&kk, &self.k_norm.weight, self.k_norm.eps, &p.rope, rope_ops)?;
         let v = self.v_proj.forward(x, p.ops)?.reshape((b, l, k, d))?;
         let v = v.transpose(1, 2)?.contiguous()?;
         // (with a cache: the T = cached + L positions' keys and values)
@@ -369,7 +423,11 @@ impl Attention {
         let scale = 1.0 / (d as f64).sqrt();
         let scores = q.matmul(&kk.t()?)?.reshape((b, h, l, t))?; // (B, K, R*L, T) -> (B, H, L, T)
                                                                  // (the fused softmax knows only the square causal mask: cached keys take the mask)
-        let softmax_ops = if t == l { p.ops } else { Ops::Composed };
+        let softmax_ops = if t == l && !p.per_row {
+            p.ops
+        } else {
+            Ops::Composed
+        };
         let probs = ops::causal_softmax(&scores, scale, &p.mask, softmax_ops)?;
         let out = probs.reshape((b, k, r * l, t))?.matmul(&v)?; // (B, K, R*L, D)
 

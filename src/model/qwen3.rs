@@ -164,6 +164,18 @@ impl Qwen3 {
         self.forward_pass(ids, &pass, Some(cache))
     }
 
+    /// `forward_cached` with a pass of its own (`Pass::rows`: each sequence at its own
+    /// positions, with its own mask): logits (B, L, V).
+    pub fn forward_pass_cached(
+        &self,
+        ids: &Tensor,
+        pass: &Pass,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        cache.layers.resize(self.layers.len(), None);
+        self.forward_pass(ids, pass, Some(cache))
+    }
+
     fn forward_pass(
         &self,
         ids: &Tensor,

@@ -131,7 +131,8 @@ impl<'a> WeightSource<'a> {
             );
         }
         let dtype = if f32 { DType::F32 } else { t.dtype() };
-        let t = t.to_dtype(dtype)?.to_device(self.device)?;
+        // (widened on the device: half the bytes to copy, and no pass over them on the host)
+        let t = t.to_device(self.device)?.to_dtype(dtype)?;
         self.params.add(name, t)
     }
 

@@ -18,6 +18,29 @@ pub fn forward(
     targets: &Tensor,
     distill: Option<&Distill>,
 ) -> Result<(Terms, Tape)> {
+    let rope = Rope::new(&model.cfg, ids.dim(1)?, &model.device)?;
+    forward_with(model, opts, ids, targets, distill, rope)
+}
+
+/// Every layer's attention probabilities, kept for the backward, may take a quarter of the
+/// card; past that, each layer's are recomputed in the backward (one more score GEMM and
+/// softmax per layer, the same values).
+pub(super) fn recompute_attention(model: &Qwen3, gpu: &Gpu, b: usize, l: usize) -> bool {
+    let h = model.cfg.num_attention_heads;
+    let stored = model.layers.len() * b * h * l * l * model.compute_dtype.size_in_bytes();
+    stored > gpu.total_memory().unwrap_or(usize::MAX) / 4
+}
+
+/// `forward` with the rotary tables of the batch's length made beforehand (a captured step
+/// must not copy from the host).
+pub(super) fn forward_with(
+    model: &Qwen3,
+    opts: &StepOptions,
+    ids: &Tensor,
+    targets: &Tensor,
+    distill: Option<&Distill>,
+    rope: Rope,
+) -> Result<(Terms, Tape)> {
     let ctx = Ctx {
         gpu: Gpu::of(&model.device)?,
         cd: model.compute_dtype,
@@ -31,15 +54,10 @@ pub fn forward(
     } = dims;
     let ids = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
     let targets = targets.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
-    let rope = Rope::new(cfg, l, &model.device)?;
     let attn = CausalAttention::new(b, l, (h, k, d), opts.attention_chunk);
-    // Every layer's probabilities, kept for the backward, may take a quarter of the card; past
-    // that, each layer's are recomputed in the backward (one more score GEMM and softmax per
-    // layer, the same values).
-    let recompute = opts.attention_recompute.unwrap_or_else(|| {
-        let stored = model.layers.len() * b * h * l * l * ctx.cd.size_in_bytes();
-        stored > ctx.gpu.total_memory().unwrap_or(usize::MAX) / 4
-    });
+    let recompute = opts
+        .attention_recompute
+        .unwrap_or_else(|| recompute_attention(model, &ctx.gpu, b, l));
 
     let emb = &model.embed_tokens;
     // Under f32 compute a bf16 embedding's rows enter the first layer in bf16, as in the seed

@@ -33,6 +33,7 @@ use candle_core::{DType, Result, Shape, Tensor};
 
 mod backward;
 mod forward;
+pub mod graph;
 
 pub use backward::backward;
 pub use forward::forward;
