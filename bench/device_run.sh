@@ -136,7 +136,8 @@ if want e2e; then
     /usr/bin/time -f "round $round: %e s wall, %M KiB max RSS" $tl run experiments/baseline.toml \
       --set model.source=$ckpt --set run.device=cuda --set train.dtype=bf16 \
       --results "$out/e2e" 2>&1 | grep -vE "step +[0-9]+/" | tail -4
-    python3 -c "import json,glob,sys; r=json.load(open(glob.glob(sys.argv[1]+'/*/*/report.json')[0])); print({k: r.get(k) for k in ['wall_time_s','train_time_s','tokens_per_s','phases','final_loss','val_nll','peak_memory_bytes']})" "$out/e2e"
+    python3 -c "import json,glob,sys; r=json.load(open(glob.glob(sys.argv[1]+'/*/*/report.json')[0])); print({k: r.get(k) for k in ['wall_time_s','train_time_s','tokens_per_s','phases','final_loss','val_nll','peak_memory_bytes','graph_memory_bytes']})" "$out/e2e"
+    echo "PTX kept for the next process: $(ls ~/.cache/ternlab/ptx 2>/dev/null | wc -l) files"
   done
 fi
 if want export; then

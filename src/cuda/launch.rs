@@ -28,13 +28,63 @@ impl Family {
     fn ptx(&self) -> Result<&str> {
         self.ptx
             .get_or_init(|| {
-                candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(self.source)
+                let cached = ptx_cache_file(self.module, self.source);
+                if let Some(ptx) = cached
+                    .as_ref()
+                    .and_then(|f| std::fs::read_to_string(f).ok())
+                {
+                    return Ok(ptx);
+                }
+                let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(self.source)
                     .map(|p| p.to_src())
-                    .map_err(|e| format!("compiling ternlab's {} kernels: {e}", self.module))
+                    .map_err(|e| format!("compiling ternlab's {} kernels: {e}", self.module))?;
+                if let Some(f) = cached {
+                    // (best effort, whole or not at all: another process may be writing it too)
+                    let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+                    let written = f.parent().map(std::fs::create_dir_all).transpose().is_ok()
+                        && std::fs::write(&tmp, &ptx).is_ok();
+                    if !written || std::fs::rename(&tmp, &f).is_err() {
+                        let _ = std::fs::remove_file(&tmp);
+                    }
+                }
+                Ok(ptx)
             })
             .as_deref()
             .map_err(|e| candle_core::Error::Msg(e.clone()))
     }
+}
+
+/// Where the PTX of a kernel family is kept between processes, so that NVRTC compiles each
+/// source once per machine, not at every start (the driver keeps its own cache of the machine
+/// code it makes from PTX): `$TERNLAB_CACHE/ptx/`, else `$XDG_CACHE_HOME/ternlab/ptx/`, else
+/// `~/.cache/ternlab/ptx/`, the file named by the family, a hash of its source and NVRTC's
+/// version. None when there is no home to put it in or `TERNLAB_CACHE=off`.
+fn ptx_cache_file(module: &str, source: &str) -> Option<std::path::PathBuf> {
+    use sha2::{Digest, Sha256};
+    let root = match std::env::var_os("TERNLAB_CACHE") {
+        Some(v) if v == "off" => return None,
+        Some(v) => std::path::PathBuf::from(v),
+        None => match std::env::var_os("XDG_CACHE_HOME") {
+            Some(v) => std::path::PathBuf::from(v).join("ternlab"),
+            None => std::path::PathBuf::from(std::env::var_os("HOME")?)
+                .join(".cache")
+                .join("ternlab"),
+        },
+    };
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-pointers to valid locals.
+    let version = unsafe {
+        candle_core::cuda_backend::cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor)
+    };
+    if version != candle_core::cuda_backend::cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return None;
+    }
+    let hash = Sha256::digest(source.as_bytes());
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Some(
+        root.join("ptx")
+            .join(format!("{module}-{hex}-nvrtc{major}.{minor}.ptx")),
+    )
 }
 
 /// The family of kernels in `$file` (next to this file), behind the shared header.
