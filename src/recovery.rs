@@ -45,18 +45,22 @@ pub struct Levels {
     pub changed: f64,
 }
 
-/// The levels (-1, 0, +1 as 0, 1, 2) of a ternary layer's weights, flat u8 on the layer's
+/// The levels (-1, 0, +1 as 0, 1, 2) of a ternary layer's weights, u8 (out, in) on the layer's
 /// device (kept there and counted there: copying a Qwen3-0.6B's 440M levels to the host and
 /// counting them one by one took most of a second).
 fn levels_of(lin: &Linear) -> Result<Tensor> {
     let q = lin.quant().expect("a ternary layer has a quantizer");
     let l = (levels_with(lin.weight(), q, &lin.group_scales()?)? + 1.0)?;
-    Ok(l.to_dtype(DType::U8)?.flatten_all()?)
+    Ok(l.to_dtype(DType::U8)?)
 }
 
-/// How many of `t`'s entries are true (u8 0 or 1), summed on its device.
+/// How many of the (out, in) `t`'s entries are true (u8 0 or 1), summed on its device by rows
+/// first (candle sums a whole tensor to one value in one block).
 fn count(t: &Tensor) -> Result<usize> {
-    Ok(t.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize)
+    Ok(t.to_dtype(DType::U32)?
+        .sum(1)?
+        .sum_all()?
+        .to_scalar::<u32>()? as usize)
 }
 
 /// The projection type of a layer, from its checkpoint name (`...self_attn.q_proj.weight`).
