@@ -295,6 +295,58 @@ fn qk_norm_and_rope_match_the_composed_ones() {
     }
 }
 
+/// The batched generation's q/k norm and RoPE, each sequence at positions of its own
+/// (`Pass::rows`): the fused kernel over the batch as one sequence equals, row by row and to the
+/// bit, the kernel on that row alone at its positions; and agrees with the composed ops.
+#[test]
+fn qk_norm_and_rope_at_per_row_positions() {
+    use ternlab::model::{Pass, Preset, Qwen3Config};
+    let dev = gpu();
+    let cfg = Qwen3Config::preset(Preset::Qwen3_0_6B, 151_936);
+    let (b, l, n, d) = (3, 5, 2, cfg.head_dim);
+    let table = Rope::new(&cfg, 40, &dev).unwrap();
+    let starts = [0usize, 7, 31];
+    let positions: Vec<Vec<u32>> = starts
+        .iter()
+        .map(|&s| (s..s + l).map(|p| p as u32).collect())
+        .collect();
+    let pass = Pass::rows(
+        &table,
+        &positions,
+        l,
+        |_, i, j| j <= i,
+        DType::F32,
+        Ops::Fused,
+    )
+    .unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = Tensor::randn(0f32, 1.0, (b, l, n, d), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let w = (Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap();
+        let rows = |o| ops::qk_norm_rope_rows(&x, &w, 1e-6, &pass.rope, o).unwrap();
+        let (fused, composed) = (rows(Ops::Fused), rows(Ops::Composed));
+        assert_eq!(fused.dims(), &[b, n, l, d]);
+        for (r, &s) in starts.iter().enumerate() {
+            // (the tables of positions s..s+l, as generation after s cached tokens makes them)
+            let alone = Pass::at(&cfg, (1, l), s, &dev, DType::F32, Ops::Fused).unwrap();
+            let xr = x.narrow(0, r, 1).unwrap().contiguous().unwrap();
+            let one = ops::qk_norm_rope(&xr, &w, 1e-6, &alone.rope, Ops::Fused).unwrap();
+            let diff = max_abs(&f32_of(&(fused.narrow(0, r, 1).unwrap() - one).unwrap()));
+            assert_eq!(
+                diff, 0.0,
+                "{dtype:?} row {r}: differs from the row alone by {diff:e}"
+            );
+        }
+        let err = rel_err(&f32_of(&fused), &f32_of(&composed));
+        assert!(
+            err < tol(dtype, 1e-6, 2e-2),
+            "{dtype:?}: fused vs composed {err:e}"
+        );
+    }
+}
+
 #[test]
 fn causal_softmax_matches_the_composed_one() {
     let dev = gpu();

@@ -24,8 +24,8 @@ pub struct Pass {
     pub cd: DType,
     pub ops: Ops,
     /// The rotary tables are per sequence ((B, 1, L, D): each row at its own positions) and
-    /// the mask too ((B, 1, L, T)): RoPE and the softmax run as composed ops, which broadcast
-    /// them (`Pass::rows`).
+    /// the mask too ((B, 1, L, T), for the composed softmax, which broadcasts it): see
+    /// `Pass::rows`, `ops::qk_norm_rope_rows`.
     pub per_row: bool,
 }
 
@@ -396,12 +396,16 @@ impl Attention {
         let r = h / k;
         // 1. project and split heads; normalise q and k per head and rotate them (RoPE):
         //    (B, L, N, D) -> (B, N, L, D)
-        // (per-row rotary tables: RoPE as composed ops, which broadcast them)
-        let rope_ops = if p.per_row { Ops::Composed } else { p.ops };
+        // (per-row rotary tables: each sequence at positions of its own)
+        let norm_rope = if p.per_row {
+            ops::qk_norm_rope_rows
+        } else {
+            ops::qk_norm_rope
+        };
         let q = self.q_proj.forward(x, p.ops)?.reshape((b, l, h, d))?;
-        let q = ops::qk_norm_rope(&q, &self.q_norm.weight, self.q_norm.eps, &p.rope, rope_ops)?;
+        let q = norm_rope(&q, &self.q_norm.weight, self.q_norm.eps, &p.rope, p.ops)?;
         let kk = self.k_proj.forward(x, p.ops)?.reshape((b, l, k, d))?;
-        let kk = ops::qk_norm_rope(&kk, &self.k_norm.weight, self.k_norm.eps, &p.rope, rope_ops)?;
+        let kk = norm_rope(&kk, &self.k_norm.weight, self.k_norm.eps, &p.rope, p.ops)?;
         let v = self.v_proj.forward(x, p.ops)?.reshape((b, l, k, d))?;
         let v = v.transpose(1, 2)?.contiguous()?;
         // (with a cache: the T = cached + L positions' keys and values)

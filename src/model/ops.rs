@@ -135,6 +135,37 @@ pub fn qk_norm_rope(
     rope_composed(&x, rope)
 }
 
+/// `qk_norm_rope` with each sequence at positions of its own: rotary tables (B, 1, L, D)
+/// (`Pass::rows`). On CUDA under `Ops::Fused` the one kernel takes the batch as one sequence of
+/// B * L tokens, each with its own table row, so every row's values are those of its sequence
+/// alone; elsewhere composed ops, which broadcast the tables.
+pub fn qk_norm_rope_rows(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    rope: &Rope,
+    ops: Ops,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused_on(ops, x.device()) && x.is_contiguous() {
+        let (b, l, n, d) = x.dims4()?;
+        let y = crate::cuda::attention::norm_rope_op(
+            &x.reshape((1, b * l, n, d))?,
+            &weight.to_dtype(DType::F32)?,
+            eps,
+            &rope.cos.reshape((b * l, d))?,
+            &rope.sin.reshape((b * l, d))?,
+        )?;
+        // (1, N, B*L, D) -> (B, N, L, D)
+        return y.reshape((n, b, l, d))?.transpose(0, 1)?.contiguous();
+    }
+    let _ = ops;
+    let x = rms_norm_composed(x, weight, eps)?
+        .transpose(1, 2)?
+        .contiguous()?;
+    rope_composed(&x, rope)
+}
+
 /// RoPE as composed candle ops: `x * cos + rotate_half(x) * sin` for x of shape (B, N, L, D).
 pub fn rope_composed(x: &Tensor, rope: &Rope) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
