@@ -17,7 +17,8 @@
 //!   buffer), and the embedding gradient is one scatter-add over all tokens (f32 atomics, so
 //!   GPU runs are not bitwise reproducible).
 //!
-//! `forward.rs` and `backward.rs` are the two passes; this file holds what they share. Shapes:
+//! `forward.rs` and `backward.rs` are the two passes, `graph.rs` replays a whole step (with the
+//! AdamW update) from a CUDA graph; this file holds what they share. Shapes:
 //! B batch, L positions, N = B * L tokens, E hidden, H query heads, K key/value heads,
 //! R = H / K, D head dim, F intermediate, V vocabulary.
 //!
