@@ -140,12 +140,22 @@ fn keep_freed_device_memory(_ordinal: usize) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 use candle_core::cuda_backend::cudarc::driver::sys as cuda_sys;
 
+/// The driver's handle of card `ordinal`.
+#[cfg(feature = "cuda")]
+fn cu_device(
+    ordinal: usize,
+) -> Result<cuda_sys::CUdevice, candle_core::cuda_backend::cudarc::driver::DriverError> {
+    let mut dev: cuda_sys::CUdevice = 0;
+    // SAFETY: a plain driver query into a valid local.
+    unsafe { cuda_sys::cuDeviceGet(&mut dev, ordinal as i32) }.result()?;
+    Ok(dev)
+}
+
 #[cfg(feature = "cuda")]
 fn default_pool(ordinal: usize) -> anyhow::Result<cuda_sys::CUmemoryPool> {
-    // SAFETY: plain driver queries; the out-pointers are valid locals.
+    let dev = cu_device(ordinal)?;
+    // SAFETY: a plain driver query; the out-pointer is a valid local.
     unsafe {
-        let mut dev: cuda_sys::CUdevice = 0;
-        cuda_sys::cuDeviceGet(&mut dev, ordinal as i32).result()?;
         let mut pool: cuda_sys::CUmemoryPool = std::ptr::null_mut();
         cuda_sys::cuDeviceGetDefaultMemPool(&mut pool, dev).result()?;
         Ok(pool)
@@ -183,19 +193,10 @@ pub fn reset_peak_memory(device: &Device) {
         let attr = cuda_sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
         let mut zero: u64 = 0;
         // SAFETY: resetting the graph memory high watermark takes a u64 that is 0.
-        let _ = unsafe {
-            let mut dev: cuda_sys::CUdevice = 0;
-            cuda_sys::cuDeviceGet(&mut dev, n as i32)
+        let _ = cu_device(n).and_then(|dev| unsafe {
+            cuda_sys::cuDeviceSetGraphMemAttribute(dev, attr, (&mut zero as *mut u64).cast())
                 .result()
-                .and_then(|()| {
-                    cuda_sys::cuDeviceSetGraphMemAttribute(
-                        dev,
-                        attr,
-                        (&mut zero as *mut u64).cast(),
-                    )
-                    .result()
-                })
-        };
+        });
     }
     let _ = device;
 }
@@ -227,14 +228,13 @@ pub fn graph_memory_bytes(device: &Device) -> Option<u64> {
     if let Some(n) = cuda_ordinal(device) {
         let mut graphs: u64 = 0;
         let attr = cuda_sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
-        // SAFETY: as above; the device handle comes from the driver.
+        let dev = cu_device(n).ok()?;
+        // SAFETY: USED_MEM_HIGH is a u64 read into a valid local.
         unsafe {
-            let mut dev: cuda_sys::CUdevice = 0;
-            cuda_sys::cuDeviceGet(&mut dev, n as i32).result().ok()?;
             cuda_sys::cuDeviceGetGraphMemAttribute(dev, attr, (&mut graphs as *mut u64).cast())
-                .result()
-                .ok()?;
         }
+        .result()
+        .ok()?;
         return Some(graphs);
     }
     let _ = device;
@@ -254,12 +254,8 @@ pub fn trim_memory_pool(device: &Device) {
                 let _ = unsafe { cuda_sys::cuMemPoolTrimTo(pool, 0) };
             }
             // SAFETY: a device handle from the driver.
-            let _ = unsafe {
-                let mut dev: cuda_sys::CUdevice = 0;
-                cuda_sys::cuDeviceGet(&mut dev, n as i32)
-                    .result()
-                    .and_then(|()| cuda_sys::cuDeviceGraphMemTrim(dev).result())
-            };
+            let _ = cu_device(n)
+                .and_then(|dev| unsafe { cuda_sys::cuDeviceGraphMemTrim(dev) }.result());
         }
     }
     let _ = device;

@@ -22,6 +22,18 @@ fn var(shape: &[usize], std: f32, dtype: DType, dev: &Device) -> Var {
     Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
 }
 
+/// AdamW at `lr` with betas (0.9, 0.95), eps 1e-8 and weight decay 0.1.
+fn adamw_params(lr: f64, bias_correction: bool) -> AdamWParams {
+    AdamWParams {
+        lr,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        bias_correction,
+    }
+}
+
 fn f32_of(t: &Tensor) -> Tensor {
     t.to_dtype(DType::F32).unwrap()
 }
@@ -127,14 +139,7 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
     let dev = gpu();
     for dtype in [DType::F32, DType::BF16] {
         for bias_correction in [false, true] {
-            let params = AdamWParams {
-                lr: 1e-2,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                bias_correction,
-            };
+            let params = adamw_params(1e-2, bias_correction);
             let init = Tensor::randn(0f32, 1.0, (33, 65), &dev)
                 .unwrap()
                 .to_dtype(dtype)
@@ -189,14 +194,7 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
 #[test]
 fn fused_adamw_updates_mixed_parameters_in_one_launch() {
     let dev = gpu();
-    let params = AdamWParams {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        bias_correction: false,
-    };
+    let params = adamw_params(1e-2, false);
     let shapes = [
         ((300, 250), DType::F32),
         ((33, 65), DType::BF16),
@@ -799,14 +797,7 @@ fn steps_replayed_from_cuda_graphs_match_eager_steps() {
                 .collect();
             let (model, params) = Qwen3::new(&cfg, weights, &ternary, &dev).unwrap();
             let model = model.with_compute_dtype(dtype).with_fused(true);
-            let adamw = AdamWParams {
-                lr: 1e-3,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                bias_correction: false,
-            };
+            let adamw = adamw_params(1e-3, false);
             let mut opt = AdamW::new(params.vars(), adamw, true).unwrap();
             let trainer = Trainer::for_model(&model);
             let mut graphs = if graphed {

@@ -21,7 +21,6 @@ pub enum Ops {
 }
 
 /// Whether the fused kernel runs for a tensor on `device`: `Ops::Fused` on CUDA.
-#[cfg(feature = "cuda")]
 fn fused_on(ops: Ops, device: &Device) -> bool {
     ops == Ops::Fused && device.is_cuda()
 }
@@ -146,24 +145,17 @@ pub fn qk_norm_rope_rows(
     rope: &Rope,
     ops: Ops,
 ) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if fused_on(ops, x.device()) && x.is_contiguous() {
-        let (b, l, n, d) = x.dims4()?;
-        let y = crate::cuda::attention::norm_rope_op(
-            &x.reshape((1, b * l, n, d))?,
-            &weight.to_dtype(DType::F32)?,
-            eps,
-            &rope.cos.reshape((b * l, d))?,
-            &rope.sin.reshape((b * l, d))?,
-        )?;
-        // (1, N, B*L, D) -> (B, N, L, D)
-        return y.reshape((n, b, l, d))?.transpose(0, 1)?.contiguous();
+    if !(fused_on(ops, x.device()) && x.is_contiguous()) {
+        return qk_norm_rope(x, weight, eps, rope, Ops::Composed);
     }
-    let _ = ops;
-    let x = rms_norm_composed(x, weight, eps)?
-        .transpose(1, 2)?
-        .contiguous()?;
-    rope_composed(&x, rope)
+    let (b, l, n, d) = x.dims4()?;
+    let rows = Rope {
+        cos: rope.cos.reshape((b * l, d))?,
+        sin: rope.sin.reshape((b * l, d))?,
+    };
+    let y = qk_norm_rope(&x.reshape((1, b * l, n, d))?, weight, eps, &rows, ops)?;
+    // (1, N, B*L, D) -> (B, N, L, D)
+    y.reshape((n, b, l, d))?.transpose(0, 1)?.contiguous()
 }
 
 /// RoPE as composed candle ops: `x * cos + rotate_half(x) * sin` for x of shape (B, N, L, D).

@@ -85,8 +85,8 @@ pub struct StepGraph {
     captured: Option<Captured>,
     /// the key of the last step that ran eagerly: the next step with the same is captured
     last_eager: Option<Key>,
-    /// why capturing failed, after which every step runs eagerly
-    off: Option<String>,
+    /// capturing failed (said once): every step runs eagerly
+    off: bool,
 }
 
 impl StepGraph {
@@ -109,7 +109,7 @@ impl StepGraph {
             rope: Rope::new(&model.cfg, l, &model.device)?,
             captured: None,
             last_eager: None,
-            off: None,
+            off: false,
         })
     }
 
@@ -134,7 +134,7 @@ impl StepGraph {
             self.captured = None;
         }
         if self.captured.is_none() {
-            let now = self.off.is_none()
+            let now = !self.off
                 && self.last_eager.as_ref() == Some(&key)
                 && (key.b, key.l) == self.ids.dims2()?;
             if !now {
@@ -148,7 +148,7 @@ impl StepGraph {
                         "note: the training step could not be captured in a CUDA graph ({e}); \
                          it runs launch by launch"
                     );
-                    self.off = Some(e.to_string());
+                    self.off = true;
                     self.last_eager = Some(key);
                     return Ok(None);
                 }
