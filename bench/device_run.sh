@@ -8,7 +8,7 @@
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
 #                                            study-extra export generate resume dp dp-faults
-#                                            graph e2e
+#                                            graph e2e flash long long-ref
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -127,6 +127,33 @@ if want graph; then
         grep -E '"(median_step_s|cuda_graph|median_(forward|backward|optimizer)_s|tokens_per_s|peak_memory_gib|device_name)"'
     done
   done; done
+fi
+if want flash; then
+  # Flash attention (the bf16 default) against the blocked scores (TERNLAB_FLASH_ATTENTION=0),
+  # the same binary, alternating.
+  for round in 1 2; do for f in 1 0; do
+    for shape in "4 256" "16 1024"; do set -- $shape
+      echo "== TERNLAB_FLASH_ATTENTION=$f, round $round: bf16 $1 x $2"
+      TERNLAB_FLASH_ATTENTION=$f $tl bench --set run.device=cuda --set train.dtype=bf16 \
+        --set data.batch_size=$1 --set data.seq_len=$2 --steps 20 --warmup 5 \
+        --out "$out/json/flash$f-$round-$1x$2.json" |
+        grep -E '"(median_step_s|cuda_graph|median_(forward|backward|optimizer)_s|tokens_per_s|share_of_peak|peak_memory_gib|device_name)"'
+    done
+  done; done
+fi
+if want long; then
+  # Long sequences, bf16: flash, the blocked scores, and the reference's eager bf16.
+  for shape in "4 4096" "8 4096"; do set -- $shape
+    bench bf16-$1x$2 --set train.dtype=bf16 --set data.batch_size=$1 --set data.seq_len=$2
+    TERNLAB_FLASH_ATTENTION=0 bench bf16-blocked-$1x$2 --set train.dtype=bf16 \
+      --set data.batch_size=$1 --set data.seq_len=$2
+  done
+fi
+if want long-ref; then
+  for shape in "4 4096" "8 4096"; do set -- $shape
+    ref amp-$1x$2 --amp --batch $1 --seq $2
+    ref amp-compile-$1x$2 --amp --compile --batch $1 --seq $2
+  done
 fi
 if want e2e; then
   echo "== the 250-step baseline end to end, bf16, twice (the first on a fresh machine is cold)"

@@ -13,6 +13,8 @@ use std::sync::{Mutex, OnceLock};
 pub struct Family {
     module: &'static str,
     source: &'static str,
+    /// the virtual architecture NVRTC compiles for (None: its default)
+    arch: Option<&'static str>,
     ptx: OnceLock<std::result::Result<String, String>>,
 }
 
@@ -21,6 +23,18 @@ impl Family {
         Self {
             module,
             source,
+            arch: None,
+            ptx: OnceLock::new(),
+        }
+    }
+
+    /// A family whose kernels need `arch` (e.g. "compute_80" for bf16 `mma.sync`); the driver
+    /// compiles its PTX for the card at hand, which must be that architecture or newer.
+    pub const fn for_arch(module: &'static str, source: &'static str, arch: &'static str) -> Self {
+        Self {
+            module,
+            source,
+            arch: Some(arch),
             ptx: OnceLock::new(),
         }
     }
@@ -28,14 +42,19 @@ impl Family {
     fn ptx(&self) -> Result<&str> {
         self.ptx
             .get_or_init(|| {
-                let cached = ptx_cache_file(self.module, self.source);
+                let cached = ptx_cache_file(self.module, self.source, self.arch);
                 if let Some(ptx) = cached
                     .as_ref()
                     .and_then(|f| std::fs::read_to_string(f).ok())
                 {
                     return Ok(ptx);
                 }
-                let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(self.source)
+                use candle_core::cuda_backend::cudarc::nvrtc;
+                let opts = nvrtc::CompileOptions {
+                    arch: self.arch,
+                    ..Default::default()
+                };
+                let ptx = nvrtc::compile_ptx_with_opts(self.source, opts)
                     .map(|p| p.to_src())
                     .map_err(|e| format!("compiling ternlab's {} kernels: {e}", self.module))?;
                 if let Some(f) = cached {
@@ -58,8 +77,9 @@ impl Family {
 /// source once per machine, not at every start (the driver keeps its own cache of the machine
 /// code it makes from PTX): `$TERNLAB_CACHE/ptx/`, else `$XDG_CACHE_HOME/ternlab/ptx/`, else
 /// `~/.cache/ternlab/ptx/`, the file named by the family, a hash of its source and NVRTC's
-/// version. None when there is no home to put it in or `TERNLAB_CACHE=off`.
-fn ptx_cache_file(module: &str, source: &str) -> Option<std::path::PathBuf> {
+/// version (and the architecture, where the family names one). None when there is no home to
+/// put it in or `TERNLAB_CACHE=off`.
+fn ptx_cache_file(module: &str, source: &str, arch: Option<&str>) -> Option<std::path::PathBuf> {
     use sha2::{Digest, Sha256};
     let root = match std::env::var_os("TERNLAB_CACHE") {
         Some(v) if v == "off" => return None,
@@ -81,9 +101,10 @@ fn ptx_cache_file(module: &str, source: &str) -> Option<std::path::PathBuf> {
     }
     let hash = Sha256::digest(source.as_bytes());
     let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let arch = arch.map(|a| format!("-{a}")).unwrap_or_default();
     Some(
         root.join("ptx")
-            .join(format!("{module}-{hex}-nvrtc{major}.{minor}.ptx")),
+            .join(format!("{module}-{hex}{arch}-nvrtc{major}.{minor}.ptx")),
     )
 }
 
@@ -93,6 +114,13 @@ macro_rules! family {
         $crate::cuda::launch::Family::new(
             $module,
             concat!(include_str!("common.cuh"), include_str!($file)),
+        )
+    };
+    ($module:literal, $file:literal, $arch:literal) => {
+        $crate::cuda::launch::Family::for_arch(
+            $module,
+            concat!(include_str!("common.cuh"), include_str!($file)),
+            $arch,
         )
     };
 }
@@ -239,6 +267,11 @@ impl Gpu {
         Ok(info.w()?.1)
     }
 
+    /// The card's compute capability, (major, minor).
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        self.dev.cuda_stream().context().compute_capability().w()
+    }
+
     /// Runs `f`, timed alone under `name` when profiling (`TERNLAB_PROFILE=1`).
     pub fn timed<R>(&self, name: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
         if !profiling() {
@@ -331,6 +364,13 @@ impl Launch<'_> {
         self
     }
 
+    /// `bytes` of dynamic shared memory (past the default 48 KiB the kernel is allowed that
+    /// much once, before its first launch).
+    pub fn smem(mut self, bytes: usize) -> Self {
+        self.cfg.shared_mem_bytes = bytes as u32;
+        self
+    }
+
     pub fn go(self) -> Result<()> {
         let Self {
             gpu,
@@ -343,6 +383,9 @@ impl Launch<'_> {
             let f = gpu
                 .dev
                 .get_or_load_custom_func(&name, family.module, family.ptx()?)?;
+            if cfg.shared_mem_bytes > 48 * 1024 {
+                allow_shared(&f, cfg.shared_mem_bytes)?;
+            }
             let mut b = f.builder();
             for a in &args {
                 match a {
@@ -357,6 +400,28 @@ impl Launch<'_> {
             Ok(())
         })
     }
+}
+
+/// Allows kernel `f` `bytes` of dynamic shared memory, once per loaded kernel and size (the
+/// attribute stays with the function; setting it is no stream work, so it may happen while a
+/// stream is being captured).
+fn allow_shared(
+    f: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    bytes: u32,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute as A;
+    static DONE: Mutex<Vec<(usize, u32)>> = Mutex::new(Vec::new());
+    let key = (f.cu_function() as usize, bytes);
+    let mut done = DONE.lock().expect("shared memory lock");
+    if !done.contains(&key) {
+        f.set_attribute(
+            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .w()?;
+        done.push(key);
+    }
+    Ok(())
 }
 
 /// Launch shape for one warp per row.

@@ -14,19 +14,21 @@
 //! | `norm` | `rmsnorm`, `rmsnorm_bwd_x[_add]`, `rmsnorm_bwd_w`, `rmsnorm_bwd_small` | `rms_norm_op` |
 //! | `attention` | `norm_rope`, `rope_bwd`, `causal_softmax[_bwd]`, `swap_axes` | `norm_rope_op`, `causal_softmax_op` |
 //! | `causal_attention` | (the step's blocked attention: GEMMs + `attention`'s softmax) | |
+//! | `flash` | `flash_fwd_d{32,64,128}`, `flash_delta`, `flash_bwd_dq_d*`, `flash_bwd_dkdv_d*` (bf16, tensor cores, sm_80+) | |
 //! | `mlp` | `silu_mul`, `silu_mul_bwd` | `silu_mul_op` |
 //! | `residual` | `add` | |
 //! | `loss` | `cross_entropy` (loss, and the gradient when asked) | `cross_entropy_op` |
 //! | `ternary` | `ternarize` (+ `ternary_scales`, `ternary_apply` for whole matrices), `act_quant` | `ternary_weight`, `act_quant_op` (straight-through backward) |
 //! | `adamw` | `adamw_multi` (every parameter in one launch; f32 and bf16 arithmetic of `crate::optim`) | |
 //!
-//! Every kernel but `swap_axes` and `adamw_multi` has an f32 and a bf16 instance; arithmetic is
-//! f32.
+//! Every kernel but `swap_axes`, `adamw_multi` and `flash`'s has an f32 and a bf16 instance;
+//! arithmetic is f32 (`flash`: bf16 products with f32 accumulation, its softmax in f32).
 
 pub mod adamw;
 pub mod attention;
 pub mod causal_attention;
 pub mod embedding;
+pub mod flash;
 pub mod gemm;
 pub mod launch;
 pub mod loss;

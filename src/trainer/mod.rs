@@ -25,6 +25,9 @@ pub struct StepOptions {
     /// Whether the backward recomputes attention probabilities instead of keeping them
     /// (None: automatic, when keeping them would take over a quarter of the card).
     pub attention_recompute: Option<bool>,
+    /// Flash attention (`crate::cuda::flash`) or the blocked scores (None: flash wherever its
+    /// kernels run: bf16 compute, head dim 32, 64 or 128, compute capability 8.0 or newer).
+    pub flash_attention: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +80,15 @@ impl Trainer {
     /// over a quarter of the card's memory). Same values either way. Autograd ignores it.
     pub fn with_attention_recompute(mut self, on: bool) -> Self {
         self.options.attention_recompute = Some(on);
+        self
+    }
+
+    /// Whether the hand-written CUDA step runs causal attention as flash attention (tensor
+    /// cores, no L x L matrix; `crate::cuda::flash`) or by blocks of scores. Default: flash
+    /// wherever its kernels run (bf16 compute, head dim 32, 64 or 128, compute capability 8.0 or
+    /// newer); `true` where they do not is an error. Autograd ignores it.
+    pub fn with_flash_attention(mut self, on: bool) -> Self {
+        self.options.flash_attention = Some(on);
         self
     }
 

@@ -1,6 +1,6 @@
 //! The backward pass: every parameter's gradient from the tape, layer by layer in reverse.
 
-use super::{Dims, Tape};
+use super::{Attention, Dims, Kept, Tape};
 use crate::cuda::gemm::{linear_back_w, linear_back_x};
 use crate::cuda::{attention, embedding, mlp, norm};
 use crate::model::Qwen3;
@@ -91,14 +91,25 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         linear_back_x(gpu, &dx, wo, &dmerged, 0.)?;
         let o_in = t.merged.of(&at.o_proj);
         ctx.weight_grad(&mut grads, &at.o_proj, linear_back_w(gpu, &dx, o_in)?)?;
-        let datt = ctx.swap_axes(&dmerged, (b, l, k, r * d))?;
-        drop(dmerged);
-        let probs = match &t.probs {
-            Some(p) => p.clone(),
-            None => attn.probs(gpu, &t.qr, &t.kr)?,
+        let (dqr, dkr, dv) = match (&attn, &t.kept) {
+            (Attention::Flash(fl), Kept::Flash { v, lse }) => {
+                let o = &t.merged.x;
+                fl.backward(gpu, (&t.qr, &t.kr, v), o, lse, &dmerged)?
+            }
+            (Attention::Blocked(ca), Kept::Blocked { vt, probs }) => {
+                let datt = ctx.swap_axes(&dmerged, (b, l, k, r * d))?;
+                let probs = match probs {
+                    Some(p) => p.clone(),
+                    None => ca.probs(gpu, &t.qr, &t.kr)?,
+                };
+                let (dqr, dkr, dvt) = ca.backward(gpu, (&t.qr, &t.kr, vt), &probs, &datt)?;
+                drop((probs, datt));
+                let dv = ctx.swap_axes(&dvt, (b, k, l, d))?.reshape((n, k * d))?;
+                (dqr, dkr, dv)
+            }
+            _ => candle_core::bail!("a layer kept another attention's tape"),
         };
-        let (dqr, dkr, dvt) = attn.backward(gpu, (&t.qr, &t.kr, &t.vt), &probs, &datt)?;
-        drop((probs, datt));
+        drop(dmerged);
         let gq = rope_back(&dqr, h, r)?;
         let gk = rope_back(&dkr, k, 1)?;
         drop((dqr, dkr));
@@ -112,8 +123,6 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         grads.insert(&at.k_norm.weight, dw);
         drop((gq, gk));
         let (dq, dk) = (dq.reshape((n, h * d))?, dk.reshape((n, k * d))?);
-        let dv = ctx.swap_axes(&dvt, (b, k, l, d))?.reshape((n, k * d))?;
-        drop(dvt);
         let dxn1 = ctx.act((n, e))?;
         linear_back_x(gpu, &dq, wq, &dxn1, 0.)?;
         linear_back_x(gpu, &dk, wk, &dxn1, 1.)?;

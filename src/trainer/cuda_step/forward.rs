@@ -1,7 +1,8 @@
 //! The forward pass and the loss, keeping what the backward needs (`Tape`).
 
-use super::{Ctx, Dims, LayerTape, Tape, Terms};
+use super::{Attention, Ctx, Dims, Kept, LayerTape, Tape, Terms};
 use crate::cuda::causal_attention::CausalAttention;
+use crate::cuda::flash::Flash;
 use crate::cuda::gemm::linear;
 use crate::cuda::loss::{cross_entropy, distill_kl, Grad};
 use crate::cuda::{attention, embedding, mlp, norm, residual, AsBuf, Gpu};
@@ -20,6 +21,16 @@ pub fn forward(
 ) -> Result<(Terms, Tape)> {
     let rope = Rope::new(&model.cfg, ids.dim(1)?, &model.device)?;
     forward_with(model, opts, ids, targets, distill, rope)
+}
+
+/// `TERNLAB_FLASH_ATTENTION=0` (or `1`): the step's attention when the trainer leaves it open
+/// (`Trainer::with_flash_attention`), for comparing the two on one binary.
+fn flash_from_env() -> Option<bool> {
+    match std::env::var("TERNLAB_FLASH_ATTENTION").ok()?.as_str() {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
+    }
 }
 
 /// Every layer's attention probabilities, kept for the backward, may take a quarter of the
@@ -54,7 +65,19 @@ pub(super) fn forward_with(
     } = dims;
     let ids = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
     let targets = targets.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
-    let attn = CausalAttention::new(b, l, (h, k, d), opts.attention_chunk);
+    let attn = match opts.flash_attention.or_else(flash_from_env) {
+        Some(false) => None,
+        Some(true) if !Flash::supported(&ctx.gpu, ctx.cd, d)? => candle_core::bail!(
+            "flash attention needs bf16 compute, a head dim of 32, 64 or 128 and a card of \
+             compute capability 8.0 or newer (here {:?}, head dim {d})",
+            ctx.cd
+        ),
+        _ => Flash::supported(&ctx.gpu, ctx.cd, d)?.then(|| Flash::new(b, l, (h, k, d))),
+    };
+    let attn = match attn {
+        Some(f) => Attention::Flash(f),
+        None => Attention::Blocked(CausalAttention::new(b, l, (h, k, d), opts.attention_chunk)),
+    };
     let recompute = opts
         .attention_recompute
         .unwrap_or_else(|| recompute_attention(model, &ctx.gpu, b, l));
@@ -119,10 +142,21 @@ pub(super) fn forward_with(
         let v = linear(&ctx.gpu, xn1.of(&at.v_proj), &w[2])?;
         let qr = norm_rope(&q, &at.q_norm, h, r)?;
         let kr = norm_rope(&kk, &at.k_norm, k, 1)?;
-        let vt = ctx.swap_axes(&v, (b, l, k, d))?;
-        let (probs, att) = attn.forward(&ctx.gpu, &qr, &kr, &vt)?;
-        let merged = ctx.swap_axes(&att, (b, k, l, r * d))?.reshape((n, h * d))?;
-        drop(att);
+        let (merged, kept) = match &attn {
+            Attention::Flash(fl) => {
+                let merged = ctx.act((n, h * d))?;
+                let lse = ctx.gpu.empty((b * k, l * r), DType::F32)?;
+                fl.forward(&ctx.gpu, (&qr, &kr, &v), &merged, &lse)?;
+                (merged, Kept::Flash { v, lse })
+            }
+            Attention::Blocked(ca) => {
+                let vt = ctx.swap_axes(&v, (b, l, k, d))?;
+                let (probs, att) = ca.forward(&ctx.gpu, &qr, &kr, &vt)?;
+                let merged = ctx.swap_axes(&att, (b, k, l, r * d))?.reshape((n, h * d))?;
+                let probs = (!recompute).then_some(probs);
+                (merged, Kept::Blocked { vt, probs })
+            }
+        };
         let merged = ctx.input(merged, &[&at.o_proj])?;
         let o = linear(&ctx.gpu, merged.of(&at.o_proj), &w[3])?;
         let hres = ctx.act((n, e))?;
@@ -146,8 +180,7 @@ pub(super) fn forward_with(
             k: kk,
             qr,
             kr,
-            vt,
-            probs: (!recompute).then_some(probs),
+            kept,
             merged,
             h: hres,
             xn2,

@@ -10,9 +10,12 @@
 //!   themselves (beta = 1); the residual stream's gradient is accumulated in place by the
 //!   RMSNorm backward kernel;
 //! - q/k RMSNorm, RoPE and the head transpose are one kernel each way;
-//! - causal attention runs by blocks of query positions (`crate::cuda::causal_attention`), and
-//!   recomputes its probabilities in the backward when keeping every layer's would take over a
-//!   quarter of the card;
+//! - causal attention in bf16 is flash attention (`crate::cuda::flash`: tensor cores, the L x L
+//!   matrix never written, q, k, v, the output and their gradients read and written in the
+//!   layouts around it); otherwise (f32, or a card or head dim its kernels do not take) it runs
+//!   by blocks of query positions (`crate::cuda::causal_attention`) and recomputes its
+//!   probabilities in the backward when keeping every layer's would take over a quarter of the
+//!   card;
 //! - the cross-entropy kernel overwrites the logits with their gradient (no second (N, V)
 //!   buffer), and the embedding gradient is one scatter-add over all tokens (f32 atomics, so
 //!   GPU runs are not bitwise reproducible).
@@ -27,6 +30,7 @@
 //! on a GPU.
 
 use crate::cuda::causal_attention::CausalAttention;
+use crate::cuda::flash::Flash;
 use crate::cuda::{norm, ternary, Gpu};
 use crate::model::{Linear, RmsNorm, Rope};
 use candle_core::backprop::GradStore;
@@ -203,10 +207,8 @@ struct LayerTape {
     /// after norm + RoPE: q (B*K, L*R, D), k (B*K, L, D); see `CausalAttention`
     qr: Tensor,
     kr: Tensor,
-    /// v with heads first, (B*K, L, D)
-    vt: Tensor,
-    /// (B*K, L*R, L); None when the backward recomputes them
-    probs: Option<Tensor>,
+    /// what attention's backward needs besides qr and kr
+    kept: Kept,
     /// attention output with heads merged, (N, H * D): o's input
     merged: Input,
     /// the residual stream after attention, (N, E), and its norm (gate's and up's input)
@@ -216,6 +218,21 @@ struct LayerTape {
     g: Tensor,
     u: Tensor,
     a: Input,
+}
+
+/// How the step runs causal attention.
+enum Attention {
+    Flash(Flash),
+    Blocked(CausalAttention),
+}
+
+/// What one layer's attention keeps for the backward.
+enum Kept {
+    /// v as projected (N, K * D), and each query row's log-sum-exp (B*K, L*R) f32
+    Flash { v: Tensor, lse: Tensor },
+    /// v with heads first (B*K, L, D), and the probabilities (B*K, L*R, L), None when the
+    /// backward recomputes them
+    Blocked { vt: Tensor, probs: Option<Tensor> },
 }
 
 /// The loss of a step and its terms (f32 scalars): see `trainer::StepForward`.
@@ -231,7 +248,7 @@ pub struct Tape {
     dims: Dims,
     /// token ids (N), u32
     ids: Tensor,
-    attn: CausalAttention,
+    attn: Attention,
     rope: Rope,
     layers: Vec<LayerTape>,
     /// the last layer's output (N, E), its final norm, the head (V, E) as multiplied

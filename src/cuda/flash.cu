@@ -1,0 +1,584 @@
+// Causal grouped-query attention in bf16 on tensor cores, without the L x L matrix
+// (src/cuda/flash.rs): FlashAttention-2's scheme (online softmax over tiles of keys in the
+// forward; the backward recomputes the probabilities from the forward's log-sum-exp, keys and
+// values by tiles in one kernel, queries in another, so nothing is added atomically and a run
+// is reproducible). Products are warp-level mma.sync m16n8k16 (bf16 in, f32 accumulate;
+// sm_80 and newer), softmax arithmetic is f32.
+//
+// Rows: the R query heads that share a key/value head are read as one matrix of L * R rows,
+// position-major (row i is position i / R, head i % R of the group), so a block of query rows
+// is every head of the group over a block of positions and loads each key/value tile once.
+// Any tensor is addressed by strides (batch, key/value head, position) in elements, the query
+// head within a group at D elements: the step hands over q as (B, K, L, R, D) (its norm + RoPE
+// kernel writes that), the output straight into the merged (B, L, H * D) layout o's projection
+// reads, and v as the projection wrote it, (B, L, K * D).
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16): lane = 4 * gr + tq; A (16 x 16, row
+// major) a0 = (gr, 2tq..2tq+1), a1 = (gr + 8, same), a2 = (gr, 2tq + 8..), a3 = (gr + 8, 2tq + 8..);
+// B (16 x 8, "col": k x n) b0 = (k 2tq..2tq+1, n gr), b1 = (k 2tq + 8.., n gr); C/D (16 x 8)
+// c0, c1 = (gr, 2tq..2tq+1), c2, c3 = (gr + 8, same). So a product's C tiles for n = 0..7 and
+// 8..15 are, rounded to bf16, the A fragment of the next product over those 16 columns.
+
+#define FA_BM 64   // query rows per block: four warps of 16
+#define FA_BN 64   // keys per tile
+#define FA_PAD 8   // shared rows padded by 16 bytes: the fragment loads are free of bank conflicts
+#define FA_NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ unsigned fa_smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// c += a * b: one 16 x 8 tile over k = 16.
+__device__ __forceinline__ void fa_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The B fragments (b0, b1) of two neighbouring 8-column tiles, for a product whose B is a
+// shared (k rows, n columns) tile stored k-major: the four 8 x 8 matrices at rows k0 + (lane & 15)
+// and columns n0 + 8 * (lane >> 4), transposed on the way. `p` is this lane's row address.
+__device__ __forceinline__ void fa_ldsm_t(unsigned* r, const unsigned short* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fa_smem_addr(p))
+                 : "memory");
+}
+
+// Four 8 x 8 matrices of a shared tile, not transposed (lane l gives the address of row l & 7
+// of matrix l >> 3; register i is matrix i's fragment: row lane / 4, columns 2 (lane % 4)..+1).
+__device__ __forceinline__ void fa_ldsm(unsigned* r, const unsigned short* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fa_smem_addr(p))
+                 : "memory");
+}
+
+// Two f32 rounded to bf16 (nearest even) in one register, `lo` in the low half.
+__device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ unsigned fa_u32(const unsigned short* p) {
+    return *(const unsigned*)p;
+}
+
+// The element offset of row i of group g (batch g / nk, key/value head g % nk), rows being
+// (position, head in group) for r heads per group.
+__device__ __forceinline__ long fa_row(int g, int nk, int r, int i, long sb, long sk, long sl,
+                                       int d) {
+    return (long)(g / nk) * sb + (long)(g % nk) * sk + (long)(i / r) * sl + (long)(i % r) * d;
+}
+
+// Asynchronous 16-byte copy global -> shared (cp.async, no register on the way); `valid`
+// false writes zeros instead (nothing is read).
+__device__ __forceinline__ void fa_cp16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :
+                 : "r"(fa_smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+// The same for 4 bytes.
+__device__ __forceinline__ void fa_cp4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+                 :
+                 : "r"(fa_smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ void fa_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N groups of this thread's copies are in flight.
+template <int N>
+__device__ __forceinline__ void fa_wait() {
+    asm volatile("cp.async.wait_group %0;\n" : : "n"(N) : "memory");
+}
+
+// Starts copying `n` rows (from row `first`, of `count` in all) of a tensor into a shared tile,
+// zeros past the last row; every copy is in flight at once (the caller commits and waits).
+template <int D>
+__device__ __forceinline__ void fa_load(unsigned short (*tile)[D + FA_PAD],
+                                        const unsigned short* __restrict__ x, int g, int nk,
+                                        int r, int first, int count, long sb, long sk, long sl,
+                                        int n) {
+    const unsigned short* base = x + (long)(g / nk) * sb + (long)(g % nk) * sk;
+#pragma unroll 4
+    for (int c = threadIdx.x; c < n * D / 8; c += blockDim.x) {
+        const int row = c / (D / 8), col = (c % (D / 8)) * 8;
+        const int i = first + row;
+        const bool ok = i < count;
+        const long off = ok ? (long)(i / r) * sl + (long)(i % r) * D + col : 0;
+        fa_cp16(&tile[row][col], base + off, ok);
+    }
+}
+
+// The A fragment of 16 rows (from `row0`) and 16 columns (from `c0`) of a shared tile: the
+// matrices (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8).
+template <int D>
+__device__ __forceinline__ void fa_frag_a(unsigned* a, unsigned short (*tile)[D + FA_PAD],
+                                          int row0, int c0, int lane) {
+    fa_ldsm(a, &tile[row0 + (lane & 7) + ((lane >> 3) & 1) * 8][c0 + (lane >> 4) * 8]);
+}
+
+// The B fragments (b0, b1) of two neighbouring 8-column tiles of a product s = a b^T, b a
+// shared tile of rows n (from n0) by k (16 from c0): the matrices (rows +0, cols +0),
+// (+0, +8), (+8, +0), (+8, +8) = b0, b1 of rows n0.., then of rows n0 + 8...
+template <int D>
+__device__ __forceinline__ void fa_frag_bt(unsigned* b, unsigned short (*tile)[D + FA_PAD],
+                                           int n0, int c0, int lane) {
+    fa_ldsm(b, &tile[n0 + (lane & 7) + (lane >> 4) * 8][c0 + ((lane >> 3) & 1) * 8]);
+}
+
+// s (16 x 8 * NT) = A (16 x D: `a` rows from row0 of a shared tile) times the first 8 * NT rows
+// of the shared tile `b`, transposed (s = a b^T: both tiles are rows of D).
+template <int D, int NT>
+__device__ __forceinline__ void fa_abt(float (*s)[4], unsigned short (*a)[D + FA_PAD], int row0,
+                                       unsigned short (*b)[D + FA_PAD], int lane) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+        unsigned af[4];
+        fa_frag_a<D>(af, a, row0, c * 16, lane);
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+            unsigned bf[4];
+            fa_frag_bt<D>(bf, b, n * 8, c * 16, lane);
+            fa_mma(s[n], af, bf[0], bf[1]);
+            fa_mma(s[n + 1], af, bf[2], bf[3]);
+        }
+    }
+}
+
+// acc (16 x D) += P (16 x 16 * KT, as C tiles `p`, rounded to bf16) times the first 16 * KT rows
+// of the shared tile `b` (rows of D).
+template <int D, int KT>
+__device__ __forceinline__ void fa_pb(float (*acc)[4], float (*p)[4],
+                                      unsigned short (*b)[D + FA_PAD], int lane) {
+#pragma unroll
+    for (int c = 0; c < KT; ++c) {
+        unsigned pa[4] = {fa_pack(p[2 * c][0], p[2 * c][1]), fa_pack(p[2 * c][2], p[2 * c][3]),
+                          fa_pack(p[2 * c + 1][0], p[2 * c + 1][1]),
+                          fa_pack(p[2 * c + 1][2], p[2 * c + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+            unsigned bf[4];
+            fa_ldsm_t(bf, &b[c * 16 + (lane & 15)][(2 * dp + (lane >> 4)) * 8]);
+            fa_mma(acc[2 * dp], pa, bf[0], bf[1]);
+            fa_mma(acc[2 * dp + 1], pa, bf[2], bf[3]);
+        }
+    }
+}
+
+__device__ __forceinline__ float fa_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float fa_quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Forward: o = softmax(scale * q k^T, causal) v and, per row, the log-sum-exp of the scaled
+// scores in base 2 (lse[g * L * R + i]; the backward's p = 2^(s * sl2 - lse)). One block of four
+// warps per 64 query rows of a group (blockIdx.y), the rows with the most keys first;
+// sl2 = scale * log2(e).
+template <int D>
+__device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                          const unsigned short* __restrict__ v, unsigned short* __restrict__ o,
+                          float* __restrict__ lse, int nk, int r, int l, long qb, long qk,
+                          long ql, long kb, long kk, long kl, long vb, long vk, long vl, long ob,
+                          long ok, long ol, float sl2) {
+    typedef unsigned short Row[D + FA_PAD];
+    extern __shared__ __align__(16) unsigned short fa_shared[];
+    // two buffers of (k, v) tiles: the next tile is copied while this one is used
+    Row* kvs = (Row*)fa_shared;
+    const int g = blockIdx.y;
+    const int rows = l * r;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_BM;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    const int ra = i0 + warp * 16 + gr, rb = ra + 8;
+    const int pa = ra / r, pb = rb / r;
+
+    // This warp's 16 query rows as A fragments, read once.
+    unsigned qa[D / 16][4];
+    {
+        const unsigned short* xa = q + fa_row(g, nk, r, ra < rows ? ra : 0, qb, qk, ql, D);
+        const unsigned short* xb = q + fa_row(g, nk, r, rb < rows ? rb : 0, qb, qk, ql, D);
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c) {
+            int col = c * 16 + 2 * tq;
+            qa[c][0] = ra < rows ? fa_u32(xa + col) : 0u;
+            qa[c][1] = rb < rows ? fa_u32(xb + col) : 0u;
+            qa[c][2] = ra < rows ? fa_u32(xa + col + 8) : 0u;
+            qa[c][3] = rb < rows ? fa_u32(xb + col + 8) : 0u;
+        }
+    }
+    float acc[D / 8][4];
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    float ma = FA_NEG_INF, mb = FA_NEG_INF, la = 0.f, lb = 0.f;
+    const int last = (i0 + FA_BM < rows ? i0 + FA_BM : rows) - 1;
+    const int pmin = i0 / r;
+    const int tiles = last / r / FA_BN + 1;
+    fa_load<D>(kvs, k, g, nk, 1, 0, l, kb, kk, kl, FA_BN);
+    fa_load<D>(kvs + FA_BN, v, g, nk, 1, 0, l, vb, vk, vl, FA_BN);
+    fa_commit();
+    for (int j = 0; j < tiles; ++j) {
+        const int k0 = j * FA_BN;
+        Row* ks = kvs + (j & 1) * 2 * FA_BN;
+        Row* vs = ks + FA_BN;
+        if (j + 1 < tiles) {
+            Row* nx = kvs + ((j + 1) & 1) * 2 * FA_BN;
+            fa_load<D>(nx, k, g, nk, 1, k0 + FA_BN, l, kb, kk, kl, FA_BN);
+            fa_load<D>(nx + FA_BN, v, g, nk, 1, k0 + FA_BN, l, vb, vk, vl, FA_BN);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
+        }
+        __syncthreads();
+        float s[FA_BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c) {
+#pragma unroll
+            for (int n = 0; n < FA_BN / 8; n += 2) {
+                unsigned bf[4];
+                fa_frag_bt<D>(bf, ks, n * 8, c * 16, lane);
+                fa_mma(s[n], qa[c], bf[0], bf[1]);
+                fa_mma(s[n + 1], qa[c], bf[2], bf[3]);
+            }
+        }
+        const bool masked = k0 + FA_BN - 1 > pmin;
+        float na = ma, nb = mb;
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + n * 8 + 2 * tq + (e & 1);
+                float x = s[n][e] * sl2;
+                if (masked && key > (e < 2 ? pa : pb)) x = FA_NEG_INF;
+                s[n][e] = x;
+                if (e < 2) na = fmaxf(na, x); else nb = fmaxf(nb, x);
+            }
+        }
+        na = fa_quad_max(na);
+        nb = fa_quad_max(nb);
+        // (a row with nothing seen yet keeps a zero sum: no -inf - -inf)
+        const float ua = na == FA_NEG_INF ? 0.f : na, ub = nb == FA_NEG_INF ? 0.f : nb;
+        const float fa = exp2f(ma - ua), fb = exp2f(mb - ub);
+        ma = na;
+        mb = nb;
+        float sa = 0.f, sb = 0.f;
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) {
+            s[n][0] = exp2f(s[n][0] - ua);
+            s[n][1] = exp2f(s[n][1] - ua);
+            s[n][2] = exp2f(s[n][2] - ub);
+            s[n][3] = exp2f(s[n][3] - ub);
+            sa += s[n][0] + s[n][1];
+            sb += s[n][2] + s[n][3];
+        }
+        la = la * fa + sa;
+        lb = lb * fb + sb;
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t) {
+            acc[t][0] *= fa;
+            acc[t][1] *= fa;
+            acc[t][2] *= fb;
+            acc[t][3] *= fb;
+        }
+        fa_pb<D, FA_BN / 16>(acc, s, vs, lane);
+        __syncthreads();  // (the buffer is copied into again two tiles on)
+    }
+    la = fa_quad_sum(la);
+    lb = fa_quad_sum(lb);
+    const float ia = 1.f / la, ib = 1.f / lb;
+    if (ra < rows) {
+        unsigned short* y = o + fa_row(g, nk, r, ra, ob, ok, ol, D);
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t)
+            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[t][0] * ia, acc[t][1] * ia);
+        if (tq == 0) lse[(long)g * rows + ra] = ma + log2f(la);
+    }
+    if (rb < rows) {
+        unsigned short* y = o + fa_row(g, nk, r, rb, ob, ok, ol, D);
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t)
+            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[t][2] * ib, acc[t][3] * ib);
+        if (tq == 0) lse[(long)g * rows + rb] = mb + log2f(lb);
+    }
+}
+
+// The backward's per-row term delta = sum(dO * O) (delta[g * L * R + i]), one warp per row.
+extern "C" __global__ void flash_delta(const unsigned short* __restrict__ o,
+                                       const unsigned short* __restrict__ dout,
+                                       float* __restrict__ delta, long total, int nk, int r,
+                                       int l, int d, long ob, long ok, long ol, long db, long dk,
+                                       long dl) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= total) return;
+    const int rows = l * r;
+    int g = row / rows;
+    int i = row % rows;
+    const unsigned short* x = o + fa_row(g, nk, r, i, ob, ok, ol, d);
+    const unsigned short* y = dout + fa_row(g, nk, r, i, db, dk, dl, d);
+    float sum = 0.f;
+    for (int c = 2 * lane; c < d; c += 64) {
+        float a0, a1, b0, b1;
+        ld2(x, c, a0, a1);
+        ld2(y, c, b0, b1);
+        sum += a0 * b0 + a1 * b1;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) delta[row] = sum;
+}
+
+// Backward, the query side: dq = scale * dS k, dS = P * (dO v^T - delta), one block per 64
+// query rows of a group as in the forward. Dynamic shared memory: q, dO, k and v tiles.
+template <int D>
+__device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
+                             const unsigned short* __restrict__ k,
+                             const unsigned short* __restrict__ v,
+                             const unsigned short* __restrict__ dout,
+                             const float* __restrict__ lse, const float* __restrict__ delta,
+                             unsigned short* __restrict__ dq, int nk, int r, int l, long qb,
+                             long qk, long ql, long kb, long kk, long kl, long vb, long vk,
+                             long vl, long db, long dk, long dl, long gb, long gk, long gl,
+                             float sl2, float scale) {
+    typedef unsigned short Row[D + FA_PAD];
+    extern __shared__ __align__(16) unsigned short fa_shared[];
+    Row* qs = (Row*)fa_shared;
+    Row* dos = qs + FA_BM;
+    Row* kvs = dos + FA_BM;  // two buffers of (k, v) tiles, as in the forward
+    const int g = blockIdx.y;
+    const int rows = l * r;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_BM;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    const int w0 = warp * 16;
+    const int ra = i0 + w0 + gr, rb = ra + 8;
+    const int pa = ra / r, pb = rb / r;
+    fa_load<D>(qs, q, g, nk, r, i0, rows, qb, qk, ql, FA_BM);
+    fa_load<D>(dos, dout, g, nk, r, i0, rows, db, dk, dl, FA_BM);
+    fa_load<D>(kvs, k, g, nk, 1, 0, l, kb, kk, kl, FA_BN);
+    fa_load<D>(kvs + FA_BN, v, g, nk, 1, 0, l, vb, vk, vl, FA_BN);
+    fa_commit();
+    const float lsa = ra < rows ? lse[(long)g * rows + ra] : 0.f;
+    const float lsb = rb < rows ? lse[(long)g * rows + rb] : 0.f;
+    const float dea = ra < rows ? delta[(long)g * rows + ra] : 0.f;
+    const float deb = rb < rows ? delta[(long)g * rows + rb] : 0.f;
+    float acc[D / 8][4];
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    const int last = (i0 + FA_BM < rows ? i0 + FA_BM : rows) - 1;
+    const int pmin = i0 / r;
+    const int tiles = last / r / FA_BN + 1;
+    for (int j = 0; j < tiles; ++j) {
+        const int k0 = j * FA_BN;
+        Row* ks = kvs + (j & 1) * 2 * FA_BN;
+        Row* vs = ks + FA_BN;
+        if (j + 1 < tiles) {
+            Row* nx = kvs + ((j + 1) & 1) * 2 * FA_BN;
+            fa_load<D>(nx, k, g, nk, 1, k0 + FA_BN, l, kb, kk, kl, FA_BN);
+            fa_load<D>(nx + FA_BN, v, g, nk, 1, k0 + FA_BN, l, vb, vk, vl, FA_BN);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
+        }
+        __syncthreads();
+        float s[FA_BN / 8][4], dp[FA_BN / 8][4];
+        fa_abt<D, FA_BN / 8>(s, qs, w0, ks, lane);
+        fa_abt<D, FA_BN / 8>(dp, dos, w0, vs, lane);
+        const bool masked = k0 + FA_BN - 1 > pmin;
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + n * 8 + 2 * tq + (e & 1);
+                const bool a = e < 2;
+                float p = exp2f(s[n][e] * sl2 - (a ? lsa : lsb));
+                if (masked && key > (a ? pa : pb)) p = 0.f;
+                s[n][e] = p * (dp[n][e] - (a ? dea : deb));
+            }
+        }
+        fa_pb<D, FA_BN / 16>(acc, s, ks, lane);
+        __syncthreads();
+    }
+    if (ra < rows) {
+        unsigned short* y = dq + fa_row(g, nk, r, ra, gb, gk, gl, D);
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t)
+            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[t][0] * scale, acc[t][1] * scale);
+    }
+    if (rb < rows) {
+        unsigned short* y = dq + fa_row(g, nk, r, rb, gb, gk, gl, D);
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t)
+            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[t][2] * scale, acc[t][3] * scale);
+    }
+}
+
+// Backward, the key/value side: dv = P^T dO and dk = scale * dS^T q, summed over every query
+// row of the group (all R heads) that sees the keys. One block per 64 keys of a group
+// (blockIdx.x; the first keys, seen by the most rows, first), each warp 16 keys, over tiles of
+// 64 query rows from the first row that sees the block's first key. It works in the
+// transposed products (S^T = k q^T, dP^T = v dO^T), so each warp's C tiles are its keys' rows.
+// Dynamic shared memory: k, v, q and dO tiles, and the rows' lse and delta.
+template <int D>
+__device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
+                               const unsigned short* __restrict__ k,
+                               const unsigned short* __restrict__ v,
+                               const unsigned short* __restrict__ dout,
+                               const float* __restrict__ lse, const float* __restrict__ delta,
+                               unsigned short* __restrict__ dkey,
+                               unsigned short* __restrict__ dval, int nk, int r, int l, long qb,
+                               long qk, long ql, long kb, long kk, long kl, long vb, long vk,
+                               long vl, long db, long dk, long dl, long gkb, long gkk, long gkl,
+                               long gvb, long gvk, long gvl, float sl2, float scale) {
+    typedef unsigned short Row[D + FA_PAD];
+    extern __shared__ __align__(16) unsigned short fa_shared[];
+    Row* ks = (Row*)fa_shared;
+    Row* vs = ks + FA_BN;
+    // two buffers of (q, dO) tiles and of the rows' lse, delta and positions
+    Row* qdos = vs + FA_BN;
+    float* rowv = (float*)(qdos + 4 * FA_BM);
+    const int g = blockIdx.y;
+    const int rows = l * r;
+    const int j0 = blockIdx.x * FA_BN;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    const int w0 = warp * 16;
+    const int ka = j0 + w0 + gr, kb_ = ka + 8;
+    // Starts copying the query tile from row i0 into buffer b: q, dO, and each row's lse,
+    // delta (zeros past the last row: such a row adds nothing, its q and dO being zero) and
+    // position.
+    auto load_rows = [&](int i0, int b) {
+        Row* qs = qdos + b * 2 * FA_BM;
+        fa_load<D>(qs, q, g, nk, r, i0, rows, qb, qk, ql, FA_BM);
+        fa_load<D>(qs + FA_BM, dout, g, nk, r, i0, rows, db, dk, dl, FA_BM);
+        float* rv = rowv + b * 3 * FA_BM;
+        const int c = threadIdx.x;
+        if (c < FA_BM) {
+            const bool ok = i0 + c < rows;
+            fa_cp4(rv + c, lse + (long)g * rows + (ok ? i0 + c : 0), ok);
+        } else if (c < 2 * FA_BM) {
+            const int cc = c - FA_BM;
+            const bool ok = i0 + cc < rows;
+            fa_cp4(rv + FA_BM + cc, delta + (long)g * rows + (ok ? i0 + cc : 0), ok);
+        }
+        if (c < FA_BM) ((int*)rv)[2 * FA_BM + c] = (i0 + c) / r;
+    };
+    fa_load<D>(ks, k, g, nk, 1, j0, l, kb, kk, kl, FA_BN);
+    fa_load<D>(vs, v, g, nk, 1, j0, l, vb, vk, vl, FA_BN);
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+        dka[t][0] = dka[t][1] = dka[t][2] = dka[t][3] = 0.f;
+        dva[t][0] = dva[t][1] = dva[t][2] = dva[t][3] = 0.f;
+    }
+    const int first = j0 * r / FA_BM * FA_BM;
+    load_rows(first, 0);
+    fa_commit();
+    for (int i0 = first, it = 0; i0 < rows; i0 += FA_BM, ++it) {
+        Row* qs = qdos + (it & 1) * 2 * FA_BM;
+        Row* dos = qs + FA_BM;
+        const float* ls = rowv + (it & 1) * 3 * FA_BM;
+        const float* des = ls + FA_BM;
+        const int* qpos = (const int*)(des + FA_BM);
+        if (i0 + FA_BM < rows) {
+            load_rows(i0 + FA_BM, (it + 1) & 1);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
+        }
+        __syncthreads();
+        const bool masked = i0 / r < j0 + FA_BN - 1;
+        float s[FA_BM / 8][4];
+        fa_abt<D, FA_BM / 8>(s, ks, w0, qs, lane);
+#pragma unroll
+        for (int n = 0; n < FA_BM / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);
+                float p = exp2f(s[n][e] * sl2 - ls[c]);
+                if (masked && (e < 2 ? ka : kb_) > qpos[c]) p = 0.f;
+                s[n][e] = p;
+            }
+        }
+        fa_pb<D, FA_BM / 16>(dva, s, dos, lane);
+        float dp[FA_BM / 8][4];
+        fa_abt<D, FA_BM / 8>(dp, vs, w0, dos, lane);
+#pragma unroll
+        for (int n = 0; n < FA_BM / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);
+                s[n][e] *= dp[n][e] - des[c];
+            }
+        }
+        fa_pb<D, FA_BM / 16>(dka, s, qs, lane);
+        __syncthreads();
+    }
+    if (ka < l) {
+        unsigned short* y = dkey + fa_row(g, nk, 1, ka, gkb, gkk, gkl, D);
+        unsigned short* z = dval + fa_row(g, nk, 1, ka, gvb, gvk, gvl, D);
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t) {
+            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(dka[t][0] * scale, dka[t][1] * scale);
+            *(unsigned*)(z + t * 8 + 2 * tq) = fa_pack(dva[t][0], dva[t][1]);
+        }
+    }
+    if (kb_ < l) {
+        unsigned short* y = dkey + fa_row(g, nk, 1, kb_, gkb, gkk, gkl, D);
+        unsigned short* z = dval + fa_row(g, nk, 1, kb_, gvb, gvk, gvl, D);
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t) {
+            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(dka[t][2] * scale, dka[t][3] * scale);
+            *(unsigned*)(z + t * 8 + 2 * tq) = fa_pack(dva[t][2], dva[t][3]);
+        }
+    }
+}
+
+#define FLASH(D)                                                                               \
+extern "C" __global__ void __launch_bounds__(128)                                              \
+flash_fwd_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,      \
+               unsigned short* o, float* lse, int nk, int r, int l, long qb, long qk, long ql,  \
+               long kb, long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol, \
+               float sl2) {                                                                    \
+    flash_fwd<D>(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol,     \
+                 sl2);                                                                         \
+}                                                                                              \
+extern "C" __global__ void __launch_bounds__(128)                                              \
+flash_bwd_dq_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,   \
+                  const unsigned short* dout, const float* lse, const float* delta,            \
+                  unsigned short* dq, int nk, int r, int l, long qb, long qk, long ql, long kb, \
+                  long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,       \
+                  long gb, long gk, long gl, float sl2, float scale) {                         \
+    flash_bwd_dq<D>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk,    \
+                    vl, db, dk, dl, gb, gk, gl, sl2, scale);                                   \
+}                                                                                              \
+extern "C" __global__ void __launch_bounds__(128)                                              \
+flash_bwd_dkdv_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v, \
+                    const unsigned short* dout, const float* lse, const float* delta,          \
+                    unsigned short* dkey, unsigned short* dval, int nk, int r, int l, long qb,  \
+                    long qk, long ql, long kb, long kk, long kl, long vb, long vk, long vl,     \
+                    long db, long dk, long dl, long gkb, long gkk, long gkl, long gvb,          \
+                    long gvk, long gvl, float sl2, float scale) {                              \
+    flash_bwd_dkdv<D>(q, k, v, dout, lse, delta, dkey, dval, nk, r, l, qb, qk, ql, kb, kk, kl,  \
+                      vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2, scale);       \
+}
+FLASH(32)
+FLASH(64)
+FLASH(128)

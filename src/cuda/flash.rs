@@ -1,0 +1,308 @@
+//! Causal grouped-query attention that never writes the L x L matrix (`flash.cu`): bf16 on
+//! tensor cores, FlashAttention-2's forward (online softmax over key tiles, the per-row
+//! log-sum-exp kept) and backward (probabilities recomputed from it; keys/values and queries in
+//! two kernels, no atomics). The step uses it for bf16 compute on cards of compute capability
+//! 8.0 and newer with a head dim of 32, 64 or 128; elsewhere `causal_attention.rs` (GEMMs and
+//! a softmax kernel over the blocked scores) stays.
+//!
+//! Every tensor is read and written in place through strides (`Rows`): q and its gradient as
+//! the step's norm + RoPE kernel lays q out, (B, K, L, R, D); k and its gradient as (B, K, L, D);
+//! v and its gradient as the v projection writes them, (B, L, K * D); the output and its
+//! gradient in the merged (B, L, H * D) layout of o's projection. So no head transpose is left
+//! around attention.
+
+use super::launch::{family, warp_per_row, AsBuf, Buf, Family, Gpu, Launch};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::{DType, Result, Tensor};
+
+static KERNELS: Family = family!("ternlab_flash", "flash.cu", "compute_80");
+
+/// Query rows and keys per block (`FA_BM`, `FA_BN` in flash.cu).
+const BLOCK: usize = 64;
+/// Shared rows are padded by 8 elements (`FA_PAD`).
+const PAD: usize = 8;
+
+/// Where row i (position i / R, head i % R of its group) of group g (batch g / K, key/value
+/// head g % K) starts, in elements: (g / K) * batch + (g % K) * head + (i / R) * pos + (i % R) * D.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rows {
+    pub batch: usize,
+    pub head: usize,
+    pub pos: usize,
+}
+
+/// The step's attention at one shape: b sequences of l positions, h query heads on k key/value
+/// heads (r = h / k per group) of d.
+#[derive(Clone, Copy, Debug)]
+pub struct Flash {
+    pub b: usize,
+    pub k: usize,
+    pub r: usize,
+    pub l: usize,
+    pub d: usize,
+    pub scale: f32,
+}
+
+impl Flash {
+    pub fn new(b: usize, l: usize, (h, k, d): (usize, usize, usize)) -> Self {
+        Self {
+            b,
+            k,
+            r: h / k,
+            l,
+            d,
+            scale: 1.0 / (d as f32).sqrt(),
+        }
+    }
+
+    /// Whether these kernels run this attention: bf16, a head dim of 32, 64 or 128, and a card
+    /// of compute capability 8.0 or newer (bf16 `mma.sync`).
+    pub fn supported(gpu: &Gpu, dtype: DType, d: usize) -> Result<bool> {
+        if dtype != DType::BF16 || ![32, 64, 128].contains(&d) {
+            return Ok(false);
+        }
+        let (major, _) = gpu.compute_capability()?;
+        Ok(major >= 8)
+    }
+
+    /// q (and its gradient) as the step's norm + RoPE kernel writes it: (B, K, L, R, D).
+    pub fn q_rows(&self) -> Rows {
+        let (k, r, l, d) = (self.k, self.r, self.l, self.d);
+        Rows {
+            batch: k * l * r * d,
+            head: l * r * d,
+            pos: r * d,
+        }
+    }
+
+    /// k (and its gradient): (B, K, L, D).
+    pub fn k_rows(&self) -> Rows {
+        let (k, l, d) = (self.k, self.l, self.d);
+        Rows {
+            batch: k * l * d,
+            head: l * d,
+            pos: d,
+        }
+    }
+
+    /// v (and its gradient) as its projection writes it: (B, L, K * D).
+    pub fn v_rows(&self) -> Rows {
+        let (k, l, d) = (self.k, self.l, self.d);
+        Rows {
+            batch: l * k * d,
+            head: d,
+            pos: k * d,
+        }
+    }
+
+    /// The output (and its gradient) with heads merged: (B, L, H * D).
+    pub fn o_rows(&self) -> Rows {
+        let (k, r, l, d) = (self.k, self.r, self.l, self.d);
+        Rows {
+            batch: l * k * r * d,
+            head: r * d,
+            pos: k * r * d,
+        }
+    }
+
+    fn groups(&self) -> usize {
+        self.b * self.k
+    }
+
+    /// Query rows of one group, L * R.
+    fn rows(&self) -> usize {
+        self.l * self.r
+    }
+
+    /// Fails unless `x` is bf16 of `n` elements at a 16-byte boundary (the kernels move 16
+    /// bytes at a time).
+    fn check(&self, what: &str, x: &Buf, n: usize) -> Result<()> {
+        x.expect(&format!("flash attention: {what}"), n, DType::BF16)?;
+        if !x.p.is_multiple_of(16) {
+            candle_core::bail!("flash attention: {what} does not start at a 16-byte boundary");
+        }
+        Ok(())
+    }
+
+    fn check_shape(&self) -> Result<()> {
+        if ![32, 64, 128].contains(&self.d) || self.k == 0 || self.r == 0 {
+            candle_core::bail!(
+                "flash attention: head dim {} with {} key/value heads: needs a head dim of 32, 64 or 128",
+                self.d,
+                self.k
+            );
+        }
+        if self.groups() > 65535 || self.rows() > i32::MAX as usize {
+            candle_core::bail!(
+                "flash attention: {} sequences x {} key/value heads is past the grid",
+                self.b,
+                self.k
+            );
+        }
+        Ok(())
+    }
+
+    /// Bytes of one shared tile of 64 rows.
+    fn tile(&self) -> usize {
+        BLOCK * (self.d + PAD) * 2
+    }
+
+    fn grid(&self, items: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (items.div_ceil(BLOCK) as u32, self.groups() as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// `flash_fwd_d{D}(q, k, v, o, lse, nk, r, l, q strides, k strides, v strides, o strides,
+    /// sl2)`: o = causal softmax(scale * q k^T) v in the merged layout, and lse (B * K, L * R)
+    /// f32, each row's log-sum-exp of `scale * log2(e) * q k^T` in base 2.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        (q, k, v): (&impl AsBuf, &impl AsBuf, &impl AsBuf),
+        o: &impl AsBuf,
+        lse: &impl AsBuf,
+    ) -> Result<()> {
+        self.check_shape()?;
+        let (q, k, v, o, lse) = (q.buf()?, k.buf()?, v.buf()?, o.buf()?, lse.buf()?);
+        let nq = self.groups() * self.rows() * self.d;
+        let nkv = self.groups() * self.l * self.d;
+        self.check("q", &q, nq)?;
+        self.check("k", &k, nkv)?;
+        self.check("v", &v, nkv)?;
+        self.check("o", &o, nq)?;
+        lse.expect(
+            "flash attention: lse",
+            self.groups() * self.rows(),
+            DType::F32,
+        )?;
+        let name = format!("flash_fwd_d{}", self.d);
+        // two buffers of (k, v) tiles
+        let launch = gpu.kernel(&KERNELS, &name, None, self.grid(self.rows()))?;
+        let launch = launch.smem(4 * self.tile());
+        let launch = launch
+            .buf(&q)
+            .buf(&k)
+            .buf(&v)
+            .buf(&o)
+            .buf(&lse)
+            .i32(self.k)
+            .i32(self.r)
+            .i32(self.l);
+        strides(
+            strides(
+                strides(strides(launch, self.q_rows()), self.k_rows()),
+                self.v_rows(),
+            ),
+            self.o_rows(),
+        )
+        .f32(self.scale * std::f32::consts::LOG2_E)
+        .go()
+    }
+
+    /// The gradients (dq, dk, dv) in q's, k's and v's layouts from the output o, the forward's
+    /// lse, and the output's gradient `dout` (merged layout, as o).
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        o: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        self.check_shape()?;
+        let (groups, rows, d) = (self.groups(), self.rows(), self.d);
+        let dq = gpu.empty(q.shape(), DType::BF16)?;
+        let dk = gpu.empty(k.shape(), DType::BF16)?;
+        let dv = gpu.empty(v.shape(), DType::BF16)?;
+        let delta = gpu.empty((groups, rows), DType::F32)?;
+        let (qb, kb, vb, ob, lb, db) = (
+            q.buf()?,
+            k.buf()?,
+            v.buf()?,
+            o.buf()?,
+            lse.buf()?,
+            dout.buf()?,
+        );
+        let (dqb, dkb, dvb, deb) = (dq.buf()?, dk.buf()?, dv.buf()?, delta.buf()?);
+        let nq = groups * rows * d;
+        let nkv = groups * self.l * d;
+        self.check("q", &qb, nq)?;
+        self.check("k", &kb, nkv)?;
+        self.check("v", &vb, nkv)?;
+        self.check("o", &ob, nq)?;
+        self.check("the output's gradient", &db, nq)?;
+        lb.expect("flash attention: lse", groups * rows, DType::F32)?;
+
+        // delta = rowsum(dO * O)
+        let launch = gpu.kernel(&KERNELS, "flash_delta", None, warp_per_row(groups * rows))?;
+        let launch = launch
+            .buf(&ob)
+            .buf(&db)
+            .buf(&deb)
+            .i64(groups * rows)
+            .i32(self.k)
+            .i32(self.r)
+            .i32(self.l)
+            .i32(d);
+        strides(strides(launch, self.o_rows()), self.o_rows()).go()?;
+
+        let sl2 = self.scale * std::f32::consts::LOG2_E;
+        let tile = self.tile();
+        let name = format!("flash_bwd_dkdv_d{d}");
+        // k and v tiles, and two buffers of (q, dO) tiles with their rows' lse, delta and
+        // position
+        let launch = gpu
+            .kernel(&KERNELS, &name, None, self.grid(self.l))?
+            .smem(6 * tile + 2 * 3 * BLOCK * 4);
+        let launch = launch
+            .buf(&qb)
+            .buf(&kb)
+            .buf(&vb)
+            .buf(&db)
+            .buf(&lb)
+            .buf(&deb)
+            .buf(&dkb)
+            .buf(&dvb)
+            .i32(self.k)
+            .i32(self.r)
+            .i32(self.l);
+        let launch = strides(strides(launch, self.q_rows()), self.k_rows());
+        let launch = strides(strides(launch, self.v_rows()), self.o_rows());
+        strides(strides(launch, self.k_rows()), self.v_rows())
+            .f32(sl2)
+            .f32(self.scale)
+            .go()?;
+
+        let name = format!("flash_bwd_dq_d{d}");
+        // q and dO tiles, and two buffers of (k, v) tiles
+        let launch = gpu
+            .kernel(&KERNELS, &name, None, self.grid(rows))?
+            .smem(6 * tile);
+        let launch = launch
+            .buf(&qb)
+            .buf(&kb)
+            .buf(&vb)
+            .buf(&db)
+            .buf(&lb)
+            .buf(&deb)
+            .buf(&dqb)
+            .i32(self.k)
+            .i32(self.r)
+            .i32(self.l);
+        let launch = strides(strides(launch, self.q_rows()), self.k_rows());
+        let launch = strides(strides(launch, self.v_rows()), self.o_rows());
+        strides(launch, self.q_rows())
+            .f32(sl2)
+            .f32(self.scale)
+            .go()?;
+        Ok((dq, dk, dv))
+    }
+}
+
+/// A tensor's three strides as the kernels take them (i64: batch, head, position).
+fn strides(launch: Launch<'_>, s: Rows) -> Launch<'_> {
+    launch.i64(s.batch).i64(s.head).i64(s.pos)
+}
