@@ -312,7 +312,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 ))
                 .into());
             }
-            let prepared = ternlab::run::prepare(&p.runs[0], &p.file)?;
+            let prepared = ternlab::run::prepare_bench(&p.runs[0], &p.file)?;
             anyhow::ensure!(steps > 0, "--steps must be at least 1");
             let r = ternlab::bench::bench(&prepared, steps, warmup)?;
             let json = serde_json::to_string_pretty(&r)?;

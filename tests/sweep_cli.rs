@@ -869,3 +869,48 @@ fn plot_writes_png_and_svg() {
     assert_ne!(out.code, Some(0), "{}", out.show());
     assert!(out.stderr.contains(".png or .svg"), "{}", out.show());
 }
+
+/// `bench` times training steps only, so a window longer than the held-out split is fine there
+/// (the bundled text's 10% held out is 2,092 tokens with the tiny tokenizer), while `run`, which
+/// evaluates on that split, refuses it before training, naming the key.
+#[test]
+fn bench_takes_windows_longer_than_the_held_out_split_and_run_refuses_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        tmp.path(),
+        "long.toml",
+        &spec_text(
+            "long",
+            &[("data.seq_len", "2100"), ("data.batch_size", "1")],
+            "",
+        ),
+    );
+    let spec_s = spec.to_str().unwrap();
+    let json = tmp.path().join("bench.json");
+    let args = [
+        "bench",
+        spec_s,
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        json.to_str().unwrap(),
+    ];
+    let out = ternlab(tmp.path(), &args, &[]);
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    let r = read_json(&json);
+    assert!(r["median_step_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["last_loss"].as_f64().unwrap().is_finite(), "{r}");
+
+    let results = tmp.path().join("results");
+    let out = on_spec("run", &spec, &results, &[], &[]);
+    assert_eq!(out.code, Some(2), "{}", out.show());
+    for want in ["long.toml", "data.val_fraction", "2092 tokens", "2101"] {
+        assert!(out.stderr.contains(want), "no {want:?} in\n{}", out.show());
+    }
+    assert!(
+        !results.join("long").exists(),
+        "nothing is written for a refused run"
+    );
+}
