@@ -115,32 +115,24 @@ if want baseline; then
   $tl compare "$out/baseline/baseline-seeds" --metric val_nll
   $tl compare "$out/baseline/baseline" --format json | head -c 3000
 fi
-if want graph; then
-  # The step replayed from CUDA graphs (the default) against the same binary launch by launch
-  # (TERNLAB_CUDA_GRAPH=0), alternating, bf16: what the graphs change on one card.
-  for round in 1 2; do for g in 1 0; do
+# The same binary with switch $1 on (1) and off (0), alternating, bf16 at 4 x 256 and 16 x 1024:
+# what one part of the step changes on one card. $2 names the JSON files.
+on_off() {
+  local var=$1 tag=$2 round v
+  for round in 1 2; do for v in 1 0; do
     for shape in "4 256" "16 1024"; do set -- $shape
-      echo "== TERNLAB_CUDA_GRAPH=$g, round $round: bf16 $1 x $2"
-      TERNLAB_CUDA_GRAPH=$g $tl bench --set run.device=cuda --set train.dtype=bf16 \
+      echo "== $var=$v, round $round: bf16 $1 x $2"
+      env "$var=$v" $tl bench --set run.device=cuda --set train.dtype=bf16 \
         --set data.batch_size=$1 --set data.seq_len=$2 --steps 20 --warmup 5 \
-        --out "$out/json/graph$g-$round-$1x$2.json" |
-        grep -E '"(median_step_s|cuda_graph|median_(forward|backward|optimizer)_s|tokens_per_s|peak_memory_gib|device_name)"'
-    done
-  done; done
-fi
-if want flash; then
-  # Flash attention (the bf16 default) against the blocked scores (TERNLAB_FLASH_ATTENTION=0),
-  # the same binary, alternating.
-  for round in 1 2; do for f in 1 0; do
-    for shape in "4 256" "16 1024"; do set -- $shape
-      echo "== TERNLAB_FLASH_ATTENTION=$f, round $round: bf16 $1 x $2"
-      TERNLAB_FLASH_ATTENTION=$f $tl bench --set run.device=cuda --set train.dtype=bf16 \
-        --set data.batch_size=$1 --set data.seq_len=$2 --steps 20 --warmup 5 \
-        --out "$out/json/flash$f-$round-$1x$2.json" |
+        --out "$out/json/$tag$v-$round-$1x$2.json" |
         grep -E '"(median_step_s|cuda_graph|median_(forward|backward|optimizer)_s|tokens_per_s|share_of_peak|peak_memory_gib|device_name)"'
     done
   done; done
-fi
+}
+# The step replayed from CUDA graphs (the default) against launch by launch.
+want graph && on_off TERNLAB_CUDA_GRAPH graph
+# Flash attention (the bf16 default) against the blocked scores.
+want flash && on_off TERNLAB_FLASH_ATTENTION flash
 if want long; then
   # Long sequences, bf16: flash and the blocked scores.
   for shape in "4 4096" "8 4096"; do set -- $shape

@@ -119,6 +119,40 @@ __device__ __forceinline__ void fa_load(unsigned short (*tile)[D + FA_PAD],
     }
 }
 
+// The forward's and the query-side backward's key/value pipeline over two buffers of (k, v)
+// tiles at `kvs`: `fa_kv_start` starts copying tile 0 into buffer 0; `fa_kv_tile` starts
+// copying tile j + 1 into the other buffer, waits for tile j and returns its k tile (its v tile
+// follows). The caller syncs after using a tile: its buffer is copied into again two tiles on.
+template <int D>
+using FaRow = unsigned short[D + FA_PAD];
+
+template <int D>
+__device__ __forceinline__ void fa_kv_load(FaRow<D>* buf, const unsigned short* __restrict__ k,
+                                           const unsigned short* __restrict__ v, int g, int nk,
+                                           int k0, int l, long kb, long kk, long kl, long vb,
+                                           long vk, long vl) {
+    fa_load<D>(buf, k, g, nk, 1, k0, l, kb, kk, kl, FA_BN);
+    fa_load<D>(buf + FA_BN, v, g, nk, 1, k0, l, vb, vk, vl, FA_BN);
+    fa_commit();
+}
+
+template <int D>
+__device__ __forceinline__ FaRow<D>* fa_kv_tile(FaRow<D>* kvs, int j, int tiles,
+                                                const unsigned short* __restrict__ k,
+                                                const unsigned short* __restrict__ v, int g,
+                                                int nk, int l, long kb, long kk, long kl, long vb,
+                                                long vk, long vl) {
+    if (j + 1 < tiles) {
+        fa_kv_load<D>(kvs + ((j + 1) & 1) * 2 * FA_BN, k, v, g, nk, (j + 1) * FA_BN, l, kb, kk,
+                      kl, vb, vk, vl);
+        fa_wait<1>();
+    } else {
+        fa_wait<0>();
+    }
+    __syncthreads();
+    return kvs + (j & 1) * 2 * FA_BN;
+}
+
 // The A fragment of 16 rows (from `row0`) and 16 columns (from `c0`) of a shared tile: the
 // matrices (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8).
 template <int D>
@@ -229,23 +263,11 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
     const int last = (i0 + FA_BM < rows ? i0 + FA_BM : rows) - 1;
     const int pmin = i0 / r;
     const int tiles = last / r / FA_BN + 1;
-    fa_load<D>(kvs, k, g, nk, 1, 0, l, kb, kk, kl, FA_BN);
-    fa_load<D>(kvs + FA_BN, v, g, nk, 1, 0, l, vb, vk, vl, FA_BN);
-    fa_commit();
+    fa_kv_load<D>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
     for (int j = 0; j < tiles; ++j) {
         const int k0 = j * FA_BN;
-        Row* ks = kvs + (j & 1) * 2 * FA_BN;
+        Row* ks = fa_kv_tile<D>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl);
         Row* vs = ks + FA_BN;
-        if (j + 1 < tiles) {
-            Row* nx = kvs + ((j + 1) & 1) * 2 * FA_BN;
-            fa_load<D>(nx, k, g, nk, 1, k0 + FA_BN, l, kb, kk, kl, FA_BN);
-            fa_load<D>(nx + FA_BN, v, g, nk, 1, k0 + FA_BN, l, vb, vk, vl, FA_BN);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
-        __syncthreads();
         float s[FA_BN / 8][4];
 #pragma unroll
         for (int n = 0; n < FA_BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
@@ -371,9 +393,7 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
     const int pa = ra / r, pb = rb / r;
     fa_load<D>(qs, q, g, nk, r, i0, rows, qb, qk, ql, FA_BM);
     fa_load<D>(dos, dout, g, nk, r, i0, rows, db, dk, dl, FA_BM);
-    fa_load<D>(kvs, k, g, nk, 1, 0, l, kb, kk, kl, FA_BN);
-    fa_load<D>(kvs + FA_BN, v, g, nk, 1, 0, l, vb, vk, vl, FA_BN);
-    fa_commit();
+    fa_kv_load<D>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
     const float lsa = ra < rows ? lse[(long)g * rows + ra] : 0.f;
     const float lsb = rb < rows ? lse[(long)g * rows + rb] : 0.f;
     const float dea = ra < rows ? delta[(long)g * rows + ra] : 0.f;
@@ -386,18 +406,8 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
     const int tiles = last / r / FA_BN + 1;
     for (int j = 0; j < tiles; ++j) {
         const int k0 = j * FA_BN;
-        Row* ks = kvs + (j & 1) * 2 * FA_BN;
+        Row* ks = fa_kv_tile<D>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl);
         Row* vs = ks + FA_BN;
-        if (j + 1 < tiles) {
-            Row* nx = kvs + ((j + 1) & 1) * 2 * FA_BN;
-            fa_load<D>(nx, k, g, nk, 1, k0 + FA_BN, l, kb, kk, kl, FA_BN);
-            fa_load<D>(nx + FA_BN, v, g, nk, 1, k0 + FA_BN, l, vb, vk, vl, FA_BN);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
-        __syncthreads();
         float s[FA_BN / 8][4], dp[FA_BN / 8][4];
         fa_abt<D, FA_BN / 8>(s, qs, w0, ks, lane);
         fa_abt<D, FA_BN / 8>(dp, dos, w0, vs, lane);

@@ -155,6 +155,19 @@ impl Flash {
         }
     }
 
+    /// Checks the buffers every kernel reads: q, k, v, o (bf16, 16-byte aligned) and lse (f32).
+    fn check_io(&self, [q, k, v, o]: [&Buf; 4], lse: &Buf) -> Result<()> {
+        self.check_shape()?;
+        let nq = self.groups() * self.rows() * self.d;
+        let nkv = self.groups() * self.l * self.d;
+        self.check("q", q, nq)?;
+        self.check("k", k, nkv)?;
+        self.check("v", v, nkv)?;
+        self.check("o", o, nq)?;
+        let n = self.groups() * self.rows();
+        lse.expect("flash attention: lse", n, DType::F32)
+    }
+
     /// `flash_fwd_d{D}(q, k, v, o, lse, nk, r, l, q strides, k strides, v strides, o strides,
     /// sl2)`: o = causal softmax(scale * q k^T) v in the merged layout, and lse (B * K, L * R)
     /// f32, each row's log-sum-exp of `scale * log2(e) * q k^T` in base 2.
@@ -165,41 +178,22 @@ impl Flash {
         o: &impl AsBuf,
         lse: &impl AsBuf,
     ) -> Result<()> {
-        self.check_shape()?;
         let (q, k, v, o, lse) = (q.buf()?, k.buf()?, v.buf()?, o.buf()?, lse.buf()?);
-        let nq = self.groups() * self.rows() * self.d;
-        let nkv = self.groups() * self.l * self.d;
-        self.check("q", &q, nq)?;
-        self.check("k", &k, nkv)?;
-        self.check("v", &v, nkv)?;
-        self.check("o", &o, nq)?;
-        lse.expect(
-            "flash attention: lse",
-            self.groups() * self.rows(),
-            DType::F32,
-        )?;
+        self.check_io([&q, &k, &v, &o], &lse)?;
         let name = format!("flash_fwd_d{}", self.d);
         // two buffers of (k, v) tiles
-        let launch = gpu.kernel(&KERNELS, &name, None, self.grid(self.rows()))?;
-        let launch = launch.smem(4 * self.tile());
-        let launch = launch
-            .buf(&q)
-            .buf(&k)
-            .buf(&v)
-            .buf(&o)
-            .buf(&lse)
+        let launch = gpu
+            .kernel(&KERNELS, &name, None, self.grid(self.rows()))?
+            .smem(4 * self.tile());
+        let launch = [&q, &k, &v, &o, &lse]
+            .into_iter()
+            .fold(launch, |a, b| a.buf(b))
             .i32(self.k)
             .i32(self.r)
             .i32(self.l);
-        strides(
-            strides(
-                strides(strides(launch, self.q_rows()), self.k_rows()),
-                self.v_rows(),
-            ),
-            self.o_rows(),
-        )
-        .f32(self.scale * std::f32::consts::LOG2_E)
-        .go()
+        self.io_strides(launch, [])
+            .f32(self.scale * std::f32::consts::LOG2_E)
+            .go()
     }
 
     /// The gradients (dq, dk, dv) in q's, k's and v's layouts from the output o, the forward's
@@ -212,12 +206,7 @@ impl Flash {
         lse: &Tensor,
         dout: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        self.check_shape()?;
         let (groups, rows, d) = (self.groups(), self.rows(), self.d);
-        let dq = gpu.empty(q.shape(), DType::BF16)?;
-        let dk = gpu.empty(k.shape(), DType::BF16)?;
-        let dv = gpu.empty(v.shape(), DType::BF16)?;
-        let delta = gpu.empty((groups, rows), DType::F32)?;
         let (qb, kb, vb, ob, lb, db) = (
             q.buf()?,
             k.buf()?,
@@ -226,15 +215,13 @@ impl Flash {
             lse.buf()?,
             dout.buf()?,
         );
+        self.check_io([&qb, &kb, &vb, &ob], &lb)?;
+        self.check("the output's gradient", &db, ob.n())?;
+        let dq = gpu.empty(q.shape(), DType::BF16)?;
+        let dk = gpu.empty(k.shape(), DType::BF16)?;
+        let dv = gpu.empty(v.shape(), DType::BF16)?;
+        let delta = gpu.empty((groups, rows), DType::F32)?;
         let (dqb, dkb, dvb, deb) = (dq.buf()?, dk.buf()?, dv.buf()?, delta.buf()?);
-        let nq = groups * rows * d;
-        let nkv = groups * self.l * d;
-        self.check("q", &qb, nq)?;
-        self.check("k", &kb, nkv)?;
-        self.check("v", &vb, nkv)?;
-        self.check("o", &ob, nq)?;
-        self.check("the output's gradient", &db, nq)?;
-        lb.expect("flash attention: lse", groups * rows, DType::F32)?;
 
         // delta = rowsum(dO * O)
         let launch = gpu.kernel(&KERNELS, "flash_delta", None, warp_per_row(groups * rows))?;
@@ -249,56 +236,49 @@ impl Flash {
             .i32(d);
         strides(strides(launch, self.o_rows()), self.o_rows()).go()?;
 
-        let sl2 = self.scale * std::f32::consts::LOG2_E;
+        // `flash_bwd_{dkdv,dq}_d{D}(q, k, v, dout, lse, delta, outputs.., nk, r, l, q, k, v and
+        // dout strides, the outputs' strides, sl2, scale)`
         let tile = self.tile();
-        let name = format!("flash_bwd_dkdv_d{d}");
+        let backward = |kernel: &str, items, smem, outputs: &[(&Buf, Rows)]| {
+            let name = format!("flash_bwd_{kernel}_d{d}");
+            let launch = gpu
+                .kernel(&KERNELS, &name, None, self.grid(items))?
+                .smem(smem);
+            let inputs = [&qb, &kb, &vb, &db, &lb, &deb].into_iter();
+            let launch = inputs
+                .chain(outputs.iter().map(|(b, _)| *b))
+                .fold(launch, |a, b| a.buf(b))
+                .i32(self.k)
+                .i32(self.r)
+                .i32(self.l);
+            self.io_strides(launch, outputs.iter().map(|(_, r)| *r))
+                .f32(self.scale * std::f32::consts::LOG2_E)
+                .f32(self.scale)
+                .go()
+        };
         // k and v tiles, and two buffers of (q, dO) tiles with their rows' lse, delta and
         // position
-        let launch = gpu
-            .kernel(&KERNELS, &name, None, self.grid(self.l))?
-            .smem(6 * tile + 2 * 3 * BLOCK * 4);
-        let launch = launch
-            .buf(&qb)
-            .buf(&kb)
-            .buf(&vb)
-            .buf(&db)
-            .buf(&lb)
-            .buf(&deb)
-            .buf(&dkb)
-            .buf(&dvb)
-            .i32(self.k)
-            .i32(self.r)
-            .i32(self.l);
-        let launch = strides(strides(launch, self.q_rows()), self.k_rows());
-        let launch = strides(strides(launch, self.v_rows()), self.o_rows());
-        strides(strides(launch, self.k_rows()), self.v_rows())
-            .f32(sl2)
-            .f32(self.scale)
-            .go()?;
-
-        let name = format!("flash_bwd_dq_d{d}");
+        backward(
+            "dkdv",
+            self.l,
+            6 * tile + 2 * 3 * BLOCK * 4,
+            &[(&dkb, self.k_rows()), (&dvb, self.v_rows())],
+        )?;
         // q and dO tiles, and two buffers of (k, v) tiles
-        let launch = gpu
-            .kernel(&KERNELS, &name, None, self.grid(rows))?
-            .smem(6 * tile);
-        let launch = launch
-            .buf(&qb)
-            .buf(&kb)
-            .buf(&vb)
-            .buf(&db)
-            .buf(&lb)
-            .buf(&deb)
-            .buf(&dqb)
-            .i32(self.k)
-            .i32(self.r)
-            .i32(self.l);
-        let launch = strides(strides(launch, self.q_rows()), self.k_rows());
-        let launch = strides(strides(launch, self.v_rows()), self.o_rows());
-        strides(launch, self.q_rows())
-            .f32(sl2)
-            .f32(self.scale)
-            .go()?;
+        backward("dq", rows, 6 * tile, &[(&dqb, self.q_rows())])?;
         Ok((dq, dk, dv))
+    }
+
+    /// The strides of q, k, v and the output (or its gradient), then of `more`.
+    fn io_strides<'a>(
+        &self,
+        launch: Launch<'a>,
+        more: impl IntoIterator<Item = Rows>,
+    ) -> Launch<'a> {
+        [self.q_rows(), self.k_rows(), self.v_rows(), self.o_rows()]
+            .into_iter()
+            .chain(more)
+            .fold(launch, strides)
     }
 }
 

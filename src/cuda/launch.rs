@@ -19,22 +19,18 @@ pub struct Family {
 }
 
 impl Family {
-    pub const fn new(module: &'static str, source: &'static str) -> Self {
+    /// The family of `source`; `arch` is the virtual architecture its kernels need (e.g.
+    /// "compute_80" for bf16 `mma.sync`; None: NVRTC's default), the driver compiling the PTX
+    /// for the card at hand, which must be that architecture or newer.
+    pub const fn new(
+        module: &'static str,
+        source: &'static str,
+        arch: Option<&'static str>,
+    ) -> Self {
         Self {
             module,
             source,
-            arch: None,
-            ptx: OnceLock::new(),
-        }
-    }
-
-    /// A family whose kernels need `arch` (e.g. "compute_80" for bf16 `mma.sync`); the driver
-    /// compiles its PTX for the card at hand, which must be that architecture or newer.
-    pub const fn for_arch(module: &'static str, source: &'static str, arch: &'static str) -> Self {
-        Self {
-            module,
-            source,
-            arch: Some(arch),
+            arch,
             ptx: OnceLock::new(),
         }
     }
@@ -114,13 +110,14 @@ macro_rules! family {
         $crate::cuda::launch::Family::new(
             $module,
             concat!(include_str!("common.cuh"), include_str!($file)),
+            None,
         )
     };
     ($module:literal, $file:literal, $arch:literal) => {
-        $crate::cuda::launch::Family::for_arch(
+        $crate::cuda::launch::Family::new(
             $module,
             concat!(include_str!("common.cuh"), include_str!($file)),
-            $arch,
+            Some($arch),
         )
     };
 }

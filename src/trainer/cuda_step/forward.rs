@@ -65,18 +65,20 @@ pub(super) fn forward_with(
     } = dims;
     let ids = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
     let targets = targets.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
-    let attn = match opts.flash_attention.or_else(flash_from_env) {
-        Some(false) => None,
-        Some(true) if !Flash::supported(&ctx.gpu, ctx.cd, d)? => candle_core::bail!(
+    let can_flash = Flash::supported(&ctx.gpu, ctx.cd, d)?;
+    let use_flash = match opts.flash_attention.or_else(flash_from_env) {
+        Some(true) if !can_flash => candle_core::bail!(
             "flash attention needs bf16 compute, a head dim of 32, 64 or 128 and a card of \
              compute capability 8.0 or newer (here {:?}, head dim {d})",
             ctx.cd
         ),
-        _ => Flash::supported(&ctx.gpu, ctx.cd, d)?.then(|| Flash::new(b, l, (h, k, d))),
+        Some(on) => on,
+        None => can_flash,
     };
-    let attn = match attn {
-        Some(f) => Attention::Flash(f),
-        None => Attention::Blocked(CausalAttention::new(b, l, (h, k, d), opts.attention_chunk)),
+    let attn = if use_flash {
+        Attention::Flash(Flash::new(b, l, (h, k, d)))
+    } else {
+        Attention::Blocked(CausalAttention::new(b, l, (h, k, d), opts.attention_chunk))
     };
     let recompute = opts
         .attention_recompute
