@@ -271,25 +271,31 @@ fn rms_norm_matches_the_composed_one() {
 }
 
 /// q/k RMSNorm, RoPE and the head transpose: one kernel each way (the step's `norm_rope` and
-/// `rope_bwd` + the norm's backward) against norm, transpose and rotation as candle ops.
+/// `rope_norm_bwd`) against norm, transpose and rotation as candle ops; head dim 128 takes the
+/// vectorized kernels, 48 the one-value-a-lane ones (`rope_bwd` + the norm's backward).
 #[test]
 fn qk_norm_and_rope_match_the_composed_ones() {
     use ternlab::model::{Preset, Qwen3Config};
     let dev = gpu();
-    let cfg = Qwen3Config::preset(Preset::Qwen3_0_6B, 151_936);
-    let (b, l, n, d) = (2, 17, 3, cfg.head_dim);
-    let rope = Rope::new(&cfg, l, &dev).unwrap();
-    for dtype in [DType::F32, DType::BF16] {
-        let x = var(&[b, l, n, d], 1.0, dtype, &dev);
-        let w =
-            Var::from_tensor(&(Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap()).unwrap();
-        // Measured on an H100: f32 values 1.4e-7, gradients 1.9e-7; bf16 values 6.6e-3 and
-        // gradients 5.6e-3 (the composed path rounds to bf16 after the norm and in the rotation).
-        let t = tol(dtype, 1e-6, 2e-2);
-        let run = |o| ops::qk_norm_rope(x.as_tensor(), w.as_tensor(), 1e-6, &rope, o).unwrap();
-        let (fused, composed) = (run(Ops::Fused), run(Ops::Composed));
-        assert_eq!(fused.dims(), &[b, n, l, d]);
-        assert_agree(&format!("{dtype:?}"), &[&x, &w], fused, composed, t, t);
+    let mut cfg = Qwen3Config::preset(Preset::Qwen3_0_6B, 151_936);
+    for d in [128, 48] {
+        cfg.head_dim = d;
+        let (b, l, n) = (2, 17, 3);
+        let rope = Rope::new(&cfg, l, &dev).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = var(&[b, l, n, d], 1.0, dtype, &dev);
+            let w = Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0;
+            let w = Var::from_tensor(&w.unwrap()).unwrap();
+            // Measured on an H100 (head dim 128, the one-value-a-lane kernels): f32 values
+            // 1.4e-7, gradients 1.9e-7; bf16 values 6.6e-3 and gradients 5.6e-3 (the composed
+            // path rounds to bf16 after the norm and in the rotation).
+            let t = tol(dtype, 1e-6, 2e-2);
+            let run = |o| ops::qk_norm_rope(x.as_tensor(), w.as_tensor(), 1e-6, &rope, o).unwrap();
+            let (fused, composed) = (run(Ops::Fused), run(Ops::Composed));
+            assert_eq!(fused.dims(), &[b, n, l, d]);
+            let what = format!("{dtype:?}, head dim {d}");
+            assert_agree(&what, &[&x, &w], fused, composed, t, t);
+        }
     }
 }
 

@@ -60,6 +60,119 @@ __device__ void rope_bwd(const T* __restrict__ dy, const float* __restrict__ cos
     }
 }
 
+// The same two, vectorized, for rows of d = 32 * V (head dims 32, 64, 128, 256): lane j holds
+// the V neighbouring values from V * j, so RoPE's partner of each (index +- d / 2) sits in lane
+// j ^ 16. Arithmetic as above, per value.
+
+// `v` as the storage type T rounds it (what a value read back after `st` would be).
+__device__ __forceinline__ float as_stored(const float*, float v) { return v; }
+__device__ __forceinline__ float as_stored(const unsigned short*, float v) { return bfr(v); }
+
+// The position and output row of input row `row` (b, pos, hh) of (B, L, heads, d), the output
+// being (B, heads / group, L, group, d).
+__device__ __forceinline__ void rope_rows(long row, int heads, int group, int l, int& pos,
+                                          long& grouped) {
+    long bl = row / heads;
+    int hh = row % heads;
+    pos = bl % l;
+    long b = bl / l;
+    grouped = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
+}
+
+template <typename T, int V>
+__device__ void norm_rope_v(const T* __restrict__ x, const float* __restrict__ w,
+                            const float* __restrict__ cos, const float* __restrict__ sin,
+                            T* __restrict__ y, long rows, int heads, int group, int l,
+                            float eps) {
+    const int d = 32 * V;
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int pos;
+    long out_row;
+    rope_rows(row, heads, group, l, pos, out_row);
+    int e0 = V * lane;
+    float v[V], ss = 0.f;
+#pragma unroll
+    for (int t = 0; t < V; t += 2) ld2(x + row * d, e0 + t, v[t], v[t + 1]);
+#pragma unroll
+    for (int t = 0; t < V; t++) ss += v[t] * v[t];
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    const float* c = cos + (long)pos * d + e0;
+    const float* s = sin + (long)pos * d + e0;
+    float sign = lane < 16 ? -1.f : 1.f, o[V];
+#pragma unroll
+    for (int t = 0; t < V; t++) {
+        float n = v[t] * r * w[e0 + t];
+        float p = __shfl_xor_sync(0xffffffffu, n, 16);
+        o[t] = n * c[t] + sign * (p * s[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < V; t += 2) st2(y + out_row * d, e0 + t, o[t], o[t + 1]);
+}
+
+// RoPE's and the head transpose's backward followed by the q/k norm's (norm.cu's
+// rmsnorm_bwd_small, on the rotated-back gradient as the two kernels stored it between them):
+// dy (B, heads / group, L, group, d) -> dx (B, L, heads, d), written, and the weight's gradient
+// added into dw (f32, zeroed by the caller). A block of 8 warps takes `per_block` rows, a warp
+// one row at a time; the warps' sums of dw meet in shared memory, one atomic add per column
+// per block.
+template <typename T, int V>
+__device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ x,
+                                const float* __restrict__ w, const float* __restrict__ cos,
+                                const float* __restrict__ sin, T* __restrict__ dx,
+                                float* __restrict__ dw, long rows, int heads, int group, int l,
+                                float eps, int per_block) {
+    const int d = 32 * V;
+    __shared__ float part[8][d];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e0 = V * lane;
+    float sign = lane < 16 ? 1.f : -1.f, acc[V];
+#pragma unroll
+    for (int t = 0; t < V; t++) acc[t] = 0.f;
+    long first = (long)blockIdx.x * per_block;
+    for (int k = warp; k < per_block; k += 8) {
+        long row = first + k;
+        if (row >= rows) break;
+        int pos;
+        long in_row;
+        rope_rows(row, heads, group, l, pos, in_row);
+        const float* c = cos + (long)pos * d + e0;
+        const float* s = sin + (long)pos * d + e0;
+        float g[V], xv[V], ss = 0.f, gx = 0.f;
+#pragma unroll
+        for (int t = 0; t < V; t += 2) {
+            ld2(dy + in_row * d, e0 + t, g[t], g[t + 1]);
+            ld2(x + row * d, e0 + t, xv[t], xv[t + 1]);
+        }
+#pragma unroll
+        for (int t = 0; t < V; t++) {
+            float p = __shfl_xor_sync(0xffffffffu, g[t] * s[t], 16);
+            g[t] = as_stored(dy, g[t] * c[t] + sign * p);
+            ss += xv[t] * xv[t];
+            gx += w[e0 + t] * g[t] * xv[t];
+        }
+        ss = warp_sum(ss);
+        gx = warp_sum(gx);
+        float r = rsqrtf(ss / d + eps);
+        float cc = r * r * r * gx / d, o[V];
+#pragma unroll
+        for (int t = 0; t < V; t++) {
+            o[t] = r * (w[e0 + t] * g[t]) - cc * xv[t];
+            acc[t] += g[t] * xv[t] * r;
+        }
+#pragma unroll
+        for (int t = 0; t < V; t += 2) st2(dx + row * d, e0 + t, o[t], o[t + 1]);
+    }
+#pragma unroll
+    for (int t = 0; t < V; t++) part[warp][e0 + t] = acc[t];
+    __syncthreads();
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float sum = 0.f;
+        for (int k = 0; k < 8; k++) sum += part[k][j];
+        atomicAdd(dw + j, sum);
+    }
+}
+
 // Causal softmax of `scale * scores` over rows of l keys, one warp per row, in place allowed:
 // row `row` is query position (row / group) % l and sees keys 0..=pos. With blocks of `chunk`
 // positions (src/cuda/causal_attention.rs) the scores exist only up to the end of the row's
@@ -135,3 +248,19 @@ extern "C" __global__ void causal_softmax_bwd_##SUF(const T* p, const T* dy, T* 
     causal_softmax_bwd<T>(p, dy, dx, rows, l, group, chunk, scale);                            \
 }
 INSTANCES(ATTENTION)
+
+#define ROPE_V(SUF, T, V)                                                                      \
+extern "C" __global__ void norm_rope##V##_##SUF(const T* x, const float* w, const float* c,   \
+                                                const float* s, T* y, long rows, int heads,    \
+                                                int group, int l, int d, float eps) {          \
+    norm_rope_v<T, V>(x, w, c, s, y, rows, heads, group, l, eps);                              \
+}                                                                                              \
+extern "C" __global__ void rope_norm_bwd##V##_##SUF(const T* dy, const T* x, const float* w,  \
+                                                    const float* c, const float* s, T* dx,     \
+                                                    float* dw, long rows, int heads,           \
+                                                    int group, int l, int d, float eps,        \
+                                                    int per_block) {                           \
+    rope_norm_bwd_v<T, V>(dy, x, w, c, s, dx, dw, rows, heads, group, l, eps, per_block);      \
+}
+#define ROPE_VS(SUF, T) ROPE_V(SUF, T, 2) ROPE_V(SUF, T, 4) ROPE_V(SUF, T, 8)
+INSTANCES(ROPE_VS)

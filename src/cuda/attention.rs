@@ -2,7 +2,9 @@
 //! (q/k norm + RoPE, causal softmax) whose backward runs the same kernels as the hand-written
 //! step. The blocked GEMMs around them are `causal_attention.rs`.
 
-use super::launch::{alloc, cuda_only, family, per_item, warp_per_row, AsBuf, Buf, Family, Gpu};
+use super::launch::{
+    alloc, blocks, cuda_only, family, per_item, warp_per_row, AsBuf, Buf, Family, Gpu,
+};
 use super::norm;
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -29,7 +31,11 @@ pub fn norm_rope(
     w.expect("norm_rope: w", d, DType::F32)?;
     y.expect("norm_rope: y", x.n(), x.dtype)?;
     let rows = x.n() / d;
-    gpu.kernel(&KERNELS, "norm_rope", Some(x.dtype), warp_per_row(rows))?
+    let name = match vector_width(d, &[&x, &y]) {
+        Some(v) => format!("norm_rope{v}"),
+        None => "norm_rope".to_string(),
+    };
+    gpu.kernel(&KERNELS, &name, Some(x.dtype), warp_per_row(rows))?
         .buf(&x)
         .buf(&w)
         .buf(&cos)
@@ -71,6 +77,80 @@ pub fn rope_back(
         .i32(l)
         .i32(d)
         .go()
+}
+
+/// The values per lane of the vectorized kernels (`norm_rope{V}`, `rope_norm_bwd{V}`) for rows
+/// of `d`, if they take it: d = 32 * V for V = 2, 4 or 8, every buffer aligned for two values
+/// at a time.
+fn vector_width(d: usize, bufs: &[&Buf]) -> Option<usize> {
+    let aligned = bufs
+        .iter()
+        .all(|b| b.p.is_multiple_of(2 * b.dtype.size_in_bytes() as u64));
+    let v = d / 32;
+    (d.is_multiple_of(32) && matches!(v, 2 | 4 | 8) && aligned).then_some(v)
+}
+
+/// The backward of `norm_rope`: dy (B, heads / group, L, group, d), the gradient of its
+/// output, to dx (B, L, heads, d), written, for input x and f32 weight w (d); returns the
+/// weight's gradient (d, f32). One kernel, `rope_norm_bwd{V}(const T* dy, const T* x,
+/// const float* w, const float* cos, const float* sin, T* dx, float* dw, long rows, int heads,
+/// int group, int l, int d, float eps, int per_block)`, where `vector_width` allows; otherwise
+/// `rope_bwd` and the norm's backward.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_norm_back(
+    gpu: &Gpu,
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    dx: &Tensor,
+    (heads, group): (usize, usize),
+    eps: f32,
+) -> Result<Tensor> {
+    let d = w.elem_count();
+    let (dyb, xb, wb, cb, sb, dxb) = (
+        dy.buf()?,
+        x.buf()?,
+        w.buf()?,
+        cos.buf()?,
+        sin.buf()?,
+        dx.buf()?,
+    );
+    let Some(v) = vector_width(d, &[&dyb, &xb, &dxb]) else {
+        let g = gpu.empty(dy.shape(), dy.dtype())?;
+        rope_back(gpu, dy, cos, sin, &g, (heads, group))?;
+        let rows = x.elem_count() / d;
+        let (x, g) = (x.reshape((rows, d))?, g.reshape((rows, d))?);
+        return norm::backward(gpu, &x, w, &g, dx, eps, false);
+    };
+    let dw = gpu.zeros(d, DType::F32)?;
+    check_heads("rope_norm_bwd", &dyb, &cb, &sb, (heads, group), d)?;
+    wb.expect("rope_norm_bwd: w", d, DType::F32)?;
+    xb.expect("rope_norm_bwd: x", dyb.n(), dyb.dtype)?;
+    dxb.expect("rope_norm_bwd: dx", dyb.n(), dyb.dtype)?;
+    let (rows, per_block) = (dyb.n() / d, 64);
+    gpu.kernel(
+        &KERNELS,
+        &format!("rope_norm_bwd{v}"),
+        Some(dyb.dtype),
+        blocks(rows.div_ceil(per_block), 256),
+    )?
+    .buf(&dyb)
+    .buf(&xb)
+    .buf(&wb)
+    .buf(&cb)
+    .buf(&sb)
+    .buf(&dxb)
+    .buf(&dw.buf()?)
+    .i64(rows)
+    .i32(heads)
+    .i32(group)
+    .i32(cb.dims[0])
+    .i32(d)
+    .f32(eps)
+    .i32(per_block)
+    .go()?;
+    Ok(dw)
 }
 
 /// x holds whole (L, heads, d) sequences for tables (L, d), and `group` divides `heads`.
@@ -239,20 +319,11 @@ impl CustomOp2 for NormRope {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let gpu = Gpu::of(x.device())?;
-        let (_, _, n, d) = x.dims4()?;
-        let g = gpu.empty(x.shape(), x.dtype())?;
-        rope_back(&gpu, &dy.contiguous()?, &self.cos, &self.sin, &g, (n, 1))?;
+        let n = x.dim(2)?;
         let dx = gpu.empty(x.shape(), x.dtype())?;
-        let rows = x.elem_count() / d;
-        let dw = norm::backward(
-            &gpu,
-            &x.reshape((rows, d))?,
-            w,
-            &g.reshape((rows, d))?,
-            &dx,
-            self.eps,
-            false,
-        )?;
+        let (dy, x) = (dy.contiguous()?, x.contiguous()?);
+        let tables = (&self.cos, &self.sin);
+        let dw = rope_norm_back(&gpu, &dy, &x, w, tables, &dx, (n, 1), self.eps)?;
         Ok((Some(dx), Some(dw)))
     }
 }

@@ -3,7 +3,7 @@
 use super::{Attention, Dims, Kept, Tape};
 use crate::cuda::gemm::{linear_back_w, linear_back_x};
 use crate::cuda::{attention, embedding, mlp, norm};
-use crate::model::Qwen3;
+use crate::model::{Qwen3, RmsNorm};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 
@@ -46,13 +46,6 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
     let dw = ctx.rms_norm_back(&x_last, &model.norm, &dxf, &dx, false)?;
     grads.insert(&model.norm.weight, dw);
     drop((dxf, x_last));
-
-    // The gradient of q or k (B, heads / group, L, group, D) after RoPE -> before, (N, heads * D).
-    let rope_back = |dy: &Tensor, heads: usize, group: usize| -> Result<Tensor> {
-        let g = ctx.act((n, heads * d))?;
-        attention::rope_back(gpu, dy, &rope.cos, &rope.sin, &g, (heads, group))?;
-        Ok(g)
-    };
 
     for (i, layer) in model.layers.iter().enumerate().rev() {
         let t = layers.pop().expect("one tape per layer");
@@ -110,19 +103,19 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
             _ => candle_core::bail!("a layer kept another attention's tape"),
         };
         drop(dmerged);
-        let gq = rope_back(&dqr, h, r)?;
-        let gk = rope_back(&dkr, k, 1)?;
+        // q/k norm + RoPE, backward: (B, heads / group, L, group, D) -> (N, heads * D).
+        let mut norm_rope_back = |dy: &Tensor, x: &Tensor, nrm: &RmsNorm, heads, group| {
+            let dx = ctx.act((n, heads * d))?;
+            let w = ctx.norm_weight(nrm)?;
+            let tables = (&rope.cos, &rope.sin);
+            let eps = nrm.eps as f32;
+            let dw = attention::rope_norm_back(gpu, dy, x, &w, tables, &dx, (heads, group), eps)?;
+            grads.insert(&nrm.weight, dw);
+            Ok::<_, candle_core::Error>(dx)
+        };
+        let dq = norm_rope_back(&dqr, &t.q, &at.q_norm, h, r)?;
+        let dk = norm_rope_back(&dkr, &t.k, &at.k_norm, k, 1)?;
         drop((dqr, dkr));
-        let dq = ctx.act((n * h, d))?;
-        let q_rows = t.q.reshape((n * h, d))?;
-        let dw = ctx.rms_norm_back(&q_rows, &at.q_norm, &gq.reshape((n * h, d))?, &dq, false)?;
-        grads.insert(&at.q_norm.weight, dw);
-        let dk = ctx.act((n * k, d))?;
-        let k_rows = t.k.reshape((n * k, d))?;
-        let dw = ctx.rms_norm_back(&k_rows, &at.k_norm, &gk.reshape((n * k, d))?, &dk, false)?;
-        grads.insert(&at.k_norm.weight, dw);
-        drop((gq, gk));
-        let (dq, dk) = (dq.reshape((n, h * d))?, dk.reshape((n, k * d))?);
         let dxn1 = ctx.act((n, e))?;
         linear_back_x(gpu, &dq, wq, &dxn1, 0.)?;
         linear_back_x(gpu, &dk, wk, &dxn1, 1.)?;
