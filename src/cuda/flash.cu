@@ -19,8 +19,11 @@
 // c0, c1 = (gr, 2tq..2tq+1), c2, c3 = (gr + 8, same). So a product's C tiles for n = 0..7 and
 // 8..15 are, rounded to bf16, the A fragment of the next product over those 16 columns.
 
-#define FA_BM 64   // query rows per block: four warps of 16
-#define FA_BN 64   // keys per tile
+#define FA_WARPS 8  // warps per block, each 16 rows (query rows, or keys in the key/value backward)
+#define FA_BM 128  // query rows per block (forward, query-side backward): FA_WARPS * 16
+#define FA_BN 64   // keys per tile (forward, query-side backward)
+#define FA_KB 128  // keys per block of the key/value backward: FA_WARPS * 16
+#define FA_QT 64   // query rows per tile of the key/value backward
 #define FA_PAD 8   // shared rows padded by 16 bytes: the fragment loads are free of bank conflicts
 #define FA_NEG_INF __int_as_float(0xff800000)
 
@@ -222,8 +225,8 @@ __device__ __forceinline__ float fa_quad_sum(float v) {
 }
 
 // Forward: o = softmax(scale * q k^T, causal) v and, per row, the log-sum-exp of the scaled
-// scores in base 2 (lse[g * L * R + i]; the backward's p = 2^(s * sl2 - lse)). One block of four
-// warps per 64 query rows of a group (blockIdx.y), the rows with the most keys first;
+// scores in base 2 (lse[g * L * R + i]; the backward's p = 2^(s * sl2 - lse)). One block of
+// FA_WARPS warps per FA_BM query rows of a group (blockIdx.y), the rows with the most keys first;
 // sl2 = scale * log2(e).
 template <int D>
 __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
@@ -367,7 +370,7 @@ extern "C" __global__ void flash_delta(const unsigned short* __restrict__ o,
     if (lane == 0) delta[row] = sum;
 }
 
-// Backward, the query side: dq = scale * dS k, dS = P * (dO v^T - delta), one block per 64
+// Backward, the query side: dq = scale * dS k, dS = P * (dO v^T - delta), one block per FA_BM
 // query rows of a group as in the forward. Dynamic shared memory: q, dO, k and v tiles.
 template <int D>
 __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
@@ -441,9 +444,9 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
 }
 
 // Backward, the key/value side: dv = P^T dO and dk = scale * dS^T q, summed over every query
-// row of the group (all R heads) that sees the keys. One block per 64 keys of a group
+// row of the group (all R heads) that sees the keys. One block per FA_KB keys of a group
 // (blockIdx.x; the first keys, seen by the most rows, first), each warp 16 keys, over tiles of
-// 64 query rows from the first row that sees the block's first key. It works in the
+// FA_QT query rows from the first row that sees the block's first key. It works in the
 // transposed products (S^T = k q^T, dP^T = v dO^T), so each warp's C tiles are its keys' rows.
 // Dynamic shared memory: k, v, q and dO tiles, and the rows' lse and delta.
 template <int D>
@@ -460,13 +463,13 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
     typedef unsigned short Row[D + FA_PAD];
     extern __shared__ __align__(16) unsigned short fa_shared[];
     Row* ks = (Row*)fa_shared;
-    Row* vs = ks + FA_BN;
+    Row* vs = ks + FA_KB;
     // two buffers of (q, dO) tiles and of the rows' lse, delta and positions
-    Row* qdos = vs + FA_BN;
-    float* rowv = (float*)(qdos + 4 * FA_BM);
+    Row* qdos = vs + FA_KB;
+    float* rowv = (float*)(qdos + 4 * FA_QT);
     const int g = blockIdx.y;
     const int rows = l * r;
-    const int j0 = blockIdx.x * FA_BN;
+    const int j0 = blockIdx.x * FA_KB;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
     const int w0 = warp * 16;
     const int ka = j0 + w0 + gr, kb_ = ka + 8;
@@ -474,51 +477,51 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
     // delta (zeros past the last row: such a row adds nothing, its q and dO being zero) and
     // position.
     auto load_rows = [&](int i0, int b) {
-        Row* qs = qdos + b * 2 * FA_BM;
-        fa_load<D>(qs, q, g, nk, r, i0, rows, qb, qk, ql, FA_BM);
-        fa_load<D>(qs + FA_BM, dout, g, nk, r, i0, rows, db, dk, dl, FA_BM);
-        float* rv = rowv + b * 3 * FA_BM;
+        Row* qs = qdos + b * 2 * FA_QT;
+        fa_load<D>(qs, q, g, nk, r, i0, rows, qb, qk, ql, FA_QT);
+        fa_load<D>(qs + FA_QT, dout, g, nk, r, i0, rows, db, dk, dl, FA_QT);
+        float* rv = rowv + b * 3 * FA_QT;
         const int c = threadIdx.x;
-        if (c < FA_BM) {
+        if (c < FA_QT) {
             const bool ok = i0 + c < rows;
             fa_cp4(rv + c, lse + (long)g * rows + (ok ? i0 + c : 0), ok);
-        } else if (c < 2 * FA_BM) {
-            const int cc = c - FA_BM;
+        } else if (c < 2 * FA_QT) {
+            const int cc = c - FA_QT;
             const bool ok = i0 + cc < rows;
-            fa_cp4(rv + FA_BM + cc, delta + (long)g * rows + (ok ? i0 + cc : 0), ok);
+            fa_cp4(rv + FA_QT + cc, delta + (long)g * rows + (ok ? i0 + cc : 0), ok);
         }
-        if (c < FA_BM) ((int*)rv)[2 * FA_BM + c] = (i0 + c) / r;
+        if (c < FA_QT) ((int*)rv)[2 * FA_QT + c] = (i0 + c) / r;
     };
-    fa_load<D>(ks, k, g, nk, 1, j0, l, kb, kk, kl, FA_BN);
-    fa_load<D>(vs, v, g, nk, 1, j0, l, vb, vk, vl, FA_BN);
+    fa_load<D>(ks, k, g, nk, 1, j0, l, kb, kk, kl, FA_KB);
+    fa_load<D>(vs, v, g, nk, 1, j0, l, vb, vk, vl, FA_KB);
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) {
         dka[t][0] = dka[t][1] = dka[t][2] = dka[t][3] = 0.f;
         dva[t][0] = dva[t][1] = dva[t][2] = dva[t][3] = 0.f;
     }
-    const int first = j0 * r / FA_BM * FA_BM;
+    const int first = j0 * r / FA_QT * FA_QT;
     load_rows(first, 0);
     fa_commit();
-    for (int i0 = first, it = 0; i0 < rows; i0 += FA_BM, ++it) {
-        Row* qs = qdos + (it & 1) * 2 * FA_BM;
-        Row* dos = qs + FA_BM;
-        const float* ls = rowv + (it & 1) * 3 * FA_BM;
-        const float* des = ls + FA_BM;
-        const int* qpos = (const int*)(des + FA_BM);
-        if (i0 + FA_BM < rows) {
-            load_rows(i0 + FA_BM, (it + 1) & 1);
+    for (int i0 = first, it = 0; i0 < rows; i0 += FA_QT, ++it) {
+        Row* qs = qdos + (it & 1) * 2 * FA_QT;
+        Row* dos = qs + FA_QT;
+        const float* ls = rowv + (it & 1) * 3 * FA_QT;
+        const float* des = ls + FA_QT;
+        const int* qpos = (const int*)(des + FA_QT);
+        if (i0 + FA_QT < rows) {
+            load_rows(i0 + FA_QT, (it + 1) & 1);
             fa_commit();
             fa_wait<1>();
         } else {
             fa_wait<0>();
         }
         __syncthreads();
-        const bool masked = i0 / r < j0 + FA_BN - 1;
-        float s[FA_BM / 8][4];
-        fa_abt<D, FA_BM / 8>(s, ks, w0, qs, lane);
+        const bool masked = i0 / r < j0 + FA_KB - 1;
+        float s[FA_QT / 8][4];
+        fa_abt<D, FA_QT / 8>(s, ks, w0, qs, lane);
 #pragma unroll
-        for (int n = 0; n < FA_BM / 8; ++n) {
+        for (int n = 0; n < FA_QT / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = n * 8 + 2 * tq + (e & 1);
@@ -527,18 +530,18 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
                 s[n][e] = p;
             }
         }
-        fa_pb<D, FA_BM / 16>(dva, s, dos, lane);
-        float dp[FA_BM / 8][4];
-        fa_abt<D, FA_BM / 8>(dp, vs, w0, dos, lane);
+        fa_pb<D, FA_QT / 16>(dva, s, dos, lane);
+        float dp[FA_QT / 8][4];
+        fa_abt<D, FA_QT / 8>(dp, vs, w0, dos, lane);
 #pragma unroll
-        for (int n = 0; n < FA_BM / 8; ++n) {
+        for (int n = 0; n < FA_QT / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = n * 8 + 2 * tq + (e & 1);
                 s[n][e] *= dp[n][e] - des[c];
             }
         }
-        fa_pb<D, FA_BM / 16>(dka, s, qs, lane);
+        fa_pb<D, FA_QT / 16>(dka, s, qs, lane);
         __syncthreads();
     }
     if (ka < l) {
@@ -562,7 +565,7 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
 }
 
 #define FLASH(D)                                                                               \
-extern "C" __global__ void __launch_bounds__(128)                                              \
+extern "C" __global__ void __launch_bounds__(256)                                              \
 flash_fwd_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,      \
                unsigned short* o, float* lse, int nk, int r, int l, long qb, long qk, long ql,  \
                long kb, long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol, \
@@ -570,7 +573,7 @@ flash_fwd_d##D(const unsigned short* q, const unsigned short* k, const unsigned 
     flash_fwd<D>(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol,     \
                  sl2);                                                                         \
 }                                                                                              \
-extern "C" __global__ void __launch_bounds__(128)                                              \
+extern "C" __global__ void __launch_bounds__(256)                                              \
 flash_bwd_dq_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,   \
                   const unsigned short* dout, const float* lse, const float* delta,            \
                   unsigned short* dq, int nk, int r, int l, long qb, long qk, long ql, long kb, \
@@ -579,7 +582,7 @@ flash_bwd_dq_d##D(const unsigned short* q, const unsigned short* k, const unsign
     flash_bwd_dq<D>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk,    \
                     vl, db, dk, dl, gb, gk, gl, sl2, scale);                                   \
 }                                                                                              \
-extern "C" __global__ void __launch_bounds__(128)                                              \
+extern "C" __global__ void __launch_bounds__(256)                                              \
 flash_bwd_dkdv_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v, \
                     const unsigned short* dout, const float* lse, const float* delta,          \
                     unsigned short* dkey, unsigned short* dval, int nk, int r, int l, long qb,  \

@@ -17,8 +17,12 @@ use candle_core::{DType, Result, Tensor};
 
 static KERNELS: Family = family!("ternlab_flash", "flash.cu", "compute_80");
 
-/// Query rows and keys per block (`FA_BM`, `FA_BN` in flash.cu).
-const BLOCK: usize = 64;
+/// Rows of a block (query rows in the forward and the query-side backward, keys in the
+/// key/value backward: `FA_BM`, `FA_KB` in flash.cu), 16 for each of its warps.
+const BLOCK: usize = 128;
+/// Rows of a shared tile of keys (forward, query side) or of query rows (key/value side):
+/// `FA_BN`, `FA_QT`.
+const TILE: usize = 64;
 /// Shared rows are padded by 8 elements (`FA_PAD`).
 const PAD: usize = 8;
 
@@ -142,15 +146,15 @@ impl Flash {
         Ok(())
     }
 
-    /// Bytes of one shared tile of 64 rows.
+    /// Bytes of one shared tile of `TILE` rows (a block's rows take two).
     fn tile(&self) -> usize {
-        BLOCK * (self.d + PAD) * 2
+        TILE * (self.d + PAD) * 2
     }
 
     fn grid(&self, items: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (items.div_ceil(BLOCK) as u32, self.groups() as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: ((BLOCK / 16 * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         }
     }
@@ -256,16 +260,16 @@ impl Flash {
                 .f32(self.scale)
                 .go()
         };
-        // k and v tiles, and two buffers of (q, dO) tiles with their rows' lse, delta and
-        // position
+        // the block's keys and values, and two buffers of (q, dO) tiles with their rows' lse,
+        // delta and position
         backward(
             "dkdv",
             self.l,
-            6 * tile + 2 * 3 * BLOCK * 4,
+            8 * tile + 2 * 3 * TILE * 4,
             &[(&dkb, self.k_rows()), (&dvb, self.v_rows())],
         )?;
-        // q and dO tiles, and two buffers of (k, v) tiles
-        backward("dq", rows, 6 * tile, &[(&dqb, self.q_rows())])?;
+        // the block's q and dO rows, and two buffers of (k, v) tiles
+        backward("dq", rows, 8 * tile, &[(&dqb, self.q_rows())])?;
         Ok((dq, dk, dv))
     }
 
