@@ -8,7 +8,7 @@
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
 #                                            study-extra export generate resume dp dp-faults
-#                                            graph e2e flash long long-ref
+#                                            graph e2e flash long long-ref headline
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -62,7 +62,8 @@ bench() {  # name, then ternlab bench args
 ref() {  # name, then ref args
   local name=$1; shift
   echo "== reference $name: python3 ref_ternary_torch.py $*"
-  python3 .device/ref_ternary_torch.py "$@" | tee "$out/json/ref-$name.json"
+  timeout "${REF_TIMEOUT:-900}" python3 .device/ref_ternary_torch.py "$@" |
+    tee "$out/json/ref-$name.json"
 }
 if want bench; then
   bench f32-4x256 --set train.dtype=f32
@@ -72,6 +73,14 @@ if want bench; then
 fi
 if want ref; then
   ref fp32-4x256
+  ref amp-4x256 --amp
+  ref amp-compile-4x256 --amp --compile
+fi
+if want headline; then
+  # The two shapes in bf16 beside the reference's eager bf16 and torch.compile (the
+  # latter bounded by REF_TIMEOUT seconds: its compilation can take minutes).
+  bench bf16-4x256 --set train.dtype=bf16
+  bench bf16-16x1024 --set train.dtype=bf16 --set data.batch_size=16 --set data.seq_len=1024
   ref amp-4x256 --amp
   ref amp-compile-4x256 --amp --compile
 fi
