@@ -5,6 +5,17 @@
 // Layout: the `group` query heads that share a key/value head sit together, position-major:
 // q as (B, heads / group, L, group, D); keys and values as (B, K, L, D) (group = 1).
 
+// The position and output row of input row `row` (b, pos, hh) of (B, L, heads, d), the output
+// being (B, heads / group, L, group, d).
+__device__ __forceinline__ void rope_rows(long row, int heads, int group, int l, int& pos,
+                                          long& grouped) {
+    long bl = row / heads;
+    int hh = row % heads;
+    pos = bl % l;
+    long b = bl / l;
+    grouped = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
+}
+
 // q/k RMSNorm, RoPE and the head transpose in one pass, one warp per row of d:
 // x (B, L, heads, d) -> y (B, heads / group, L, group, d) = rope(x * rsqrt(mean(x^2) + eps) * w),
 // with rope(z) = z * cos + rotate_half(z) * sin, rotate_half(z) = (-z[d/2:], z[:d/2]).
@@ -14,12 +25,11 @@ __device__ void norm_rope(const T* x, const float* w, const float* cos, const fl
     long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
-    long bl = row / heads;
-    int hh = row % heads, pos = bl % l;
-    long b = bl / l;
-    const T* xr = x + row * d;
     // Head hh = kv * group + r goes to row ((b, kv), pos, r).
-    long out_row = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
+    int pos;
+    long out_row;
+    rope_rows(row, heads, group, l, pos, out_row);
+    const T* xr = x + row * d;
     float ss = 0.f;
     for (int i = lane; i < d; i += 32) { float v = ld(xr, i); ss += v * v; }
     float r = rsqrtf(warp_sum(ss) / d + eps);
@@ -43,11 +53,9 @@ __device__ void rope_bwd(const T* __restrict__ dy, const float* __restrict__ cos
     long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;  // (b, pos, hh)
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
-    int hh = row % heads;
-    long bl = row / heads;
-    int pos = bl % l;
-    long b = bl / l;
-    long in_row = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
+    int pos;
+    long in_row;
+    rope_rows(row, heads, group, l, pos, in_row);
     const T* dr = dy + in_row * d;
     const float* c = cos + (long)pos * d;
     const float* s = sin + (long)pos * d;
@@ -67,17 +75,6 @@ __device__ void rope_bwd(const T* __restrict__ dy, const float* __restrict__ cos
 // `v` as the storage type T rounds it (what a value read back after `st` would be).
 __device__ __forceinline__ float as_stored(const float*, float v) { return v; }
 __device__ __forceinline__ float as_stored(const unsigned short*, float v) { return bfr(v); }
-
-// The position and output row of input row `row` (b, pos, hh) of (B, L, heads, d), the output
-// being (B, heads / group, L, group, d).
-__device__ __forceinline__ void rope_rows(long row, int heads, int group, int l, int& pos,
-                                          long& grouped) {
-    long bl = row / heads;
-    int hh = row % heads;
-    pos = bl % l;
-    long b = bl / l;
-    grouped = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
-}
 
 template <typename T, int V>
 __device__ void norm_rope_v(const T* __restrict__ x, const float* __restrict__ w,
@@ -165,12 +162,7 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
     }
 #pragma unroll
     for (int t = 0; t < V; t++) part[warp][e0 + t] = acc[t];
-    __syncthreads();
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float sum = 0.f;
-        for (int k = 0; k < 8; k++) sum += part[k][j];
-        atomicAdd(dw + j, sum);
-    }
+    add_warp_sums(part, d, dw);
 }
 
 // Causal softmax of `scale * scores` over rows of l keys, one warp per row, in place allowed:

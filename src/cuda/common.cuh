@@ -49,6 +49,18 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// The weight gradient of a block of 8 warps: each warp's per-column sums (part[warp][j],
+// j < d), summed over the warps and added to dw[j] (one atomic add per column per block).
+template <int W>
+__device__ __forceinline__ void add_warp_sums(float (*part)[W], int d, float* dw) {
+    __syncthreads();
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float sum = 0.f;
+        for (int k = 0; k < 8; k++) sum += part[k][j];
+        atomicAdd(dw + j, sum);
+    }
+}
+
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // The f32 and bf16 instances of a kernel body: INSTANCES(M) expands M(f32, float) and

@@ -134,12 +134,7 @@ __device__ void rmsnorm_bwd_small(const T* __restrict__ x, const float* __restri
     }
 #pragma unroll
     for (int t = 0; t < NPL; t++) part[warp][lane + 32 * t] = acc[t];
-    __syncthreads();
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float sum = 0.f;
-        for (int k = 0; k < 8; k++) sum += part[k][j];
-        atomicAdd(dw + j, sum);
-    }
+    add_warp_sums(part, d, dw);
 }
 
 #define NORM(SUF, T)                                                                           \
