@@ -27,10 +27,9 @@
 #define FA_PAD 8   // shared rows padded by 16 bytes: the fragment loads are free of bank conflicts
 #define FA_NEG_INF __int_as_float(0xff800000)
 
+// A shared-memory address (the compiler folds constant offsets into the instructions using it).
 __device__ __forceinline__ unsigned fa_smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
+    return (unsigned)__cvta_generic_to_shared(p);
 }
 
 // c += a * b: one 16 x 8 tile over k = 16.
@@ -66,6 +65,14 @@ __device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+}
+
+// 2^x (MUFU's approximation, results below 2^-126 flushed to zero: a probability that small adds
+// nothing to a sum of at least one).
+__device__ __forceinline__ float fa_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ __forceinline__ unsigned fa_u32(const unsigned short* p) {
@@ -104,21 +111,37 @@ __device__ __forceinline__ void fa_wait() {
     asm volatile("cp.async.wait_group %0;\n" : : "n"(N) : "memory");
 }
 
-// Starts copying `n` rows (from row `first`, of `count` in all) of a tensor into a shared tile,
-// zeros past the last row; every copy is in flight at once (the caller commits and waits).
-template <int D>
+// Starts copying N rows (from row `first`, of `count` in all) of a tensor into a shared tile,
+// zeros past the last row; every copy is in flight at once (the caller commits and waits). The
+// block's FA_WARPS * 32 threads each copy 16 bytes of a row, the same column every pass.
+// GROUPED: rows are (position, head in group) of r heads; else row i is position i. With `y`,
+// the same rows of a second tensor (strides yb, yk, yl) go to `ytile`.
+template <int D, int N, bool GROUPED>
 __device__ __forceinline__ void fa_load(unsigned short (*tile)[D + FA_PAD],
                                         const unsigned short* __restrict__ x, int g, int nk,
                                         int r, int first, int count, long sb, long sk, long sl,
-                                        int n) {
-    const unsigned short* base = x + (long)(g / nk) * sb + (long)(g % nk) * sk;
-#pragma unroll 4
-    for (int c = threadIdx.x; c < n * D / 8; c += blockDim.x) {
-        const int row = c / (D / 8), col = (c % (D / 8)) * 8;
-        const int i = first + row;
+                                        unsigned short (*ytile)[D + FA_PAD] = nullptr,
+                                        const unsigned short* __restrict__ y = nullptr,
+                                        long yb = 0, long yk = 0, long yl = 0) {
+    constexpr int per_row = D / 8;                 // 16-byte copies per row
+    constexpr int step = FA_WARPS * 32 / per_row;  // rows one pass of the block covers
+    static_assert(N % step == 0, "a tile is whole passes of the block");
+    const int col = (threadIdx.x % per_row) * 8;
+    const long b = g / nk, h = g % nk;
+    const unsigned short* xs = x + b * sb + h * sk + col;
+    const unsigned short* ys = y ? y + b * yb + h * yk + col : nullptr;
+    const int row0 = threadIdx.x / per_row;
+#pragma unroll
+    for (int m = 0; m < N / step; ++m) {
+        const int row = row0 + m * step, i = first + row;
         const bool ok = i < count;
-        const long off = ok ? (long)(i / r) * sl + (long)(i % r) * D + col : 0;
-        fa_cp16(&tile[row][col], base + off, ok);
+        int pos = ok ? i : 0, head = 0;
+        if (GROUPED) {
+            pos = pos / r;
+            head = (ok ? i : 0) - pos * r;
+        }
+        fa_cp16(&tile[row][col], xs + pos * sl + (long)head * D, ok);
+        if (ys) fa_cp16(&ytile[row][col], ys + pos * yl + (long)head * D, ok);
     }
 }
 
@@ -134,8 +157,7 @@ __device__ __forceinline__ void fa_kv_load(FaRow<D>* buf, const unsigned short* 
                                            const unsigned short* __restrict__ v, int g, int nk,
                                            int k0, int l, long kb, long kk, long kl, long vb,
                                            long vk, long vl) {
-    fa_load<D>(buf, k, g, nk, 1, k0, l, kb, kk, kl, FA_BN);
-    fa_load<D>(buf + FA_BN, v, g, nk, 1, k0, l, vb, vk, vl, FA_BN);
+    fa_load<D, FA_BN, false>(buf, k, g, nk, 1, k0, l, kb, kk, kl, buf + FA_BN, v, vb, vk, vl);
     fa_commit();
 }
 
@@ -284,33 +306,34 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
                 fa_mma(s[n + 1], qa[c], bf[2], bf[3]);
             }
         }
+        // The running maxima are kept scaled (ma = max * sl2), the scores raw: the scale is
+        // positive, so the raw maximum is the scaled one's, and each probability is one FFMA and
+        // one exp2.
         const bool masked = k0 + FA_BN - 1 > pmin;
-        float na = ma, nb = mb;
+        float na = FA_NEG_INF, nb = FA_NEG_INF;
 #pragma unroll
         for (int n = 0; n < FA_BN / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + n * 8 + 2 * tq + (e & 1);
-                float x = s[n][e] * sl2;
-                if (masked && key > (e < 2 ? pa : pb)) x = FA_NEG_INF;
-                s[n][e] = x;
-                if (e < 2) na = fmaxf(na, x); else nb = fmaxf(nb, x);
+                if (masked && key > (e < 2 ? pa : pb)) s[n][e] = FA_NEG_INF;
+                if (e < 2) na = fmaxf(na, s[n][e]); else nb = fmaxf(nb, s[n][e]);
             }
         }
-        na = fa_quad_max(na);
-        nb = fa_quad_max(nb);
+        na = fmaxf(ma, fa_quad_max(na) * sl2);
+        nb = fmaxf(mb, fa_quad_max(nb) * sl2);
         // (a row with nothing seen yet keeps a zero sum: no -inf - -inf)
         const float ua = na == FA_NEG_INF ? 0.f : na, ub = nb == FA_NEG_INF ? 0.f : nb;
-        const float fa = exp2f(ma - ua), fb = exp2f(mb - ub);
+        const float fa = fa_exp2(ma - ua), fb = fa_exp2(mb - ub);
         ma = na;
         mb = nb;
         float sa = 0.f, sb = 0.f;
 #pragma unroll
         for (int n = 0; n < FA_BN / 8; ++n) {
-            s[n][0] = exp2f(s[n][0] - ua);
-            s[n][1] = exp2f(s[n][1] - ua);
-            s[n][2] = exp2f(s[n][2] - ub);
-            s[n][3] = exp2f(s[n][3] - ub);
+            s[n][0] = fa_exp2(fmaf(s[n][0], sl2, -ua));
+            s[n][1] = fa_exp2(fmaf(s[n][1], sl2, -ua));
+            s[n][2] = fa_exp2(fmaf(s[n][2], sl2, -ub));
+            s[n][3] = fa_exp2(fmaf(s[n][3], sl2, -ub));
             sa += s[n][0] + s[n][1];
             sb += s[n][2] + s[n][3];
         }
@@ -394,8 +417,7 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
     const int w0 = warp * 16;
     const int ra = i0 + w0 + gr, rb = ra + 8;
     const int pa = ra / r, pb = rb / r;
-    fa_load<D>(qs, q, g, nk, r, i0, rows, qb, qk, ql, FA_BM);
-    fa_load<D>(dos, dout, g, nk, r, i0, rows, db, dk, dl, FA_BM);
+    fa_load<D, FA_BM, true>(qs, q, g, nk, r, i0, rows, qb, qk, ql, dos, dout, db, dk, dl);
     fa_kv_load<D>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
     const float lsa = ra < rows ? lse[(long)g * rows + ra] : 0.f;
     const float lsb = rb < rows ? lse[(long)g * rows + rb] : 0.f;
@@ -421,7 +443,7 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + n * 8 + 2 * tq + (e & 1);
                 const bool a = e < 2;
-                float p = exp2f(s[n][e] * sl2 - (a ? lsa : lsb));
+                float p = fa_exp2(fmaf(s[n][e], sl2, -(a ? lsa : lsb)));
                 if (masked && key > (a ? pa : pb)) p = 0.f;
                 s[n][e] = p * (dp[n][e] - (a ? dea : deb));
             }
@@ -478,8 +500,8 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
     // position.
     auto load_rows = [&](int i0, int b) {
         Row* qs = qdos + b * 2 * FA_QT;
-        fa_load<D>(qs, q, g, nk, r, i0, rows, qb, qk, ql, FA_QT);
-        fa_load<D>(qs + FA_QT, dout, g, nk, r, i0, rows, db, dk, dl, FA_QT);
+        fa_load<D, FA_QT, true>(qs, q, g, nk, r, i0, rows, qb, qk, ql, qs + FA_QT, dout, db, dk,
+                                dl);
         float* rv = rowv + b * 3 * FA_QT;
         const int c = threadIdx.x;
         if (c < FA_QT) {
@@ -492,8 +514,7 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
         }
         if (c < FA_QT) ((int*)rv)[2 * FA_QT + c] = (i0 + c) / r;
     };
-    fa_load<D>(ks, k, g, nk, 1, j0, l, kb, kk, kl, FA_KB);
-    fa_load<D>(vs, v, g, nk, 1, j0, l, vb, vk, vl, FA_KB);
+    fa_load<D, FA_KB, false>(ks, k, g, nk, 1, j0, l, kb, kk, kl, vs, v, vb, vk, vl);
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) {
@@ -525,7 +546,7 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = n * 8 + 2 * tq + (e & 1);
-                float p = exp2f(s[n][e] * sl2 - ls[c]);
+                float p = fa_exp2(fmaf(s[n][e], sl2, -ls[c]));
                 if (masked && (e < 2 ? ka : kb_) > qpos[c]) p = 0.f;
                 s[n][e] = p;
             }
