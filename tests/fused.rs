@@ -247,9 +247,16 @@ fn fused_adamw_updates_mixed_parameters_in_one_launch() {
 #[test]
 fn rms_norm_matches_the_composed_one() {
     let dev = gpu();
-    // q/k norms (head dim 128 over many rows: the one-kernel backward) and layer norms
-    // (hidden 1024: the two-kernel backward), and a small odd case.
-    for (rows, d) in [(4 * 256 * 16, 128), (4 * 256, 1024), (3, 40)] {
+    // q/k norms (head dim 128 over many rows: the one-kernel backward), layer norms (hidden
+    // 1024 and 512: the vectorized kernels, 32 and 16 values a lane), a hidden size they do not
+    // take (1,056: the two-kernel backward), and a small odd case.
+    for (rows, d) in [
+        (4 * 256 * 16, 128),
+        (4 * 256, 1024),
+        (77, 512),
+        (33, 1056),
+        (3, 40),
+    ] {
         for dtype in [DType::F32, DType::BF16] {
             let x = var(&[rows, d], 2.0, dtype, &dev);
             let w = Var::from_tensor(&(Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap())
@@ -650,10 +657,9 @@ fn hand_written_step_matches_autograd() {
         let mut cfg = Qwen3Config::preset(Preset::Tiny, vocab);
         cfg.num_hidden_layers = 2;
         cfg.tie_word_embeddings = tied;
-        if !tied {
-            // A hidden size past 1024: the RMSNorm backward's two-kernel path.
-            cfg.hidden_size = 1056;
-        }
+        // A hidden size past 1024 (the RMSNorm backward's two-kernel path), and 256 (its
+        // vectorized one-kernel path, which adds into the residual stream's gradient).
+        cfg.hidden_size = if tied { 256 } else { 1056 };
         let ternary = TernarySpec::new(
             vec![
                 Projection::Q,

@@ -44,6 +44,33 @@ __device__ __forceinline__ void st2(unsigned short* p, long i, float a, float b)
     *(unsigned int*)(p + i) = (unsigned int)f32_to_bf16(a) | ((unsigned int)f32_to_bf16(b) << 16);
 }
 
+// Eight neighbouring values at a multiple of 8 (16 bytes of bf16, 32 of f32).
+__device__ __forceinline__ void ld8(const float* p, long i, float* v) {
+    float4 a = *(const float4*)(p + i), b = *(const float4*)(p + i + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void ld8(const unsigned short* p, long i, float* v) {
+    uint4 u = *(const uint4*)(p + i);
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        v[2 * k] = __uint_as_float(w[k] << 16);
+        v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void st8(float* p, long i, const float* v) {
+    *(float4*)(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+    *(float4*)(p + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void st8(unsigned short* p, long i, const float* v) {
+    unsigned int w[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+        w[k] = (unsigned int)f32_to_bf16(v[2 * k]) | ((unsigned int)f32_to_bf16(v[2 * k + 1]) << 16);
+    *(uint4*)(p + i) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -137,6 +137,110 @@ __device__ void rmsnorm_bwd_small(const T* __restrict__ x, const float* __restri
     add_warp_sums(part, d, dw);
 }
 
+// The same for rows of d = 32 * V (V a multiple of 8), one warp per row held in registers: lane
+// `lane` has the eight values from column 8 * (32 * t + lane) for t < V / 8 (each load of the
+// warp is 512 contiguous bytes of bf16).
+template <typename T, int V>
+__device__ void rmsnorm_v(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y,
+                          long rows, float eps) {
+    constexpr int d = 32 * V;
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    float xv[V];
+    float ss = 0.f;
+#pragma unroll
+    for (int t = 0; t < V / 8; t++) ld8(x + row * d, 8 * (32 * t + lane), xv + 8 * t);
+#pragma unroll
+    for (int i = 0; i < V; i++) ss += xv[i] * xv[i];
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+#pragma unroll
+    for (int t = 0; t < V / 8; t++) {
+        float wv[8], o[8];
+        ld8(w, 8 * (32 * t + lane), wv);
+#pragma unroll
+        for (int e = 0; e < 8; e++) o[e] = xv[8 * t + e] * r * wv[e];
+        st8(y + row * d, 8 * (32 * t + lane), o);
+    }
+}
+
+// The whole backward in one pass for rows of d = 32 * V (V a multiple of 8; the hidden-sized
+// norms), laid out as in rmsnorm_v: dx written (added to when ADD, the residual stream's
+// gradient), and dw (f32, zeroed by the caller) as in rmsnorm_bwd_small: a block of 8 warps
+// takes `per_block` rows, each lane sums dy * x * r over its warp's rows for its columns, the
+// warps' sums meet in shared memory, one atomic add per column per block.
+template <typename T, bool ADD, int V>
+__device__ void rmsnorm_bwd_v(const T* __restrict__ x, const float* __restrict__ w,
+                              const T* __restrict__ dy, T* __restrict__ dx,
+                              float* __restrict__ dw, long rows, float eps, int per_block) {
+    constexpr int d = 32 * V;
+    __shared__ float part[8][d];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float acc[V];
+#pragma unroll
+    for (int i = 0; i < V; i++) acc[i] = 0.f;
+    long first = (long)blockIdx.x * per_block;
+    for (int k = warp; k < per_block; k += 8) {
+        long row = first + k;
+        if (row >= rows) break;
+        float xv[V], gv[V];
+        float ss = 0.f, gx = 0.f;
+#pragma unroll
+        for (int t = 0; t < V / 8; t++) {
+            float wv[8];
+            ld8(x + row * d, 8 * (32 * t + lane), xv + 8 * t);
+            ld8(dy + row * d, 8 * (32 * t + lane), gv + 8 * t);
+            ld8(w, 8 * (32 * t + lane), wv);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                ss += xv[8 * t + e] * xv[8 * t + e];
+                gx += wv[e] * gv[8 * t + e] * xv[8 * t + e];
+            }
+        }
+        ss = warp_sum(ss);
+        gx = warp_sum(gx);
+        const float r = rsqrtf(ss / d + eps);
+        const float c = r * r * r * gx / d;
+#pragma unroll
+        for (int t = 0; t < V / 8; t++) {
+            const long at = row * d + 8 * (32 * t + lane);
+            float wv[8], o[8], old[8];
+            ld8(w, 8 * (32 * t + lane), wv);
+            if (ADD) ld8(dx, at, old);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const float v = r * (wv[e] * gv[8 * t + e]) - c * xv[8 * t + e];
+                o[e] = ADD ? old[e] + v : v;
+                acc[8 * t + e] += gv[8 * t + e] * xv[8 * t + e] * r;
+            }
+            st8(dx, at, o);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < V / 8; t++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) part[warp][8 * (32 * t + lane) + e] = acc[8 * t + e];
+    add_warp_sums(part, d, dw);
+}
+
+#define NORM_V(SUF, T, V)                                                                      \
+extern "C" __global__ void rmsnorm_v##V##_##SUF(const T* x, const float* w, T* y, long rows,  \
+                                               float eps) {                                   \
+    rmsnorm_v<T, V>(x, w, y, rows, eps);                                                       \
+}                                                                                              \
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_v##V##_##SUF(                   \
+    const T* x, const float* w, const T* dy, T* dx, float* dw, long rows, float eps,           \
+    int per_block) {                                                                           \
+    rmsnorm_bwd_v<T, false, V>(x, w, dy, dx, dw, rows, eps, per_block);                        \
+}                                                                                              \
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_add_v##V##_##SUF(               \
+    const T* x, const float* w, const T* dy, T* dx, float* dw, long rows, float eps,           \
+    int per_block) {                                                                           \
+    rmsnorm_bwd_v<T, true, V>(x, w, dy, dx, dw, rows, eps, per_block);                         \
+}
+#define NORMS_V(SUF, T) NORM_V(SUF, T, 8) NORM_V(SUF, T, 16) NORM_V(SUF, T, 32)
+INSTANCES(NORMS_V)
+
 #define NORM(SUF, T)                                                                           \
 extern "C" __global__ void rmsnorm_##SUF(const T* x, const float* w, T* y, long rows, int d,  \
                                          float eps) {                                          \

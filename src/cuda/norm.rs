@@ -8,6 +8,15 @@ use candle_core::{CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 static KERNELS: Family = family!("ternlab_norm", "norm.cu");
 
+/// The values per lane of the vectorized kernels (`rmsnorm_v{V}`, `rmsnorm_bwd{,_add}_v{V}`) for
+/// rows of `d`, if they take it: d = 32 * V for V = 8, 16 or 32 (rows of 256, 512 or 1,024),
+/// every buffer aligned for 16-byte accesses.
+fn vector_width(d: usize, bufs: &[&Buf]) -> Option<usize> {
+    let aligned = bufs.iter().all(|b| b.p.is_multiple_of(16));
+    let v = d / 32;
+    (d.is_multiple_of(32) && matches!(v, 8 | 16 | 32) && aligned).then_some(v)
+}
+
 /// The rows of `x` for a weight of `d`, checking that `x` holds whole rows.
 fn rows(what: &str, x: &Buf, d: usize) -> Result<usize> {
     if d == 0 || !x.n().is_multiple_of(d) {
@@ -16,13 +25,29 @@ fn rows(what: &str, x: &Buf, d: usize) -> Result<usize> {
     Ok(x.n() / d)
 }
 
-/// `rmsnorm(const T* x, const float* w, T* y, long rows, int d, float eps)`: y = x * r * w.
+/// `rmsnorm(const T* x, const float* w, T* y, long rows, int d, float eps)`: y = x * r * w;
+/// `rmsnorm_v{V}(x, w, y, rows, eps)` where `vector_width` allows.
 pub fn rmsnorm(gpu: &Gpu, x: &impl AsBuf, w: &impl AsBuf, y: &impl AsBuf, eps: f32) -> Result<()> {
     let (x, w, y) = (x.buf()?, w.buf()?, y.buf()?);
     let d = w.n();
     let rows = rows("rmsnorm", &x, d)?;
     w.expect("rmsnorm: w", d, DType::F32)?;
     y.expect("rmsnorm: y", x.n(), x.dtype)?;
+    if let Some(v) = vector_width(d, &[&x, &w, &y]) {
+        return gpu
+            .kernel(
+                &KERNELS,
+                &format!("rmsnorm_v{v}"),
+                Some(x.dtype),
+                warp_per_row(rows),
+            )?
+            .buf(&x)
+            .buf(&w)
+            .buf(&y)
+            .i64(rows)
+            .f32(eps)
+            .go();
+    }
     gpu.kernel(&KERNELS, "rmsnorm", Some(x.dtype), warp_per_row(rows))?
         .buf(&x)
         .buf(&w)
@@ -146,7 +171,8 @@ pub fn rmsnorm_back_small(
 /// The RMSNorm backward for input `x` (rows of d), f32 weight `w` and output gradient `dy`:
 /// the input gradient written to `dx` (or added to it when `add`: the residual stream's
 /// gradient); returns the weight's gradient (d, f32). The hand-written step and the autograd
-/// op both take this.
+/// op both take this. Where `vector_width` allows, one kernel, `rmsnorm_bwd[_add]_v{V}(const T*
+/// x, const float* w, const T* dy, T* dx, float* dw, long rows, float eps, int per_block)`.
 pub fn backward(
     gpu: &Gpu,
     x: &Tensor,
@@ -158,6 +184,33 @@ pub fn backward(
 ) -> Result<Tensor> {
     let d = w.elem_count();
     let dw = gpu.zeros(d, DType::F32)?;
+    let bufs = [x.buf()?, w.buf()?, dy.buf()?, dx.buf()?];
+    if let Some(v) = vector_width(d, &bufs.iter().collect::<Vec<_>>()) {
+        let [x, w, dy, dx] = &bufs;
+        let rows = rows("rmsnorm_bwd_v", x, d)?;
+        w.expect("rmsnorm_bwd_v: w", d, DType::F32)?;
+        dy.expect("rmsnorm_bwd_v: dy", x.n(), x.dtype)?;
+        dx.expect("rmsnorm_bwd_v: dx", x.n(), x.dtype)?;
+        // about two blocks of 8 warps per SM of an H100 at 16 x 1024 tokens, at least a row a warp
+        let per_block = rows.div_ceil(256).next_multiple_of(8).clamp(8, 256);
+        let name = format!("rmsnorm_bwd{}_v{v}", if add { "_add" } else { "" });
+        gpu.kernel(
+            &KERNELS,
+            &name,
+            Some(x.dtype),
+            blocks(rows.div_ceil(per_block), 256),
+        )?
+        .buf(x)
+        .buf(w)
+        .buf(dy)
+        .buf(dx)
+        .buf(&dw.buf()?)
+        .i64(rows)
+        .f32(eps)
+        .i32(per_block)
+        .go()?;
+        return Ok(dw);
+    }
     if d <= 128 && !add {
         // Head-sized rows (the q/k norms): one kernel for dx and dw. (For hidden-sized rows
         // the one-kernel version measured slower than these two on an H200.)
