@@ -90,8 +90,9 @@ fn tol(dtype: DType, f32_tol: f64, bf16_tol: f64) -> f64 {
     }
 }
 
-/// Every quantizer: groups of columns, a row, a whole matrix (the kernel's block path past
-/// 8192 weights), absmean and absmax scales, scales rounded to f32, bf16 and f16.
+/// Every quantizer: groups of columns (32, 64, 128, 256, 512: the 16-byte kernels), a row (a
+/// warp a group), a whole matrix (the kernel's block path past 8192 weights), absmean and
+/// absmax scales, scales rounded to f32, bf16 and f16.
 #[test]
 fn ternary_projection_matches_the_composed_one() {
     use ternlab::quant::{Quant, ScaleDtype, ScaleRule};
@@ -99,6 +100,9 @@ fn ternary_projection_matches_the_composed_one() {
     for (rows, cols, group) in [
         (64, 256, 128),
         (96, 384, 32),
+        (48, 320, 64),
+        (40, 512, 256),
+        (16, 1024, 512),
         (8, 3072, 3072),
         (96, 384, 96 * 384),
     ] {

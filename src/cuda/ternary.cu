@@ -55,6 +55,46 @@ __device__ void ternarize(const float* w, T* out, long groups, int g, int absmax
     for (int i = lane; i < g; i += 32) st(out, warp * g + i, ternary_value(src[i], s, lambda));
 }
 
+// The same for groups of 32, 64 or 128 * C weights, four neighbouring weights a lane per 16-byte
+// load and every weight in registers between the passes: a warp takes 128 * C consecutive
+// weights (n a multiple of that), a group spans g / 4 lanes (the whole warp from g = 128 on).
+template <typename T, int C>
+__device__ void ternarize_v(const float* __restrict__ w, T* __restrict__ out, long n, int g,
+                            int absmax, int sdt, float min, float lambda) {
+    long base = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32 * (128 * C);
+    int lane = threadIdx.x % 32;
+    if (base >= n) return;
+    float v[C][4];
+    float acc = 0.f;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        float4 t = *(const float4*)(w + base + 128 * c + 4 * lane);
+        v[c][0] = t.x; v[c][1] = t.y; v[c][2] = t.z; v[c][3] = t.w;
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc = absmax ? fmaxf(acc, fabsf(v[c][e])) : acc + fabsf(v[c][e]);
+    }
+    for (int o = (g >= 128 ? 32 : g / 4) / 2; o > 0; o /= 2) {
+        float other = __shfl_xor_sync(0xffffffffu, acc, o);
+        acc = absmax ? fmaxf(acc, other) : acc + other;
+    }
+    float s = group_scale(acc, g, absmax, sdt, min);
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        float o[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[e] = ternary_value(v[c][e], s, lambda);
+        const long at = base + 128 * c + 4 * lane;
+        if (sizeof(T) == 4) {
+            *(float4*)((float*)out + at) = make_float4(o[0], o[1], o[2], o[3]);
+        } else {
+            uint2 u;
+            u.x = (unsigned int)f32_to_bf16(o[0]) | ((unsigned int)f32_to_bf16(o[1]) << 16);
+            u.y = (unsigned int)f32_to_bf16(o[2]) | ((unsigned int)f32_to_bf16(o[3]) << 16);
+            *(uint2*)((unsigned short*)out + at) = u;
+        }
+    }
+}
+
 // Large groups (a whole matrix): one block of 1024 threads per group finds its scale...
 extern "C" __global__ void ternary_scales(const float* w, float* scales, long groups, long g,
                                           int absmax, int sdt, float min) {
@@ -136,6 +176,18 @@ __device__ void act_quant(const T* x, T* y, long rows, int d) {
 extern "C" __global__ void ternarize_##SUF(const float* w, T* out, long groups, int g,        \
                                            int absmax, int sdt, float min, float lambda) {     \
     ternarize<T>(w, out, groups, g, absmax, sdt, min, lambda);                                 \
+}                                                                                              \
+extern "C" __global__ void ternarize_v1_##SUF(const float* w, T* out, long n, int g, int absmax, \
+                                              int sdt, float min, float lambda) {             \
+    ternarize_v<T, 1>(w, out, n, g, absmax, sdt, min, lambda);                                 \
+}                                                                                              \
+extern "C" __global__ void ternarize_v2_##SUF(const float* w, T* out, long n, int g, int absmax, \
+                                              int sdt, float min, float lambda) {             \
+    ternarize_v<T, 2>(w, out, n, g, absmax, sdt, min, lambda);                                 \
+}                                                                                              \
+extern "C" __global__ void ternarize_v4_##SUF(const float* w, T* out, long n, int g, int absmax, \
+                                              int sdt, float min, float lambda) {             \
+    ternarize_v<T, 4>(w, out, n, g, absmax, sdt, min, lambda);                                 \
 }                                                                                              \
 extern "C" __global__ void ternary_apply_##SUF(const float* w, const float* scales, T* out,    \
                                                long n, long g, int sdt, float min,             \

@@ -33,8 +33,9 @@ fn groups_of(kernel: &str, n: usize, q: Quant) -> Result<usize> {
     Ok(n / g)
 }
 
-/// `ternarize(const float* w, T* out, long groups, int g, int absmax, int sdt, float min,
-/// float lambda)`, or for groups over `WARP_GROUP_MAX` `ternary_scales(const float* w, float*
+/// `ternarize_v{C}(const float* w, T* out, long n, int g, int absmax, int sdt, float min,
+/// float lambda)` for groups of 32, 64 or 128 * C (C = 1, 2, 4), else `ternarize(const float*
+/// w, T* out, long groups, int g, int absmax, int sdt, float min, float lambda)`, or for groups over `WARP_GROUP_MAX` `ternary_scales(const float* w, float*
 /// scales, long groups, long g, int absmax, int sdt, float min)` then `ternary_apply(const
 /// float* w, const float* scales, T* out, long n, long g, int sdt, float min, float lambda)`:
 /// `out` (w's count, f32 or bf16) = W_t of the f32 latent `w` under `q`, or
@@ -51,6 +52,28 @@ pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant, lambda: 
     let groups = groups_of("ternarize", n, q)?;
     let absmax = usize::from(q.scale == ScaleRule::Absmax);
     let (sdt, min) = scale_args(q);
+    // 16-byte loads: groups of 32, 64, 128, 256 or 512 over whole warps' spans, 16-byte
+    // aligned buffers
+    let c = if g <= 128 { 1 } else { g / 128 };
+    let aligned = w.p.is_multiple_of(16) && out.p.is_multiple_of(16);
+    if matches!(g, 32 | 64 | 128 | 256 | 512) && n.is_multiple_of(128 * c) && aligned {
+        return gpu
+            .kernel(
+                &KERNELS,
+                &format!("ternarize_v{c}"),
+                Some(out.dtype),
+                warp_per_row(n / (128 * c)),
+            )?
+            .buf(&w)
+            .buf(&out)
+            .i64(n)
+            .i32(g)
+            .i32(absmax)
+            .i32(sdt)
+            .f32(min)
+            .f32(lambda)
+            .go();
+    }
     if g <= WARP_GROUP_MAX {
         return gpu
             .kernel(&KERNELS, "ternarize", Some(out.dtype), warp_per_row(groups))?
