@@ -570,8 +570,11 @@ fn silu_gate_matches_the_composed_one() {
 #[test]
 fn cross_entropy_matches_the_composed_one() {
     let dev = gpu();
-    // A Qwen3-sized vocabulary (pairs of logits per access), and a small odd one.
-    for v in [151_936usize, 37] {
+    // A Qwen3-sized vocabulary (eight logits per access), an even one that is not a multiple of
+    // eight (pairs), and a small odd one (one at a time).
+    // The bound on bf16 gradients: measured 5e-10 at V = 151,936 (H100, H200) and 1.4e-4 at
+    // V = 302 (H200: one element's bf16 rounding apart, the gradients being ~1 / V).
+    for (v, bf16_grad) in [(151_936usize, 1e-4), (302, 3e-4), (37, 1e-4)] {
         for dtype in [DType::F32, DType::BF16] {
             let x = var(&[2, 9, v], 3.0, dtype, &dev);
             let t: Vec<u32> = (0..18u32).map(|i| (i * 7919) % v as u32).collect();
@@ -586,7 +589,7 @@ fn cross_entropy_matches_the_composed_one() {
                 loss(Ops::Fused),
                 loss(Ops::Composed),
                 1e-6,
-                tol(dtype, 2e-6, 1e-4),
+                tol(dtype, 2e-6, bf16_grad),
             );
         }
     }

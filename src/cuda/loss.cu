@@ -43,7 +43,38 @@ __device__ void cross_entropy(const T* x, const unsigned int* y, float* loss, T*
     const T* xr = x + row * v;
     float m = -3.0e38f, s = 0.f;
     bool pairs = (v % 2) == 0;
-    if (pairs) {
+    // Eight logits per access (16 bytes of bf16) when every row starts 16-byte aligned.
+    bool eights = (v % 8) == 0 &&
+                  (((unsigned long long)x | (unsigned long long)dx | (unsigned long long)plus) &
+                   15) == 0;
+    // Four such loads in flight a thread, then one merge for the 32 logits.
+    const int stride = 8 * blockDim.x;
+    if (eights) {
+        for (int j0 = 8 * threadIdx.x; j0 < v; j0 += 4 * stride) {
+            float a[4][8];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                if (j0 + u * stride < v) {
+                    ld8(xr, j0 + u * stride, a[u]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) a[u][e] = -3.0e38f;
+                }
+            }
+            float hi = m;
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) hi = fmaxf(hi, a[u][e]);
+            float sum = 0.f;
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) sum += __expf(a[u][e] - hi);
+            s = s * __expf(m - hi) + sum;
+            m = hi;
+        }
+    } else if (pairs) {
         for (int j = 2 * threadIdx.x; j < v; j += 2 * blockDim.x) {
             float a, b;
             ld2(xr, j, a, b);
@@ -61,7 +92,31 @@ __device__ void cross_entropy(const T* x, const unsigned int* y, float* loss, T*
     float g = scale * (row_grad ? row_grad[row] : 1.f);
     T* dr = dx + row * v;
     const T* pr = plus ? plus + row * v : 0;
-    if (pairs) {
+    if (eights) {
+        for (int j0 = 8 * threadIdx.x; j0 < v; j0 += 2 * stride) {
+            // (both loads before either store: dx may be x)
+            float a[2][8], p[2][8];
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) p[u][e] = 0.f;
+                if (j0 + u * stride < v) {
+                    ld8(xr, j0 + u * stride, a[u]);
+                    if (pr) ld8(pr, j0 + u * stride, p[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int j = j0 + u * stride;
+                if (j >= v) break;
+                float o[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++)
+                    o[e] = g * (__expf(a[u][e] - lse) - (j + e == t ? 1.f : 0.f)) + p[u][e];
+                st8(dr, j, o);
+            }
+        }
+    } else if (pairs) {
         for (int j = 2 * threadIdx.x; j < v; j += 2 * blockDim.x) {
             float a, b, pa = 0.f, pb = 0.f;
             ld2(xr, j, a, b);
