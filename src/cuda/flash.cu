@@ -22,7 +22,6 @@
 #define FA_WARPS 8  // warps per block, each 16 rows (query rows, or keys in the key/value backward)
 #define FA_BM 128  // query rows per block (forward, query-side backward): FA_WARPS * 16
 #define FA_BN 64   // keys per tile (forward, query-side backward)
-#define FA_KB 128  // keys per block of the key/value backward: FA_WARPS * 16
 #define FA_QT 64   // query rows per tile of the key/value backward
 #define FA_PAD 8   // shared rows padded by 16 bytes: the fragment loads are free of bank conflicts
 #define FA_NEG_INF __int_as_float(0xff800000)
@@ -113,10 +112,10 @@ __device__ __forceinline__ void fa_wait() {
 
 // Starts copying N rows (from row `first`, of `count` in all) of a tensor into a shared tile,
 // zeros past the last row; every copy is in flight at once (the caller commits and waits). The
-// block's FA_WARPS * 32 threads each copy 16 bytes of a row, the same column every pass.
+// block's NT threads each copy 16 bytes of a row, the same column every pass.
 // GROUPED: rows are (position, head in group) of r heads; else row i is position i. With `y`,
 // the same rows of a second tensor (strides yb, yk, yl) go to `ytile`.
-template <int D, int N, bool GROUPED>
+template <int D, int N, bool GROUPED, int NT = FA_WARPS * 32>
 __device__ __forceinline__ void fa_load(unsigned short (*tile)[D + FA_PAD],
                                         const unsigned short* __restrict__ x, int g, int nk,
                                         int r, int first, int count, long sb, long sk, long sl,
@@ -124,7 +123,7 @@ __device__ __forceinline__ void fa_load(unsigned short (*tile)[D + FA_PAD],
                                         const unsigned short* __restrict__ y = nullptr,
                                         long yb = 0, long yk = 0, long yl = 0) {
     constexpr int per_row = D / 8;                 // 16-byte copies per row
-    constexpr int step = FA_WARPS * 32 / per_row;  // rows one pass of the block covers
+    constexpr int step = NT / per_row;             // rows one pass of the block's NT threads covers
     static_assert(N % step == 0, "a tile is whole passes of the block");
     const int col = (threadIdx.x % per_row) * 8;
     const long b = g / nk, h = g % nk;
@@ -466,12 +465,13 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
 }
 
 // Backward, the key/value side: dv = P^T dO and dk = scale * dS^T q, summed over every query
-// row of the group (all R heads) that sees the keys. One block per FA_KB keys of a group
-// (blockIdx.x; the first keys, seen by the most rows, first), each warp 16 keys, over tiles of
-// FA_QT query rows from the first row that sees the block's first key. It works in the
+// row of the group (all R heads) that sees the keys. One block of W warps per 16 * W keys of a
+// group (blockIdx.x; the first keys, seen by the most rows, first), each warp 16 keys, over tiles
+// of FA_QT query rows from the first row that sees the block's first key (W = 8; W = 4 where
+// blocks of 128 keys would leave SMs idle: short sequences). It works in the
 // transposed products (S^T = k q^T, dP^T = v dO^T), so each warp's C tiles are its keys' rows.
 // Dynamic shared memory: k, v, q and dO tiles, and the rows' lse and delta.
-template <int D>
+template <int D, int W>
 __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
                                const unsigned short* __restrict__ k,
                                const unsigned short* __restrict__ v,
@@ -483,15 +483,16 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
                                long vl, long db, long dk, long dl, long gkb, long gkk, long gkl,
                                long gvb, long gvk, long gvl, float sl2, float scale) {
     typedef unsigned short Row[D + FA_PAD];
+    constexpr int KB = 16 * W, NT = 32 * W;  // keys and threads of a block
     extern __shared__ __align__(16) unsigned short fa_shared[];
     Row* ks = (Row*)fa_shared;
-    Row* vs = ks + FA_KB;
+    Row* vs = ks + KB;
     // two buffers of (q, dO) tiles and of the rows' lse, delta and positions
-    Row* qdos = vs + FA_KB;
+    Row* qdos = vs + KB;
     float* rowv = (float*)(qdos + 4 * FA_QT);
     const int g = blockIdx.y;
     const int rows = l * r;
-    const int j0 = blockIdx.x * FA_KB;
+    const int j0 = blockIdx.x * KB;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
     const int w0 = warp * 16;
     const int ka = j0 + w0 + gr, kb_ = ka + 8;
@@ -500,8 +501,8 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
     // position.
     auto load_rows = [&](int i0, int b) {
         Row* qs = qdos + b * 2 * FA_QT;
-        fa_load<D, FA_QT, true>(qs, q, g, nk, r, i0, rows, qb, qk, ql, qs + FA_QT, dout, db, dk,
-                                dl);
+        fa_load<D, FA_QT, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql, qs + FA_QT, dout, db,
+                                    dk, dl);
         float* rv = rowv + b * 3 * FA_QT;
         const int c = threadIdx.x;
         if (c < FA_QT) {
@@ -514,7 +515,7 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
         }
         if (c < FA_QT) ((int*)rv)[2 * FA_QT + c] = (i0 + c) / r;
     };
-    fa_load<D, FA_KB, false>(ks, k, g, nk, 1, j0, l, kb, kk, kl, vs, v, vb, vk, vl);
+    fa_load<D, KB, false, NT>(ks, k, g, nk, 1, j0, l, kb, kk, kl, vs, v, vb, vk, vl);
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) {
@@ -538,7 +539,7 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
             fa_wait<0>();
         }
         __syncthreads();
-        const bool masked = i0 / r < j0 + FA_KB - 1;
+        const bool masked = i0 / r < j0 + KB - 1;
         float s[FA_QT / 8][4];
         fa_abt<D, FA_QT / 8>(s, ks, w0, qs, lane);
 #pragma unroll
@@ -588,29 +589,39 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
 #define FLASH(D)                                                                               \
 extern "C" __global__ void __launch_bounds__(256)                                              \
 flash_fwd_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,      \
-               unsigned short* o, float* lse, int nk, int r, int l, long qb, long qk, long ql,  \
+               unsigned short* o, float* lse, int nk, int r, int l, long qb, long qk, long ql, \
                long kb, long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol, \
                float sl2) {                                                                    \
-    flash_fwd<D>(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol,     \
+    flash_fwd<D>(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol,    \
                  sl2);                                                                         \
 }                                                                                              \
 extern "C" __global__ void __launch_bounds__(256)                                              \
 flash_bwd_dq_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,   \
                   const unsigned short* dout, const float* lse, const float* delta,            \
                   unsigned short* dq, int nk, int r, int l, long qb, long qk, long ql, long kb, \
-                  long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,       \
+                  long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,      \
                   long gb, long gk, long gl, float sl2, float scale) {                         \
-    flash_bwd_dq<D>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk,    \
+    flash_bwd_dq<D>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk,   \
                     vl, db, dk, dl, gb, gk, gl, sl2, scale);                                   \
 }                                                                                              \
 extern "C" __global__ void __launch_bounds__(256)                                              \
 flash_bwd_dkdv_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v, \
                     const unsigned short* dout, const float* lse, const float* delta,          \
-                    unsigned short* dkey, unsigned short* dval, int nk, int r, int l, long qb,  \
-                    long qk, long ql, long kb, long kk, long kl, long vb, long vk, long vl,     \
-                    long db, long dk, long dl, long gkb, long gkk, long gkl, long gvb,          \
+                    unsigned short* dkey, unsigned short* dval, int nk, int r, int l, long qb, \
+                    long qk, long ql, long kb, long kk, long kl, long vb, long vk, long vl,    \
+                    long db, long dk, long dl, long gkb, long gkk, long gkl, long gvb,         \
                     long gvk, long gvl, float sl2, float scale) {                              \
-    flash_bwd_dkdv<D>(q, k, v, dout, lse, delta, dkey, dval, nk, r, l, qb, qk, ql, kb, kk, kl,  \
+    flash_bwd_dkdv<D, 8>(q, k, v, dout, lse, delta, dkey, dval, nk, r, l, qb, qk, ql, kb, kk, kl, \
+                      vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2, scale);       \
+}                                                                                              \
+extern "C" __global__ void __launch_bounds__(128)                                              \
+flash_bwd_dkdv_w4_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v, \
+                    const unsigned short* dout, const float* lse, const float* delta,          \
+                    unsigned short* dkey, unsigned short* dval, int nk, int r, int l, long qb, \
+                    long qk, long ql, long kb, long kk, long kl, long vb, long vk, long vl,    \
+                    long db, long dk, long dl, long gkb, long gkk, long gkl, long gvb,         \
+                    long gvk, long gvl, float sl2, float scale) {                              \
+    flash_bwd_dkdv<D, 4>(q, k, v, dout, lse, delta, dkey, dval, nk, r, l, qb, qk, ql, kb, kk, kl, \
                       vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2, scale);       \
 }
 FLASH(32)

@@ -45,6 +45,9 @@ pub struct Flash {
     pub l: usize,
     pub d: usize,
     pub scale: f32,
+    /// Keys a block of the key/value backward takes: 128, or 64 (four warps); None chooses
+    /// (64 where blocks of 128 would be fewer than the card's SMs).
+    pub key_block: Option<usize>,
 }
 
 impl Flash {
@@ -56,6 +59,7 @@ impl Flash {
             l,
             d,
             scale: 1.0 / (d as f32).sqrt(),
+            key_block: None,
         }
     }
 
@@ -151,10 +155,11 @@ impl Flash {
         TILE * (self.d + PAD) * 2
     }
 
-    fn grid(&self, items: usize) -> LaunchConfig {
+    /// Blocks of `block` rows (16 a warp) over `items` rows of each group.
+    fn grid(&self, items: usize, block: usize) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: (items.div_ceil(BLOCK) as u32, self.groups() as u32, 1),
-            block_dim: ((BLOCK / 16 * 32) as u32, 1, 1),
+            grid_dim: (items.div_ceil(block) as u32, self.groups() as u32, 1),
+            block_dim: ((block / 16 * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         }
     }
@@ -187,7 +192,7 @@ impl Flash {
         let name = format!("flash_fwd_d{}", self.d);
         // two buffers of (k, v) tiles
         let launch = gpu
-            .kernel(&KERNELS, &name, None, self.grid(self.rows()))?
+            .kernel(&KERNELS, &name, None, self.grid(self.rows(), BLOCK))?
             .smem(4 * self.tile());
         let launch = [&q, &k, &v, &o, &lse]
             .into_iter()
@@ -243,10 +248,10 @@ impl Flash {
         // `flash_bwd_{dkdv,dq}_d{D}(q, k, v, dout, lse, delta, outputs.., nk, r, l, q, k, v and
         // dout strides, the outputs' strides, sl2, scale)`
         let tile = self.tile();
-        let backward = |kernel: &str, items, smem, outputs: &[(&Buf, Rows)]| {
+        let backward = |kernel: &str, (items, block), smem, outputs: &[(&Buf, Rows)]| {
             let name = format!("flash_bwd_{kernel}_d{d}");
             let launch = gpu
-                .kernel(&KERNELS, &name, None, self.grid(items))?
+                .kernel(&KERNELS, &name, None, self.grid(items, block))?
                 .smem(smem);
             let inputs = [&qb, &kb, &vb, &db, &lb, &deb].into_iter();
             let launch = inputs
@@ -260,16 +265,24 @@ impl Flash {
                 .f32(self.scale)
                 .go()
         };
-        // the block's keys and values, and two buffers of (q, dO) tiles with their rows' lse,
-        // delta and position
+        // Blocks of BLOCK keys, or of half as many (`_w4`, four warps) where that leaves SMs
+        // idle (short sequences: 4 x 256 of Qwen3-0.6B is 64 blocks of 128 keys); each holds its
+        // keys and values, and two buffers of (q, dO) tiles with their rows' lse, delta and
+        // position.
+        let keys = match self.key_block {
+            Some(keys) if keys == BLOCK || keys == BLOCK / 2 => keys,
+            Some(keys) => candle_core::bail!("flash attention: blocks of {keys} keys (64 or 128)"),
+            None if self.l.div_ceil(BLOCK) * groups < gpu.sm_count()? => BLOCK / 2,
+            None => BLOCK,
+        };
         backward(
-            "dkdv",
-            self.l,
-            8 * tile + 2 * 3 * TILE * 4,
+            if keys == BLOCK { "dkdv" } else { "dkdv_w4" },
+            (self.l, keys),
+            (2 * keys / TILE + 4) * tile + 2 * 3 * TILE * 4,
             &[(&dkb, self.k_rows()), (&dvb, self.v_rows())],
         )?;
         // the block's q and dO rows, and two buffers of (k, v) tiles
-        backward("dq", rows, 8 * tile, &[(&dqb, self.q_rows())])?;
+        backward("dq", (rows, BLOCK), 8 * tile, &[(&dqb, self.q_rows())])?;
         Ok((dq, dk, dv))
     }
 

@@ -269,6 +269,16 @@ impl Gpu {
         self.dev.cuda_stream().context().compute_capability().w()
     }
 
+    /// The card's streaming multiprocessors.
+    pub fn sm_count(&self) -> Result<usize> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        let context = self.dev.cuda_stream().context().clone();
+        let n = context
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .w()?;
+        Ok(n.max(1) as usize)
+    }
+
     /// Runs `f`, timed alone under `name` when profiling (`TERNLAB_PROFILE=1`).
     pub fn timed<R>(&self, name: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
         if !profiling() {
