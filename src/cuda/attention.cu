@@ -90,22 +90,22 @@ __device__ void norm_rope_v(const T* __restrict__ x, const float* __restrict__ w
     rope_rows(row, heads, group, l, pos, out_row);
     int e0 = V * lane;
     float v[V], ss = 0.f;
-#pragma unroll
-    for (int t = 0; t < V; t += 2) ld2(x + row * d, e0 + t, v[t], v[t + 1]);
+    ldv<V>(x + row * d, e0, v);
 #pragma unroll
     for (int t = 0; t < V; t++) ss += v[t] * v[t];
     float r = rsqrtf(warp_sum(ss) / d + eps);
-    const float* c = cos + (long)pos * d + e0;
-    const float* s = sin + (long)pos * d + e0;
+    float c[V], s[V], wv[V];
+    ldv<V>(cos + (long)pos * d, e0, c);
+    ldv<V>(sin + (long)pos * d, e0, s);
+    ldv<V>(w, e0, wv);
     float sign = lane < 16 ? -1.f : 1.f, o[V];
 #pragma unroll
     for (int t = 0; t < V; t++) {
-        float n = v[t] * r * w[e0 + t];
+        float n = v[t] * r * wv[t];
         float p = __shfl_xor_sync(0xffffffffu, n, 16);
         o[t] = n * c[t] + sign * (p * s[t]);
     }
-#pragma unroll
-    for (int t = 0; t < V; t += 2) st2(y + out_row * d, e0 + t, o[t], o[t + 1]);
+    stv<V>(y + out_row * d, e0, o);
 }
 
 // RoPE's and the head transpose's backward followed by the q/k norm's (norm.cu's
@@ -123,7 +123,8 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
     const int d = 32 * V;
     __shared__ float part[8][d];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e0 = V * lane;
-    float sign = lane < 16 ? 1.f : -1.f, acc[V];
+    float sign = lane < 16 ? 1.f : -1.f, acc[V], wv[V];
+    ldv<V>(w, e0, wv);
 #pragma unroll
     for (int t = 0; t < V; t++) acc[t] = 0.f;
     long first = (long)blockIdx.x * per_block;
@@ -133,20 +134,17 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
         int pos;
         long in_row;
         rope_rows(row, heads, group, l, pos, in_row);
-        const float* c = cos + (long)pos * d + e0;
-        const float* s = sin + (long)pos * d + e0;
-        float g[V], xv[V], ss = 0.f, gx = 0.f;
-#pragma unroll
-        for (int t = 0; t < V; t += 2) {
-            ld2(dy + in_row * d, e0 + t, g[t], g[t + 1]);
-            ld2(x + row * d, e0 + t, xv[t], xv[t + 1]);
-        }
+        float c[V], s[V], g[V], xv[V], ss = 0.f, gx = 0.f;
+        ldv<V>(dy + in_row * d, e0, g);
+        ldv<V>(x + row * d, e0, xv);
+        ldv<V>(cos + (long)pos * d, e0, c);
+        ldv<V>(sin + (long)pos * d, e0, s);
 #pragma unroll
         for (int t = 0; t < V; t++) {
             float p = __shfl_xor_sync(0xffffffffu, g[t] * s[t], 16);
             g[t] = as_stored(dy, g[t] * c[t] + sign * p);
             ss += xv[t] * xv[t];
-            gx += w[e0 + t] * g[t] * xv[t];
+            gx += wv[t] * g[t] * xv[t];
         }
         ss = warp_sum(ss);
         gx = warp_sum(gx);
@@ -154,11 +152,10 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
         float cc = r * r * r * gx / d, o[V];
 #pragma unroll
         for (int t = 0; t < V; t++) {
-            o[t] = r * (w[e0 + t] * g[t]) - cc * xv[t];
+            o[t] = r * (wv[t] * g[t]) - cc * xv[t];
             acc[t] += g[t] * xv[t] * r;
         }
-#pragma unroll
-        for (int t = 0; t < V; t += 2) st2(dx + row * d, e0 + t, o[t], o[t + 1]);
+        stv<V>(dx + row * d, e0, o);
     }
 #pragma unroll
     for (int t = 0; t < V; t++) part[warp][e0 + t] = acc[t];

@@ -31,7 +31,7 @@ pub fn norm_rope(
     w.expect("norm_rope: w", d, DType::F32)?;
     y.expect("norm_rope: y", x.n(), x.dtype)?;
     let rows = x.n() / d;
-    let name = match vector_width(d, &[&x, &y]) {
+    let name = match vector_width(d, &[&x, &y, &w, &cos, &sin]) {
         Some(v) => format!("norm_rope{v}"),
         None => "norm_rope".to_string(),
     };
@@ -80,13 +80,14 @@ pub fn rope_back(
 }
 
 /// The values per lane of the vectorized kernels (`norm_rope{V}`, `rope_norm_bwd{V}`) for rows
-/// of `d`, if they take it: d = 32 * V for V = 2, 4 or 8, every buffer aligned for two values
-/// at a time.
+/// of `d`, if they take it: d = 32 * V for V = 2, 4 or 8, every buffer aligned for a lane's V
+/// values in one access (at most 16 bytes).
 fn vector_width(d: usize, bufs: &[&Buf]) -> Option<usize> {
-    let aligned = bufs
-        .iter()
-        .all(|b| b.p.is_multiple_of(2 * b.dtype.size_in_bytes() as u64));
     let v = d / 32;
+    let aligned = bufs.iter().all(|b| {
+        let bytes = (v * b.dtype.size_in_bytes()).min(16) as u64;
+        bytes > 0 && b.p.is_multiple_of(bytes)
+    });
     (d.is_multiple_of(32) && matches!(v, 2 | 4 | 8) && aligned).then_some(v)
 }
 
@@ -116,7 +117,7 @@ pub fn rope_norm_back(
         sin.buf()?,
         dx.buf()?,
     );
-    let Some(v) = vector_width(d, &[&dyb, &xb, &dxb]) else {
+    let Some(v) = vector_width(d, &[&dyb, &xb, &dxb, &wb, &cb, &sb]) else {
         let g = gpu.empty(dy.shape(), dy.dtype())?;
         rope_back(gpu, dy, cos, sin, &g, (heads, group))?;
         let rows = x.elem_count() / d;
@@ -128,7 +129,9 @@ pub fn rope_norm_back(
     wb.expect("rope_norm_bwd: w", d, DType::F32)?;
     xb.expect("rope_norm_bwd: x", dyb.n(), dyb.dtype)?;
     dxb.expect("rope_norm_bwd: dx", dyb.n(), dyb.dtype)?;
-    let (rows, per_block) = (dyb.n() / d, 64);
+    // at least ~1,000 blocks where there are rows for them: a warp's rows run one after another
+    let rows = dyb.n() / d;
+    let per_block = rows.div_ceil(1024).next_multiple_of(8).clamp(8, 64);
     gpu.kernel(
         &KERNELS,
         &format!("rope_norm_bwd{v}"),

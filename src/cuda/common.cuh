@@ -71,6 +71,62 @@ __device__ __forceinline__ void st8(unsigned short* p, long i, const float* v) {
     *(uint4*)(p + i) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// V = 2, 4 or 8 neighbouring values at a multiple of V (one access of 4 to 16 bytes, two for
+// eight f32).
+template <int V>
+__device__ __forceinline__ void ldv(const float* p, long i, float* v) {
+    if (V == 2) {
+        ld2(p, i, v[0], v[1]);
+    } else if (V == 4) {
+        float4 a = *(const float4*)(p + i);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    } else {
+        ld8(p, i, v);
+    }
+}
+template <int V>
+__device__ __forceinline__ void ldv(const unsigned short* p, long i, float* v) {
+    if (V == 2) {
+        ld2(p, i, v[0], v[1]);
+    } else if (V == 4) {
+        uint2 u = *(const uint2*)(p + i);
+        v[0] = __uint_as_float(u.x << 16); v[1] = __uint_as_float(u.x & 0xffff0000u);
+        v[2] = __uint_as_float(u.y << 16); v[3] = __uint_as_float(u.y & 0xffff0000u);
+    } else {
+        ld8(p, i, v);
+    }
+}
+template <int V>
+__device__ __forceinline__ void stv(float* p, long i, const float* v) {
+    if (V == 2) {
+        st2(p, i, v[0], v[1]);
+    } else if (V == 4) {
+        *(float4*)(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        st8(p, i, v);
+    }
+}
+template <int V>
+__device__ __forceinline__ void stv(unsigned short* p, long i, const float* v) {
+    if (V == 2) {
+        st2(p, i, v[0], v[1]);
+    } else if (V == 4) {
+        uint2 u;
+        u.x = (unsigned int)f32_to_bf16(v[0]) | ((unsigned int)f32_to_bf16(v[1]) << 16);
+        u.y = (unsigned int)f32_to_bf16(v[2]) | ((unsigned int)f32_to_bf16(v[3]) << 16);
+        *(uint2*)(p + i) = u;
+    } else {
+        st8(p, i, v);
+    }
+}
+
+// Whether every pointer is 16-byte aligned (null ones count as aligned).
+__device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c = 0,
+                                          const void* d = 0, const void* e = 0) {
+    return (((unsigned long long)a | (unsigned long long)b | (unsigned long long)c |
+             (unsigned long long)d | (unsigned long long)e) & 15) == 0;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

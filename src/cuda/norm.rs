@@ -191,8 +191,9 @@ pub fn backward(
         w.expect("rmsnorm_bwd_v: w", d, DType::F32)?;
         dy.expect("rmsnorm_bwd_v: dy", x.n(), x.dtype)?;
         dx.expect("rmsnorm_bwd_v: dx", x.n(), x.dtype)?;
-        // about two blocks of 8 warps per SM of an H100 at 16 x 1024 tokens, at least a row a warp
-        let per_block = rows.div_ceil(256).next_multiple_of(8).clamp(8, 256);
+        // ~512 blocks where there are rows for them (a warp's rows run one after another; each
+        // block adds d columns atomically), at least a row a warp
+        let per_block = rows.div_ceil(512).next_multiple_of(8).clamp(8, 256);
         let name = format!("rmsnorm_bwd{}_v{v}", if add { "_add" } else { "" });
         gpu.kernel(
             &KERNELS,
