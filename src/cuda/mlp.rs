@@ -14,7 +14,7 @@ pub fn silu_mul(gpu: &Gpu, g: &impl AsBuf, u: &impl AsBuf, y: &impl AsBuf) -> Re
     u.expect("silu_mul: u", n, g.dtype)?;
     y.expect("silu_mul: y", n, g.dtype)?;
     // Two neighbouring elements per thread.
-    gpu.kernel(&KERNELS, "silu_mul", Some(g.dtype), per_item(n.div_ceil(2)))?
+    gpu.kernel(&KERNELS, "silu_mul", Some(g.dtype), per_item(n.div_ceil(8)))?
         .buf(&g)
         .buf(&u)
         .buf(&y)
@@ -41,7 +41,7 @@ pub fn silu_mul_back(
         &KERNELS,
         "silu_mul_bwd",
         Some(g.dtype),
-        per_item(n.div_ceil(2)),
+        per_item(n.div_ceil(8)),
     )?
     .buf(&g)
     .buf(&u)

@@ -11,7 +11,7 @@ pub fn add(gpu: &Gpu, a: &impl AsBuf, b: &impl AsBuf, y: &impl AsBuf) -> Result<
     let n = a.n();
     b.expect("add: b", n, a.dtype)?;
     y.expect("add: y", n, a.dtype)?;
-    gpu.kernel(&KERNELS, "add", Some(a.dtype), per_item(n.div_ceil(2)))?
+    gpu.kernel(&KERNELS, "add", Some(a.dtype), per_item(n.div_ceil(8)))?
         .buf(&a)
         .buf(&b)
         .buf(&y)
