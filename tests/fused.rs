@@ -550,9 +550,19 @@ fn flash_attention_matches_attention_in_f32() {
             ("dk", &dk, &bk, &dk_c, 1e-2),
             ("dv", &dv, &bv, &dv_c, 1e-2),
         ] {
-            let err = rel_err(&f32_of(x), want);
+            // With one key (L = 1) dq and dk are zero in f32 (the probability is 1, so
+            // dP - delta = 0); the kernels leave rounding residue there (delta summed in
+            // another order than the tensor cores sum dP: 2.3e-7 measured on an H200), so a
+            // zero reference is compared in absolute terms, below 1e-5.
+            let zero = max_abs(want) == 0.0;
+            let err = if zero {
+                max_abs(&f32_of(x))
+            } else {
+                rel_err(&f32_of(x), want)
+            };
             let err_b = rel_err(&f32_of(blocked), want);
             eprintln!("{what}: {name} {err:e} (blocked bf16 {err_b:e})");
+            let bound = if zero { 1e-5 } else { bound };
             assert!(err < bound, "{what}: {name} differs by {err:e}");
         }
     }
@@ -561,7 +571,8 @@ fn flash_attention_matches_attention_in_f32() {
 #[test]
 fn silu_gate_matches_the_composed_one() {
     let dev = gpu();
-    // An even count (pairs per thread) and an odd one (the last element alone).
+    // Eight elements a thread (16-byte accesses), with a last thread of 4 elements and of 7
+    // (one at a time).
     for (rows, cols) in [(5, 300), (3, 301)] {
         for dtype in [DType::F32, DType::BF16] {
             let g = var(&[rows, cols], 2.0, dtype, &dev);

@@ -367,29 +367,30 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
     }
 }
 
-// The backward's per-row term delta = sum(dO * O) (delta[g * L * R + i]), one warp per row.
+// The backward's per-row term delta = sum(dO * O) (delta[g * L * R + i]): d / 8 lanes a row,
+// eight values a lane (16-byte loads: every row of o and dO starts 16-byte aligned).
 extern "C" __global__ void flash_delta(const unsigned short* __restrict__ o,
                                        const unsigned short* __restrict__ dout,
                                        float* __restrict__ delta, long total, int nk, int r,
                                        int l, int d, long ob, long ok, long ol, long db, long dk,
                                        long dl) {
-    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= total) return;
-    const int rows = l * r;
-    int g = row / rows;
-    int i = row % rows;
-    const unsigned short* x = o + fa_row(g, nk, r, i, ob, ok, ol, d);
-    const unsigned short* y = dout + fa_row(g, nk, r, i, db, dk, dl, d);
+    const int per_row = d / 8;
+    long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long row = t / per_row;
+    int part = t % per_row;
     float sum = 0.f;
-    for (int c = 2 * lane; c < d; c += 64) {
-        float a0, a1, b0, b1;
-        ld2(x, c, a0, a1);
-        ld2(y, c, b0, b1);
-        sum += a0 * b0 + a1 * b1;
+    if (row < total) {
+        const int rows = l * r;
+        int g = row / rows;
+        int i = row % rows;
+        float a[8], b[8];
+        ld8(o + fa_row(g, nk, r, i, ob, ok, ol, d), 8 * part, a);
+        ld8(dout + fa_row(g, nk, r, i, db, dk, dl, d), 8 * part, b);
+#pragma unroll
+        for (int e = 0; e < 8; e++) sum += a[e] * b[e];
     }
-    sum = warp_sum(sum);
-    if (lane == 0) delta[row] = sum;
+    for (int m = per_row / 2; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+    if (row < total && part == 0) delta[row] = sum;
 }
 
 // Backward, the query side: dq = scale * dS k, dS = P * (dO v^T - delta), one block per FA_BM

@@ -11,7 +11,7 @@
 //! gradient in the merged (B, L, H * D) layout of o's projection. So no head transpose is left
 //! around attention.
 
-use super::launch::{family, warp_per_row, AsBuf, Buf, Family, Gpu, Launch};
+use super::launch::{family, per_item, AsBuf, Buf, Family, Gpu, Launch};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Result, Tensor};
 
@@ -233,7 +233,12 @@ impl Flash {
         let (dqb, dkb, dvb, deb) = (dq.buf()?, dk.buf()?, dv.buf()?, delta.buf()?);
 
         // delta = rowsum(dO * O)
-        let launch = gpu.kernel(&KERNELS, "flash_delta", None, warp_per_row(groups * rows))?;
+        let launch = gpu.kernel(
+            &KERNELS,
+            "flash_delta",
+            None,
+            per_item(groups * rows * (d / 8)),
+        )?;
         let launch = launch
             .buf(&ob)
             .buf(&db)
