@@ -76,36 +76,46 @@ __device__ void rope_bwd(const T* __restrict__ dy, const float* __restrict__ cos
 __device__ __forceinline__ float as_stored(const float*, float v) { return v; }
 __device__ __forceinline__ float as_stored(const unsigned short*, float v) { return bfr(v); }
 
-template <typename T, int V>
+// A warp takes NR consecutive rows, every row's values loaded before any is used (more bytes in
+// flight than a row of 64 to 512 bytes a warp).
+template <typename T, int V, int NR>
 __device__ void norm_rope_v(const T* __restrict__ x, const float* __restrict__ w,
                             const float* __restrict__ cos, const float* __restrict__ sin,
                             T* __restrict__ y, long rows, int heads, int group, int l,
                             float eps) {
     const int d = 32 * V;
-    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    long row0 = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32 * NR;
     int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    int pos;
-    long out_row;
-    rope_rows(row, heads, group, l, pos, out_row);
+    if (row0 >= rows) return;
     int e0 = V * lane;
-    float v[V], ss = 0.f;
-    ldv<V>(x + row * d, e0, v);
+    float v[NR][V], wv[V];
 #pragma unroll
-    for (int t = 0; t < V; t++) ss += v[t] * v[t];
-    float r = rsqrtf(warp_sum(ss) / d + eps);
-    float c[V], s[V], wv[V];
-    ldv<V>(cos + (long)pos * d, e0, c);
-    ldv<V>(sin + (long)pos * d, e0, s);
+    for (int k = 0; k < NR; k++)
+        if (row0 + k < rows) ldv<V>(x + (row0 + k) * d, e0, v[k]);
     ldv<V>(w, e0, wv);
-    float sign = lane < 16 ? -1.f : 1.f, o[V];
+    float sign = lane < 16 ? -1.f : 1.f;
 #pragma unroll
-    for (int t = 0; t < V; t++) {
-        float n = v[t] * r * wv[t];
-        float p = __shfl_xor_sync(0xffffffffu, n, 16);
-        o[t] = n * c[t] + sign * (p * s[t]);
+    for (int k = 0; k < NR; k++) {
+        const long row = row0 + k;
+        if (row >= rows) break;
+        int pos;
+        long out_row;
+        rope_rows(row, heads, group, l, pos, out_row);
+        float ss = 0.f;
+#pragma unroll
+        for (int t = 0; t < V; t++) ss += v[k][t] * v[k][t];
+        float r = rsqrtf(warp_sum(ss) / d + eps);
+        float c[V], s[V], o[V];
+        ldv<V>(cos + (long)pos * d, e0, c);
+        ldv<V>(sin + (long)pos * d, e0, s);
+#pragma unroll
+        for (int t = 0; t < V; t++) {
+            float n = v[k][t] * r * wv[t];
+            float p = __shfl_xor_sync(0xffffffffu, n, 16);
+            o[t] = n * c[t] + sign * (p * s[t]);
+        }
+        stv<V>(y + out_row * d, e0, o);
     }
-    stv<V>(y + out_row * d, e0, o);
 }
 
 // RoPE's and the head transpose's backward followed by the q/k norm's (norm.cu's
@@ -242,7 +252,7 @@ INSTANCES(ATTENTION)
 extern "C" __global__ void norm_rope##V##_##SUF(const T* x, const float* w, const float* c,   \
                                                 const float* s, T* y, long rows, int heads,    \
                                                 int group, int l, int d, float eps) {          \
-    norm_rope_v<T, V>(x, w, c, s, y, rows, heads, group, l, eps);                              \
+    norm_rope_v<T, V, 4>(x, w, c, s, y, rows, heads, group, l, eps);                           \
 }                                                                                              \
 extern "C" __global__ void rope_norm_bwd##V##_##SUF(const T* dy, const T* x, const float* w,  \
                                                     const float* c, const float* s, T* dx,     \

@@ -31,11 +31,12 @@ pub fn norm_rope(
     w.expect("norm_rope: w", d, DType::F32)?;
     y.expect("norm_rope: y", x.n(), x.dtype)?;
     let rows = x.n() / d;
-    let name = match vector_width(d, &[&x, &y, &w, &cos, &sin]) {
-        Some(v) => format!("norm_rope{v}"),
-        None => "norm_rope".to_string(),
+    // (the vectorized kernels take ROPE_ROWS rows a warp)
+    let (name, warps) = match vector_width(d, &[&x, &y, &w, &cos, &sin]) {
+        Some(v) => (format!("norm_rope{v}"), rows.div_ceil(ROPE_ROWS)),
+        None => ("norm_rope".to_string(), rows),
     };
-    gpu.kernel(&KERNELS, &name, Some(x.dtype), warp_per_row(rows))?
+    gpu.kernel(&KERNELS, &name, Some(x.dtype), warp_per_row(warps))?
         .buf(&x)
         .buf(&w)
         .buf(&cos)
@@ -79,6 +80,9 @@ pub fn rope_back(
         .go()
 }
 
+/// Rows a warp of `norm_rope{V}` takes (its NR in attention.cu).
+const ROPE_ROWS: usize = 4;
+
 /// The values per lane of the vectorized kernels (`norm_rope{V}`, `rope_norm_bwd{V}`) for rows
 /// of `d`, if they take it: d = 32 * V for V = 2, 4 or 8, every buffer aligned for a lane's V
 /// values in one access (at most 16 bytes).
@@ -93,10 +97,10 @@ fn vector_width(d: usize, bufs: &[&Buf]) -> Option<usize> {
 
 /// The backward of `norm_rope`: dy (B, heads / group, L, group, d), the gradient of its
 /// output, to dx (B, L, heads, d), written, for input x and f32 weight w (d); returns the
-/// weight's gradient (d, f32). One kernel, `rope_norm_bwd{V}(const T* dy, const T* x,
-/// const float* w, const float* cos, const float* sin, T* dx, float* dw, long rows, int heads,
-/// int group, int l, int d, float eps, int per_block)`, where `vector_width` allows; otherwise
-/// `rope_bwd` and the norm's backward.
+/// weight's gradient (d, f32; added into `dw` where given, zeroed by the caller). One kernel,
+/// `rope_norm_bwd{V}(const T* dy, const T* x, const float* w, const float* cos, const float*
+/// sin, T* dx, float* dw, long rows, int heads, int group, int l, int d, float eps, int
+/// per_block)`, where `vector_width` allows; otherwise `rope_bwd` and the norm's backward.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_norm_back(
     gpu: &Gpu,
@@ -107,6 +111,7 @@ pub fn rope_norm_back(
     dx: &Tensor,
     (heads, group): (usize, usize),
     eps: f32,
+    dw: Option<Tensor>,
 ) -> Result<Tensor> {
     let d = w.elem_count();
     let (dyb, xb, wb, cb, sb, dxb) = (
@@ -122,9 +127,12 @@ pub fn rope_norm_back(
         rope_back(gpu, dy, cos, sin, &g, (heads, group))?;
         let rows = x.elem_count() / d;
         let (x, g) = (x.reshape((rows, d))?, g.reshape((rows, d))?);
-        return norm::backward(gpu, &x, w, &g, dx, eps, false);
+        return norm::backward(gpu, &x, w, &g, dx, eps, false, dw);
     };
-    let dw = gpu.zeros(d, DType::F32)?;
+    let dw = match dw {
+        Some(dw) => dw,
+        None => gpu.zeros(d, DType::F32)?,
+    };
     check_heads("rope_norm_bwd", &dyb, &cb, &sb, (heads, group), d)?;
     wb.expect("rope_norm_bwd: w", d, DType::F32)?;
     xb.expect("rope_norm_bwd: x", dyb.n(), dyb.dtype)?;
@@ -326,7 +334,7 @@ impl CustomOp2 for NormRope {
         let dx = gpu.empty(x.shape(), x.dtype())?;
         let (dy, x) = (dy.contiguous()?, x.contiguous()?);
         let tables = (&self.cos, &self.sin);
-        let dw = rope_norm_back(&gpu, &dy, &x, w, tables, &dx, (n, 1), self.eps)?;
+        let dw = rope_norm_back(&gpu, &dy, &x, w, tables, &dx, (n, 1), self.eps, None)?;
         Ok((Some(dx), Some(dw)))
     }
 }
