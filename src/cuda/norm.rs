@@ -173,6 +173,9 @@ pub fn rmsnorm_back_small(
 /// gradient); returns the weight's gradient (d, f32). The hand-written step and the autograd
 /// op both take this. Where `vector_width` allows, one kernel, `rmsnorm_bwd[_add]_v{V}(const T*
 /// x, const float* w, const T* dy, T* dx, float* dw, long rows, float eps, int per_block)`.
+/// The weight's gradient is added into `dw` where given (f32 of d, zeroed by the caller: the
+/// step zeroes every norm's at once), else into a new zeroed buffer.
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
     x: &Tensor,
@@ -181,9 +184,13 @@ pub fn backward(
     dx: &Tensor,
     eps: f32,
     add: bool,
+    dw: Option<Tensor>,
 ) -> Result<Tensor> {
     let d = w.elem_count();
-    let dw = gpu.zeros(d, DType::F32)?;
+    let dw = match dw {
+        Some(dw) => dw,
+        None => gpu.zeros(d, DType::F32)?,
+    };
     let bufs = [x.buf()?, w.buf()?, dy.buf()?, dx.buf()?];
     if let Some(v) = vector_width(d, &bufs.iter().collect::<Vec<_>>()) {
         let [x, w, dy, dx] = &bufs;
@@ -305,7 +312,7 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let gpu = Gpu::of(x.device())?;
         let dx = gpu.empty(x.shape(), x.dtype())?;
-        let dw = backward(&gpu, x, w, &dy.contiguous()?, &dx, self.eps, false)?;
+        let dw = backward(&gpu, x, w, &dy.contiguous()?, &dx, self.eps, false, None)?;
         Ok((Some(dx), Some(dw)))
     }
 }

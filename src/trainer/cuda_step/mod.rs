@@ -141,17 +141,17 @@ impl Ctx {
     }
 
     /// The RMSNorm backward of the rows x: the input gradient written to `dx` (added to it
-    /// when `add`), the weight's gradient returned (f32).
+    /// when `add`), the weight's gradient added into the zeroed `dw` and returned (f32).
     fn rms_norm_back(
         &self,
         x: &Tensor,
         n: &RmsNorm,
-        dy: &Tensor,
-        dx: &Tensor,
+        (dy, dx): (&Tensor, &Tensor),
         add: bool,
+        dw: Tensor,
     ) -> Result<Tensor> {
         let w = self.norm_weight(n)?;
-        norm::backward(&self.gpu, x, &w, dy, dx, n.eps as f32, add)
+        norm::backward(&self.gpu, x, &w, dy, dx, n.eps as f32, add, Some(dw))
     }
 
     /// y (a, nc, nb, row) = x (a, nb, nc, row): the head transposes.
