@@ -504,6 +504,20 @@ fn flash_attention_matches_attention_in_f32() {
         let o = g.empty((b, l, h, d), DType::BF16).unwrap();
         let lse = g.empty((b * k, l * r), DType::F32).unwrap();
         fl.forward(&g, (&qr, &kr, &v), &o, &lse).unwrap();
+        // The forward of 32 rows a warp (the default) and of 16: each row's arithmetic in the
+        // same order, so the same bits.
+        {
+            let sixteen = Flash {
+                fwd_rows_per_warp: Some(16),
+                ..fl
+            };
+            let (o16, lse16) = (o.zeros_like().unwrap(), lse.zeros_like().unwrap());
+            sixteen.forward(&g, (&qr, &kr, &v), &o16, &lse16).unwrap();
+            for (name, a, b) in [("output", &o, &o16), ("lse", &lse, &lse16)] {
+                let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
+                assert_eq!(diff, 0.0, "{what}: the {name} of 16 rows a warp");
+            }
+        }
         let (dqr, dkr, dv) = fl.backward(&g, (&qr, &kr, &v), &o, &lse, &dout).unwrap();
         // The key/value backward in blocks of 128 keys and of 64 (four warps; the default at
         // these small grids): each warp sums the same query tiles in the same order (a block of

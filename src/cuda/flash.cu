@@ -151,24 +151,25 @@ __device__ __forceinline__ void fa_load(unsigned short (*tile)[D + FA_PAD],
 template <int D>
 using FaRow = unsigned short[D + FA_PAD];
 
-template <int D>
+template <int D, int NT = FA_WARPS * 32>
 __device__ __forceinline__ void fa_kv_load(FaRow<D>* buf, const unsigned short* __restrict__ k,
                                            const unsigned short* __restrict__ v, int g, int nk,
                                            int k0, int l, long kb, long kk, long kl, long vb,
                                            long vk, long vl) {
-    fa_load<D, FA_BN, false>(buf, k, g, nk, 1, k0, l, kb, kk, kl, buf + FA_BN, v, vb, vk, vl);
+    fa_load<D, FA_BN, false, NT>(buf, k, g, nk, 1, k0, l, kb, kk, kl, buf + FA_BN, v, vb, vk,
+                                 vl);
     fa_commit();
 }
 
-template <int D>
+template <int D, int NT = FA_WARPS * 32>
 __device__ __forceinline__ FaRow<D>* fa_kv_tile(FaRow<D>* kvs, int j, int tiles,
                                                 const unsigned short* __restrict__ k,
                                                 const unsigned short* __restrict__ v, int g,
                                                 int nk, int l, long kb, long kk, long kl, long vb,
                                                 long vk, long vl) {
     if (j + 1 < tiles) {
-        fa_kv_load<D>(kvs + ((j + 1) & 1) * 2 * FA_BN, k, v, g, nk, (j + 1) * FA_BN, l, kb, kk,
-                      kl, vb, vk, vl);
+        fa_kv_load<D, NT>(kvs + ((j + 1) & 1) * 2 * FA_BN, k, v, g, nk, (j + 1) * FA_BN, l, kb,
+                          kk, kl, vb, vk, vl);
         fa_wait<1>();
     } else {
         fa_wait<0>();
@@ -364,6 +365,162 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
         for (int t = 0; t < D / 8; ++t)
             *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[t][2] * ib, acc[t][3] * ib);
         if (tq == 0) lse[(long)g * rows + rb] = mb + log2f(lb);
+    }
+}
+
+// Forward, two row tiles a warp (FlashAttention-2's layout): FA_FWD_WARPS warps of 32 query
+// rows each take FA_BM rows, q staged in shared memory. Each k or v fragment from shared
+// memory feeds both row tiles' products, so a block loads half the fragments per product that
+// 16 rows a warp did, and each warp has two independent chains of products and of softmax.
+// Output and lse as flash_fwd's (same arithmetic per row).
+#define FA_FWD_WARPS 4
+template <int D>
+__device__ void flash_fwd2(const unsigned short* __restrict__ q,
+                           const unsigned short* __restrict__ k,
+                           const unsigned short* __restrict__ v, unsigned short* __restrict__ o,
+                           float* __restrict__ lse, int nk, int r, int l, long qb, long qk,
+                           long ql, long kb, long kk, long kl, long vb, long vk, long vl, long ob,
+                           long ok, long ol, float sl2) {
+    typedef unsigned short Row[D + FA_PAD];
+    constexpr int NT = FA_FWD_WARPS * 32;
+    static_assert(FA_FWD_WARPS * 32 == FA_BM, "a warp takes 32 of the block's rows");
+    extern __shared__ __align__(16) unsigned short fa_shared[];
+    Row* qs = (Row*)fa_shared;
+    Row* kvs = qs + FA_BM;  // two buffers of (k, v) tiles, as flash_fwd's
+    const int g = blockIdx.y;
+    const int rows = l * r;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_BM;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    const int w0 = warp * 32;
+    int ra[2], rb[2], pa[2], pb[2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        ra[m] = i0 + w0 + 16 * m + gr;
+        rb[m] = ra[m] + 8;
+        pa[m] = ra[m] / r;
+        pb[m] = rb[m] / r;
+    }
+    fa_load<D, FA_BM, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql);
+    fa_kv_load<D, NT>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);  // (commits q too)
+    float acc[2][D / 8][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t) acc[m][t][0] = acc[m][t][1] = acc[m][t][2] = acc[m][t][3] = 0.f;
+    float ma[2] = {FA_NEG_INF, FA_NEG_INF}, mb[2] = {FA_NEG_INF, FA_NEG_INF};
+    float la[2] = {0.f, 0.f}, lb[2] = {0.f, 0.f};
+    const int last = (i0 + FA_BM < rows ? i0 + FA_BM : rows) - 1;
+    const int pmin = i0 / r;
+    const int tiles = last / r / FA_BN + 1;
+    for (int j = 0; j < tiles; ++j) {
+        const int k0 = j * FA_BN;
+        Row* ks = fa_kv_tile<D, NT>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl);
+        Row* vs = ks + FA_BN;
+        float s[2][FA_BN / 8][4];
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int n = 0; n < FA_BN / 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c) {
+            unsigned af[2][4];
+            fa_frag_a<D>(af[0], qs, w0, c * 16, lane);
+            fa_frag_a<D>(af[1], qs, w0 + 16, c * 16, lane);
+#pragma unroll
+            for (int n = 0; n < FA_BN / 8; n += 2) {
+                unsigned bf[4];
+                fa_frag_bt<D>(bf, ks, n * 8, c * 16, lane);
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    fa_mma(s[m][n], af[m], bf[0], bf[1]);
+                    fa_mma(s[m][n + 1], af[m], bf[2], bf[3]);
+                }
+            }
+        }
+        // The softmax of flash_fwd, for each row tile.
+        const bool masked = k0 + FA_BN - 1 > pmin;
+        float fa_[2], fb_[2];
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            float na = FA_NEG_INF, nb = FA_NEG_INF;
+#pragma unroll
+            for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + n * 8 + 2 * tq + (e & 1);
+                    if (masked && key > (e < 2 ? pa[m] : pb[m])) s[m][n][e] = FA_NEG_INF;
+                    if (e < 2) na = fmaxf(na, s[m][n][e]); else nb = fmaxf(nb, s[m][n][e]);
+                }
+            }
+            na = fmaxf(ma[m], fa_quad_max(na) * sl2);
+            nb = fmaxf(mb[m], fa_quad_max(nb) * sl2);
+            const float ua = na == FA_NEG_INF ? 0.f : na, ub = nb == FA_NEG_INF ? 0.f : nb;
+            fa_[m] = fa_exp2(ma[m] - ua);
+            fb_[m] = fa_exp2(mb[m] - ub);
+            ma[m] = na;
+            mb[m] = nb;
+            float sa = 0.f, sb = 0.f;
+#pragma unroll
+            for (int n = 0; n < FA_BN / 8; ++n) {
+                s[m][n][0] = fa_exp2(fmaf(s[m][n][0], sl2, -ua));
+                s[m][n][1] = fa_exp2(fmaf(s[m][n][1], sl2, -ua));
+                s[m][n][2] = fa_exp2(fmaf(s[m][n][2], sl2, -ub));
+                s[m][n][3] = fa_exp2(fmaf(s[m][n][3], sl2, -ub));
+                sa += s[m][n][0] + s[m][n][1];
+                sb += s[m][n][2] + s[m][n][3];
+            }
+            la[m] = la[m] * fa_[m] + sa;
+            lb[m] = lb[m] * fb_[m] + sb;
+#pragma unroll
+            for (int t = 0; t < D / 8; ++t) {
+                acc[m][t][0] *= fa_[m];
+                acc[m][t][1] *= fa_[m];
+                acc[m][t][2] *= fb_[m];
+                acc[m][t][3] *= fb_[m];
+            }
+        }
+        // acc += P v, each v fragment for both row tiles.
+#pragma unroll
+        for (int c = 0; c < FA_BN / 16; ++c) {
+            unsigned pf[2][4];
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                pf[m][0] = fa_pack(s[m][2 * c][0], s[m][2 * c][1]);
+                pf[m][1] = fa_pack(s[m][2 * c][2], s[m][2 * c][3]);
+                pf[m][2] = fa_pack(s[m][2 * c + 1][0], s[m][2 * c + 1][1]);
+                pf[m][3] = fa_pack(s[m][2 * c + 1][2], s[m][2 * c + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                unsigned bf[4];
+                fa_ldsm_t(bf, &vs[c * 16 + (lane & 15)][(2 * dp + (lane >> 4)) * 8]);
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    fa_mma(acc[m][2 * dp], pf[m], bf[0], bf[1]);
+                    fa_mma(acc[m][2 * dp + 1], pf[m], bf[2], bf[3]);
+                }
+            }
+        }
+        __syncthreads();  // (the buffer is copied into again two tiles on)
+    }
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        const float sa = fa_quad_sum(la[m]), sb = fa_quad_sum(lb[m]);
+        const float ia = 1.f / sa, ib = 1.f / sb;
+        if (ra[m] < rows) {
+            unsigned short* y = o + fa_row(g, nk, r, ra[m], ob, ok, ol, D);
+#pragma unroll
+            for (int t = 0; t < D / 8; ++t)
+                *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[m][t][0] * ia, acc[m][t][1] * ia);
+            if (tq == 0) lse[(long)g * rows + ra[m]] = ma[m] + log2f(sa);
+        }
+        if (rb[m] < rows) {
+            unsigned short* y = o + fa_row(g, nk, r, rb[m], ob, ok, ol, D);
+#pragma unroll
+            for (int t = 0; t < D / 8; ++t)
+                *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[m][t][2] * ib, acc[m][t][3] * ib);
+            if (tq == 0) lse[(long)g * rows + rb[m]] = mb[m] + log2f(sb);
+        }
     }
 }
 
@@ -595,6 +752,14 @@ flash_fwd_d##D(const unsigned short* q, const unsigned short* k, const unsigned 
                float sl2) {                                                                    \
     flash_fwd<D>(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol,    \
                  sl2);                                                                         \
+}                                                                                              \
+extern "C" __global__ void __launch_bounds__(FA_FWD_WARPS * 32, 2)                              \
+flash_fwd2_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,     \
+                unsigned short* o, float* lse, int nk, int r, int l, long qb, long qk, long ql, \
+                long kb, long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol,\
+                float sl2) {                                                                   \
+    flash_fwd2<D>(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol,    \
+                  sl2);                                                                        \
 }                                                                                              \
 extern "C" __global__ void __launch_bounds__(256)                                              \
 flash_bwd_dq_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,   \

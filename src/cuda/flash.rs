@@ -48,6 +48,10 @@ pub struct Flash {
     /// Keys a block of the key/value backward takes: 128, or 64 (four warps); None chooses
     /// (64 where blocks of 128 would be fewer than the card's SMs).
     pub key_block: Option<usize>,
+    /// Query rows a warp of the forward takes: 32 (the default), or 16 (the earlier kernel,
+    /// kept to check the other against and to compare speeds:
+    /// `TERNLAB_FLASH_FWD_ROWS=16`).
+    pub fwd_rows_per_warp: Option<usize>,
 }
 
 impl Flash {
@@ -60,6 +64,9 @@ impl Flash {
             d,
             scale: 1.0 / (d as f32).sqrt(),
             key_block: None,
+            fwd_rows_per_warp: std::env::var("TERNLAB_FLASH_FWD_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -177,9 +184,11 @@ impl Flash {
         lse.expect("flash attention: lse", n, DType::F32)
     }
 
-    /// `flash_fwd_d{D}(q, k, v, o, lse, nk, r, l, q strides, k strides, v strides, o strides,
+    /// `flash_fwd2_d{D}(q, k, v, o, lse, nk, r, l, q strides, k strides, v strides, o strides,
     /// sl2)`: o = causal softmax(scale * q k^T) v in the merged layout, and lse (B * K, L * R)
-    /// f32, each row's log-sum-exp of `scale * log2(e) * q k^T` in base 2.
+    /// f32, each row's log-sum-exp of `scale * log2(e) * q k^T` in base 2. Four warps of 32 rows
+    /// a block; with `fwd_rows_per_warp` = Some(16), `flash_fwd_d{D}` (eight warps of 16 rows:
+    /// the same bits, slower).
     pub fn forward(
         &self,
         gpu: &Gpu,
@@ -189,11 +198,22 @@ impl Flash {
     ) -> Result<()> {
         let (q, k, v, o, lse) = (q.buf()?, k.buf()?, v.buf()?, o.buf()?, lse.buf()?);
         self.check_io([&q, &k, &v, &o], &lse)?;
-        let name = format!("flash_fwd_d{}", self.d);
-        // two buffers of (k, v) tiles
-        let launch = gpu
-            .kernel(&KERNELS, &name, None, self.grid(self.rows(), BLOCK))?
-            .smem(4 * self.tile());
+        let sixteen = match self.fwd_rows_per_warp {
+            None | Some(32) => false,
+            Some(16) => true,
+            Some(n) => candle_core::bail!("flash attention: {n} rows a warp (16 or 32)"),
+        };
+        let (name, grid, smem) = if sixteen {
+            // two buffers of (k, v) tiles
+            let grid = self.grid(self.rows(), BLOCK);
+            (format!("flash_fwd_d{}", self.d), grid, 4 * self.tile())
+        } else {
+            // the block's q rows, two buffers of (k, v) tiles
+            let mut grid = self.grid(self.rows(), BLOCK);
+            grid.block_dim.0 = (BLOCK / 32 * 32) as u32;
+            (format!("flash_fwd2_d{}", self.d), grid, 6 * self.tile())
+        };
+        let launch = gpu.kernel(&KERNELS, &name, None, grid)?.smem(smem);
         let launch = [&q, &k, &v, &o, &lse]
             .into_iter()
             .fold(launch, |a, b| a.buf(b))
