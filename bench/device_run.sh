@@ -8,7 +8,7 @@
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
 #                                            study-extra export generate resume dp dp-faults
-#                                            graph e2e flash long long-ref headline
+#                                            graph e2e flash long long-ref headline kernels
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -112,6 +112,27 @@ if want profile; then
     TERNLAB_PROFILE=1 $tl bench --set run.device=cuda --set train.dtype=bf16 \
       --set data.batch_size=$1 --set data.seq_len=$2 --steps 3 --warmup 2 \
       --out "$out/json/profile-$1x$2.json" 2>&1 >/dev/null | head -40
+  done
+fi
+if want kernels; then
+  # Nsight Compute (the device image's ncu): every kernel of one eager 4 x 256 step by its GPU
+  # time (no launch cost; ncu's clocks, caches flushed between kernels), then the flash kernels'
+  # issue stalls at 16 x 1024 (cycles per issued instruction, by reason).
+  bin=$PWD/.device/ternlab  # (ncu wants the program's absolute path)
+  b=(bench --set run.device=cuda --set train.dtype=bf16)
+  echo "== kernels of one 4 x 256 step (ncu)"
+  TERNLAB_CUDA_GRAPH=0 timeout 400 ncu --target-processes all --launch-skip 4000 \
+    --launch-count 1800 --metrics gpu__time_duration.sum --csv --page raw \
+    "$bin" "${b[@]}" --steps 3 --warmup 1 --out "$out/json/ncu-bench.json" \
+    >"$final/ncu-4x256.csv" 2>"$out/ncu.err"
+  python3 bench/ncu_step.py "$final/ncu-4x256.csv"
+  for k in flash_fwd2_d128 flash_bwd_dq_d128 flash_bwd_dkdv_d128; do
+    echo "== $k at 16 x 1024: stalls per issued instruction (ncu)"
+    timeout 150 ncu --target-processes all -k "regex:$k" --launch-skip 30 --launch-count 1 \
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+      "$bin" "${b[@]}" --set data.batch_size=16 --set data.seq_len=1024 --steps 2 \
+      --warmup 1 --out "$out/json/ncu-bench.json" 2>&1 |
+      awk '/ratio/ && $NF + 0 >= 0.05 {sub("smsp__average_warps_issue_stalled_", ""); print "  " $1, $NF}'
   done
 fi
 if want baseline; then

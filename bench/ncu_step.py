@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Sums Nsight Compute's per-kernel GPU time over one training step.
+
+Input: `ncu --csv --page raw --metrics gpu__time_duration.sum ...` of an eager run of
+`ternlab bench` (TERNLAB_CUDA_GRAPH=0). A step is the kernels after one `adamw_multi` up to and
+including the next (AdamW ends every step). Prints the step's kernel count and GPU time, then
+each kernel name's calls and time, largest first.
+
+    python3 bench/ncu_step.py ncu.csv [--top N]
+"""
+import argparse
+import collections
+import csv
+import io
+import sys
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("csv")
+    ap.add_argument("--top", type=int, default=40)
+    args = ap.parse_args()
+    text = open(args.csv).read()
+    start = text.find('"ID","Process ID"')
+    if start < 0:
+        sys.exit(f"{args.csv}: no ncu raw CSV header (\"ID\",\"Process ID\",...) in it")
+    rows = list(csv.reader(io.StringIO(text[start:])))
+    head = rows[0]
+    name_at, time_at = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
+    unit = rows[1][time_at]
+    scale = {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0,
+             "msecond": 1.0}.get(unit)
+    if scale is None:
+        sys.exit(f"{args.csv}: gpu__time_duration in an unknown unit {unit!r}")
+    kernels = [r for r in rows[2:] if len(r) > time_at and r[0].isdigit()]
+    ends = [i for i, r in enumerate(kernels) if "adamw_multi" in r[name_at]]
+    if len(ends) < 2:
+        sys.exit(f"{args.csv}: {len(ends)} adamw_multi launch(es) among {len(kernels)} kernels; "
+                 "a whole step needs two (profile more launches)")
+    step = kernels[ends[0] + 1:ends[1] + 1]
+    ms = lambda r: float(r[time_at].replace(",", "")) * scale
+    total = sum(ms(r) for r in step)
+    print(f"one step: {len(step)} kernels, {total:.3f} ms of GPU time (ncu's clocks, caches "
+          "flushed between kernels)")
+    by = collections.defaultdict(lambda: [0, 0.0])
+    for r in step:
+        by[r[name_at][:70]][0] += 1
+        by[r[name_at][:70]][1] += ms(r)
+    for name, (calls, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:args.top]:
+        print(f"{t:8.3f} ms {100 * t / total:5.1f}% {calls:5d} x {1000 * t / calls:7.1f} us  {name}")
+
+
+if __name__ == "__main__":
+    main()
