@@ -13,7 +13,7 @@ pub fn silu_mul(gpu: &Gpu, g: &impl AsBuf, u: &impl AsBuf, y: &impl AsBuf) -> Re
     let n = g.n();
     u.expect("silu_mul: u", n, g.dtype)?;
     y.expect("silu_mul: y", n, g.dtype)?;
-    // Two neighbouring elements per thread.
+    // Eight neighbouring elements per thread.
     gpu.kernel(&KERNELS, "silu_mul", Some(g.dtype), per_item(n.div_ceil(8)))?
         .buf(&g)
         .buf(&u)
