@@ -65,46 +65,26 @@ struct AdamwEntry {
     int pad;
 };
 
-// Four neighbouring values from index i (a multiple of 4: one 16- or 8-byte access).
-__device__ __forceinline__ void ld4(const float* x, long i, float* o) {
-    float4 t = *(const float4*)(x + i);
-    o[0] = t.x; o[1] = t.y; o[2] = t.z; o[3] = t.w;
-}
-__device__ __forceinline__ void ld4(const unsigned short* x, long i, float* o) {
-    uint2 t = *(const uint2*)(x + i);
-    o[0] = __uint_as_float(t.x << 16); o[1] = __uint_as_float(t.x & 0xffff0000u);
-    o[2] = __uint_as_float(t.y << 16); o[3] = __uint_as_float(t.y & 0xffff0000u);
-}
-__device__ __forceinline__ void st4(float* x, long i, const float* o) {
-    *(float4*)(x + i) = make_float4(o[0], o[1], o[2], o[3]);
-}
-__device__ __forceinline__ void st4(unsigned short* x, long i, const float* o) {
-    uint2 t;
-    t.x = (unsigned int)f32_to_bf16(o[0]) | ((unsigned int)f32_to_bf16(o[1]) << 16);
-    t.y = (unsigned int)f32_to_bf16(o[2]) | ((unsigned int)f32_to_bf16(o[3]) << 16);
-    *(uint2*)(x + i) = t;
-}
-
 // Elements [start, end) of one parameter, four at a time (start is a multiple of 4; every
-// buffer starts 16-byte aligned), the last few one by one.
+// buffer starts 16-byte aligned: ldv/stv in common.cuh), the last few one by one.
 template <typename T, bool BF16>
 __device__ __forceinline__ void adamw_span(T* p, T* m, T* v, const float* g, long start,
                                            long end, const AdamwK& k) {
     for (long i = start + 4 * (long)threadIdx.x; i < end; i += 4 * (long)blockDim.x) {
         if (i + 4 <= end) {
             float pv[4], mv[4], vv[4], gv[4];
-            ld4(p, i, pv);
-            ld4(m, i, mv);
-            ld4(v, i, vv);
-            ld4(g, i, gv);
+            ldv<4>(p, i, pv);
+            ldv<4>(m, i, mv);
+            ldv<4>(v, i, vv);
+            ldv<4>(g, i, gv);
 #pragma unroll
             for (int t = 0; t < 4; t++) {
                 if (BF16) adamw_bf16_v(pv[t], mv[t], vv[t], gv[t], k);
                 else adamw_f32_v(pv[t], mv[t], vv[t], gv[t], k);
             }
-            st4(p, i, pv);
-            st4(m, i, mv);
-            st4(v, i, vv);
+            stv<4>(p, i, pv);
+            stv<4>(m, i, mv);
+            stv<4>(v, i, vv);
         } else {
             for (long j = i; j < end; j++) {
                 float pj = ld(p, j), mj = ld(m, j), vj = ld(v, j);

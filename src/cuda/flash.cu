@@ -744,52 +744,40 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
     }
 }
 
+// The forward's entry points: NAME runs F (flash_fwd<D> or flash_fwd2<D>) in blocks of BOUNDS.
+#define FLASH_FWD(NAME, BOUNDS, F)                                                             \
+extern "C" __global__ void BOUNDS                                                              \
+NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
+     unsigned short* o, float* lse, int nk, int r, int l, long qb, long qk, long ql, long kb,  \
+     long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol, float sl2) {      \
+    F(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol, sl2);         \
+}
+// The key/value backward's: NAME runs flash_bwd_dkdv<D, W> (W warps a block).
+#define FLASH_DKDV(NAME, D, W)                                                                 \
+extern "C" __global__ void __launch_bounds__(W * 32)                                           \
+NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
+     const unsigned short* dout, const float* lse, const float* delta, unsigned short* dkey,   \
+     unsigned short* dval, int nk, int r, int l, long qb, long qk, long ql, long kb, long kk,  \
+     long kl, long vb, long vk, long vl, long db, long dk, long dl, long gkb, long gkk,        \
+     long gkl, long gvb, long gvk, long gvl, float sl2, float scale) {                         \
+    flash_bwd_dkdv<D, W>(q, k, v, dout, lse, delta, dkey, dval, nk, r, l, qb, qk, ql, kb, kk,  \
+                         kl, vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2,        \
+                         scale);                                                               \
+}
 #define FLASH(D)                                                                               \
-extern "C" __global__ void __launch_bounds__(256)                                              \
-flash_fwd_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,      \
-               unsigned short* o, float* lse, int nk, int r, int l, long qb, long qk, long ql, \
-               long kb, long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol, \
-               float sl2) {                                                                    \
-    flash_fwd<D>(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol,    \
-                 sl2);                                                                         \
-}                                                                                              \
-extern "C" __global__ void __launch_bounds__(FA_FWD_WARPS * 32, 2)                              \
-flash_fwd2_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,     \
-                unsigned short* o, float* lse, int nk, int r, int l, long qb, long qk, long ql, \
-                long kb, long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol,\
-                float sl2) {                                                                   \
-    flash_fwd2<D>(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol,    \
-                  sl2);                                                                        \
-}                                                                                              \
+FLASH_FWD(flash_fwd_d##D, __launch_bounds__(256), flash_fwd<D>)                                \
+FLASH_FWD(flash_fwd2_d##D, __launch_bounds__(FA_FWD_WARPS * 32, 2), flash_fwd2<D>)             \
 extern "C" __global__ void __launch_bounds__(256)                                              \
 flash_bwd_dq_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,   \
                   const unsigned short* dout, const float* lse, const float* delta,            \
                   unsigned short* dq, int nk, int r, int l, long qb, long qk, long ql, long kb, \
-                  long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,      \
+                  long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,       \
                   long gb, long gk, long gl, float sl2, float scale) {                         \
-    flash_bwd_dq<D>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk,   \
+    flash_bwd_dq<D>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk,    \
                     vl, db, dk, dl, gb, gk, gl, sl2, scale);                                   \
 }                                                                                              \
-extern "C" __global__ void __launch_bounds__(256)                                              \
-flash_bwd_dkdv_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v, \
-                    const unsigned short* dout, const float* lse, const float* delta,          \
-                    unsigned short* dkey, unsigned short* dval, int nk, int r, int l, long qb, \
-                    long qk, long ql, long kb, long kk, long kl, long vb, long vk, long vl,    \
-                    long db, long dk, long dl, long gkb, long gkk, long gkl, long gvb,         \
-                    long gvk, long gvl, float sl2, float scale) {                              \
-    flash_bwd_dkdv<D, 8>(q, k, v, dout, lse, delta, dkey, dval, nk, r, l, qb, qk, ql, kb, kk, kl, \
-                      vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2, scale);       \
-}                                                                                              \
-extern "C" __global__ void __launch_bounds__(128)                                              \
-flash_bwd_dkdv_w4_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v, \
-                    const unsigned short* dout, const float* lse, const float* delta,          \
-                    unsigned short* dkey, unsigned short* dval, int nk, int r, int l, long qb, \
-                    long qk, long ql, long kb, long kk, long kl, long vb, long vk, long vl,    \
-                    long db, long dk, long dl, long gkb, long gkk, long gkl, long gvb,         \
-                    long gvk, long gvl, float sl2, float scale) {                              \
-    flash_bwd_dkdv<D, 4>(q, k, v, dout, lse, delta, dkey, dval, nk, r, l, qb, qk, ql, kb, kk, kl, \
-                      vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2, scale);       \
-}
+FLASH_DKDV(flash_bwd_dkdv_d##D, D, 8)                                                          \
+FLASH_DKDV(flash_bwd_dkdv_w4_d##D, D, 4)
 FLASH(32)
 FLASH(64)
 FLASH(128)

@@ -162,11 +162,11 @@ impl Flash {
         TILE * (self.d + PAD) * 2
     }
 
-    /// Blocks of `block` rows (16 a warp) over `items` rows of each group.
-    fn grid(&self, items: usize, block: usize) -> LaunchConfig {
+    /// Blocks of `block` rows (`per_warp` a warp) over `items` rows of each group.
+    fn grid(&self, items: usize, block: usize, per_warp: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (items.div_ceil(block) as u32, self.groups() as u32, 1),
-            block_dim: ((block / 16 * 32) as u32, 1, 1),
+            block_dim: ((block / per_warp * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         }
     }
@@ -203,16 +203,13 @@ impl Flash {
             Some(16) => true,
             Some(n) => candle_core::bail!("flash attention: {n} rows a warp (16 or 32)"),
         };
-        let (name, grid, smem) = if sixteen {
-            // two buffers of (k, v) tiles
-            let grid = self.grid(self.rows(), BLOCK);
-            (format!("flash_fwd_d{}", self.d), grid, 4 * self.tile())
+        // (16 rows a warp: two buffers of (k, v) tiles; 32: the block's q rows besides them)
+        let (name, per_warp, smem) = if sixteen {
+            (format!("flash_fwd_d{}", self.d), 16, 4 * self.tile())
         } else {
-            // the block's q rows, two buffers of (k, v) tiles
-            let mut grid = self.grid(self.rows(), BLOCK);
-            grid.block_dim.0 = (BLOCK / 32 * 32) as u32;
-            (format!("flash_fwd2_d{}", self.d), grid, 6 * self.tile())
+            (format!("flash_fwd2_d{}", self.d), 32, 6 * self.tile())
         };
+        let grid = self.grid(self.rows(), BLOCK, per_warp);
         let launch = gpu.kernel(&KERNELS, &name, None, grid)?.smem(smem);
         let launch = [&q, &k, &v, &o, &lse]
             .into_iter()
@@ -276,7 +273,7 @@ impl Flash {
         let backward = |kernel: &str, (items, block), smem, outputs: &[(&Buf, Rows)]| {
             let name = format!("flash_bwd_{kernel}_d{d}");
             let launch = gpu
-                .kernel(&KERNELS, &name, None, self.grid(items, block))?
+                .kernel(&KERNELS, &name, None, self.grid(items, block, 16))?
                 .smem(smem);
             let inputs = [&qb, &kb, &vb, &db, &lb, &deb].into_iter();
             let launch = inputs

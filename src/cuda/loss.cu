@@ -44,9 +44,7 @@ __device__ void cross_entropy(const T* x, const unsigned int* y, float* loss, T*
     float m = -3.0e38f, s = 0.f;
     bool pairs = (v % 2) == 0;
     // Eight logits per access (16 bytes of bf16) when every row starts 16-byte aligned.
-    bool eights = (v % 8) == 0 &&
-                  (((unsigned long long)x | (unsigned long long)dx | (unsigned long long)plus) &
-                   15) == 0;
+    bool eights = (v % 8) == 0 && aligned16(x, dx, plus);
     // Four such loads in flight a thread, then one merge for the 32 logits.
     const int stride = 8 * blockDim.x;
     if (eights) {

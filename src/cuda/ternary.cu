@@ -68,6 +68,7 @@ __device__ void ternarize_v(const float* __restrict__ w, T* __restrict__ out, lo
     float acc = 0.f;
 #pragma unroll
     for (int c = 0; c < C; c++) {
+        // (not ldv: its pointer loses __restrict__, and the loads the read-only cache path)
         float4 t = *(const float4*)(w + base + 128 * c + 4 * lane);
         v[c][0] = t.x; v[c][1] = t.y; v[c][2] = t.z; v[c][3] = t.w;
 #pragma unroll
@@ -83,15 +84,7 @@ __device__ void ternarize_v(const float* __restrict__ w, T* __restrict__ out, lo
         float o[4];
 #pragma unroll
         for (int e = 0; e < 4; e++) o[e] = ternary_value(v[c][e], s, lambda);
-        const long at = base + 128 * c + 4 * lane;
-        if (sizeof(T) == 4) {
-            *(float4*)((float*)out + at) = make_float4(o[0], o[1], o[2], o[3]);
-        } else {
-            uint2 u;
-            u.x = (unsigned int)f32_to_bf16(o[0]) | ((unsigned int)f32_to_bf16(o[1]) << 16);
-            u.y = (unsigned int)f32_to_bf16(o[2]) | ((unsigned int)f32_to_bf16(o[3]) << 16);
-            *(uint2*)((unsigned short*)out + at) = u;
-        }
+        stv<4>(out, base + 128 * c + 4 * lane, o);
     }
 }
 

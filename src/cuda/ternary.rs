@@ -52,34 +52,25 @@ pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant, lambda: 
     let groups = groups_of("ternarize", n, q)?;
     let absmax = usize::from(q.scale == ScaleRule::Absmax);
     let (sdt, min) = scale_args(q);
-    // 16-byte loads: groups of 32, 64, 128, 256 or 512 over whole warps' spans, 16-byte
-    // aligned buffers
+    // 16-byte loads (`ternarize_v{c}`, warps of 128 * c weights, counted in weights): groups of
+    // 32, 64, 128, 256 or 512 over whole warps' spans, 16-byte aligned buffers; else a warp a
+    // group (`ternarize`, counted in groups) up to WARP_GROUP_MAX
     let c = if g <= 128 { 1 } else { g / 128 };
     let aligned = w.p.is_multiple_of(16) && out.p.is_multiple_of(16);
-    if matches!(g, 32 | 64 | 128 | 256 | 512) && n.is_multiple_of(128 * c) && aligned {
+    let warp_kernel =
+        if matches!(g, 32 | 64 | 128 | 256 | 512) && n.is_multiple_of(128 * c) && aligned {
+            Some((format!("ternarize_v{c}"), n / (128 * c), n))
+        } else if g <= WARP_GROUP_MAX {
+            Some(("ternarize".to_string(), groups, groups))
+        } else {
+            None
+        };
+    if let Some((name, warps, count)) = warp_kernel {
         return gpu
-            .kernel(
-                &KERNELS,
-                &format!("ternarize_v{c}"),
-                Some(out.dtype),
-                warp_per_row(n / (128 * c)),
-            )?
+            .kernel(&KERNELS, &name, Some(out.dtype), warp_per_row(warps))?
             .buf(&w)
             .buf(&out)
-            .i64(n)
-            .i32(g)
-            .i32(absmax)
-            .i32(sdt)
-            .f32(min)
-            .f32(lambda)
-            .go();
-    }
-    if g <= WARP_GROUP_MAX {
-        return gpu
-            .kernel(&KERNELS, "ternarize", Some(out.dtype), warp_per_row(groups))?
-            .buf(&w)
-            .buf(&out)
-            .i64(groups)
+            .i64(count)
             .i32(g)
             .i32(absmax)
             .i32(sdt)
