@@ -281,6 +281,90 @@ fn rms_norm_matches_the_composed_one() {
     }
 }
 
+/// The vectorized norm kernels read a bf16 weight as it is (the step passes the checkpoint's
+/// bf16 norm weights without a cast): the same bits as with the weight widened to f32, for the
+/// hidden norms (forward, backward, backward added into the residual gradient) and the q/k norm
+/// + RoPE (both ways).
+#[test]
+fn bf16_norm_weights_give_the_bits_of_their_f32_widening() {
+    use ternlab::cuda::{attention, norm, Gpu};
+    use ternlab::model::{Preset, Qwen3Config};
+    let dev = gpu();
+    let g = Gpu::of(&dev).unwrap();
+    let bits = |what: &str, a: &Tensor, b: &Tensor| {
+        let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
+        assert_eq!(diff, 0.0, "{what}: bf16 weight against its f32 widening");
+    };
+    let weights = |d: usize| {
+        let wb = (Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let wf = wb.to_dtype(DType::F32).unwrap();
+        (wb, wf)
+    };
+    for (rows, d) in [(77, 512), (40, 1024)] {
+        assert!(norm::takes_bf16_weight(d));
+        let x = Tensor::randn(0f32, 2.0, (rows, d), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (rows, d), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let (wb, wf) = weights(d);
+        let ys = [&wb, &wf].map(|w| {
+            let y = x.zeros_like().unwrap();
+            norm::rmsnorm(&g, &x, w, &y, 1e-6).unwrap();
+            y
+        });
+        bits(&format!("rmsnorm {rows}x{d}"), &ys[0], &ys[1]);
+        for add in [false, true] {
+            let outs = [&wb, &wf].map(|w| {
+                let dx = dy.clone().affine(0.5, 0.0).unwrap();
+                let dw = norm::backward(&g, &x, w, &dy, &dx, 1e-6, add, None).unwrap();
+                (dx, dw)
+            });
+            bits(
+                &format!("rmsnorm dx {rows}x{d} add={add}"),
+                &outs[0].0,
+                &outs[1].0,
+            );
+            bits(
+                &format!("rmsnorm dw {rows}x{d} add={add}"),
+                &outs[0].1,
+                &outs[1].1,
+            );
+        }
+    }
+    let cfg = Qwen3Config::preset(Preset::Qwen3_0_6B, 151_936);
+    let (b, l, heads, d) = (2, 17, 3, cfg.head_dim);
+    assert!(attention::takes_bf16_weight(d));
+    let rope = Rope::new(&cfg, l, &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (b, l, heads, d), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let dy = Tensor::randn(0f32, 1.0, (b, heads, l, d), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let (wb, wf) = weights(d);
+    let outs = [&wb, &wf].map(|w| {
+        let y = dy.zeros_like().unwrap();
+        let (cos, sin) = rope.tables();
+        attention::norm_rope(&g, &x, w, cos, sin, &y, (heads, 1), 1e-6).unwrap();
+        let dx = x.zeros_like().unwrap();
+        let dw = attention::rope_norm_back(&g, &dy, &x, w, (cos, sin), &dx, (heads, 1), 1e-6, None)
+            .unwrap();
+        (y, dx, dw)
+    });
+    bits("norm_rope", &outs[0].0, &outs[1].0);
+    bits("rope_norm_bwd dx", &outs[0].1, &outs[1].1);
+    bits("rope_norm_bwd dw", &outs[0].2, &outs[1].2);
+}
+
 /// q/k RMSNorm, RoPE and the head transpose: one kernel each way (the step's `norm_rope` and
 /// `rope_norm_bwd`) against norm, transpose and rotation as candle ops; head dim 128 takes the
 /// vectorized kernels, 48 the one-value-a-lane ones (`rope_bwd` + the norm's backward).

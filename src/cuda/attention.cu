@@ -78,8 +78,8 @@ __device__ __forceinline__ float as_stored(const unsigned short*, float v) { ret
 
 // A warp takes NR consecutive rows, every row's values loaded before any is used (more bytes in
 // flight than a row of 64 to 512 bytes a warp).
-template <typename T, int V, int NR>
-__device__ void norm_rope_v(const T* __restrict__ x, const float* __restrict__ w,
+template <typename T, typename W, int V, int NR>
+__device__ void norm_rope_v(const T* __restrict__ x, const W* __restrict__ w,
                             const float* __restrict__ cos, const float* __restrict__ sin,
                             T* __restrict__ y, long rows, int heads, int group, int l,
                             float eps) {
@@ -124,9 +124,9 @@ __device__ void norm_rope_v(const T* __restrict__ x, const float* __restrict__ w
 // added into dw (f32, zeroed by the caller). A block of 8 warps takes `per_block` rows, a warp
 // one row at a time; the warps' sums of dw meet in shared memory, one atomic add per column
 // per block.
-template <typename T, int V>
+template <typename T, typename W, int V>
 __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ x,
-                                const float* __restrict__ w, const float* __restrict__ cos,
+                                const W* __restrict__ w, const float* __restrict__ cos,
                                 const float* __restrict__ sin, T* __restrict__ dx,
                                 float* __restrict__ dw, long rows, int heads, int group, int l,
                                 float eps, int per_block) {
@@ -248,18 +248,23 @@ extern "C" __global__ void causal_softmax_bwd_##SUF(const T* p, const T* dy, T* 
 }
 INSTANCES(ATTENTION)
 
-#define ROPE_V(SUF, T, V)                                                                      \
-extern "C" __global__ void norm_rope##V##_##SUF(const T* x, const float* w, const float* c,   \
-                                                const float* s, T* y, long rows, int heads,    \
-                                                int group, int l, int d, float eps) {          \
-    norm_rope_v<T, V, 4>(x, w, c, s, y, rows, heads, group, l, eps);                           \
+// WS names the weight's type in the kernel's name: nothing for f32, _wb for bf16.
+#define ROPE_V(SUF, T, V, WS, W)                                                               \
+extern "C" __global__ void norm_rope##V##WS##_##SUF(const T* x, const W* w, const float* c,   \
+                                                    const float* s, T* y, long rows,           \
+                                                    int heads, int group, int l, int d,        \
+                                                    float eps) {                               \
+    norm_rope_v<T, W, V, 4>(x, w, c, s, y, rows, heads, group, l, eps);                        \
 }                                                                                              \
-extern "C" __global__ void rope_norm_bwd##V##_##SUF(const T* dy, const T* x, const float* w,  \
-                                                    const float* c, const float* s, T* dx,     \
-                                                    float* dw, long rows, int heads,           \
-                                                    int group, int l, int d, float eps,        \
-                                                    int per_block) {                           \
-    rope_norm_bwd_v<T, V>(dy, x, w, c, s, dx, dw, rows, heads, group, l, eps, per_block);      \
+extern "C" __global__ void rope_norm_bwd##V##WS##_##SUF(const T* dy, const T* x, const W* w,  \
+                                                        const float* c, const float* s, T* dx, \
+                                                        float* dw, long rows, int heads,       \
+                                                        int group, int l, int d, float eps,    \
+                                                        int per_block) {                       \
+    rope_norm_bwd_v<T, W, V>(dy, x, w, c, s, dx, dw, rows, heads, group, l, eps, per_block);   \
 }
-#define ROPE_VS(SUF, T) ROPE_V(SUF, T, 2) ROPE_V(SUF, T, 4) ROPE_V(SUF, T, 8)
+#define ROPE_VS(SUF, T)                                                                        \
+    ROPE_V(SUF, T, 2, , float) ROPE_V(SUF, T, 4, , float) ROPE_V(SUF, T, 8, , float)           \
+    ROPE_V(SUF, T, 2, _wb, unsigned short) ROPE_V(SUF, T, 4, _wb, unsigned short)              \
+    ROPE_V(SUF, T, 8, _wb, unsigned short)
 INSTANCES(ROPE_VS)

@@ -28,12 +28,13 @@ pub fn norm_rope(
     let (x, w, cos, sin, y) = (x.buf()?, w.buf()?, cos.buf()?, sin.buf()?, y.buf()?);
     let (d, l) = (w.n(), cos.dims[0]);
     check_heads("norm_rope", &x, &cos, &sin, (heads, group), d)?;
-    w.expect("norm_rope: w", d, DType::F32)?;
     y.expect("norm_rope: y", x.n(), x.dtype)?;
     let rows = x.n() / d;
+    let vector = vector_width(d, &[&x, &y, &w, &cos, &sin]);
+    let wk = norm::weight_kind("norm_rope", &w, d, vector.is_some(), SIZES)?;
     // (the vectorized kernels take ROPE_ROWS rows a warp)
-    let (name, warps) = match vector_width(d, &[&x, &y, &w, &cos, &sin]) {
-        Some(v) => (format!("norm_rope{v}"), rows.div_ceil(ROPE_ROWS)),
+    let (name, warps) = match vector {
+        Some(v) => (format!("norm_rope{v}{wk}"), rows.div_ceil(ROPE_ROWS)),
         None => ("norm_rope".to_string(), rows),
     };
     gpu.kernel(&KERNELS, &name, Some(x.dtype), warp_per_row(warps))?
@@ -82,6 +83,15 @@ pub fn rope_back(
 
 /// Rows a warp of `norm_rope{V}` takes (its NR in attention.cu).
 const ROPE_ROWS: usize = 4;
+
+/// The head dims the vectorized kernels take.
+const SIZES: &str = "64, 128 or 256";
+
+/// Whether the vectorized kernels take head dim `d` (64, 128 or 256), so a bf16 weight can go
+/// to them as it is (given aligned buffers).
+pub fn takes_bf16_weight(d: usize) -> bool {
+    d.is_multiple_of(32) && matches!(d / 32, 2 | 4 | 8)
+}
 
 /// The values per lane of the vectorized kernels (`norm_rope{V}`, `rope_norm_bwd{V}`) for rows
 /// of `d`, if they take it: d = 32 * V for V = 2, 4 or 8, every buffer aligned for a lane's V
@@ -134,7 +144,7 @@ pub fn rope_norm_back(
         None => gpu.zeros(d, DType::F32)?,
     };
     check_heads("rope_norm_bwd", &dyb, &cb, &sb, (heads, group), d)?;
-    wb.expect("rope_norm_bwd: w", d, DType::F32)?;
+    let wk = norm::weight_kind("rope_norm_bwd", &wb, d, true, SIZES)?;
     xb.expect("rope_norm_bwd: x", dyb.n(), dyb.dtype)?;
     dxb.expect("rope_norm_bwd: dx", dyb.n(), dyb.dtype)?;
     // at least ~1,000 blocks where there are rows for them: a warp's rows run one after another
@@ -142,7 +152,7 @@ pub fn rope_norm_back(
     let per_block = rows.div_ceil(1024).next_multiple_of(8).clamp(8, 64);
     gpu.kernel(
         &KERNELS,
-        &format!("rope_norm_bwd{v}"),
+        &format!("rope_norm_bwd{v}{wk}"),
         Some(dyb.dtype),
         blocks(rows.div_ceil(per_block), 256),
     )?

@@ -139,9 +139,10 @@ __device__ void rmsnorm_bwd_small(const T* __restrict__ x, const float* __restri
 
 // The same for rows of d = 32 * V (V a multiple of 8), one warp per row held in registers: lane
 // `lane` has the eight values from column 8 * (32 * t + lane) for t < V / 8 (each load of the
-// warp is 512 contiguous bytes of bf16).
-template <typename T, int V>
-__device__ void rmsnorm_v(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ y,
+// warp is 512 contiguous bytes of bf16). The weight is f32 or bf16 (W: widened as it is read,
+// the same values as a cast to f32 beforehand).
+template <typename T, typename W, int V>
+__device__ void rmsnorm_v(const T* __restrict__ x, const W* __restrict__ w, T* __restrict__ y,
                           long rows, float eps) {
     constexpr int d = 32 * V;
     long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
@@ -169,8 +170,8 @@ __device__ void rmsnorm_v(const T* __restrict__ x, const float* __restrict__ w, 
 // gradient), and dw (f32, zeroed by the caller) as in rmsnorm_bwd_small: a block of 8 warps
 // takes `per_block` rows, each lane sums dy * x * r over its warp's rows for its columns, the
 // warps' sums meet in shared memory, one atomic add per column per block.
-template <typename T, bool ADD, int V>
-__device__ void rmsnorm_bwd_v(const T* __restrict__ x, const float* __restrict__ w,
+template <typename T, typename W, bool ADD, int V>
+__device__ void rmsnorm_bwd_v(const T* __restrict__ x, const W* __restrict__ w,
                               const T* __restrict__ dy, T* __restrict__ dx,
                               float* __restrict__ dw, long rows, float eps, int per_block) {
     constexpr int d = 32 * V;
@@ -223,22 +224,26 @@ __device__ void rmsnorm_bwd_v(const T* __restrict__ x, const float* __restrict__
     add_warp_sums(part, d, dw);
 }
 
-#define NORM_V(SUF, T, V)                                                                      \
-extern "C" __global__ void rmsnorm_v##V##_##SUF(const T* x, const float* w, T* y, long rows,  \
-                                               float eps) {                                   \
-    rmsnorm_v<T, V>(x, w, y, rows, eps);                                                       \
+// WS names the weight's type in the kernel's name: nothing for f32, _wb for bf16.
+#define NORM_V(SUF, T, V, WS, W)                                                               \
+extern "C" __global__ void rmsnorm_v##V##WS##_##SUF(const T* x, const W* w, T* y, long rows,  \
+                                                   float eps) {                               \
+    rmsnorm_v<T, W, V>(x, w, y, rows, eps);                                                    \
 }                                                                                              \
-extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_v##V##_##SUF(                   \
-    const T* x, const float* w, const T* dy, T* dx, float* dw, long rows, float eps,           \
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_v##V##WS##_##SUF(               \
+    const T* x, const W* w, const T* dy, T* dx, float* dw, long rows, float eps,               \
     int per_block) {                                                                           \
-    rmsnorm_bwd_v<T, false, V>(x, w, dy, dx, dw, rows, eps, per_block);                        \
+    rmsnorm_bwd_v<T, W, false, V>(x, w, dy, dx, dw, rows, eps, per_block);                     \
 }                                                                                              \
-extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_add_v##V##_##SUF(               \
-    const T* x, const float* w, const T* dy, T* dx, float* dw, long rows, float eps,           \
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_add_v##V##WS##_##SUF(           \
+    const T* x, const W* w, const T* dy, T* dx, float* dw, long rows, float eps,               \
     int per_block) {                                                                           \
-    rmsnorm_bwd_v<T, true, V>(x, w, dy, dx, dw, rows, eps, per_block);                         \
+    rmsnorm_bwd_v<T, W, true, V>(x, w, dy, dx, dw, rows, eps, per_block);                      \
 }
-#define NORMS_V(SUF, T) NORM_V(SUF, T, 8) NORM_V(SUF, T, 16) NORM_V(SUF, T, 32)
+#define NORMS_V(SUF, T)                                                                        \
+    NORM_V(SUF, T, 8, , float) NORM_V(SUF, T, 16, , float) NORM_V(SUF, T, 32, , float)         \
+    NORM_V(SUF, T, 8, _wb, unsigned short) NORM_V(SUF, T, 16, _wb, unsigned short)             \
+    NORM_V(SUF, T, 32, _wb, unsigned short)
 INSTANCES(NORMS_V)
 
 #define NORM(SUF, T)                                                                           \

@@ -25,19 +25,54 @@ fn rows(what: &str, x: &Buf, d: usize) -> Result<usize> {
     Ok(x.n() / d)
 }
 
+/// The rows the vectorized kernels take.
+const SIZES: &str = "256, 512 or 1,024";
+
+/// Whether the vectorized kernels take rows of `d` (256, 512 or 1,024), so a bf16 weight can go
+/// to them as it is (given 16-byte aligned buffers).
+pub fn takes_bf16_weight(d: usize) -> bool {
+    d.is_multiple_of(32) && matches!(d / 32, 8 | 16 | 32)
+}
+
+/// The kernel-name part for the weight's dtype: the vectorized kernels (of rows of `sizes`)
+/// read an f32 weight or, as `..._wb`, a bf16 one; the others take f32 only.
+pub(crate) fn weight_kind(
+    what: &str,
+    w: &Buf,
+    d: usize,
+    vectorized: bool,
+    sizes: &str,
+) -> Result<&'static str> {
+    match w.dtype {
+        DType::BF16 if vectorized => {
+            w.expect(&format!("{what}: w"), d, DType::BF16)?;
+            Ok("_wb")
+        }
+        DType::BF16 => candle_core::bail!(
+            "{what}: a bf16 weight goes only to the vectorized kernels (rows of {sizes}, \
+             aligned buffers); widen it to f32"
+        ),
+        _ => {
+            w.expect(&format!("{what}: w"), d, DType::F32)?;
+            Ok("")
+        }
+    }
+}
+
 /// `rmsnorm(const T* x, const float* w, T* y, long rows, int d, float eps)`: y = x * r * w;
-/// `rmsnorm_v{V}(x, w, y, rows, eps)` where `vector_width` allows.
+/// `rmsnorm_v{V}[_wb](x, w, y, rows, eps)` where `vector_width` allows (`_wb`: w in bf16).
 pub fn rmsnorm(gpu: &Gpu, x: &impl AsBuf, w: &impl AsBuf, y: &impl AsBuf, eps: f32) -> Result<()> {
     let (x, w, y) = (x.buf()?, w.buf()?, y.buf()?);
     let d = w.n();
     let rows = rows("rmsnorm", &x, d)?;
-    w.expect("rmsnorm: w", d, DType::F32)?;
     y.expect("rmsnorm: y", x.n(), x.dtype)?;
-    if let Some(v) = vector_width(d, &[&x, &w, &y]) {
+    let vector = vector_width(d, &[&x, &w, &y]);
+    let wk = weight_kind("rmsnorm", &w, d, vector.is_some(), SIZES)?;
+    if let Some(v) = vector {
         return gpu
             .kernel(
                 &KERNELS,
-                &format!("rmsnorm_v{v}"),
+                &format!("rmsnorm_v{v}{wk}"),
                 Some(x.dtype),
                 warp_per_row(rows),
             )?
@@ -192,16 +227,22 @@ pub fn backward(
         None => gpu.zeros(d, DType::F32)?,
     };
     let bufs = [x.buf()?, w.buf()?, dy.buf()?, dx.buf()?];
-    if let Some(v) = vector_width(d, &bufs.iter().collect::<Vec<_>>()) {
+    let vector = vector_width(d, &bufs.iter().collect::<Vec<_>>());
+    if vector.is_none() && w.dtype() == DType::BF16 {
+        // (the other kernels take an f32 weight)
+        let w = w.to_dtype(DType::F32)?;
+        return backward(gpu, x, &w, dy, dx, eps, add, Some(dw));
+    }
+    if let Some(v) = vector {
         let [x, w, dy, dx] = &bufs;
         let rows = rows("rmsnorm_bwd_v", x, d)?;
-        w.expect("rmsnorm_bwd_v: w", d, DType::F32)?;
+        let wk = weight_kind("rmsnorm_bwd_v", w, d, true, SIZES)?;
         dy.expect("rmsnorm_bwd_v: dy", x.n(), x.dtype)?;
         dx.expect("rmsnorm_bwd_v: dx", x.n(), x.dtype)?;
         // ~512 blocks where there are rows for them (a warp's rows run one after another; each
         // block adds d columns atomically), at least a row a warp
         let per_block = rows.div_ceil(512).next_multiple_of(8).clamp(8, 256);
-        let name = format!("rmsnorm_bwd{}_v{v}", if add { "_add" } else { "" });
+        let name = format!("rmsnorm_bwd{}_v{v}{wk}", if add { "_add" } else { "" });
         gpu.kernel(
             &KERNELS,
             &name,

@@ -333,6 +333,11 @@ impl Rope {
             sin: emb.sin()?,
         })
     }
+
+    /// The tables (L, d) in f32: cos, sin.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
 }
 
 #[derive(Clone)]

@@ -108,7 +108,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         // q/k norm + RoPE, backward: (B, heads / group, L, group, D) -> (N, heads * D).
         let mut norm_rope_back = |dy: &Tensor, x: &Tensor, nrm: &RmsNorm, heads, group| {
             let dx = ctx.act((n, heads * d))?;
-            let w = ctx.norm_weight(nrm)?;
+            let w = ctx.norm_weight_for(nrm, attention::takes_bf16_weight(d))?;
             let tables = (&rope.cos, &rope.sin);
             let eps = nrm.eps as f32;
             let dw = norm_dws.next(d)?;

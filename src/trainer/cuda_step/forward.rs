@@ -103,7 +103,7 @@ pub(super) fn forward_with(
     // group = R, k with group = 1 (see `CausalAttention`).
     let norm_rope = |t: &Tensor, n_: &RmsNorm, heads: usize, group: usize| -> Result<Tensor> {
         let y = ctx.act((b * heads / group, l * group, d))?;
-        let w = ctx.norm_weight(n_)?;
+        let w = ctx.norm_weight_for(n_, attention::takes_bf16_weight(d))?;
         let eps = n_.eps as f32;
         attention::norm_rope(
             &ctx.gpu,

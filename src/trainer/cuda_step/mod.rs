@@ -75,8 +75,9 @@ impl Dims {
 }
 
 /// What both passes share: the GPU, the compute dtype of activations and matmul inputs, and
-/// the norm weights widened to f32 for the kernels (bf16 weights under
-/// `train.dense_dtype = "checkpoint"`), made once per step.
+/// the norm weights widened to f32 for the kernels that need it (bf16 weights under
+/// `train.dense_dtype = "checkpoint"`; the vectorized norm kernels read them as they are), made
+/// once per step.
 struct Ctx {
     gpu: Gpu,
     cd: DType,
@@ -133,10 +134,24 @@ impl Ctx {
         Ok(t)
     }
 
+    /// A norm's weight as its kernels take it: the parameter itself where it is f32, or where
+    /// it is bf16 and `raw_bf16` (the vectorized kernels read bf16 weights); else `norm_weight`.
+    fn norm_weight_for(&self, norm: &RmsNorm, raw_bf16: bool) -> Result<Tensor> {
+        if raw_bf16 && norm.weight.dtype() == DType::BF16 {
+            return Ok(norm.weight.detach());
+        }
+        self.norm_weight(norm)
+    }
+
+    /// A hidden-sized norm's weight for `norm::rmsnorm` and `norm::backward`.
+    fn hidden_norm_weight(&self, n: &RmsNorm) -> Result<Tensor> {
+        self.norm_weight_for(n, norm::takes_bf16_weight(n.weight.elem_count()))
+    }
+
     /// RMSNorm of the rows of `x`, in x's dtype.
     fn rms_norm(&self, x: &Tensor, n: &RmsNorm) -> Result<Tensor> {
         let y = self.gpu.empty(x.shape(), x.dtype())?;
-        norm::rmsnorm(&self.gpu, x, &self.norm_weight(n)?, &y, n.eps as f32)?;
+        norm::rmsnorm(&self.gpu, x, &self.hidden_norm_weight(n)?, &y, n.eps as f32)?;
         Ok(y)
     }
 
@@ -150,7 +165,7 @@ impl Ctx {
         add: bool,
         dw: Tensor,
     ) -> Result<Tensor> {
-        let w = self.norm_weight(n)?;
+        let w = self.hidden_norm_weight(n)?;
         norm::backward(&self.gpu, x, &w, dy, dx, n.eps as f32, add, Some(dw))
     }
 
