@@ -667,6 +667,45 @@ fn flash_attention_matches_attention_in_f32() {
     }
 }
 
+/// The gate over the fused gate/up projection's rows (g then u in each row of 2F) gives the bits
+/// of the gate over g and u apart, both ways: F = 64 (16-byte accesses) and F = 301 (each
+/// row's pieces unaligned: one element at a time).
+#[test]
+fn silu_gate_over_fused_rows_matches_the_split_one() {
+    use ternlab::cuda::{mlp, Gpu};
+    let dev = gpu();
+    let g = Gpu::of(&dev).unwrap();
+    for (rows, f) in [(5, 64), (3, 301)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let randn = |shape: (usize, usize), std: f32| {
+                Tensor::randn(0f32, std, shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let gu = randn((rows, 2 * f), 2.0);
+            let dy = randn((rows, f), 1.0);
+            let half = |t: &Tensor, at: usize| t.narrow(1, at, f).unwrap().contiguous().unwrap();
+            let (gg, uu) = (half(&gu, 0), half(&gu, f));
+            let (y1, y2) = (dy.zeros_like().unwrap(), dy.zeros_like().unwrap());
+            mlp::silu_mul_halves(&g, &gu, &y1).unwrap();
+            mlp::silu_mul(&g, &gg, &uu, &y2).unwrap();
+            let dgu = gu.zeros_like().unwrap();
+            mlp::silu_mul_halves_back(&g, &gu, &dy, &dgu).unwrap();
+            let (dg, du) = (dy.zeros_like().unwrap(), dy.zeros_like().unwrap());
+            mlp::silu_mul_back(&g, &gg, &uu, &dy, &dg, &du).unwrap();
+            for (name, a, b) in [
+                ("y", y1, y2),
+                ("dg", half(&dgu, 0), dg),
+                ("du", half(&dgu, f), du),
+            ] {
+                let diff = max_abs(&(f32_of(&a) - f32_of(&b)).unwrap());
+                assert_eq!(diff, 0.0, "{rows}x{f} {dtype:?}: {name}");
+            }
+        }
+    }
+}
+
 #[test]
 fn silu_gate_matches_the_composed_one() {
     let dev = gpu();

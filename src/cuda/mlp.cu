@@ -1,24 +1,33 @@
 // The SwiGLU gate of the MLP, y = silu(g) * u (src/cuda/mlp.rs).
 
-// Forward, eight neighbouring elements per thread (16-byte accesses of bf16 when every buffer
-// is 16-byte aligned; the last few, or unaligned buffers, one at a time).
+// Rows of f elements, eight neighbouring elements of a row per thread (16-byte accesses of bf16
+// when the thread's pieces are 16-byte aligned; a row's last few, or unaligned pieces, one at a
+// time). The inputs and input gradients step `si` elements from row to row, the output and its
+// gradient `so`: contiguous tensors are one row (si = so = f = n), the fused gate/up
+// projection's output (rows of gate then up) has si = 2 * f, u = g + f.
 template <typename T>
 __device__ void silu_mul(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y,
-                         long n) {
-    long i = 8 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
-    if (i >= n) return;
-    if (i + 8 <= n && aligned16(g, u, y)) {
+                         long rows, long f, long si, long so) {
+    const long per_row = (f + 7) / 8;
+    const long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long row = t / per_row;
+    if (row >= rows) return;
+    const long j = (t - row * per_row) * 8;
+    const T* gr = g + row * si + j;
+    const T* ur = u + row * si + j;
+    T* yr = y + row * so + j;
+    if (j + 8 <= f && aligned16(gr, ur, yr)) {
         float a[8], b[8], o[8];
-        ld8(g, i, a);
-        ld8(u, i, b);
+        ld8(gr, 0, a);
+        ld8(ur, 0, b);
 #pragma unroll
         for (int k = 0; k < 8; k++) o[k] = a[k] * sigmoid(a[k]) * b[k];
-        st8(y, i, o);
+        st8(yr, 0, o);
         return;
     }
-    for (long j = i; j < n && j < i + 8; j++) {
-        float a = ld(g, j);
-        st(y, j, a * sigmoid(a) * ld(u, j));
+    for (long k = 0; k < 8 && j + k < f; k++) {
+        float a = ld(gr, k);
+        st(yr, k, a * sigmoid(a) * ld(ur, k));
     }
 }
 
@@ -30,38 +39,47 @@ __device__ __forceinline__ void silu_mul_grads(float a, float uu, float d, float
     ou = d * a * sg;
 }
 
-// Both gradients in one pass, eight elements per thread as the forward.
+// Both gradients in one pass, laid out as the forward (dg and du step si, dy so).
 template <typename T>
 __device__ void silu_mul_bwd(const T* __restrict__ g, const T* __restrict__ u,
                              const T* __restrict__ dy, T* __restrict__ dg, T* __restrict__ du,
-                             long n) {
-    long i = 8 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
-    if (i >= n) return;
-    if (i + 8 <= n && aligned16(g, u, dy, dg, du)) {
+                             long rows, long f, long si, long so) {
+    const long per_row = (f + 7) / 8;
+    const long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long row = t / per_row;
+    if (row >= rows) return;
+    const long j = (t - row * per_row) * 8;
+    const T* gr = g + row * si + j;
+    const T* ur = u + row * si + j;
+    const T* dyr = dy + row * so + j;
+    T* dgr = dg + row * si + j;
+    T* dur = du + row * si + j;
+    if (j + 8 <= f && aligned16(gr, ur, dyr, dgr, dur)) {
         float a[8], uu[8], d[8], og[8], ou[8];
-        ld8(g, i, a);
-        ld8(u, i, uu);
-        ld8(dy, i, d);
+        ld8(gr, 0, a);
+        ld8(ur, 0, uu);
+        ld8(dyr, 0, d);
 #pragma unroll
         for (int k = 0; k < 8; k++) silu_mul_grads(a[k], uu[k], d[k], og[k], ou[k]);
-        st8(dg, i, og);
-        st8(du, i, ou);
+        st8(dgr, 0, og);
+        st8(dur, 0, ou);
         return;
     }
-    for (long j = i; j < n && j < i + 8; j++) {
+    for (long k = 0; k < 8 && j + k < f; k++) {
         float og, ou;
-        silu_mul_grads(ld(g, j), ld(u, j), ld(dy, j), og, ou);
-        st(dg, j, og);
-        st(du, j, ou);
+        silu_mul_grads(ld(gr, k), ld(ur, k), ld(dyr, k), og, ou);
+        st(dgr, k, og);
+        st(dur, k, ou);
     }
 }
 
 #define MLP(SUF, T)                                                                            \
-extern "C" __global__ void silu_mul_##SUF(const T* g, const T* u, T* y, long n) {             \
-    silu_mul<T>(g, u, y, n);                                                                   \
+extern "C" __global__ void silu_mul_##SUF(const T* g, const T* u, T* y, long rows, long f,    \
+                                          long si, long so) {                                  \
+    silu_mul<T>(g, u, y, rows, f, si, so);                                                     \
 }                                                                                              \
 extern "C" __global__ void silu_mul_bwd_##SUF(const T* g, const T* u, const T* dy, T* dg,     \
-                                              T* du, long n) {                                 \
-    silu_mul_bwd<T>(g, u, dy, dg, du, n);                                                      \
+                                              T* du, long rows, long f, long si, long so) {    \
+    silu_mul_bwd<T>(g, u, dy, dg, du, rows, f, si, so);                                        \
 }
 INSTANCES(MLP)

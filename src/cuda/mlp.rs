@@ -7,23 +7,76 @@ use candle_core::{CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 static KERNELS: Family = family!("ternlab_mlp", "mlp.cu");
 
-/// `silu_mul(const T* g, const T* u, T* y, long n)`: y = silu(g) * u, all alike.
+/// Where a layout of the gate's inputs starts and how its rows step: `rows` rows of `f`, the
+/// inputs (and their gradients) `si` elements apart, the output (and its gradient) `so`.
+#[derive(Clone, Copy)]
+struct Rows {
+    rows: usize,
+    f: usize,
+    si: usize,
+    so: usize,
+}
+
+/// `silu_mul(const T* g, const T* u, T* y, long rows, long f, long si, long so)`: y = silu(g) *
+/// u, eight elements a thread.
+fn silu_mul_rows(gpu: &Gpu, g: &Buf, u: &Buf, y: &Buf, r: Rows) -> Result<()> {
+    gpu.kernel(
+        &KERNELS,
+        "silu_mul",
+        Some(g.dtype),
+        per_item(r.rows * r.f.div_ceil(8)),
+    )?
+    .buf(g)
+    .buf(u)
+    .buf(y)
+    .i64(r.rows)
+    .i64(r.f)
+    .i64(r.si)
+    .i64(r.so)
+    .go()
+}
+
+/// `silu_mul_bwd(const T* g, const T* u, const T* dy, T* dg, T* du, long rows, long f, long si,
+/// long so)`: both inputs' gradients from the output's.
+fn silu_mul_back_rows(gpu: &Gpu, [g, u, dy, dg, du]: [&Buf; 5], r: Rows) -> Result<()> {
+    gpu.kernel(
+        &KERNELS,
+        "silu_mul_bwd",
+        Some(g.dtype),
+        per_item(r.rows * r.f.div_ceil(8)),
+    )?
+    .buf(g)
+    .buf(u)
+    .buf(dy)
+    .buf(dg)
+    .buf(du)
+    .i64(r.rows)
+    .i64(r.f)
+    .i64(r.si)
+    .i64(r.so)
+    .go()
+}
+
+/// One contiguous row of n.
+fn flat(n: usize) -> Rows {
+    Rows {
+        rows: 1,
+        f: n,
+        si: n,
+        so: n,
+    }
+}
+
+/// y = silu(g) * u, all alike and contiguous.
 pub fn silu_mul(gpu: &Gpu, g: &impl AsBuf, u: &impl AsBuf, y: &impl AsBuf) -> Result<()> {
     let (g, u, y) = (g.buf()?, u.buf()?, y.buf()?);
     let n = g.n();
     u.expect("silu_mul: u", n, g.dtype)?;
     y.expect("silu_mul: y", n, g.dtype)?;
-    // Eight neighbouring elements per thread.
-    gpu.kernel(&KERNELS, "silu_mul", Some(g.dtype), per_item(n.div_ceil(8)))?
-        .buf(&g)
-        .buf(&u)
-        .buf(&y)
-        .i64(n)
-        .go()
+    silu_mul_rows(gpu, &g, &u, &y, flat(n))
 }
 
-/// `silu_mul_bwd(const T* g, const T* u, const T* dy, T* dg, T* du, long n)`: both inputs'
-/// gradients from the output's, all alike.
+/// Both inputs' gradients from the output's, all alike and contiguous.
 pub fn silu_mul_back(
     gpu: &Gpu,
     g: &impl AsBuf,
@@ -37,19 +90,61 @@ pub fn silu_mul_back(
     for (b, what) in [(&u, "u"), (&dy, "dy"), (&dg, "dg"), (&du, "du")] {
         b.expect(&format!("silu_mul_bwd: {what}"), n, g.dtype)?;
     }
-    gpu.kernel(
-        &KERNELS,
-        "silu_mul_bwd",
-        Some(g.dtype),
-        per_item(n.div_ceil(8)),
-    )?
-    .buf(&g)
-    .buf(&u)
-    .buf(&dy)
-    .buf(&dg)
-    .buf(&du)
-    .i64(n)
-    .go()
+    silu_mul_back_rows(gpu, [&g, &u, &dy, &dg, &du], flat(n))
+}
+
+/// The two halves of rows of `gu` (rows, 2f): gate's f values then up's, as the fused gate/up
+/// projection writes them.
+fn halves(what: &str, gu: &Buf) -> Result<(Buf, Buf, usize, usize)> {
+    let two_f = gu.last();
+    if gu.dims.len() != 2 || two_f == 0 || !two_f.is_multiple_of(2) {
+        candle_core::bail!("{what}: {:?} is not rows of gate then up", gu.dims);
+    }
+    let (rows, f) = (gu.n() / two_f, two_f / 2);
+    let g = Buf {
+        dims: vec![rows, f],
+        ..gu.clone()
+    };
+    let u = Buf {
+        p: gu.p + (f * gu.dtype.size_in_bytes()) as u64,
+        ..g.clone()
+    };
+    Ok((g, u, rows, f))
+}
+
+/// y (rows, f) = silu(g) * u for `gu` (rows, 2f) holding each row's g then u.
+pub fn silu_mul_halves(gpu: &Gpu, gu: &impl AsBuf, y: &impl AsBuf) -> Result<()> {
+    let (gu, y) = (gu.buf()?, y.buf()?);
+    let (g, u, rows, f) = halves("silu_mul_halves", &gu)?;
+    y.expect("silu_mul_halves: y", rows * f, gu.dtype)?;
+    let r = Rows {
+        rows,
+        f,
+        si: 2 * f,
+        so: f,
+    };
+    silu_mul_rows(gpu, &g, &u, &y, r)
+}
+
+/// `silu_mul_halves`' backward: dgu (rows, 2f) = each row's dg then du, from dy (rows, f).
+pub fn silu_mul_halves_back(
+    gpu: &Gpu,
+    gu: &impl AsBuf,
+    dy: &impl AsBuf,
+    dgu: &impl AsBuf,
+) -> Result<()> {
+    let (gu, dy, dgu) = (gu.buf()?, dy.buf()?, dgu.buf()?);
+    let (g, u, rows, f) = halves("silu_mul_halves_bwd", &gu)?;
+    dy.expect("silu_mul_halves_bwd: dy", rows * f, gu.dtype)?;
+    dgu.expect("silu_mul_halves_bwd: dgu", gu.n(), gu.dtype)?;
+    let (dg, du, _, _) = halves("silu_mul_halves_bwd", &dgu)?;
+    let r = Rows {
+        rows,
+        f,
+        si: 2 * f,
+        so: f,
+    };
+    silu_mul_back_rows(gpu, [&g, &u, &dy, &dg, &du], r)
 }
 
 /// `silu(g) * u` of two contiguous tensors alike, with its gradient to both.

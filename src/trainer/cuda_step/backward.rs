@@ -1,6 +1,6 @@
 //! The backward pass: every parameter's gradient from the tape, layer by layer in reverse.
 
-use super::{Attention, Dims, Kept, Tape};
+use super::{Attention, Dims, Gate, Kept, Tape};
 use crate::cuda::gemm::{linear_back_w, linear_back_x};
 use crate::cuda::{attention, embedding, mlp, norm};
 use crate::model::{Qwen3, RmsNorm};
@@ -55,27 +55,36 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         let [wq, wk, wv, wo, wg, wu, wd] = &t.w;
 
         // MLP: next = h + down(silu(g) * u)
-        let f = t.g.dim(1)?;
+        let (gate, up) = (&mlp_.gate_proj, &mlp_.up_proj);
+        let f = gate.weight.dim(0)?;
         let da = ctx.act((n, f))?;
         linear_back_x(gpu, &dx, wd, &da, 0.)?;
         let down_in = t.a.of(&mlp_.down_proj);
         let dw = linear_back_w(gpu, &dx, down_in)?;
         ctx.weight_grad(&mut grads, &mlp_.down_proj, dw)?;
-        let (dg, du) = (ctx.act((n, f))?, ctx.act((n, f))?);
-        mlp::silu_mul_back(gpu, &t.g, &t.u, &da, &dg, &du)?;
-        drop(da);
         let dxn2 = ctx.act((n, e))?;
-        linear_back_x(gpu, &dg, wg, &dxn2, 0.)?;
-        linear_back_x(gpu, &du, wu, &dxn2, 1.)?;
-        let gate_in = t.xn2.of(&mlp_.gate_proj);
-        ctx.weight_grad(
-            &mut grads,
-            &mlp_.gate_proj,
-            linear_back_w(gpu, &dg, gate_in)?,
-        )?;
-        let up_in = t.xn2.of(&mlp_.up_proj);
-        ctx.weight_grad(&mut grads, &mlp_.up_proj, linear_back_w(gpu, &du, up_in)?)?;
-        drop((dg, du));
+        match &t.gate {
+            Gate::Fused { gu, w } => {
+                // one (N, 2F) gradient, one GEMM each way; each weight's gradient is its rows
+                let dgu = ctx.act((n, 2 * f))?;
+                mlp::silu_mul_halves_back(gpu, gu, &da, &dgu)?;
+                drop(da);
+                linear_back_x(gpu, &dgu, w, &dxn2, 0.)?;
+                let dw = linear_back_w(gpu, &dgu, t.xn2.of(gate))?;
+                ctx.weight_grad(&mut grads, gate, dw.narrow(0, 0, f)?)?;
+                ctx.weight_grad(&mut grads, up, dw.narrow(0, f, f)?)?;
+            }
+            Gate::Split { g, u } => {
+                let (dg, du) = (ctx.act((n, f))?, ctx.act((n, f))?);
+                mlp::silu_mul_back(gpu, g, u, &da, &dg, &du)?;
+                drop(da);
+                linear_back_x(gpu, &dg, wg, &dxn2, 0.)?;
+                linear_back_x(gpu, &du, wu, &dxn2, 1.)?;
+                let dw = linear_back_w(gpu, &dg, t.xn2.of(gate))?;
+                ctx.weight_grad(&mut grads, gate, dw)?;
+                ctx.weight_grad(&mut grads, up, linear_back_w(gpu, &du, t.xn2.of(up))?)?;
+            }
+        }
         let post = &layer.post_attention_layernorm;
         let dw = ctx.rms_norm_back(&t.h, post, (&dxn2, &dx), true, norm_dws.next(e)?)?;
         grads.insert(&post.weight, dw);

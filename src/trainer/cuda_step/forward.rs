@@ -1,6 +1,6 @@
 //! The forward pass and the loss, keeping what the backward needs (`Tape`).
 
-use super::{Attention, Ctx, Dims, Kept, LayerTape, Tape, Terms};
+use super::{Attention, Ctx, Dims, Gate, Kept, LayerTape, Tape, Terms};
 use crate::cuda::causal_attention::CausalAttention;
 use crate::cuda::flash::Flash;
 use crate::cuda::gemm::linear;
@@ -121,13 +121,30 @@ pub(super) fn forward_with(
     let mut layers = Vec::with_capacity(model.layers.len());
     for (i, layer) in model.layers.iter().enumerate() {
         let (at, mlp_) = (&layer.self_attn, &layer.mlp);
+        // Gate and up take the same input unless only one quantizes its activations: then
+        // their weights are one (2F, E) matrix and their products one GEMM (wider than F: a
+        // better fit for the card at small batches); `w` keeps each one's rows.
+        let (gate, up) = (&mlp_.gate_proj, &mlp_.up_proj);
+        let f = gate.weight.dim(0)?;
+        let wgu = if gate.act_quant == up.act_quant && up.weight.dims() == gate.weight.dims() {
+            let wgu = ctx.act((2 * f, gate.weight.dim(1)?))?;
+            ctx.weight_into(gate, &wgu, 0)?;
+            ctx.weight_into(up, &wgu, f)?;
+            Some(wgu)
+        } else {
+            None
+        };
+        let (wg, wu) = match &wgu {
+            Some(wgu) => (wgu.narrow(0, 0, f)?, wgu.narrow(0, f, f)?),
+            None => (ctx.weight(gate)?, ctx.weight(up)?),
+        };
         let w = [
             ctx.weight(&at.q_proj)?,
             ctx.weight(&at.k_proj)?,
             ctx.weight(&at.v_proj)?,
             ctx.weight(&at.o_proj)?,
-            ctx.weight(&mlp_.gate_proj)?,
-            ctx.weight(&mlp_.up_proj)?,
+            wg,
+            wu,
             ctx.weight(&mlp_.down_proj)?,
         ];
         let xn1 = if i == 0 && seed_first_norm {
@@ -165,11 +182,21 @@ pub(super) fn forward_with(
         residual::add(&ctx.gpu, &x, &o, &hres)?;
         // MLP: next = h + down(silu(gate(norm(h))) * up(norm(h)))
         let xn2 = ctx.rms_norm(&hres, &layer.post_attention_layernorm)?;
-        let xn2 = ctx.input(xn2, &[&mlp_.gate_proj, &mlp_.up_proj])?;
-        let g = linear(&ctx.gpu, xn2.of(&mlp_.gate_proj), &w[4])?;
-        let u = linear(&ctx.gpu, xn2.of(&mlp_.up_proj), &w[5])?;
-        let a = ctx.act(g.shape())?;
-        mlp::silu_mul(&ctx.gpu, &g, &u, &a)?;
+        let xn2 = ctx.input(xn2, &[gate, up])?;
+        let a = ctx.act((n, f))?;
+        let gate_kept = match wgu {
+            Some(w) => {
+                let gu = linear(&ctx.gpu, xn2.of(gate), &w)?;
+                mlp::silu_mul_halves(&ctx.gpu, &gu, &a)?;
+                Gate::Fused { gu, w }
+            }
+            None => {
+                let g = linear(&ctx.gpu, xn2.of(gate), &w[4])?;
+                let u = linear(&ctx.gpu, xn2.of(up), &w[5])?;
+                mlp::silu_mul(&ctx.gpu, &g, &u, &a)?;
+                Gate::Split { g, u }
+            }
+        };
         let a = ctx.input(a, &[&mlp_.down_proj])?;
         let down = linear(&ctx.gpu, a.of(&mlp_.down_proj), &w[6])?;
         let next = ctx.act((n, e))?;
@@ -186,8 +213,7 @@ pub(super) fn forward_with(
             merged,
             h: hres,
             xn2,
-            g,
-            u,
+            gate: gate_kept,
             a,
         });
         x = next;

@@ -105,6 +105,22 @@ impl Ctx {
         Ok(wt)
     }
 
+    /// Writes the weight `lin` multiplies by (as `weight` makes it) into rows `at..` of `into`,
+    /// the weight of a fused projection.
+    fn weight_into(&self, lin: &Linear, into: &Tensor, at: usize) -> Result<()> {
+        let Some(q) = lin.quant else {
+            let w = self
+                .gpu
+                .timed("cast weight", || lin.weight.detach().to_dtype(self.cd))?;
+            return into.slice_set(&w, 0, at);
+        };
+        let wt = into.narrow(0, at, lin.weight.dim(0)?)?;
+        match &lin.scale {
+            Some(s) => ternary::ternarize_learned(&self.gpu, &lin.weight, s, &wt, q, lin.lambda),
+            None => ternary::ternarize(&self.gpu, &lin.weight, &wt, q, lin.lambda),
+        }
+    }
+
     /// Records a projection's weight gradient `dw` (f32), and the gradient of its learned
     /// scales where it has them (LSQ's, from `dw`).
     fn weight_grad(&self, grads: &mut GradStore, lin: &Linear, dw: Tensor) -> Result<()> {
@@ -229,10 +245,17 @@ struct LayerTape {
     /// the residual stream after attention, (N, E), and its norm (gate's and up's input)
     h: Tensor,
     xn2: Input,
-    /// gate and up projections (N, F), and silu(g) * u (N, F): down's input
-    g: Tensor,
-    u: Tensor,
+    /// the gate and up projections, and silu(g) * u (N, F): down's input
+    gate: Gate,
     a: Input,
+}
+
+/// The gate and up projections of a layer as its forward made them.
+enum Gate {
+    /// as one GEMM: rows of g then u (N, 2F), by the weight (2F, E) of gate's rows then up's
+    Fused { gu: Tensor, w: Tensor },
+    /// as two (their inputs differ: one of them quantizes its activations): (N, F) each
+    Split { g: Tensor, u: Tensor },
 }
 
 /// How the step runs causal attention.
