@@ -121,7 +121,16 @@ pub struct AdamW {
     /// every replay (`replay_step`) updates from.
     #[cfg(feature = "cuda")]
     recorded: Option<Vec<Option<u64>>>,
+    /// Per parameter, where a replayed update also writes the ternary projection of the
+    /// updated latent, and how (`write_projections`).
+    #[cfg(feature = "cuda")]
+    writes: Vec<Option<Projection>>,
 }
+
+/// A buffer that a replayed update writes a latent's ternary projection into, and the
+/// projection's arguments (`crate::cuda::ternary::vector_args`).
+#[cfg(feature = "cuda")]
+pub type Projection = (Tensor, crate::cuda::ternary::VectorArgs);
 
 impl AdamW {
     /// The fused kernels when `fused` and the parameters live on a CUDA device.
@@ -149,6 +158,8 @@ impl AdamW {
             table: None,
             #[cfg(feature = "cuda")]
             recorded: None,
+            #[cfg(feature = "cuda")]
+            writes: Vec::new(),
         })
     }
 
@@ -266,7 +277,7 @@ impl AdamW {
                 .map(|g| g.as_ref().map(|g| crate::cuda::AsBuf::buf(g).map(|b| b.p)))
                 .map(Option::transpose)
                 .collect::<Result<Vec<_>>>()?;
-            self.write_table(&ptrs)?;
+            self.write_table(&ptrs, false)?;
             return self.table()?.launch(None);
         }
         for slot in &mut self.slots {
@@ -302,14 +313,15 @@ impl AdamW {
     }
 
     /// Writes the table of this step: each parameter with its f32 gradient at `grads[i]` (an
-    /// address; None: no update).
+    /// address; None: no update), and with `projections`, where `write_projections` said, the
+    /// buffer its update writes its ternary projection into.
     #[cfg(feature = "cuda")]
-    fn write_table(&mut self, grads: &[Option<u64>]) -> Result<()> {
+    fn write_table(&mut self, grads: &[Option<u64>], projections: bool) -> Result<()> {
         use crate::cuda::adamw::{Entry, Scalars};
         use crate::cuda::Buf;
         let bias_correction = self.params.bias_correction;
         let mut entries = Vec::with_capacity(self.slots.len());
-        for (slot, g) in self.slots.iter().zip(grads) {
+        for (i, (slot, g)) in self.slots.iter().zip(grads).enumerate() {
             let p = slot.var.as_tensor();
             let Some(g) = *g else {
                 // (length 0: the kernel leaves it alone)
@@ -338,9 +350,34 @@ impl AdamW {
                 dtype: DType::F32,
                 dims: p.dims().to_vec(),
             };
-            entries.push(Entry::new(p, &slot.m, &slot.v, &g, &scalars)?);
+            let entry = Entry::new(p, &slot.m, &slot.v, &g, &scalars)?;
+            entries.push(match self.writes.get(i) {
+                Some(Some((wt, args))) if projections => entry.writing(wt, *args)?,
+                _ => entry,
+            });
         }
         self.table()?.write(&entries)
+    }
+
+    /// From the next replayed update on (`replay_step`; eager steps do not), the update of each
+    /// latent named in `writes` (its id) also writes its ternary projection into the buffer
+    /// given, as `crate::cuda::ternary::ternarize` at those arguments would make it from the
+    /// updated weights (the captured step then multiplies by that buffer instead of projecting
+    /// the latent first). Replaces any earlier list; an empty one writes nothing.
+    #[cfg(feature = "cuda")]
+    pub fn write_projections(
+        &mut self,
+        writes: Vec<(candle_core::TensorId, Projection)>,
+    ) -> Result<()> {
+        let mut by_slot = vec![None; self.slots.len()];
+        for (id, w) in writes {
+            let Some(i) = self.slots.iter().position(|s| s.var.as_tensor().id() == id) else {
+                candle_core::bail!("AdamW: a projection to write for a tensor it does not update");
+            };
+            by_slot[i] = Some(w);
+        }
+        self.writes = by_slot;
+        Ok(())
     }
 
     /// The update inside a CUDA graph capture: launches the kernel on the table that each
@@ -370,14 +407,14 @@ impl AdamW {
     }
 
     /// Before a replay of the captured step: counts the step and writes its table (this
-    /// step's learning rate, the captured gradients' addresses).
+    /// step's learning rate, the captured gradients' addresses, the projections to write).
     #[cfg(feature = "cuda")]
     pub fn replay_step(&mut self) -> Result<()> {
         let Some(ptrs) = self.recorded.clone() else {
             candle_core::bail!("no captured AdamW step to replay");
         };
         self.step_t += 1;
-        self.write_table(&ptrs)
+        self.write_table(&ptrs, true)
     }
 }
 

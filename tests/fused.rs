@@ -192,6 +192,86 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
     }
 }
 
+/// AdamW that also writes the ternary projection of the latent it updates (what a replayed
+/// step multiplies by next) gives the bits of the update followed by the projection kernel:
+/// groups of 32 to 512 (one to four 128-weight spans a warp), absmean and absmax scales, f32 and
+/// bf16 scales, a projection in bf16 and in f32, a warm-up's lambda; three of the kernel's
+/// blocks, the last one partly filled.
+#[test]
+fn adamw_writes_the_ternary_projection_of_the_latent_it_updates() {
+    use ternlab::cuda::adamw::{Entry, MultiTable, Scalars};
+    use ternlab::cuda::{ternary, Gpu};
+    use ternlab::quant::{Quant, ScaleDtype, ScaleRule};
+    let dev = gpu();
+    let g = Gpu::of(&dev).unwrap();
+    let n = 2 * 32_768 + 5_120;
+    let k = Scalars {
+        lr: 3e-2,
+        b1: 0.9,
+        one_minus_b1: 0.1,
+        b2: 0.95,
+        one_minus_b2: 0.05,
+        eps: 1e-8,
+        decay: 0.999,
+        correction: (1.0, 1.0),
+        bias_correction: false,
+    };
+    let bits = |t: &Tensor| -> Vec<u32> {
+        f32_of(t)
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    let cases = [
+        (32, ScaleRule::Absmean, ScaleDtype::F32, DType::BF16, 1.0),
+        (64, ScaleRule::Absmean, ScaleDtype::Bf16, DType::BF16, 1.0),
+        (128, ScaleRule::Absmean, ScaleDtype::F32, DType::F32, 1.0),
+        (128, ScaleRule::Absmax, ScaleDtype::F16, DType::BF16, 0.5),
+        (256, ScaleRule::Absmean, ScaleDtype::F32, DType::BF16, 1.0),
+        (512, ScaleRule::Absmean, ScaleDtype::F32, DType::BF16, 0.25),
+    ];
+    for (group, scale, scale_dtype, out, lambda) in cases {
+        let q = Quant {
+            group,
+            scale,
+            scale_dtype,
+        };
+        let what = format!("group {group} {scale:?} {scale_dtype:?} -> {out:?}, lambda {lambda}");
+        let args = ternary::vector_args(n, q, lambda).expect("the 16-byte kernels take it");
+        let p0 = Tensor::randn(0f32, 0.02, n, &dev).unwrap();
+        let m0 = Tensor::randn(0f32, 1e-3, n, &dev).unwrap();
+        let v0 = Tensor::randn(0f32, 1e-3, n, &dev).unwrap().sqr().unwrap();
+        let grad = Tensor::randn(0f32, 1e-2, n, &dev).unwrap();
+        // (copies: the kernel updates in place)
+        let run = |writing: bool| {
+            let (p, m, v) = (p0.copy().unwrap(), m0.copy().unwrap(), v0.copy().unwrap());
+            let wt = Tensor::zeros(n, out, &dev).unwrap();
+            let mut table = MultiTable::new(&g, &[n]).unwrap();
+            let entry = Entry::new(&p, &m, &v, &grad, &k).unwrap();
+            let entry = match writing {
+                true => entry.writing(&wt, args).unwrap(),
+                false => entry,
+            };
+            table.write(&[entry]).unwrap();
+            table.launch(None).unwrap();
+            if !writing {
+                ternary::ternarize(&g, &p, &wt, q, lambda).unwrap();
+            }
+            (p, wt)
+        };
+        let ((pa, wa), (pb, wb)) = (run(true), run(false));
+        assert!(bits(&pa) == bits(&pb), "{what}: the updated latent");
+        assert!(bits(&wa) == bits(&wb), "{what}: the projection");
+        if lambda == 1.0 {
+            let zeros = f32_of(&wb).eq(0.0).unwrap().to_dtype(DType::F32).unwrap();
+            let share = zeros.mean_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(share > 0.05 && share < 0.95, "{what}: {share} of W_t is 0");
+        }
+    }
+}
+
 /// The one launch over many parameters: f32 and bf16 ones side by side, one spanning several
 /// of the kernel's blocks (32,768 elements each), one without a gradient (left alone), each
 /// equal to the composed optimizer's to the bit.
@@ -284,7 +364,7 @@ fn rms_norm_matches_the_composed_one() {
 /// The vectorized norm kernels read a bf16 weight as it is (the step passes the checkpoint's
 /// bf16 norm weights without a cast): the same bits as with the weight widened to f32, for the
 /// hidden norms (forward, backward, backward added into the residual gradient) and the q/k norm
-/// + RoPE (both ways).
+/// + RoPE (both ways), but for the weights' gradients, which are sums in no fixed order.
 #[test]
 fn bf16_norm_weights_give_the_bits_of_their_f32_widening() {
     use ternlab::cuda::{attention, norm, Gpu};
@@ -294,6 +374,18 @@ fn bf16_norm_weights_give_the_bits_of_their_f32_widening() {
     let bits = |what: &str, a: &Tensor, b: &Tensor| {
         let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
         assert_eq!(diff, 0.0, "{what}: bf16 weight against its f32 widening");
+    };
+    // A weight's gradient does not read the weight, but its columns are summed by atomic adds,
+    // one a block, in an order that varies from run to run: a few roundings apart (an H100 gave
+    // at most 3.8e-6 on values up to 26, 1.5e-7 of the largest; `--nocapture` prints each).
+    let sums = |what: &str, a: &Tensor, b: &Tensor| {
+        let diff = max_abs(&(a - b).unwrap());
+        let top = max_abs(b);
+        println!("{what}: {diff:e} of {top:e}");
+        assert!(
+            diff <= 1e-6 * top,
+            "{what}: bf16 weight against its f32 widening differ by {diff:e} of {top:e}"
+        );
     };
     let weights = |d: usize| {
         let wb = (Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0)
@@ -331,7 +423,7 @@ fn bf16_norm_weights_give_the_bits_of_their_f32_widening() {
                 &outs[0].0,
                 &outs[1].0,
             );
-            bits(
+            sums(
                 &format!("rmsnorm dw {rows}x{d} add={add}"),
                 &outs[0].1,
                 &outs[1].1,
@@ -362,7 +454,7 @@ fn bf16_norm_weights_give_the_bits_of_their_f32_widening() {
     });
     bits("norm_rope", &outs[0].0, &outs[1].0);
     bits("rope_norm_bwd dx", &outs[0].1, &outs[1].1);
-    bits("rope_norm_bwd dw", &outs[0].2, &outs[1].2);
+    sums("rope_norm_bwd dw", &outs[0].2, &outs[1].2);
 }
 
 /// q/k RMSNorm, RoPE and the head transpose: one kernel each way (the step's `norm_rope` and
@@ -392,6 +484,81 @@ fn qk_norm_and_rope_match_the_composed_ones() {
             let what = format!("{dtype:?}, head dim {d}, {b} x {l} x {n}");
             assert_agree(&what, &[&x, &w], fused, composed, t, t);
         }
+    }
+}
+
+/// The q/k norm + RoPE kernels read x from, and write dx into, one projection's columns of a
+/// fused q/k/v projection's rows (`TokenRows::columns`): the bits of the packed tensors', for
+/// q (4 heads in groups of 2, the first columns) and k (2 heads, the next); nothing written
+/// outside the columns. The weight's gradient is a sum in no fixed order (atomic adds): within
+/// 1e-6 of its largest value.
+#[test]
+fn qk_norm_and_rope_read_and_write_columns_of_fused_rows() {
+    use ternlab::cuda::attention::{self, TokenRows};
+    use ternlab::cuda::Gpu;
+    use ternlab::model::{Preset, Qwen3Config};
+    let dev = gpu();
+    let g = Gpu::of(&dev).unwrap();
+    let cfg = Qwen3Config::preset(Preset::Qwen3_0_6B, 151_936);
+    let (b, l, d) = (2, 17, cfg.head_dim);
+    let rope = Rope::new(&cfg, l, &dev).unwrap();
+    let tables = rope.tables();
+    let width = (4 + 2 + 2) * d;
+    let bf = |shape: &[usize]| {
+        Tensor::randn(0f32, 1.0, shape, &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    };
+    let wide = bf(&[b * l, width]);
+    let w = (Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap();
+    for (at, heads, group) in [(0, 4, 2), (4 * d, 2, 1)] {
+        let what = format!("{heads} heads in groups of {group} from column {at}");
+        let cols = heads * d;
+        let packed = wide.narrow(1, at, cols).unwrap().contiguous().unwrap();
+        let x = TokenRows::columns(&wide, at, cols).unwrap();
+        let shape = (b * heads / group, l * group, d);
+        let (y, y2) = (
+            Tensor::zeros(shape, DType::BF16, &dev).unwrap(),
+            Tensor::zeros(shape, DType::BF16, &dev).unwrap(),
+        );
+        attention::norm_rope(
+            &g,
+            &packed,
+            &w,
+            tables.0,
+            tables.1,
+            &y,
+            (heads, group),
+            1e-6,
+        )
+        .unwrap();
+        attention::norm_rope_rows(&g, &x, &w, tables, &y2, (heads, group), 1e-6).unwrap();
+        assert_eq!(max_abs(&f32_of(&(&y - &y2).unwrap())), 0.0, "{what}: y");
+        let dy = bf(&[b * heads / group, l * group, d]);
+        let dx = packed.zeros_like().unwrap();
+        let dwide = wide.zeros_like().unwrap();
+        let dxc = TokenRows::columns(&dwide, at, cols).unwrap();
+        let hg = (heads, group);
+        let dw =
+            attention::rope_norm_back(&g, &dy, &packed, &w, tables, &dx, hg, 1e-6, None).unwrap();
+        let dw2 = attention::rope_norm_back_rows(&g, &dy, (&x, &w), tables, &dxc, hg, 1e-6, None)
+            .unwrap();
+        let dx2 = dwide.narrow(1, at, cols).unwrap();
+        assert_eq!(max_abs(&f32_of(&(&dx - &dx2).unwrap())), 0.0, "{what}: dx");
+        for (from, len) in [(0, at), (at + cols, width - at - cols)] {
+            if len == 0 {
+                continue;
+            }
+            let rest = dwide.narrow(1, from, len).unwrap();
+            assert_eq!(
+                max_abs(&f32_of(&rest)),
+                0.0,
+                "{what}: dx written outside its columns"
+            );
+        }
+        let (diff, top) = (max_abs(&(&dw - &dw2).unwrap()), max_abs(&dw));
+        assert!(diff <= 1e-6 * top, "{what}: dw {diff:e} of {top:e}");
     }
 }
 
@@ -602,7 +769,63 @@ fn flash_attention_matches_attention_in_f32() {
                 assert_eq!(diff, 0.0, "{what}: the {name} of 16 rows a warp");
             }
         }
-        let (dqr, dkr, dv) = fl.backward(&g, (&qr, &kr, &v), &o, &lse, &dout).unwrap();
+        let dv = v.zeros_like().unwrap();
+        let (dqr, dkr) = fl
+            .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv)
+            .unwrap();
+        // v and its gradient as columns of wider rows (the step's fused q/k/v output, whose
+        // last K * D columns are v): read and written in place, the same bits.
+        {
+            use ternlab::cuda::attention::TokenRows;
+            let kd = k * d;
+            let wide = Tensor::zeros((b * l, 3 * kd), DType::BF16, &dev).unwrap();
+            wide.slice_set(&v.reshape((b * l, kd)).unwrap(), 1, kd)
+                .unwrap();
+            let dwide = wide.zeros_like().unwrap();
+            let (vw, dvw) = (
+                TokenRows::columns(&wide, kd, kd).unwrap(),
+                TokenRows::columns(&dwide, kd, kd).unwrap(),
+            );
+            let strided = Flash {
+                v_stride: vw.stride,
+                ..fl
+            };
+            let (o2, lse2) = (o.zeros_like().unwrap(), lse.zeros_like().unwrap());
+            strided
+                .forward(&g, (&qr, &kr, &vw.buf), &o2, &lse2)
+                .unwrap();
+            let (dq2, dk2) = strided
+                .backward(&g, (&qr, &kr, &vw.buf), &o2, &lse2, &dout, &dvw.buf)
+                .unwrap();
+            let dv2 = dwide.narrow(1, kd, kd).unwrap().reshape(v.shape()).unwrap();
+            for (name, a, b) in [
+                ("output", &o, &o2),
+                ("lse", &lse, &lse2),
+                ("dq", &dqr, &dq2),
+                ("dk", &dkr, &dk2),
+                ("dv", &dv, &dv2),
+            ] {
+                let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
+                assert_eq!(
+                    diff,
+                    0.0,
+                    "{what}: the {name} with v's rows {} apart",
+                    3 * kd
+                );
+            }
+            let rest = (dwide
+                .narrow(1, 0, kd)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap())
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+            assert_eq!(rest, 0.0, "{what}: dv written outside its columns");
+        }
         // The key/value backward in blocks of 128 keys and of 64 (four warps; the default at
         // these small grids): each warp sums the same query tiles in the same order (a block of
         // 128 starts some warps at tiles that add exact zeros), so the bits agree.
@@ -611,7 +834,10 @@ fn flash_attention_matches_attention_in_f32() {
                 key_block: Some(keys),
                 ..fl
             };
-            let (dq2, dk2, dv2) = fixed.backward(&g, (&qr, &kr, &v), &o, &lse, &dout).unwrap();
+            let dv2 = v.zeros_like().unwrap();
+            let (dq2, dk2) = fixed
+                .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv2)
+                .unwrap();
             for (name, a, b) in [("dq", &dqr, &dq2), ("dk", &dkr, &dk2), ("dv", &dv, &dv2)] {
                 let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
                 assert_eq!(diff, 0.0, "{what}: {name} with blocks of {keys} keys");
@@ -830,6 +1056,9 @@ fn hand_written_step_matches_autograd() {
         // A hidden size past 1024 (the RMSNorm backward's two-kernel path), and 256 (its
         // vectorized one-kernel path, which adds into the residual stream's gradient).
         cfg.hidden_size = if tied { 256 } else { 1056 };
+        // Head dim 64: under flash attention (bf16) q, k and v run as one GEMM each way, read
+        // and written in place by the norm + RoPE and attention kernels; 32: as three.
+        cfg.head_dim = if tied { 64 } else { 32 };
         let ternary = TernarySpec::new(
             vec![
                 Projection::Q,
@@ -1104,7 +1333,7 @@ fn hand_written_step_learns_scales_like_autograd() {
 
 /// Steps replayed from CUDA graphs (`trainer::Graphs`) against the same steps launch by launch:
 /// a run through a quantization warm-up (lambda 0, 1/3, 2/3, then 1), a new batch every step,
-/// learned scales. The warm-up's steps and the first step at lambda 1 run eagerly, the rest are
+/// learned scales, and absmean ones (whose projections the replayed AdamW update writes). The warm-up's steps and the first step at lambda 1 run eagerly, the rest are
 /// captured once and replayed; losses and parameters agree with the eager run's. They are not
 /// bitwise equal: the embedding's gradient is summed with atomic adds, in any order.
 #[test]
@@ -1117,6 +1346,8 @@ fn steps_replayed_from_cuda_graphs_match_eager_steps() {
     let dev = gpu();
     let mut cfg = Qwen3Config::preset(Preset::Tiny, 300);
     cfg.num_hidden_layers = 2;
+    // (bf16: flash attention, q, k and v as one GEMM, their projection kept as one)
+    cfg.head_dim = 64;
     let (b, l, steps) = (2, 37, 9);
     let batch = |step: usize| {
         let ids: Vec<u32> = (0..(b * l) as u32 + 1)
@@ -1126,13 +1357,17 @@ fn steps_replayed_from_cuda_graphs_match_eager_steps() {
         let y = Tensor::from_vec(ids[1..].to_vec(), (b, l), &dev).unwrap();
         (x, y)
     };
-    for dtype in [DType::F32, DType::BF16] {
+    for (dtype, scale) in [
+        (DType::F32, ScaleRule::Learned),
+        (DType::BF16, ScaleRule::Learned),
+        (DType::BF16, ScaleRule::Absmean),
+    ] {
         let mut ternary = TernarySpec::new(
             Projection::ALL.to_vec(),
             ternlab::spec::GroupSize::Columns(32),
         );
         ternary.lambda_warmup_steps = 3;
-        ternary.scale = ScaleRule::Learned;
+        ternary.scale = scale;
         let run = |graphed: bool| {
             let weights = random_weights(&cfg, 3)
                 .unwrap()
@@ -1171,6 +1406,14 @@ fn steps_replayed_from_cuda_graphs_match_eager_steps() {
                 }
             }
             assert_eq!(opt.steps_taken(), steps);
+            // The replayed steps multiply by projections their AdamW update wrote, where the
+            // scales are computed (learned ones are made in the step).
+            assert_eq!(
+                graphs.kept_projections() > 0,
+                graphed && scale != ScaleRule::Learned,
+                "{dtype:?} {scale:?}: {} projections kept",
+                graphs.kept_projections()
+            );
             let finals: Vec<Tensor> = params
                 .vars()
                 .iter()
@@ -1224,20 +1467,18 @@ fn steps_replayed_from_cuda_graphs_match_eager_steps() {
         };
         let (eager, _, p_eager) = run(false);
         let (graphed, replayed, p_graphed) = run(true);
+        let what = format!("{dtype:?} {scale:?}");
         // lambda 0, 1/3, 2/3 and the first step at 1 eagerly; then captured and replayed
-        assert_eq!(replayed, steps - 4, "{dtype:?}: steps replayed");
+        assert_eq!(replayed, steps - 4, "{what}: steps replayed");
         for (step, (a, b)) in graphed.iter().zip(&eager).enumerate() {
             let d = ((a - b) / b).abs();
-            eprintln!("{dtype:?} step {step}: loss {a} vs {b} ({d:e})");
-            assert!(
-                d < 1e-5,
-                "{dtype:?} step {step}: loss {a} replayed, {b} eager"
-            );
+            eprintln!("{what} step {step}: loss {a} vs {b} ({d:e})");
+            assert!(d < 1e-5, "{what} step {step}: loss {a} replayed, {b} eager");
         }
         for (i, (a, b)) in p_graphed.iter().zip(&p_eager).enumerate() {
             let err = rel_err(a, b);
-            assert!(err < 1e-4, "{dtype:?}: parameter {i} differs by {err:e}");
+            assert!(err < 1e-4, "{what}: parameter {i} differs by {err:e}");
         }
-        assert!(eager[steps - 1] < eager[0], "{dtype:?}: the loss went down");
+        assert!(eager[steps - 1] < eager[0], "{what}: the loss went down");
     }
 }

@@ -3,11 +3,12 @@
 //! bit).
 
 use super::launch::{blocks, family, AsBuf, Buf, Family, Gpu};
+use super::ternary;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Result};
 
-static KERNELS: Family = family!("ternlab_adamw", "adamw.cu");
+static KERNELS: Family = family!("ternlab_adamw", ["ternary.cuh", "adamw.cu"]);
 
 /// The step's scalars, already in the parameter's precision (see `crate::optim::StepConstants`).
 pub struct Scalars {
@@ -40,7 +41,8 @@ fn check(p: &Buf, m: &Buf, v: &Buf, g: &Buf) -> Result<()> {
 
 /// One parameter of a multi-tensor update, as `adamw.cu`'s `AdamwEntry` lays it out: its
 /// buffers, its length (0: not updated this step), its scalars (`Scalars`, in the order lr,
-/// b1, 1 - b1, b2, 1 - b2, eps, decay, correction), and whether it is bf16.
+/// b1, 1 - b1, b2, 1 - b2, eps, decay, correction), whether it is bf16, and where the kernel
+/// writes the ternary projection of the updated weights (`Entry::writing`; 0: nowhere).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Entry {
@@ -53,7 +55,15 @@ pub struct Entry {
     pub bf16: i32,
     pub bias_correction: i32,
     pad: i32,
+    wt: u64,
+    fold: ternary::VectorArgs,
+    wt_bf16: i32,
+    pad2: i32,
 }
+
+// (adamw.cu's AdamwEntry: 128 bytes, `wt` at 88)
+const _: () = assert!(std::mem::size_of::<Entry>() == 128);
+const _: () = assert!(std::mem::offset_of!(Entry, wt) == 88);
 
 impl Entry {
     /// The entry of parameter `p` with moments `m`, `v` and gradient `g` (f32), at `k`.
@@ -90,12 +100,46 @@ impl Entry {
             ],
             bf16: i32::from(p.dtype == DType::BF16),
             bias_correction: i32::from(k.bias_correction),
-            pad: 0,
+            ..Default::default()
+        })
+    }
+
+    /// The same entry that also writes `W_t` of the updated weights into `wt` (f32 or bf16,
+    /// the parameter's count), as `ternary::ternarize` would make it from them with the
+    /// 16-byte kernel's arguments `fold` (`ternary::vector_args`). The parameter must be f32.
+    pub fn writing(self, wt: &impl AsBuf, fold: ternary::VectorArgs) -> Result<Self> {
+        let wt = wt.buf()?;
+        if self.bf16 != 0 {
+            candle_core::bail!("fused AdamW: only an f32 latent writes its ternary projection");
+        }
+        let dtype = if wt.dtype == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        wt.expect(
+            "fused AdamW: the ternary projection",
+            self.n as usize,
+            dtype,
+        )?;
+        if !wt.p.is_multiple_of(16) || !(self.n as usize).is_multiple_of(fold.span()) {
+            candle_core::bail!(
+                "fused AdamW: a projection written from the update must start 16-byte aligned \
+                 and be whole spans of {} weights",
+                fold.span()
+            );
+        }
+        Ok(Self {
+            wt: wt.p,
+            fold,
+            wt_bf16: i32::from(dtype == DType::BF16),
+            ..self
         })
     }
 }
 
-/// Elements of one parameter that one block of `adamw_multi` updates (a multiple of 4).
+/// Elements of one parameter that one block of `adamw_multi` updates (a multiple of the 512
+/// weights a warp takes at a time where it writes a ternary projection too).
 const CHUNK: usize = 32 * 1024;
 
 /// The device side of multi-tensor AdamW over a fixed list of parameter sizes: the table of

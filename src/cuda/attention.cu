@@ -16,12 +16,19 @@ __device__ __forceinline__ void rope_rows(long row, int heads, int group, int l,
     grouped = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
 }
 
+// Where row (b, pos, hh) of x (B, L, heads, d) starts when x's tokens are `xs` elements apart
+// (heads * d packed; more where x is one projection's columns of a fused projection's output).
+__device__ __forceinline__ long token_row(long row, int heads, int d, long xs) {
+    return row / heads * xs + (long)(row % heads) * d;
+}
+
 // q/k RMSNorm, RoPE and the head transpose in one pass, one warp per row of d:
-// x (B, L, heads, d) -> y (B, heads / group, L, group, d) = rope(x * rsqrt(mean(x^2) + eps) * w),
-// with rope(z) = z * cos + rotate_half(z) * sin, rotate_half(z) = (-z[d/2:], z[:d/2]).
+// x (B, L, heads, d; tokens xs apart) -> y (B, heads / group, L, group, d)
+// = rope(x * rsqrt(mean(x^2) + eps) * w), with rope(z) = z * cos + rotate_half(z) * sin,
+// rotate_half(z) = (-z[d/2:], z[:d/2]).
 template <typename T>
 __device__ void norm_rope(const T* x, const float* w, const float* cos, const float* sin, T* y,
-                          long rows, int heads, int group, int l, int d, float eps) {
+                          long rows, int heads, int group, int l, int d, float eps, long xs) {
     long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
@@ -29,7 +36,7 @@ __device__ void norm_rope(const T* x, const float* w, const float* cos, const fl
     int pos;
     long out_row;
     rope_rows(row, heads, group, l, pos, out_row);
-    const T* xr = x + row * d;
+    const T* xr = x + token_row(row, heads, d, xs);
     float ss = 0.f;
     for (int i = lane; i < d; i += 32) { float v = ld(xr, i); ss += v * v; }
     float r = rsqrtf(warp_sum(ss) / d + eps);
@@ -82,7 +89,7 @@ template <typename T, typename W, int V, int NR>
 __device__ void norm_rope_v(const T* __restrict__ x, const W* __restrict__ w,
                             const float* __restrict__ cos, const float* __restrict__ sin,
                             T* __restrict__ y, long rows, int heads, int group, int l,
-                            float eps) {
+                            float eps, long xs) {
     const int d = 32 * V;
     long row0 = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32 * NR;
     int lane = threadIdx.x % 32;
@@ -91,7 +98,7 @@ __device__ void norm_rope_v(const T* __restrict__ x, const W* __restrict__ w,
     float v[NR][V], wv[V];
 #pragma unroll
     for (int k = 0; k < NR; k++)
-        if (row0 + k < rows) ldv<V>(x + (row0 + k) * d, e0, v[k]);
+        if (row0 + k < rows) ldv<V>(x + token_row(row0 + k, heads, d, xs), e0, v[k]);
     ldv<V>(w, e0, wv);
     float sign = lane < 16 ? -1.f : 1.f;
 #pragma unroll
@@ -120,7 +127,8 @@ __device__ void norm_rope_v(const T* __restrict__ x, const W* __restrict__ w,
 
 // RoPE's and the head transpose's backward followed by the q/k norm's (norm.cu's
 // rmsnorm_bwd_small, on the rotated-back gradient as the two kernels stored it between them):
-// dy (B, heads / group, L, group, d) -> dx (B, L, heads, d), written, and the weight's gradient
+// dy (B, heads / group, L, group, d) -> dx (B, L, heads, d; tokens dxs apart, x's xs), written,
+// and the weight's gradient
 // added into dw (f32, zeroed by the caller). A block of 8 warps takes `per_block` rows, a warp
 // one row at a time; the warps' sums of dw meet in shared memory, one atomic add per column
 // per block.
@@ -129,7 +137,7 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
                                 const W* __restrict__ w, const float* __restrict__ cos,
                                 const float* __restrict__ sin, T* __restrict__ dx,
                                 float* __restrict__ dw, long rows, int heads, int group, int l,
-                                float eps, int per_block) {
+                                float eps, int per_block, long xs, long dxs) {
     const int d = 32 * V;
     __shared__ float part[8][d];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e0 = V * lane;
@@ -146,7 +154,7 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
         rope_rows(row, heads, group, l, pos, in_row);
         float c[V], s[V], g[V], xv[V], ss = 0.f, gx = 0.f;
         ldv<V>(dy + in_row * d, e0, g);
-        ldv<V>(x + row * d, e0, xv);
+        ldv<V>(x + token_row(row, heads, d, xs), e0, xv);
         ldv<V>(cos + (long)pos * d, e0, c);
         ldv<V>(sin + (long)pos * d, e0, s);
 #pragma unroll
@@ -165,7 +173,7 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
             o[t] = r * (wv[t] * g[t]) - cc * xv[t];
             acc[t] += g[t] * xv[t] * r;
         }
-        stv<V>(dx + row * d, e0, o);
+        stv<V>(dx + token_row(row, heads, d, dxs), e0, o);
     }
 #pragma unroll
     for (int t = 0; t < V; t++) part[warp][e0 + t] = acc[t];
@@ -230,8 +238,8 @@ extern "C" __global__ void swap_axes(const unsigned int* __restrict__ x,
 #define ATTENTION(SUF, T)                                                                      \
 extern "C" __global__ void norm_rope_##SUF(const T* x, const float* w, const float* c,        \
                                            const float* s, T* y, long rows, int heads,         \
-                                           int group, int l, int d, float eps) {               \
-    norm_rope<T>(x, w, c, s, y, rows, heads, group, l, d, eps);                                \
+                                           int group, int l, int d, float eps, long xs) {      \
+    norm_rope<T>(x, w, c, s, y, rows, heads, group, l, d, eps, xs);                            \
 }                                                                                              \
 extern "C" __global__ void rope_bwd_##SUF(const T* dy, const float* c, const float* s, T* g,  \
                                           long rows, int heads, int group, int l, int d) {     \
@@ -253,15 +261,16 @@ INSTANCES(ATTENTION)
 extern "C" __global__ void norm_rope##V##WS##_##SUF(const T* x, const W* w, const float* c,   \
                                                     const float* s, T* y, long rows,           \
                                                     int heads, int group, int l, int d,        \
-                                                    float eps) {                               \
-    norm_rope_v<T, W, V, 4>(x, w, c, s, y, rows, heads, group, l, eps);                        \
+                                                    float eps, long xs) {                      \
+    norm_rope_v<T, W, V, 4>(x, w, c, s, y, rows, heads, group, l, eps, xs);                    \
 }                                                                                              \
 extern "C" __global__ void rope_norm_bwd##V##WS##_##SUF(const T* dy, const T* x, const W* w,  \
                                                         const float* c, const float* s, T* dx, \
                                                         float* dw, long rows, int heads,       \
                                                         int group, int l, int d, float eps,    \
-                                                        int per_block) {                       \
-    rope_norm_bwd_v<T, W, V>(dy, x, w, c, s, dx, dw, rows, heads, group, l, eps, per_block);   \
+                                                        int per_block, long xs, long dxs) {    \
+    rope_norm_bwd_v<T, W, V>(dy, x, w, c, s, dx, dw, rows, heads, group, l, eps, per_block, xs,\
+                             dxs);                                                             \
 }
 #define ROPE_VS(SUF, T)                                                                        \
     ROPE_V(SUF, T, 2, , float) ROPE_V(SUF, T, 4, , float) ROPE_V(SUF, T, 8, , float)           \

@@ -12,8 +12,8 @@ use candle_core::{CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shap
 static KERNELS: Family = family!("ternlab_attention", "attention.cu");
 
 /// `norm_rope(const T* x, const float* w, const float* cos, const float* sin, T* y, long rows,
-/// int heads, int group, int l, int d, float eps)`: x (B, L, heads, d) -> y (B, heads / group,
-/// L, group, d) = RoPE(RMSNorm(x) * w), with cos, sin (L, d) f32 and w (d) f32.
+/// int heads, int group, int l, int d, float eps, long xs)`: x (B, L, heads, d) -> y (B, heads /
+/// group, L, group, d) = RoPE(RMSNorm(x) * w), with cos, sin (L, d) f32 and w (d) f32.
 #[allow(clippy::too_many_arguments)]
 pub fn norm_rope(
     gpu: &Gpu,
@@ -25,12 +25,78 @@ pub fn norm_rope(
     (heads, group): (usize, usize),
     eps: f32,
 ) -> Result<()> {
-    let (x, w, cos, sin, y) = (x.buf()?, w.buf()?, cos.buf()?, sin.buf()?, y.buf()?);
+    let d = w.buf()?.n();
+    let x = TokenRows::packed(x.buf()?, heads * d);
+    norm_rope_rows(gpu, &x, w, (cos, sin), y, (heads, group), eps)
+}
+
+/// Rows (B, L, heads, d) whose tokens start `stride` elements apart in `buf` (whose dims are
+/// the packed tensor's): heads * d for a tensor of its own, the fused row's width for one
+/// projection's columns of a fused projection's output or of its gradient.
+#[derive(Clone, Debug)]
+pub struct TokenRows {
+    pub buf: Buf,
+    pub stride: usize,
+}
+
+impl TokenRows {
+    /// The packed rows of `buf`, tokens `width` elements apart.
+    pub fn packed(buf: Buf, width: usize) -> Self {
+        Self { buf, stride: width }
+    }
+
+    /// Columns [at, at + width) of a contiguous (N, W) tensor: rows (N, width), W apart.
+    pub fn columns(t: &Tensor, at: usize, width: usize) -> Result<Self> {
+        let (n, w) = t.dims2()?;
+        let b = t.buf()?;
+        if at + width > w {
+            candle_core::bail!("columns {at}..{} of rows of {w}", at + width);
+        }
+        Ok(Self {
+            buf: Buf {
+                p: b.p + (at * b.dtype.size_in_bytes()) as u64,
+                dtype: b.dtype,
+                dims: vec![n, width],
+            },
+            stride: w,
+        })
+    }
+
+    /// Fails unless each of the vectorized kernels' accesses of `v` values stays aligned.
+    fn check_stride(&self, what: &str, v: usize, width: usize) -> Result<()> {
+        let bytes = (v * self.buf.dtype.size_in_bytes()).min(16);
+        if self.stride < width
+            || !(self.stride * self.buf.dtype.size_in_bytes()).is_multiple_of(bytes)
+        {
+            candle_core::bail!(
+                "{what}: rows of {width} {stride} elements apart (at least {width}, keeping \
+                 {bytes}-byte accesses aligned)",
+                stride = self.stride
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `norm_rope` of rows whose tokens may lie further apart than heads * d (`TokenRows`).
+pub fn norm_rope_rows(
+    gpu: &Gpu,
+    rows_of: &TokenRows,
+    w: &impl AsBuf,
+    (cos, sin): (&impl AsBuf, &impl AsBuf),
+    y: &impl AsBuf,
+    (heads, group): (usize, usize),
+    eps: f32,
+) -> Result<()> {
+    let xs = rows_of.stride;
+    let (x, w, cos, sin, y) = (&rows_of.buf, w.buf()?, cos.buf()?, sin.buf()?, y.buf()?);
     let (d, l) = (w.n(), cos.dims[0]);
-    check_heads("norm_rope", &x, &cos, &sin, (heads, group), d)?;
+    check_heads("norm_rope", x, &cos, &sin, (heads, group), d)?;
     y.expect("norm_rope: y", x.n(), x.dtype)?;
     let rows = x.n() / d;
-    let vector = vector_width(d, &[&x, &y, &w, &cos, &sin]);
+    let vector = vector_width(d, &[x, &y, &w, &cos, &sin]);
+    rows_of.check_stride("norm_rope: x", vector.unwrap_or(1), heads * d)?;
+
     let wk = norm::weight_kind("norm_rope", &w, d, vector.is_some(), SIZES)?;
     // (the vectorized kernels take ROPE_ROWS rows a warp)
     let (name, warps) = match vector {
@@ -38,7 +104,7 @@ pub fn norm_rope(
         None => ("norm_rope".to_string(), rows),
     };
     gpu.kernel(&KERNELS, &name, Some(x.dtype), warp_per_row(warps))?
-        .buf(&x)
+        .buf(x)
         .buf(&w)
         .buf(&cos)
         .buf(&sin)
@@ -49,6 +115,7 @@ pub fn norm_rope(
         .i32(l)
         .i32(d)
         .f32(eps)
+        .i64(xs)
         .go()
 }
 
@@ -110,7 +177,8 @@ fn vector_width(d: usize, bufs: &[&Buf]) -> Option<usize> {
 /// weight's gradient (d, f32; added into `dw` where given, zeroed by the caller). One kernel,
 /// `rope_norm_bwd{V}(const T* dy, const T* x, const float* w, const float* cos, const float*
 /// sin, T* dx, float* dw, long rows, int heads, int group, int l, int d, float eps, int
-/// per_block)`, where `vector_width` allows; otherwise `rope_bwd` and the norm's backward.
+/// per_block, long xs, long dxs)`, where `vector_width` allows; otherwise `rope_bwd` and the
+/// norm's backward.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_norm_back(
     gpu: &Gpu,
@@ -124,21 +192,52 @@ pub fn rope_norm_back(
     dw: Option<Tensor>,
 ) -> Result<Tensor> {
     let d = w.elem_count();
-    let (dyb, xb, wb, cb, sb, dxb) = (
-        dy.buf()?,
-        x.buf()?,
-        w.buf()?,
-        cos.buf()?,
-        sin.buf()?,
-        dx.buf()?,
-    );
-    let Some(v) = vector_width(d, &[&dyb, &xb, &dxb, &wb, &cb, &sb]) else {
+    let (xb, dxb) = (x.buf()?, dx.buf()?);
+    let bufs = [&dy.buf()?, &xb, &dxb, &w.buf()?, &cos.buf()?, &sin.buf()?];
+    if vector_width(d, &bufs).is_none() {
         let g = gpu.empty(dy.shape(), dy.dtype())?;
         rope_back(gpu, dy, cos, sin, &g, (heads, group))?;
         let rows = x.elem_count() / d;
         let (x, g) = (x.reshape((rows, d))?, g.reshape((rows, d))?);
         return norm::backward(gpu, &x, w, &g, dx, eps, false, dw);
+    }
+    let (x, dx) = (
+        TokenRows::packed(xb, heads * d),
+        TokenRows::packed(dxb, heads * d),
+    );
+    rope_norm_back_rows(gpu, dy, (&x, w), (cos, sin), &dx, (heads, group), eps, dw)
+}
+
+/// `rope_norm_back` by the vectorized kernel, where x and dx may be rows whose tokens lie
+/// further apart than heads * d (`TokenRows`).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_norm_back_rows(
+    gpu: &Gpu,
+    dy: &Tensor,
+    (x, w): (&TokenRows, &Tensor),
+    (cos, sin): (&Tensor, &Tensor),
+    dx: &TokenRows,
+    (heads, group): (usize, usize),
+    eps: f32,
+    dw: Option<Tensor>,
+) -> Result<Tensor> {
+    let d = w.elem_count();
+    let (xs, dxs) = (x.stride, dx.stride);
+    let (dyb, xb, wb, cb, sb, dxb) = (
+        dy.buf()?,
+        x.buf.clone(),
+        w.buf()?,
+        cos.buf()?,
+        sin.buf()?,
+        dx.buf.clone(),
+    );
+    let Some(v) = vector_width(d, &[&dyb, &xb, &dxb, &wb, &cb, &sb]) else {
+        candle_core::bail!(
+            "rope_norm_bwd: rows of {d} (or buffers) that the vectorized kernel does not take"
+        );
     };
+    x.check_stride("rope_norm_bwd: x", v, heads * d)?;
+    dx.check_stride("rope_norm_bwd: dx", v, heads * d)?;
     let dw = match dw {
         Some(dw) => dw,
         None => gpu.zeros(d, DType::F32)?,
@@ -170,6 +269,8 @@ pub fn rope_norm_back(
     .i32(d)
     .f32(eps)
     .i32(per_block)
+    .i64(xs)
+    .i64(dxs)
     .go()?;
     Ok(dw)
 }

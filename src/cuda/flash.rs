@@ -52,6 +52,9 @@ pub struct Flash {
     /// kept to check the other against and to compare speeds:
     /// `TERNLAB_FLASH_FWD_ROWS=16`).
     pub fwd_rows_per_warp: Option<usize>,
+    /// Elements between v's positions (and its gradient's): K * D where v is a tensor of its
+    /// own, more where it is the last columns of a fused q/k/v projection's output.
+    pub v_stride: usize,
 }
 
 impl Flash {
@@ -67,6 +70,7 @@ impl Flash {
             fwd_rows_per_warp: std::env::var("TERNLAB_FLASH_FWD_ROWS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            v_stride: k * d,
         }
     }
 
@@ -100,13 +104,14 @@ impl Flash {
         }
     }
 
-    /// v (and its gradient) as its projection writes it: (B, L, K * D).
+    /// v (and its gradient) as its projection writes it: (B, L, K * D), positions `v_stride`
+    /// apart.
     pub fn v_rows(&self) -> Rows {
-        let (k, l, d) = (self.k, self.l, self.d);
+        let (l, d, s) = (self.l, self.d, self.v_stride);
         Rows {
-            batch: l * k * d,
+            batch: l * s,
             head: d,
-            pos: k * d,
+            pos: s,
         }
     }
 
@@ -140,6 +145,14 @@ impl Flash {
     }
 
     fn check_shape(&self) -> Result<()> {
+        if self.v_stride < self.k * self.d || !self.v_stride.is_multiple_of(8) {
+            candle_core::bail!(
+                "flash attention: v's positions {} elements apart (at least K * D = {}, a \
+                 multiple of 8)",
+                self.v_stride,
+                self.k * self.d
+            );
+        }
         if ![32, 64, 128].contains(&self.d) || self.k == 0 || self.r == 0 {
             candle_core::bail!(
                 "flash attention: head dim {} with {} key/value heads: needs a head dim of 32, 64 or 128",
@@ -222,16 +235,19 @@ impl Flash {
             .go()
     }
 
-    /// The gradients (dq, dk, dv) in q's, k's and v's layouts from the output o, the forward's
-    /// lse, and the output's gradient `dout` (merged layout, as o).
+    /// The gradients (dq, dk) in q's and k's layouts from the output o, the forward's lse, and
+    /// the output's gradient `dout` (merged layout, as o); dv written into `dv` in v's layout
+    /// (positions `v_stride` apart).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         gpu: &Gpu,
-        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        (q, k, v): (&Tensor, &Tensor, &impl AsBuf),
         o: &Tensor,
         lse: &Tensor,
         dout: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        dv: &impl AsBuf,
+    ) -> Result<(Tensor, Tensor)> {
         let (groups, rows, d) = (self.groups(), self.rows(), self.d);
         let (qb, kb, vb, ob, lb, db) = (
             q.buf()?,
@@ -243,11 +259,12 @@ impl Flash {
         );
         self.check_io([&qb, &kb, &vb, &ob], &lb)?;
         self.check("the output's gradient", &db, ob.n())?;
+        let dvb = dv.buf()?;
+        self.check("dv", &dvb, vb.n())?;
         let dq = gpu.empty(q.shape(), DType::BF16)?;
         let dk = gpu.empty(k.shape(), DType::BF16)?;
-        let dv = gpu.empty(v.shape(), DType::BF16)?;
         let delta = gpu.empty((groups, rows), DType::F32)?;
-        let (dqb, dkb, dvb, deb) = (dq.buf()?, dk.buf()?, dv.buf()?, delta.buf()?);
+        let (dqb, dkb, deb) = (dq.buf()?, dk.buf()?, delta.buf()?);
 
         // delta = rowsum(dO * O)
         let launch = gpu.kernel(
@@ -305,7 +322,7 @@ impl Flash {
         )?;
         // the block's q and dO rows, and two buffers of (k, v) tiles
         backward("dq", (rows, BLOCK), 8 * tile, &[(&dqb, self.q_rows())])?;
-        Ok((dq, dk, dv))
+        Ok((dq, dk))
     }
 
     /// The strides of q, k, v and the output (or its gradient), then of `more`.

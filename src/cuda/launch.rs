@@ -104,12 +104,20 @@ fn ptx_cache_file(module: &str, source: &str, arch: Option<&str>) -> Option<std:
     )
 }
 
-/// The family of kernels in `$file` (next to this file), behind the shared header.
+/// The family of kernels in `$file` (next to this file), behind the shared header; or in
+/// several files, read one after the other (headers of their own first).
 macro_rules! family {
     ($module:literal, $file:literal) => {
         $crate::cuda::launch::Family::new(
             $module,
             concat!(include_str!("common.cuh"), include_str!($file)),
+            None,
+        )
+    };
+    ($module:literal, [$($file:literal),+]) => {
+        $crate::cuda::launch::Family::new(
+            $module,
+            concat!(include_str!("common.cuh"), $(include_str!($file)),+),
             None,
         )
     };

@@ -49,7 +49,7 @@ pub(crate) fn weight_kind(
             Ok("_wb")
         }
         DType::BF16 => candle_core::bail!(
-            "{what}: a bf16 weight goes only to the vectorized kernels (rows of {sizes}, \
+            "{what}: w is bf16, which only the vectorized kernels take (rows of {sizes}, \
              aligned buffers); widen it to f32"
         ),
         _ => {

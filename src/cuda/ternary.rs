@@ -8,7 +8,7 @@ use crate::quant::{Quant, ScaleDtype, ScaleRule};
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-static KERNELS: Family = family!("ternlab_ternary", "ternary.cu");
+static KERNELS: Family = family!("ternlab_ternary", ["ternary.cuh", "ternary.cu"]);
 
 /// Groups up to this many weights take one warp each; larger ones (a whole matrix) a block to
 /// find the scale and a thread per weight to apply it.
@@ -33,6 +33,49 @@ fn groups_of(kernel: &str, n: usize, q: Quant) -> Result<usize> {
     Ok(n / g)
 }
 
+/// The arguments of the 16-byte kernels `ternarize_v{C}` after `n` and in their order (`adamw.cu`
+/// takes them too): groups of `g` = 32, 64 or 128 * C weights (C = 1, 2, 4), the scale rule
+/// (absmax or absmean), the scale dtype and smallest scale, the warm-up's lambda.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct VectorArgs {
+    g: i32,
+    c: i32,
+    absmax: i32,
+    sdt: i32,
+    min: f32,
+    lambda: f32,
+}
+
+impl VectorArgs {
+    /// The weights a warp takes at a time (128 * C), which a tensor must be whole spans of.
+    pub fn span(&self) -> usize {
+        128 * self.c as usize
+    }
+}
+
+/// The 16-byte kernels' arguments for `n` weights under `q` at `lambda`, where they take them:
+/// a group of 32, 64, 128, 256 or 512 and whole warps' spans (buffers 16-byte aligned besides).
+pub fn vector_args(n: usize, q: Quant, lambda: f32) -> Option<VectorArgs> {
+    let g = q.group;
+    let c = if g <= 128 { 1 } else { g / 128 };
+    if q.scale == ScaleRule::Learned
+        || !matches!(g, 32 | 64 | 128 | 256 | 512)
+        || !n.is_multiple_of(128 * c)
+    {
+        return None;
+    }
+    let (sdt, min) = scale_args(q);
+    Some(VectorArgs {
+        g: g as i32,
+        c: c as i32,
+        absmax: i32::from(q.scale == ScaleRule::Absmax),
+        sdt: sdt as i32,
+        min,
+        lambda,
+    })
+}
+
 /// `ternarize_v{C}(const float* w, T* out, long n, int g, int absmax, int sdt, float min,
 /// float lambda)` for groups of 32, 64 or 128 * C (C = 1, 2, 4), else `ternarize(const float*
 /// w, T* out, long groups, int g, int absmax, int sdt, float min, float lambda)`, or for groups over `WARP_GROUP_MAX` `ternary_scales(const float* w, float*
@@ -52,19 +95,15 @@ pub fn ternarize(gpu: &Gpu, w: &impl AsBuf, out: &impl AsBuf, q: Quant, lambda: 
     let groups = groups_of("ternarize", n, q)?;
     let absmax = usize::from(q.scale == ScaleRule::Absmax);
     let (sdt, min) = scale_args(q);
-    // 16-byte loads (`ternarize_v{c}`, warps of 128 * c weights, counted in weights): groups of
-    // 32, 64, 128, 256 or 512 over whole warps' spans, 16-byte aligned buffers; else a warp a
-    // group (`ternarize`, counted in groups) up to WARP_GROUP_MAX
-    let c = if g <= 128 { 1 } else { g / 128 };
+    // 16-byte loads (`ternarize_v{c}`, warps of 128 * c weights, counted in weights) where
+    // `vector_args` allows and the buffers are 16-byte aligned; else a warp a group
+    // (`ternarize`, counted in groups) up to WARP_GROUP_MAX
     let aligned = w.p.is_multiple_of(16) && out.p.is_multiple_of(16);
-    let warp_kernel =
-        if matches!(g, 32 | 64 | 128 | 256 | 512) && n.is_multiple_of(128 * c) && aligned {
-            Some((format!("ternarize_v{c}"), n / (128 * c), n))
-        } else if g <= WARP_GROUP_MAX {
-            Some(("ternarize".to_string(), groups, groups))
-        } else {
-            None
-        };
+    let warp_kernel = match vector_args(n, q, lambda) {
+        Some(v) if aligned => Some((format!("ternarize_v{}", v.c), n / v.span(), n)),
+        _ if g <= WARP_GROUP_MAX => Some(("ternarize".to_string(), groups, groups)),
+        _ => None,
+    };
     if let Some((name, warps, count)) = warp_kernel {
         return gpu
             .kernel(&KERNELS, &name, Some(out.dtype), warp_per_row(warps))?

@@ -224,6 +224,16 @@ impl Graphs {
         Ok(Self::off())
     }
 
+    /// How many ternary projections the captured step keeps from replay to replay (written by
+    /// its AdamW update; `cuda_step::graph`), 0 before a capture.
+    pub fn kept_projections(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.inner {
+            return g.kept_projections();
+        }
+        0
+    }
+
     /// Whether steps may replay from graphs.
     pub fn on(&self) -> bool {
         #[cfg(feature = "cuda")]

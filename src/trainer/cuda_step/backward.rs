@@ -1,7 +1,10 @@
 //! The backward pass: every parameter's gradient from the tape, layer by layer in reverse.
 
-use super::{Attention, Dims, Gate, Kept, Tape};
+use super::{Attention, Dims, Gate, Kept, Qkv, Tape};
+use crate::cuda::attention::TokenRows;
+use crate::cuda::flash::Flash;
 use crate::cuda::gemm::{linear_back_w, linear_back_x};
+use crate::cuda::AsBuf;
 use crate::cuda::{attention, embedding, mlp, norm};
 use crate::model::{Qwen3, RmsNorm};
 use candle_core::backprop::GradStore;
@@ -95,10 +98,36 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         linear_back_x(gpu, &dx, wo, &dmerged, 0.)?;
         let o_in = t.merged.of(&at.o_proj);
         ctx.weight_grad(&mut grads, &at.o_proj, linear_back_w(gpu, &dx, o_in)?)?;
-        let (dqr, dkr, dv) = match (&attn, &t.kept) {
-            (Attention::Flash(fl), Kept::Flash { v, lse }) => {
+        // One (N, qd + 2 kd) gradient of the fused q/k/v output, which attention's backward
+        // (dv) and the q/k norm + RoPE's (dq, dk) write into; else one of each.
+        let dqkv = match &t.proj {
+            Qkv::Fused { qkv, .. } => Some(ctx.act(qkv.shape())?),
+            Qkv::Split { .. } => None,
+        };
+        let out = |i: usize, width: usize| -> Result<(Option<Tensor>, TokenRows)> {
+            Ok(match &dqkv {
+                Some(all) => {
+                    let at = [0, h * d, h * d + k * d][i];
+                    (None, TokenRows::columns(all, at, width)?)
+                }
+                None => {
+                    let t = ctx.act((n, width))?;
+                    let rows = TokenRows::packed(t.buf()?, width);
+                    (Some(t), rows)
+                }
+            })
+        };
+        let (dv_own, dv_rows) = out(2, k * d)?;
+        let (dqr, dkr) = match (&attn, &t.kept) {
+            (Attention::Flash(fl), Kept::Flash { lse }) => {
                 let o = &t.merged.x;
-                fl.backward(gpu, (&t.qr, &t.kr, v), o, lse, &dmerged)?
+                let v = t.proj.v_rows()?;
+                let fl = Flash {
+                    v_stride: v.stride,
+                    ..*fl
+                };
+                let qkv = (&t.qr, &t.kr, &v.buf);
+                fl.backward(gpu, qkv, o, lse, &dmerged, &dv_rows.buf)?
             }
             (Attention::Blocked(ca), Kept::Blocked { vt, probs }) => {
                 let datt = ctx.swap_axes(&dmerged, (b, l, k, r * d))?;
@@ -108,44 +137,68 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
                 };
                 let (dqr, dkr, dvt) = ca.backward(gpu, (&t.qr, &t.kr, vt), &probs, &datt)?;
                 drop((probs, datt));
-                let dv = ctx.swap_axes(&dvt, (b, k, l, d))?.reshape((n, k * d))?;
-                (dqr, dkr, dv)
+                let dv = dv_own.as_ref().expect("split under blocked attention");
+                crate::cuda::attention::swap_axes(gpu, &dvt, dv, (b, k, l, d))?;
+                (dqr, dkr)
             }
             _ => candle_core::bail!("a layer kept another attention's tape"),
         };
         drop(dmerged);
         // q/k norm + RoPE, backward: (B, heads / group, L, group, D) -> (N, heads * D).
-        let mut norm_rope_back = |dy: &Tensor, x: &Tensor, nrm: &RmsNorm, heads, group| {
-            let dx = ctx.act((n, heads * d))?;
+        let mut norm_rope_back = |i: usize, dy: &Tensor, nrm: &RmsNorm, heads, group| {
+            let (own, dx) = out(i, heads * d)?;
+            let x = t.proj.part(i)?;
             let w = ctx.norm_weight_for(nrm, attention::takes_bf16_weight(d))?;
             let tables = (&rope.cos, &rope.sin);
             let eps = nrm.eps as f32;
             let dw = norm_dws.next(d)?;
-            let dw = attention::rope_norm_back(
-                gpu,
-                dy,
-                x,
-                &w,
-                tables,
-                &dx,
-                (heads, group),
-                eps,
-                Some(dw),
-            )?;
+            let dw = match (&own, &t.proj) {
+                (Some(dxt), Qkv::Split { q, k, .. }) => {
+                    let x = [q, k][i];
+                    let rg = (heads, group);
+                    attention::rope_norm_back(gpu, dy, x, &w, tables, dxt, rg, eps, Some(dw))?
+                }
+                _ => attention::rope_norm_back_rows(
+                    gpu,
+                    dy,
+                    (&x, &w),
+                    tables,
+                    &dx,
+                    (heads, group),
+                    eps,
+                    Some(dw),
+                )?,
+            };
             grads.insert(&nrm.weight, dw);
-            Ok::<_, candle_core::Error>(dx)
+            Ok::<_, candle_core::Error>(own)
         };
-        let dq = norm_rope_back(&dqr, &t.q, &at.q_norm, h, r)?;
-        let dk = norm_rope_back(&dkr, &t.k, &at.k_norm, k, 1)?;
+        let dq = norm_rope_back(0, &dqr, &at.q_norm, h, r)?;
+        let dk = norm_rope_back(1, &dkr, &at.k_norm, k, 1)?;
         drop((dqr, dkr));
         let dxn1 = ctx.act((n, e))?;
-        linear_back_x(gpu, &dq, wq, &dxn1, 0.)?;
-        linear_back_x(gpu, &dk, wk, &dxn1, 1.)?;
-        linear_back_x(gpu, &dv, wv, &dxn1, 1.)?;
-        for (lin, dy) in [(&at.q_proj, &dq), (&at.k_proj, &dk), (&at.v_proj, &dv)] {
-            ctx.weight_grad(&mut grads, lin, linear_back_w(gpu, dy, t.xn1.of(lin))?)?;
+        match (&t.proj, &dqkv) {
+            (Qkv::Fused { w, qd, kd, .. }, Some(dqkv)) => {
+                // one GEMM each way; each weight's gradient is its rows of the fused one's
+                linear_back_x(gpu, dqkv, w, &dxn1, 0.)?;
+                let dw = linear_back_w(gpu, dqkv, t.xn1.of(&at.q_proj))?;
+                let (qd, kd) = (*qd, *kd);
+                ctx.weight_grad(&mut grads, &at.q_proj, dw.narrow(0, 0, qd)?)?;
+                ctx.weight_grad(&mut grads, &at.k_proj, dw.narrow(0, qd, kd)?)?;
+                ctx.weight_grad(&mut grads, &at.v_proj, dw.narrow(0, qd + kd, kd)?)?;
+            }
+            _ => {
+                let (Some(dq), Some(dk), Some(dv)) = (dq, dk, dv_own) else {
+                    candle_core::bail!("split q/k/v gradients missing");
+                };
+                linear_back_x(gpu, &dq, wq, &dxn1, 0.)?;
+                linear_back_x(gpu, &dk, wk, &dxn1, 1.)?;
+                linear_back_x(gpu, &dv, wv, &dxn1, 1.)?;
+                for (lin, dy) in [(&at.q_proj, &dq), (&at.k_proj, &dk), (&at.v_proj, &dv)] {
+                    ctx.weight_grad(&mut grads, lin, linear_back_w(gpu, dy, t.xn1.of(lin))?)?;
+                }
+            }
         }
-        drop((dq, dk, dv));
+        drop(dqkv);
         let ln = &layer.input_layernorm;
         let dw = norm_dws.next(e)?;
         let dw = if i == 0 && seed_first_norm {

@@ -1,6 +1,9 @@
 //! The forward pass and the loss, keeping what the backward needs (`Tape`).
 
-use super::{Attention, Ctx, Dims, Gate, Kept, LayerTape, Tape, Terms};
+use super::{
+    gate_up_fused, qkv_fused, Attention, Ctx, Dims, Gate, Kept, LayerTape, Qkv, Tape, Terms,
+};
+use crate::cuda::attention::TokenRows;
 use crate::cuda::causal_attention::CausalAttention;
 use crate::cuda::flash::Flash;
 use crate::cuda::gemm::linear;
@@ -20,7 +23,7 @@ pub fn forward(
     distill: Option<&Distill>,
 ) -> Result<(Terms, Tape)> {
     let rope = Rope::new(&model.cfg, ids.dim(1)?, &model.device)?;
-    forward_with(model, opts, ids, targets, distill, rope)
+    forward_with(model, opts, ids, targets, distill, rope, None)
 }
 
 /// `TERNLAB_FLASH_ATTENTION=0` (or `1`): the step's attention when the trainer leaves it open
@@ -42,6 +45,22 @@ pub(super) fn recompute_attention(model: &Qwen3, gpu: &Gpu, b: usize, l: usize) 
     stored > gpu.total_memory().unwrap_or(usize::MAX) / 4
 }
 
+/// Whether the step runs flash attention: where its kernels take the compute dtype, head dim
+/// and card, unless `opts` (or `TERNLAB_FLASH`) say otherwise; an error where they ask for it
+/// and it cannot run.
+pub(super) fn uses_flash(model: &Qwen3, opts: &StepOptions, gpu: &Gpu) -> Result<bool> {
+    let (cd, d) = (model.compute_dtype, model.cfg.head_dim);
+    let can_flash = Flash::supported(gpu, cd, d)?;
+    Ok(match opts.flash_attention.or_else(flash_from_env) {
+        Some(true) if !can_flash => candle_core::bail!(
+            "flash attention needs bf16 compute, a head dim of 32, 64 or 128 and a card of \
+             compute capability 8.0 or newer (here {cd:?}, head dim {d})"
+        ),
+        Some(on) => on,
+        None => can_flash,
+    })
+}
+
 /// `forward` with the rotary tables of the batch's length made beforehand (a captured step
 /// must not copy from the host).
 pub(super) fn forward_with(
@@ -51,11 +70,13 @@ pub(super) fn forward_with(
     targets: &Tensor,
     distill: Option<&Distill>,
     rope: Rope,
+    prepared: Option<std::sync::Arc<super::prepared::Prepared>>,
 ) -> Result<(Terms, Tape)> {
     let ctx = Ctx {
         gpu: Gpu::of(&model.device)?,
         cd: model.compute_dtype,
         norm_f32: Default::default(),
+        prepared,
     };
     let cfg = &model.cfg;
     let (b, l) = ids.dims2()?;
@@ -65,16 +86,7 @@ pub(super) fn forward_with(
     } = dims;
     let ids = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
     let targets = targets.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
-    let can_flash = Flash::supported(&ctx.gpu, ctx.cd, d)?;
-    let use_flash = match opts.flash_attention.or_else(flash_from_env) {
-        Some(true) if !can_flash => candle_core::bail!(
-            "flash attention needs bf16 compute, a head dim of 32, 64 or 128 and a card of \
-             compute capability 8.0 or newer (here {:?}, head dim {d})",
-            ctx.cd
-        ),
-        Some(on) => on,
-        None => can_flash,
-    };
+    let use_flash = uses_flash(model, opts, &ctx.gpu)?;
     let attn = if use_flash {
         Attention::Flash(Flash::new(b, l, (h, k, d)))
     } else {
@@ -101,20 +113,12 @@ pub(super) fn forward_with(
 
     // q (N, heads * D) -> (B, heads / group, L, group, D) normalised and rotated: q with
     // group = R, k with group = 1 (see `CausalAttention`).
-    let norm_rope = |t: &Tensor, n_: &RmsNorm, heads: usize, group: usize| -> Result<Tensor> {
+    let norm_rope = |t: &TokenRows, n_: &RmsNorm, heads: usize, group: usize| -> Result<Tensor> {
         let y = ctx.act((b * heads / group, l * group, d))?;
         let w = ctx.norm_weight_for(n_, attention::takes_bf16_weight(d))?;
         let eps = n_.eps as f32;
-        attention::norm_rope(
-            &ctx.gpu,
-            t,
-            &w,
-            &rope.cos,
-            &rope.sin,
-            &y,
-            (heads, group),
-            eps,
-        )?;
+        let tables = (&rope.cos, &rope.sin);
+        attention::norm_rope_rows(&ctx.gpu, t, &w, tables, &y, (heads, group), eps)?;
         Ok(y)
     };
 
@@ -126,7 +130,10 @@ pub(super) fn forward_with(
         // better fit for the card at small batches); `w` keeps each one's rows.
         let (gate, up) = (&mlp_.gate_proj, &mlp_.up_proj);
         let f = gate.weight.dim(0)?;
-        let wgu = if gate.act_quant == up.act_quant && up.weight.dims() == gate.weight.dims() {
+        let kept = ctx.prepared.as_ref().and_then(|p| p.gate_up(i).cloned());
+        let wgu = if let Some(kept) = kept {
+            Some(kept)
+        } else if gate_up_fused(gate, up) {
             let wgu = ctx.act((2 * f, gate.weight.dim(1)?))?;
             ctx.weight_into(gate, &wgu, 0)?;
             ctx.weight_into(up, &wgu, f)?;
@@ -138,10 +145,39 @@ pub(super) fn forward_with(
             Some(wgu) => (wgu.narrow(0, 0, f)?, wgu.narrow(0, f, f)?),
             None => (ctx.weight(gate)?, ctx.weight(up)?),
         };
+        // q, k and v likewise, as one (H * D + 2 * K * D, E) matrix, where flash attention
+        // runs (see `qkv_fused`).
+        let (qd, kd) = (h * d, k * d);
+        let wqkv = if qkv_fused(at, use_flash, d) {
+            match ctx.prepared.as_ref().and_then(|p| p.qkv(i).cloned()) {
+                Some(kept) => Some(kept),
+                None => {
+                    let w = ctx.act((qd + 2 * kd, at.q_proj.weight.dim(1)?))?;
+                    ctx.weight_into(&at.q_proj, &w, 0)?;
+                    ctx.weight_into(&at.k_proj, &w, qd)?;
+                    ctx.weight_into(&at.v_proj, &w, qd + kd)?;
+                    Some(w)
+                }
+            }
+        } else {
+            None
+        };
+        let (wq, wk, wv) = match &wqkv {
+            Some(w) => (
+                w.narrow(0, 0, qd)?,
+                w.narrow(0, qd, kd)?,
+                w.narrow(0, qd + kd, kd)?,
+            ),
+            None => (
+                ctx.weight(&at.q_proj)?,
+                ctx.weight(&at.k_proj)?,
+                ctx.weight(&at.v_proj)?,
+            ),
+        };
         let w = [
-            ctx.weight(&at.q_proj)?,
-            ctx.weight(&at.k_proj)?,
-            ctx.weight(&at.v_proj)?,
+            wq,
+            wk,
+            wv,
             ctx.weight(&at.o_proj)?,
             wg,
             wu,
@@ -156,20 +192,42 @@ pub(super) fn forward_with(
         };
         // Attention: h = x + o(attention(norm(x)))
         let xn1 = ctx.input(xn1, &[&at.q_proj, &at.k_proj, &at.v_proj])?;
-        let q = linear(&ctx.gpu, xn1.of(&at.q_proj), &w[0])?;
-        let kk = linear(&ctx.gpu, xn1.of(&at.k_proj), &w[1])?;
-        let v = linear(&ctx.gpu, xn1.of(&at.v_proj), &w[2])?;
-        let qr = norm_rope(&q, &at.q_norm, h, r)?;
-        let kr = norm_rope(&kk, &at.k_norm, k, 1)?;
+        let mut proj = match wqkv {
+            Some(w) => Qkv::Fused {
+                qkv: linear(&ctx.gpu, xn1.of(&at.q_proj), &w)?,
+                w,
+                qd,
+                kd,
+            },
+            None => Qkv::Split {
+                q: linear(&ctx.gpu, xn1.of(&at.q_proj), &w[0])?,
+                k: linear(&ctx.gpu, xn1.of(&at.k_proj), &w[1])?,
+                v: Some(linear(&ctx.gpu, xn1.of(&at.v_proj), &w[2])?),
+            },
+        };
+        let qr = norm_rope(&proj.q_rows()?, &at.q_norm, h, r)?;
+        let kr = norm_rope(&proj.k_rows()?, &at.k_norm, k, 1)?;
         let (merged, kept) = match &attn {
             Attention::Flash(fl) => {
                 let merged = ctx.act((n, h * d))?;
                 let lse = ctx.gpu.empty((b * k, l * r), DType::F32)?;
-                fl.forward(&ctx.gpu, (&qr, &kr, &v), &merged, &lse)?;
-                (merged, Kept::Flash { v, lse })
+                let v = proj.v_rows()?;
+                let fl = Flash {
+                    v_stride: v.stride,
+                    ..*fl
+                };
+                fl.forward(&ctx.gpu, (&qr, &kr, &v.buf), &merged, &lse)?;
+                (merged, Kept::Flash { lse })
             }
             Attention::Blocked(ca) => {
-                let vt = ctx.swap_axes(&v, (b, l, k, d))?;
+                // (v itself is not kept: its backward reads vt)
+                let Qkv::Split { v: Some(v), .. } = &mut proj else {
+                    candle_core::bail!("q, k and v fused without flash attention");
+                };
+                let vt = ctx.swap_axes(v, (b, l, k, d))?;
+                if let Qkv::Split { v, .. } = &mut proj {
+                    *v = None;
+                }
                 let (probs, att) = ca.forward(&ctx.gpu, &qr, &kr, &vt)?;
                 let merged = ctx.swap_axes(&att, (b, k, l, r * d))?.reshape((n, h * d))?;
                 let probs = (!recompute).then_some(probs);
@@ -205,8 +263,7 @@ pub(super) fn forward_with(
             w,
             x,
             xn1,
-            q,
-            k: kk,
+            proj,
             qr,
             kr,
             kept,

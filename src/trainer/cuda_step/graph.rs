@@ -8,7 +8,11 @@
 //!   loss is not finite changes nothing, as in the eager loop (which reads the loss before the
 //!   backward);
 //! - the AdamW kernel reads its scalars (this step's learning rate and bias correction) from a
-//!   table written before each replay (`AdamW::replay_step`).
+//!   table written before each replay (`AdamW::replay_step`);
+//! - the step multiplies by ternary projections kept from the previous replay, which its AdamW
+//!   kernel writes as it updates their latents (`prepared`: filled by the projection kernels
+//!   before a replay that follows an eager step; `TERNLAB_KEPT_PROJECTIONS=0` makes them in
+//!   the step instead, as an eager step does).
 //!
 //! Every buffer a captured step uses stays where it was: the batch is copied into two buffers
 //! of the graph's own, the rotary tables are made beforehand, and the activations and
@@ -26,7 +30,8 @@
 //! to eager steps, rather than capturing a copy from freed host memory).
 
 use super::backward::backward;
-use super::forward::{forward_with, recompute_attention};
+use super::forward::{forward_with, recompute_attention, uses_flash};
+use super::prepared::Prepared;
 use crate::cuda::{AsBuf, Gpu};
 use crate::model::{Qwen3, Rope};
 use crate::optim::AdamW;
@@ -87,6 +92,15 @@ pub struct StepGraph {
     last_eager: Option<Key>,
     /// capturing failed (said once): every step runs eagerly
     off: bool,
+    /// the projections the captured step multiplies by, and whether they are those of the
+    /// latents as they are (false after an eager step)
+    prepared: Option<Arc<Prepared>>,
+    prepared_fresh: bool,
+}
+
+/// Whether a captured step keeps its ternary projections from replay to replay (see above).
+fn keep_projections() -> bool {
+    std::env::var("TERNLAB_KEPT_PROJECTIONS").map_or(true, |v| v != "0")
 }
 
 impl StepGraph {
@@ -110,7 +124,14 @@ impl StepGraph {
             captured: None,
             last_eager: None,
             off: false,
+            prepared: None,
+            prepared_fresh: false,
         })
+    }
+
+    /// How many ternary projections the captured step keeps (0 before a capture).
+    pub fn kept_projections(&self) -> usize {
+        self.prepared.as_ref().map_or(0, |p| p.len())
     }
 
     /// `param_cache` on this graph's GPU.
@@ -139,6 +160,8 @@ impl StepGraph {
                 && (key.b, key.l) == self.ids.dims2()?;
             if !now {
                 self.last_eager = Some(key);
+                // (this step updates the latents eagerly: the kept projections go stale)
+                self.prepared_fresh = false;
                 return Ok(None);
             }
             match self.capture(model, opt) {
@@ -149,12 +172,21 @@ impl StepGraph {
                          it runs launch by launch"
                     );
                     self.off = true;
+                    self.prepared = None;
+                    opt.write_projections(Vec::new())?;
                     self.last_eager = Some(key);
                     return Ok(None);
                 }
             }
         }
         self.copy_batch(x, y)?;
+        if let Some(p) = self.prepared.as_ref().filter(|_| !self.prepared_fresh) {
+            // The captured key holds this step's lambdas: the projections the capture assumed.
+            p.fill(model)?;
+        }
+        // (a replay leaves them fresh: its update writes them, or, with a loss that is not
+        // finite, changes neither them nor the latents)
+        self.prepared_fresh = true;
         opt.replay_step()?;
         let c = self.captured.as_ref().expect("captured above");
         c.graph.launch().w()?;
@@ -180,6 +212,18 @@ impl StepGraph {
 
     /// Captures the step: forward, the loss terms into `terms`, backward, `opt`'s update.
     fn capture(&mut self, model: &Qwen3, opt: &mut AdamW) -> Result<CudaGraph> {
+        // The kept projections' buffers are the run's (made outside the capture, once), filled
+        // before the first replay; the update writes them at the captured lambdas.
+        if self.prepared.is_none() && keep_projections() {
+            let flash = uses_flash(model, &self.opts, &self.gpu)?;
+            let cd = model.compute_dtype;
+            self.prepared = Prepared::new(model, &self.gpu, cd, flash)?.map(Arc::new);
+        }
+        self.prepared_fresh = false;
+        opt.write_projections(match &self.prepared {
+            Some(p) => p.writes(model),
+            None => Vec::new(),
+        })?;
         crate::device::trim_memory_pool(&model.device);
         let _cache = param_cache(&self.gpu);
         self.stream
@@ -187,7 +231,9 @@ impl StepGraph {
             .w()?;
         let mut run = || -> Result<()> {
             let (ids, targets, rope) = (&self.ids, &self.targets, self.rope.clone());
-            let (terms, tape) = forward_with(model, &self.opts, ids, targets, None, rope)?;
+            let prepared = self.prepared.clone();
+            let (terms, tape) =
+                forward_with(model, &self.opts, ids, targets, None, rope, prepared)?;
             let out = self.terms.buf()?;
             for (i, t) in [&terms.total, &terms.ce].into_iter().enumerate() {
                 // SAFETY: f32 scalars into the 2-element f32 buffer; stream-ordered.

@@ -6,9 +6,14 @@
 //!
 //! - weight gradients come out of cuBLAS in f32 directly (bf16 inputs, f32 accumulate and
 //!   output), so there is no bf16 gradient to cast, and the ternary STE is free;
-//! - the gradients of the q, k and v inputs (and of gate and up) are summed by the GEMMs
-//!   themselves (beta = 1); the residual stream's gradient is accumulated in place by the
-//!   RMSNorm backward kernel;
+//! - projections that share their input run as one GEMM each way: q, k and v under flash
+//!   attention (`qkv_fused`; the norm + RoPE and attention kernels read their columns of the
+//!   output, and write their gradients' columns, in place), gate and up (`gate_up_fused`);
+//!   each weight's gradient is its rows of the fused one. Otherwise the input gradients are
+//!   summed by the GEMMs themselves (beta = 1). The residual stream's gradient is accumulated
+//!   in place by the RMSNorm backward kernel;
+//! - a step replayed from a CUDA graph multiplies by ternary projections that the previous
+//!   replay's AdamW kernel wrote as it updated their latents (`prepared`);
 //! - q/k RMSNorm, RoPE and the head transpose are one kernel each way;
 //! - causal attention in bf16 is flash attention (`crate::cuda::flash`: tensor cores, the L x L
 //!   matrix never written, q, k, v, the output and their gradients read and written in the
@@ -39,6 +44,7 @@ use candle_core::{DType, Result, Shape, Tensor};
 mod backward;
 mod forward;
 pub mod graph;
+mod prepared;
 
 pub use backward::backward;
 pub use forward::forward;
@@ -82,6 +88,33 @@ struct Ctx {
     gpu: Gpu,
     cd: DType,
     norm_f32: std::cell::RefCell<std::collections::HashMap<candle_core::TensorId, Tensor>>,
+    /// the ternary projections kept from step to step, which a replayed step multiplies by
+    prepared: Option<std::sync::Arc<prepared::Prepared>>,
+}
+
+/// Whether a layer's gate and up projections run as one GEMM each way: they take the same
+/// input unless only one of them quantizes its activations.
+fn gate_up_fused(gate: &Linear, up: &Linear) -> bool {
+    gate.act_quant == up.act_quant && up.weight.dims() == gate.weight.dims()
+}
+
+/// Whether a layer's q, k and v projections run as one GEMM each way (their output one (N,
+/// H * D + 2 * K * D) matrix that the q/k norm + RoPE kernels and flash attention read in
+/// place, their gradient one that those kernels write into): under flash attention, for a
+/// head dim the vectorized norm + RoPE kernels take (64 or 128), where the three take the same
+/// input (none or all quantize their activations). `TERNLAB_QKV_FUSED=0` keeps them apart (to
+/// measure the difference).
+fn qkv_fused(at: &crate::model::Attention, flash: bool, d: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("TERNLAB_QKV_FUSED").map_or(true, |v| v != "0"));
+    let [q, k, v, _] = at.linears();
+    let input = q.weight.dim(1).ok();
+    on && flash
+        && crate::cuda::attention::takes_bf16_weight(d)
+        && q.act_quant == k.act_quant
+        && k.act_quant == v.act_quant
+        && k.weight.dim(1).ok() == input
+        && v.weight.dim(1).ok() == input
 }
 
 impl Ctx {
@@ -92,6 +125,9 @@ impl Ctx {
 
     /// The weight a projection multiplies by, in the compute dtype: `W_t` for ternary layers.
     fn weight(&self, lin: &Linear) -> Result<Tensor> {
+        if let Some(kept) = self.kept_weight(lin) {
+            return Ok(kept);
+        }
         let Some(q) = lin.quant else {
             return self
                 .gpu
@@ -232,9 +268,8 @@ struct LayerTape {
     x: Tensor,
     /// input norm (N, E): the q, k and v projections' input
     xn1: Input,
-    /// q (N, H * D) and k (N, K * D) before their norm
-    q: Tensor,
-    k: Tensor,
+    /// q, k and v as projected (q and k before their norm)
+    proj: Qkv,
     /// after norm + RoPE: q (B*K, L*R, D), k (B*K, L, D); see `CausalAttention`
     qr: Tensor,
     kr: Tensor,
@@ -248,6 +283,60 @@ struct LayerTape {
     /// the gate and up projections, and silu(g) * u (N, F): down's input
     gate: Gate,
     a: Input,
+}
+
+/// The q, k and v projections of a layer as its forward made them.
+enum Qkv {
+    /// as one GEMM: (N, qd + 2 kd), the columns of q, k, then v, by the weight (qd + 2 kd, E)
+    /// of their rows
+    Fused {
+        qkv: Tensor,
+        w: Tensor,
+        qd: usize,
+        kd: usize,
+    },
+    /// as three: q (N, H * D), k and v (N, K * D); v only under flash attention (the blocked
+    /// one keeps its own transpose)
+    Split {
+        q: Tensor,
+        k: Tensor,
+        v: Option<Tensor>,
+    },
+}
+
+impl Qkv {
+    fn part(&self, i: usize) -> Result<crate::cuda::attention::TokenRows> {
+        use crate::cuda::attention::TokenRows;
+        match self {
+            Self::Fused { qkv, qd, kd, .. } => {
+                let (at, width) = [(0, *qd), (*qd, *kd), (qd + kd, *kd)][i];
+                TokenRows::columns(qkv, at, width)
+            }
+            Self::Split { q, k, v } => {
+                let t = match i {
+                    0 => q,
+                    1 => k,
+                    _ => v
+                        .as_ref()
+                        .ok_or_else(|| candle_core::Error::Msg("v not kept".into()))?,
+                };
+                Ok(TokenRows::packed(crate::cuda::AsBuf::buf(t)?, t.dim(1)?))
+            }
+        }
+    }
+
+    /// q's rows (before its norm), k's, v's: where they lie.
+    fn q_rows(&self) -> Result<crate::cuda::attention::TokenRows> {
+        self.part(0)
+    }
+
+    fn k_rows(&self) -> Result<crate::cuda::attention::TokenRows> {
+        self.part(1)
+    }
+
+    fn v_rows(&self) -> Result<crate::cuda::attention::TokenRows> {
+        self.part(2)
+    }
 }
 
 /// The gate and up projections of a layer as its forward made them.
@@ -266,8 +355,8 @@ enum Attention {
 
 /// What one layer's attention keeps for the backward.
 enum Kept {
-    /// v as projected (N, K * D), and each query row's log-sum-exp (B*K, L*R) f32
-    Flash { v: Tensor, lse: Tensor },
+    /// each query row's log-sum-exp (B*K, L*R) f32 (v is the layer's `Qkv`)
+    Flash { lse: Tensor },
     /// v with heads first (B*K, L, D), and the probabilities (B*K, L*R, L), None when the
     /// backward recomputes them
     Blocked { vt: Tensor, probs: Option<Tensor> },
