@@ -120,13 +120,16 @@ fn keep_freed_device_memory(ordinal: usize) -> anyhow::Result<()> {
     )
 }
 
-/// cudarc gives every buffer two CUDA events, to order its uses across streams; ternlab runs
-/// everything of a device on candle's one stream, where they are never recorded, so making
-/// them is host time per allocation (thousands a step) spent for nothing.
+/// cudarc gives every buffer two CUDA events, to order its uses across streams; ternlab runs a
+/// device's work on candle's one stream, but for the backward's side stream, which orders its
+/// work with events of its own and keeps what it uses alive until the main stream has waited
+/// for it (`crate::cuda::side`), so making them is host time per allocation (thousands a step)
+/// spent for nothing.
 fn no_event_tracking(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
-        // SAFETY: one stream per device (see above): nothing to order across streams.
+        // SAFETY: buffers are allocated and freed on candle's stream only; the side stream's
+        // uses are ordered by `crate::cuda::side` (see above).
         unsafe { d.disable_event_tracking() }
     }
     let _ = device;

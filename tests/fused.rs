@@ -12,8 +12,13 @@ use ternlab::model::ops::{self, Ops};
 use ternlab::model::Rope;
 use ternlab::optim::{AdamW, AdamWParams};
 
+/// The GPU as ternlab's runs open it (`ternlab::device::open`: no per-buffer CUDA events, so
+/// the backward's side stream runs).
 fn gpu() -> Device {
-    Device::new_cuda(0).expect("the fused tests need a CUDA device")
+    let choice = ternlab::device::DeviceChoice::Cuda(Some(0));
+    ternlab::device::open(choice)
+        .expect("the fused tests need a CUDA device")
+        .0
 }
 
 /// A trainable tensor of N(0, std) values in `dtype`.

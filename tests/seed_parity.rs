@@ -198,7 +198,11 @@ fn generate_on_seed_weights(fixture: &Value, device: &str, dtype: &str) -> Vec<(
         ),
     );
     let dev = match device {
-        "cuda" => candle_core::Device::new_cuda(0).unwrap(),
+        "cuda" => {
+            ternlab::device::open(ternlab::device::DeviceChoice::Cuda(Some(0)))
+                .unwrap()
+                .0
+        }
         _ => candle_core::Device::Cpu,
     };
     let weights = read_weights(&files).unwrap();

@@ -314,14 +314,21 @@ impl Flash {
             None if self.l.div_ceil(BLOCK) * groups < gpu.sm_count()? => BLOCK / 2,
             None => BLOCK,
         };
+        // The query-side kernel (the block's q and dO rows, and two buffers of (k, v) tiles)
+        // on the side stream beside the key/value one: neither reads what the other writes,
+        // and at short sequences each leaves most of the card idle. (Everything they use lives
+        // until the join.)
+        let mut side = super::side::Side::new(gpu)?;
+        side.run(&[], || {
+            backward("dq", (rows, BLOCK), 8 * tile, &[(&dqb, self.q_rows())])
+        })?;
         backward(
             if keys == BLOCK { "dkdv" } else { "dkdv_w4" },
             (self.l, keys),
             (2 * keys / TILE + 4) * tile + 2 * 3 * TILE * 4,
             &[(&dkb, self.k_rows()), (&dvb, self.v_rows())],
         )?;
-        // the block's q and dO rows, and two buffers of (k, v) tiles
-        backward("dq", (rows, BLOCK), 8 * tile, &[(&dqb, self.q_rows())])?;
+        side.join()?;
         Ok((dq, dk))
     }
 

@@ -111,7 +111,11 @@ pub fn gemm(
     } else {
         String::new()
     };
-    let handle = gpu.dev.cublas_handle();
+    // (inside `Side::run`: the side stream's handle)
+    let handle = match super::side::current() {
+        Some(lane) => lane.blas.clone(),
+        None => gpu.dev.cublas_handle(),
+    };
     gpu.timed(&name, || {
         unsafe {
             blas::gemm_strided_batched_ex(
@@ -165,10 +169,22 @@ pub fn linear_back_x(gpu: &Gpu, dy: &Tensor, w: &Tensor, dx: &Tensor, beta: f32)
 
 /// `dw = dy^T (out, n) @ x (n, in)`: the weight's gradient, in f32.
 pub fn linear_back_w(gpu: &Gpu, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let dw = gpu.empty((dy.dim(1)?, x.dim(1)?), DType::F32)?;
+    linear_back_w_into(gpu, dy, x, &dw)?;
+    Ok(dw)
+}
+
+/// `linear_back_w` into `dw` (out, in), f32.
+pub fn linear_back_w_into(gpu: &Gpu, dy: &Tensor, x: &Tensor, dw: &Tensor) -> Result<()> {
     let (n, out) = dy.dims2()?;
     let inp = x.dim(1)?;
-    let dw = gpu.empty((out, inp), DType::F32)?;
+    if dw.dims() != [out, inp] || dw.dtype() != DType::F32 {
+        candle_core::bail!(
+            "linear_back_w: dw is {:?} {:?}, not ({out}, {inp}) f32",
+            dw.dims(),
+            dw.dtype()
+        );
+    }
     let (a, b) = (Mat::of(dy)?.t(), Mat::of(x)?);
-    gemm(gpu, (out, inp, n), a, b, Mat::of(&dw)?, 0., 1, (0, 0, 0))?;
-    Ok(dw)
+    gemm(gpu, (out, inp, n), a, b, Mat::of(dw)?, 0., 1, (0, 0, 0))
 }

@@ -401,7 +401,12 @@ impl Launch<'_> {
             if cfg.shared_mem_bytes > 48 * 1024 {
                 allow_shared(&f, cfg.shared_mem_bytes)?;
             }
-            let mut b = f.builder();
+            // (inside `Side::run`: on the side stream)
+            let lane = super::side::current();
+            let mut b = match &lane {
+                Some(l) => l.stream.launch_builder(&f),
+                None => f.builder(),
+            };
             for a in &args {
                 match a {
                     Arg::P(p) => b.arg(p),

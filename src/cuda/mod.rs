@@ -35,6 +35,7 @@ pub mod loss;
 pub mod mlp;
 pub mod norm;
 pub mod residual;
+pub mod side;
 pub mod ternary;
 
 pub use launch::{take_profile, AsBuf, Buf, Gpu};

@@ -56,8 +56,11 @@ pub fn fixture_weights() -> Weights {
 /// The device of the model tests: the CPU, or `TERNLAB_TEST_DEVICE=cuda` on a CUDA build.
 pub fn test_device() -> Device {
     match std::env::var("TERNLAB_TEST_DEVICE").as_deref() {
+        // (as ternlab's runs open it)
         Ok("cuda") => {
-            Device::new_cuda(0).expect("TERNLAB_TEST_DEVICE=cuda needs a CUDA build and GPU")
+            ternlab::device::open(ternlab::device::DeviceChoice::Cuda(Some(0)))
+                .expect("TERNLAB_TEST_DEVICE=cuda needs a CUDA build and GPU")
+                .0
         }
         Ok("cpu") | Err(_) => Device::Cpu,
         Ok(other) => panic!("TERNLAB_TEST_DEVICE={other:?}: expected cpu or cuda"),

@@ -1,12 +1,18 @@
 //! The backward pass: every parameter's gradient from the tape, layer by layer in reverse.
+//! The weights' gradients (GEMMs that nothing after them in the pass reads) run on the side
+//! stream (`crate::cuda::side`) beside the chain of input gradients; the main stream waits for
+//! one before it overwrites what the GEMM reads (the residual stream's gradient), or before
+//! anything reads its result (learned scales' gradients, the embedding's), and for all of them
+//! at the end.
 
 use super::{Attention, Dims, Gate, Kept, Qkv, Tape};
 use crate::cuda::attention::TokenRows;
 use crate::cuda::flash::Flash;
-use crate::cuda::gemm::{linear_back_w, linear_back_x};
+use crate::cuda::gemm::{linear_back_w_into, linear_back_x};
+use crate::cuda::side::{Side, Ticket};
 use crate::cuda::AsBuf;
 use crate::cuda::{attention, embedding, mlp, norm};
-use crate::model::{Qwen3, RmsNorm};
+use crate::model::{Linear, Qwen3, RmsNorm};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 
@@ -25,6 +31,21 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         dlogits,
     } = tape;
     let gpu = &ctx.gpu;
+    let mut side = Side::new(gpu)?;
+    // `linear_back_w` on the side stream (dw allocated first, on the main one)
+    let back_w = |side: &mut Side, dy: &Tensor, x: &Tensor| -> Result<(Tensor, Ticket)> {
+        let dw = gpu.empty((dy.dim(1)?, x.dim(1)?), DType::F32)?;
+        let t = side.run(&[dy, x, &dw], || linear_back_w_into(gpu, dy, x, &dw))?;
+        Ok((dw, t))
+    };
+    // a projection's weight gradient recorded; learned scales read it at once
+    let record =
+        |side: &mut Side, grads: &mut GradStore, lin: &Linear, (dw, t): (Tensor, Ticket)| {
+            if lin.scale.is_some() {
+                side.wait(t)?;
+            }
+            ctx.weight_grad(grads, lin, dw)
+        };
     let Dims {
         b,
         l,
@@ -44,7 +65,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
     // Output head and final norm.
     let dxf = ctx.act((n, e))?;
     linear_back_x(gpu, &dlogits, &head, &dxf, 0.)?;
-    let dhead = linear_back_w(gpu, &dlogits, &xf)?;
+    let (dhead, _) = back_w(&mut side, &dlogits, &xf)?;
     drop((dlogits, head, xf));
     // dx: the residual stream's gradient (N, E), written by the final norm, then added to.
     let dx = ctx.act((n, e))?;
@@ -63,8 +84,9 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         let da = ctx.act((n, f))?;
         linear_back_x(gpu, &dx, wd, &da, 0.)?;
         let down_in = t.a.of(&mlp_.down_proj);
-        let dw = linear_back_w(gpu, &dx, down_in)?;
-        ctx.weight_grad(&mut grads, &mlp_.down_proj, dw)?;
+        let down = back_w(&mut side, &dx, down_in)?;
+        let reads_dx = down.1;
+        record(&mut side, &mut grads, &mlp_.down_proj, down)?;
         let dxn2 = ctx.act((n, e))?;
         match &t.gate {
             Gate::Fused { gu, w } => {
@@ -73,9 +95,9 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
                 mlp::silu_mul_halves_back(gpu, gu, &da, &dgu)?;
                 drop(da);
                 linear_back_x(gpu, &dgu, w, &dxn2, 0.)?;
-                let dw = linear_back_w(gpu, &dgu, t.xn2.of(gate))?;
-                ctx.weight_grad(&mut grads, gate, dw.narrow(0, 0, f)?)?;
-                ctx.weight_grad(&mut grads, up, dw.narrow(0, f, f)?)?;
+                let (dw, t) = back_w(&mut side, &dgu, t.xn2.of(gate))?;
+                record(&mut side, &mut grads, gate, (dw.narrow(0, 0, f)?, t))?;
+                record(&mut side, &mut grads, up, (dw.narrow(0, f, f)?, t))?;
             }
             Gate::Split { g, u } => {
                 let (dg, du) = (ctx.act((n, f))?, ctx.act((n, f))?);
@@ -83,12 +105,14 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
                 drop(da);
                 linear_back_x(gpu, &dg, wg, &dxn2, 0.)?;
                 linear_back_x(gpu, &du, wu, &dxn2, 1.)?;
-                let dw = linear_back_w(gpu, &dg, t.xn2.of(gate))?;
-                ctx.weight_grad(&mut grads, gate, dw)?;
-                ctx.weight_grad(&mut grads, up, linear_back_w(gpu, &du, t.xn2.of(up))?)?;
+                let dw = back_w(&mut side, &dg, t.xn2.of(gate))?;
+                record(&mut side, &mut grads, gate, dw)?;
+                let dw = back_w(&mut side, &du, t.xn2.of(up))?;
+                record(&mut side, &mut grads, up, dw)?;
             }
         }
         let post = &layer.post_attention_layernorm;
+        side.wait(reads_dx)?; // (down's weight gradient reads dx, which this adds into)
         let dw = ctx.rms_norm_back(&t.h, post, (&dxn2, &dx), true, norm_dws.next(e)?)?;
         grads.insert(&post.weight, dw);
         drop(dxn2);
@@ -97,7 +121,9 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         let dmerged = ctx.act((n, h * d))?;
         linear_back_x(gpu, &dx, wo, &dmerged, 0.)?;
         let o_in = t.merged.of(&at.o_proj);
-        ctx.weight_grad(&mut grads, &at.o_proj, linear_back_w(gpu, &dx, o_in)?)?;
+        let o = back_w(&mut side, &dx, o_in)?;
+        let reads_dx = o.1;
+        record(&mut side, &mut grads, &at.o_proj, o)?;
         // One (N, qd + 2 kd) gradient of the fused q/k/v output, which attention's backward
         // (dv) and the q/k norm + RoPE's (dq, dk) write into; else one of each.
         let dqkv = match &t.proj {
@@ -180,11 +206,22 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
             (Qkv::Fused { w, qd, kd, .. }, Some(dqkv)) => {
                 // one GEMM each way; each weight's gradient is its rows of the fused one's
                 linear_back_x(gpu, dqkv, w, &dxn1, 0.)?;
-                let dw = linear_back_w(gpu, dqkv, t.xn1.of(&at.q_proj))?;
+                let (dw, tk) = back_w(&mut side, dqkv, t.xn1.of(&at.q_proj))?;
                 let (qd, kd) = (*qd, *kd);
-                ctx.weight_grad(&mut grads, &at.q_proj, dw.narrow(0, 0, qd)?)?;
-                ctx.weight_grad(&mut grads, &at.k_proj, dw.narrow(0, qd, kd)?)?;
-                ctx.weight_grad(&mut grads, &at.v_proj, dw.narrow(0, qd + kd, kd)?)?;
+                record(
+                    &mut side,
+                    &mut grads,
+                    &at.q_proj,
+                    (dw.narrow(0, 0, qd)?, tk),
+                )?;
+                record(
+                    &mut side,
+                    &mut grads,
+                    &at.k_proj,
+                    (dw.narrow(0, qd, kd)?, tk),
+                )?;
+                let dv = dw.narrow(0, qd + kd, kd)?;
+                record(&mut side, &mut grads, &at.v_proj, (dv, tk))?;
             }
             _ => {
                 let (Some(dq), Some(dk), Some(dv)) = (dq, dk, dv_own) else {
@@ -194,12 +231,14 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
                 linear_back_x(gpu, &dk, wk, &dxn1, 1.)?;
                 linear_back_x(gpu, &dv, wv, &dxn1, 1.)?;
                 for (lin, dy) in [(&at.q_proj, &dq), (&at.k_proj, &dk), (&at.v_proj, &dv)] {
-                    ctx.weight_grad(&mut grads, lin, linear_back_w(gpu, dy, t.xn1.of(lin))?)?;
+                    let dw = back_w(&mut side, dy, t.xn1.of(lin))?;
+                    record(&mut side, &mut grads, lin, dw)?;
                 }
             }
         }
         drop(dqkv);
         let ln = &layer.input_layernorm;
+        side.wait(reads_dx)?; // (o's weight gradient reads dx, which this adds into)
         let dw = norm_dws.next(e)?;
         let dw = if i == 0 && seed_first_norm {
             let w = ctx.norm_weight(ln)?;
@@ -210,6 +249,8 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         grads.insert(&ln.weight, dw);
     }
 
+    // Every weight gradient done (the head's, which the embedding's adds into when tied).
+    side.join()?;
     // Embedding: the rows of the tokens seen get their input gradient, added to the head's
     // gradient when the head is tied.
     let demb = match &model.lm_head {
