@@ -5,14 +5,22 @@
 // time). The inputs and input gradients step `si` elements from row to row, the output and its
 // gradient `so`: contiguous tensors are one row (si = so = f = n), the fused gate/up
 // projection's output (rows of gate then up) has si = 2 * f, u = g + f.
+// This thread's row and its first element j there (eight a thread over rows of f); false past
+// the last row.
+__device__ __forceinline__ bool eight_of_row(long rows, long f, long& row, long& j) {
+    const long per_row = (f + 7) / 8;
+    const long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    row = t / per_row;
+    if (row >= rows) return false;
+    j = (t - row * per_row) * 8;
+    return true;
+}
+
 template <typename T>
 __device__ void silu_mul(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y,
                          long rows, long f, long si, long so) {
-    const long per_row = (f + 7) / 8;
-    const long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long row = t / per_row;
-    if (row >= rows) return;
-    const long j = (t - row * per_row) * 8;
+    long row, j;
+    if (!eight_of_row(rows, f, row, j)) return;
     const T* gr = g + row * si + j;
     const T* ur = u + row * si + j;
     T* yr = y + row * so + j;
@@ -44,11 +52,8 @@ template <typename T>
 __device__ void silu_mul_bwd(const T* __restrict__ g, const T* __restrict__ u,
                              const T* __restrict__ dy, T* __restrict__ dg, T* __restrict__ du,
                              long rows, long f, long si, long so) {
-    const long per_row = (f + 7) / 8;
-    const long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long row = t / per_row;
-    if (row >= rows) return;
-    const long j = (t - row * per_row) * 8;
+    long row, j;
+    if (!eight_of_row(rows, f, row, j)) return;
     const T* gr = g + row * si + j;
     const T* ur = u + row * si + j;
     const T* dyr = dy + row * so + j;
