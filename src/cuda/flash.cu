@@ -246,6 +246,54 @@ __device__ __forceinline__ float fa_quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// One 16-row tile's step of the online softmax over the scores s of FA_BN keys from k0 (C tiles:
+// this lane's rows gr and gr + 8, at positions pa and pb): keys past a row's position masked
+// when `masked`, the running maxima (ma, mb) and sums (la, lb) updated, s turned into
+// probabilities and the output accumulators rescaled. The maxima are kept scaled (ma = max *
+// sl2), the scores raw: the scale is positive, so the raw maximum is the scaled one's, and each
+// probability is one FFMA and one exp2.
+template <int D>
+__device__ __forceinline__ void fa_softmax_tile(float (*s)[4], float (*acc)[4], float& ma,
+                                                float& mb, float& la, float& lb, int k0,
+                                                bool masked, int pa, int pb, int tq, float sl2) {
+    float na = FA_NEG_INF, nb = FA_NEG_INF;
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = k0 + n * 8 + 2 * tq + (e & 1);
+            if (masked && key > (e < 2 ? pa : pb)) s[n][e] = FA_NEG_INF;
+            if (e < 2) na = fmaxf(na, s[n][e]); else nb = fmaxf(nb, s[n][e]);
+        }
+    }
+    na = fmaxf(ma, fa_quad_max(na) * sl2);
+    nb = fmaxf(mb, fa_quad_max(nb) * sl2);
+    // (a row with nothing seen yet keeps a zero sum: no -inf - -inf)
+    const float ua = na == FA_NEG_INF ? 0.f : na, ub = nb == FA_NEG_INF ? 0.f : nb;
+    const float fa = fa_exp2(ma - ua), fb = fa_exp2(mb - ub);
+    ma = na;
+    mb = nb;
+    float sa = 0.f, sb = 0.f;
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) {
+        s[n][0] = fa_exp2(fmaf(s[n][0], sl2, -ua));
+        s[n][1] = fa_exp2(fmaf(s[n][1], sl2, -ua));
+        s[n][2] = fa_exp2(fmaf(s[n][2], sl2, -ub));
+        s[n][3] = fa_exp2(fmaf(s[n][3], sl2, -ub));
+        sa += s[n][0] + s[n][1];
+        sb += s[n][2] + s[n][3];
+    }
+    la = la * fa + sa;
+    lb = lb * fb + sb;
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+        acc[t][0] *= fa;
+        acc[t][1] *= fa;
+        acc[t][2] *= fb;
+        acc[t][3] *= fb;
+    }
+}
+
 // Forward: o = softmax(scale * q k^T, causal) v and, per row, the log-sum-exp of the scaled
 // scores in base 2 (lse[g * L * R + i]; the backward's p = 2^(s * sl2 - lse)). One block of
 // FA_WARPS warps per FA_BM query rows of a group (blockIdx.y), the rows with the most keys first;
@@ -306,46 +354,7 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
                 fa_mma(s[n + 1], qa[c], bf[2], bf[3]);
             }
         }
-        // The running maxima are kept scaled (ma = max * sl2), the scores raw: the scale is
-        // positive, so the raw maximum is the scaled one's, and each probability is one FFMA and
-        // one exp2.
-        const bool masked = k0 + FA_BN - 1 > pmin;
-        float na = FA_NEG_INF, nb = FA_NEG_INF;
-#pragma unroll
-        for (int n = 0; n < FA_BN / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = k0 + n * 8 + 2 * tq + (e & 1);
-                if (masked && key > (e < 2 ? pa : pb)) s[n][e] = FA_NEG_INF;
-                if (e < 2) na = fmaxf(na, s[n][e]); else nb = fmaxf(nb, s[n][e]);
-            }
-        }
-        na = fmaxf(ma, fa_quad_max(na) * sl2);
-        nb = fmaxf(mb, fa_quad_max(nb) * sl2);
-        // (a row with nothing seen yet keeps a zero sum: no -inf - -inf)
-        const float ua = na == FA_NEG_INF ? 0.f : na, ub = nb == FA_NEG_INF ? 0.f : nb;
-        const float fa = fa_exp2(ma - ua), fb = fa_exp2(mb - ub);
-        ma = na;
-        mb = nb;
-        float sa = 0.f, sb = 0.f;
-#pragma unroll
-        for (int n = 0; n < FA_BN / 8; ++n) {
-            s[n][0] = fa_exp2(fmaf(s[n][0], sl2, -ua));
-            s[n][1] = fa_exp2(fmaf(s[n][1], sl2, -ua));
-            s[n][2] = fa_exp2(fmaf(s[n][2], sl2, -ub));
-            s[n][3] = fa_exp2(fmaf(s[n][3], sl2, -ub));
-            sa += s[n][0] + s[n][1];
-            sb += s[n][2] + s[n][3];
-        }
-        la = la * fa + sa;
-        lb = lb * fb + sb;
-#pragma unroll
-        for (int t = 0; t < D / 8; ++t) {
-            acc[t][0] *= fa;
-            acc[t][1] *= fa;
-            acc[t][2] *= fb;
-            acc[t][3] *= fb;
-        }
+        fa_softmax_tile<D>(s, acc, ma, mb, la, lb, k0, k0 + FA_BN - 1 > pmin, pa, pb, tq, sl2);
         fa_pb<D, FA_BN / 16>(acc, s, vs, lane);
         __syncthreads();  // (the buffer is copied into again two tiles on)
     }
@@ -439,46 +448,10 @@ __device__ void flash_fwd2(const unsigned short* __restrict__ q,
         }
         // The softmax of flash_fwd, for each row tile.
         const bool masked = k0 + FA_BN - 1 > pmin;
-        float fa_[2], fb_[2];
 #pragma unroll
-        for (int m = 0; m < 2; ++m) {
-            float na = FA_NEG_INF, nb = FA_NEG_INF;
-#pragma unroll
-            for (int n = 0; n < FA_BN / 8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + n * 8 + 2 * tq + (e & 1);
-                    if (masked && key > (e < 2 ? pa[m] : pb[m])) s[m][n][e] = FA_NEG_INF;
-                    if (e < 2) na = fmaxf(na, s[m][n][e]); else nb = fmaxf(nb, s[m][n][e]);
-                }
-            }
-            na = fmaxf(ma[m], fa_quad_max(na) * sl2);
-            nb = fmaxf(mb[m], fa_quad_max(nb) * sl2);
-            const float ua = na == FA_NEG_INF ? 0.f : na, ub = nb == FA_NEG_INF ? 0.f : nb;
-            fa_[m] = fa_exp2(ma[m] - ua);
-            fb_[m] = fa_exp2(mb[m] - ub);
-            ma[m] = na;
-            mb[m] = nb;
-            float sa = 0.f, sb = 0.f;
-#pragma unroll
-            for (int n = 0; n < FA_BN / 8; ++n) {
-                s[m][n][0] = fa_exp2(fmaf(s[m][n][0], sl2, -ua));
-                s[m][n][1] = fa_exp2(fmaf(s[m][n][1], sl2, -ua));
-                s[m][n][2] = fa_exp2(fmaf(s[m][n][2], sl2, -ub));
-                s[m][n][3] = fa_exp2(fmaf(s[m][n][3], sl2, -ub));
-                sa += s[m][n][0] + s[m][n][1];
-                sb += s[m][n][2] + s[m][n][3];
-            }
-            la[m] = la[m] * fa_[m] + sa;
-            lb[m] = lb[m] * fb_[m] + sb;
-#pragma unroll
-            for (int t = 0; t < D / 8; ++t) {
-                acc[m][t][0] *= fa_[m];
-                acc[m][t][1] *= fa_[m];
-                acc[m][t][2] *= fb_[m];
-                acc[m][t][3] *= fb_[m];
-            }
-        }
+        for (int m = 0; m < 2; ++m)
+            fa_softmax_tile<D>(s[m], acc[m], ma[m], mb[m], la[m], lb[m], k0, masked, pa[m], pb[m],
+                               tq, sl2);
         // acc += P v, each v fragment for both row tiles.
 #pragma unroll
         for (int c = 0; c < FA_BN / 16; ++c) {
