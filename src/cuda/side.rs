@@ -95,11 +95,6 @@ impl Side {
         })
     }
 
-    /// Whether work runs on a stream of its own (else `run` runs it on the main stream).
-    pub fn on(&self) -> bool {
-        self.lane.is_some()
-    }
-
     /// Runs `f`'s launches on the side stream after everything enqueued on the main stream so
     /// far; `uses` (every tensor the work reads or writes) stays alive until the main stream
     /// has waited for the ticket.
