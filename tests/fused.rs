@@ -698,6 +698,23 @@ fn attention_f32(
     (o, lse, grad(&q), grad(&k), grad(&v))
 }
 
+/// Two query gradients of flash attention's backward that sum the same terms in another order
+/// (f32 atomic adds, or another kernel): at most one bf16 rounding step of the largest value
+/// apart (2^-7 of it).
+fn assert_dq_agrees(a: &Tensor, b: &Tensor, what: &str) {
+    let (a, b) = (f32_of(a), f32_of(b));
+    let diff = max_abs(&(&a - &b).unwrap());
+    let top = max_abs(&a);
+    eprintln!(
+        "{what}: dq {:e} of its largest value apart",
+        diff / top.max(1e-30)
+    );
+    assert!(
+        diff <= top / 128.0,
+        "{what}: dq {diff:e} apart, more than a rounding step of {top:e}"
+    );
+}
+
 /// Flash attention (bf16, tensor cores) against attention in f32 on the same bf16 inputs, and
 /// beside the blocked bf16 attention it replaces: output, log-sum-exp and the three gradients,
 /// with grouped queries (R = 1, 2, 3), lengths across tile edges (1, 33, 70, 200, 300), and
@@ -806,7 +823,6 @@ fn flash_attention_matches_attention_in_f32() {
             for (name, a, b) in [
                 ("output", &o, &o2),
                 ("lse", &lse, &lse2),
-                ("dq", &dqr, &dq2),
                 ("dk", &dkr, &dk2),
                 ("dv", &dv, &dv2),
             ] {
@@ -818,6 +834,7 @@ fn flash_attention_matches_attention_in_f32() {
                     3 * kd
                 );
             }
+            assert_dq_agrees(&dqr, &dq2, &format!("{what}: v's rows {} apart", 3 * kd));
             let rest = (dwide
                 .narrow(1, 0, kd)
                 .unwrap()
@@ -832,20 +849,33 @@ fn flash_attention_matches_attention_in_f32() {
             assert_eq!(rest, 0.0, "{what}: dv written outside its columns");
         }
         // The key/value backward in blocks of 128 keys and of 64 (four warps; the default at
-        // these small grids): each warp sums the same query tiles in the same order (a block of
-        // 128 starts some warps at tiles that add exact zeros), so the bits agree.
-        for keys in [64, 128] {
+        // these small grids), each adding into the query gradient or leaving it to the query-side
+        // kernel: each warp sums the same query tiles in the same order (a block of 128 starts
+        // some warps at tiles that add exact zeros), so dk and dv agree in every bit; dq, summed
+        // in another order, to a rounding step.
+        for (keys, dq_kernel) in [(64, false), (128, false), (64, true), (128, true)] {
             let fixed = Flash {
                 key_block: Some(keys),
+                dq_kernel: Some(dq_kernel),
                 ..fl
             };
             let dv2 = v.zeros_like().unwrap();
             let (dq2, dk2) = fixed
                 .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv2)
                 .unwrap();
-            for (name, a, b) in [("dq", &dqr, &dq2), ("dk", &dkr, &dk2), ("dv", &dv, &dv2)] {
+            let how = format!("{what}: blocks of {keys} keys, dq kernel {dq_kernel}");
+            for (name, a, b) in [("dk", &dkr, &dk2), ("dv", &dv, &dv2)] {
                 let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
-                assert_eq!(diff, 0.0, "{what}: {name} with blocks of {keys} keys");
+                assert_eq!(diff, 0.0, "{how}: {name}");
+            }
+            assert_dq_agrees(&dqr, &dq2, &how);
+            if dq_kernel {
+                // the query-side kernel adds nothing atomically: the same bits again
+                let (dq3, _) = fixed
+                    .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv2)
+                    .unwrap();
+                let diff = max_abs(&(f32_of(&dq2) - f32_of(&dq3)).unwrap());
+                assert_eq!(diff, 0.0, "{how}: dq run twice");
             }
         }
         let (dq, dk) = (ungrouped(&dqr), per_position(&dkr));
@@ -1094,7 +1124,7 @@ fn hand_written_step_matches_autograd() {
             )
             .unwrap();
             for dtype in [DType::F32, DType::BF16] {
-                let run = |fused: bool, chunk: Option<usize>| {
+                let run = |fused: bool, chunk: Option<usize>, dq_atomic: bool| {
                     // The untied model halfway through a quantization warm-up.
                     let lambda = if tied { 1.0 } else { 0.5 };
                     let m = model
@@ -1112,17 +1142,30 @@ fn hand_written_step_matches_autograd() {
                             .with_attention_chunk(c)
                             .with_attention_recompute(true);
                     }
+                    if dq_atomic {
+                        // flash's query gradient through atomic adds (the default from 2,048
+                        // positions)
+                        trainer = trainer.with_flash_dq_kernel(false);
+                    }
                     let fwd = trainer.forward(&m, &x, &y).unwrap();
                     let loss = fwd.loss.to_scalar::<f32>().unwrap();
                     (loss, fwd.backward(&m).unwrap())
                 };
-                let (loss_c, g_c) = run(false, None);
+                let (loss_c, g_c) = run(false, None, false);
                 // Attention as the step chooses it (bf16: flash; f32: in one block with its
-                // probabilities kept), and in blocks of 16 positions (16, 16, 5) with them
+                // probabilities kept), in bf16 also with flash's query gradient added
+                // atomically, and in blocks of 16 positions (16, 16, 5) with the probabilities
                 // recomputed.
-                for chunk in [None, Some(16)] {
-                    let (loss_h, g_h) = run(true, chunk);
-                    let what = format!("tied={tied} {dtype:?} dense {dense:?} chunk={chunk:?}");
+                let atomic = [(None, true)];
+                let variants = [(None, false), (Some(16), false)]
+                    .into_iter()
+                    .chain(atomic.into_iter().filter(|_| dtype == DType::BF16));
+                for (chunk, dq_atomic) in variants {
+                    let (loss_h, g_h) = run(true, chunk, dq_atomic);
+                    let what = format!(
+                        "tied={tied} {dtype:?} dense {dense:?} chunk={chunk:?} dq atomic \
+                         {dq_atomic}"
+                    );
                     let t = match (dtype, dense) {
                         (DType::F32, DType::F32) => 1e-4,
                         // autograd rounds a bf16 parameter's gradient to bf16 (and sums the
@@ -1362,10 +1405,13 @@ fn steps_replayed_from_cuda_graphs_match_eager_steps() {
         let y = Tensor::from_vec(ids[1..].to_vec(), (b, l), &dev).unwrap();
         (x, y)
     };
-    for (dtype, scale) in [
-        (DType::F32, ScaleRule::Learned),
-        (DType::BF16, ScaleRule::Learned),
-        (DType::BF16, ScaleRule::Absmean),
+    // (the last: flash's query gradient through atomic adds, captured with its buffer's
+    // clearing)
+    for (dtype, scale, dq_atomic) in [
+        (DType::F32, ScaleRule::Learned, false),
+        (DType::BF16, ScaleRule::Learned, false),
+        (DType::BF16, ScaleRule::Absmean, false),
+        (DType::BF16, ScaleRule::Absmean, true),
     ] {
         let mut ternary = TernarySpec::new(
             Projection::ALL.to_vec(),
@@ -1384,6 +1430,11 @@ fn steps_replayed_from_cuda_graphs_match_eager_steps() {
             let adamw = adamw_params(1e-3, false);
             let mut opt = AdamW::new(params.vars(), adamw, true).unwrap();
             let trainer = Trainer::for_model(&model);
+            let trainer = if dq_atomic {
+                trainer.with_flash_dq_kernel(false)
+            } else {
+                trainer
+            };
             let mut graphs = if graphed {
                 Graphs::for_trainer(&trainer, &model, b, l).unwrap()
             } else {
@@ -1472,7 +1523,7 @@ fn steps_replayed_from_cuda_graphs_match_eager_steps() {
         };
         let (eager, _, p_eager) = run(false);
         let (graphed, replayed, p_graphed) = run(true);
-        let what = format!("{dtype:?} {scale:?}");
+        let what = format!("{dtype:?} {scale:?} dq atomic {dq_atomic}");
         // lambda 0, 1/3, 2/3 and the first step at 1 eagerly; then captured and replayed
         assert_eq!(replayed, steps - 4, "{what}: steps replayed");
         for (step, (a, b)) in graphed.iter().zip(&eager).enumerate() {

@@ -1,8 +1,10 @@
 // Causal grouped-query attention in bf16 on tensor cores, without the L x L matrix
 // (src/cuda/flash.rs): FlashAttention-2's scheme (online softmax over tiles of keys in the
-// forward; the backward recomputes the probabilities from the forward's log-sum-exp, keys and
-// values by tiles in one kernel, queries in another, so nothing is added atomically and a run
-// is reproducible). Products are warp-level mma.sync m16n8k16 (bf16 in, f32 accumulate;
+// forward; the backward recomputes the probabilities from the forward's log-sum-exp and runs
+// over keys and values by tiles: each block adds its share of the query gradient into an f32
+// buffer with atomic adds, as FlashAttention-2 does, or, with `flash_bwd_dq`, the queries'
+// gradient comes from a second kernel that recomputes the probabilities once more and adds
+// nothing atomically). Products are warp-level mma.sync m16n8k16 (bf16 in, f32 accumulate;
 // sm_80 and newer), softmax arithmetic is f32.
 //
 // Rows: the R query heads that share a key/value head are read as one matrix of L * R rows,
@@ -108,6 +110,17 @@ __device__ __forceinline__ void fa_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void fa_wait() {
     asm volatile("cp.async.wait_group %0;\n" : : "n"(N) : "memory");
+}
+
+// p[0] += a, p[1] += b in global memory, atomically (one vector reduction on sm_90 and newer;
+// p 8-byte aligned).
+__device__ __forceinline__ void fa_red2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" : : "l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
 }
 
 // Starts copying N rows (from row `first`, of `count` in all) of a tensor into a shared tile,
@@ -523,6 +536,28 @@ extern "C" __global__ void flash_delta(const unsigned short* __restrict__ o,
     if (row < total && part == 0) delta[row] = sum;
 }
 
+// The query gradient from its f32 sums (flash_bwd_dkdvq's dqacc, rows of d): dq = scale * acc
+// in bf16, in q's layout. Eight values a thread.
+extern "C" __global__ void flash_dq_store(const float* __restrict__ acc,
+                                          unsigned short* __restrict__ dq,
+                                          long total, int nk, int r, int l, int d, long gb,
+                                          long gk, long gl, float scale) {
+    const int per_row = d / 8;
+    const long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= total * per_row) return;
+    const long row = t / per_row;
+    const int part = t % per_row;
+    const int rows = l * r;
+    const float4* a = (const float4*)(acc + row * d + 8 * part);
+    const float4 x = a[0], y = a[1];
+    uint4 out;
+    out.x = fa_pack(x.x * scale, x.y * scale);
+    out.y = fa_pack(x.z * scale, x.w * scale);
+    out.z = fa_pack(y.x * scale, y.y * scale);
+    out.w = fa_pack(y.z * scale, y.w * scale);
+    *(uint4*)(dq + fa_row(row / rows, nk, r, row % rows, gb, gk, gl, d) + 8 * part) = out;
+}
+
 // Backward, the query side: dq = scale * dS k, dS = P * (dO v^T - delta), one block per FA_BM
 // query rows of a group as in the forward. Dynamic shared memory: q, dO, k and v tiles.
 template <int D>
@@ -595,21 +630,67 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
     }
 }
 
+// A shared tile of dS for FA_QT query rows, stored transposed (a row a key).
+typedef unsigned short FaDsRow[FA_QT + FA_PAD];
+
+// The query gradient's share of a block of KB = 16 * W keys for FA_QT query rows from i0, added
+// atomically into `dqacc` (f32, rows of D, unscaled): dS (FA_QT x KB, `dss` holding it
+// transposed) times the block's keys `ks` (KB x D). Warp w takes the 16 rows from 16 (w % 4)
+// and D / (W / 4) columns from the (w / 4)-th.
+template <int D, int W>
+__device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* dss,
+                                          unsigned short (*ks)[D + FA_PAD], int i0, int rows,
+                                          int warp, int lane) {
+    static_assert(W % 4 == 0 && FA_QT == 64, "four warps of 16 rows cover a query tile");
+    constexpr int DC = D / (W / 4);  // columns a warp
+    static_assert(DC % 16 == 0, "a warp's columns are whole pairs of 8-column tiles");
+    const int rt = (warp % 4) * 16, c0 = (warp / 4) * DC;
+    float acc[DC / 8][4];
+#pragma unroll
+    for (int t = 0; t < DC / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    const int m = lane >> 3;
+#pragma unroll
+    for (int c = 0; c < W; ++c) {  // 16 keys a step
+        // A = dS (rows: queries, columns: keys): the transposed loads of dss's 8 x 8 matrices
+        // (keys +0, queries +0), (+0, +8), (+8, +0), (+8, +8)
+        unsigned a[4];
+        fa_ldsm_t(a, &dss[c * 16 + (m >> 1) * 8 + (lane & 7)][rt + (m & 1) * 8]);
+#pragma unroll
+        for (int dp = 0; dp < DC / 16; ++dp) {
+            unsigned bf[4];
+            fa_ldsm_t(bf, &ks[c * 16 + (lane & 15)][c0 + (2 * dp + (lane >> 4)) * 8]);
+            fa_mma(acc[2 * dp], a, bf[0], bf[1]);
+            fa_mma(acc[2 * dp + 1], a, bf[2], bf[3]);
+        }
+    }
+    const int gr = lane / 4, tq = lane % 4;
+    const int ra = i0 + rt + gr, rb = ra + 8;
+#pragma unroll
+    for (int t = 0; t < DC / 8; ++t) {
+        const int col = c0 + t * 8 + 2 * tq;
+        if (ra < rows) fa_red2(dqacc + (long)ra * D + col, acc[t][0], acc[t][1]);
+        if (rb < rows) fa_red2(dqacc + (long)rb * D + col, acc[t][2], acc[t][3]);
+    }
+}
+
 // Backward, the key/value side: dv = P^T dO and dk = scale * dS^T q, summed over every query
 // row of the group (all R heads) that sees the keys. One block of W warps per 16 * W keys of a
 // group (blockIdx.x; the first keys, seen by the most rows, first), each warp 16 keys, over tiles
 // of FA_QT query rows from the first row that sees the block's first key (W = 8; W = 4 where
 // blocks of 128 keys would leave SMs idle: short sequences). It works in the
 // transposed products (S^T = k q^T, dP^T = v dO^T), so each warp's C tiles are its keys' rows.
-// Dynamic shared memory: k, v, q and dO tiles, and the rows' lse and delta.
-template <int D, int W>
+// With Q, each query tile's dS also goes through shared memory into the query gradient
+// (`fa_dq_add`, into dqacc: B * K groups of L * R rows of D, f32, unscaled).
+// Dynamic shared memory: k, v, q and dO tiles, the rows' lse and delta, and with Q the dS tile.
+template <int D, int W, bool Q>
 __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
                                const unsigned short* __restrict__ k,
                                const unsigned short* __restrict__ v,
                                const unsigned short* __restrict__ dout,
                                const float* __restrict__ lse, const float* __restrict__ delta,
                                unsigned short* __restrict__ dkey,
-                               unsigned short* __restrict__ dval, int nk, int r, int l, long qb,
+                               unsigned short* __restrict__ dval, float* __restrict__ dqacc,
+                               int nk, int r, int l, long qb,
                                long qk, long ql, long kb, long kk, long kl, long vb, long vk,
                                long vl, long db, long dk, long dl, long gkb, long gkk, long gkl,
                                long gvb, long gvk, long gvl, float sl2, float scale) {
@@ -621,9 +702,12 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
     // two buffers of (q, dO) tiles and of the rows' lse, delta and positions
     Row* qdos = vs + KB;
     float* rowv = (float*)(qdos + 4 * FA_QT);
+    // (two dS tiles: a tile's is summed into dq after the next tile's first barrier)
+    FaDsRow* dss = (FaDsRow*)(rowv + 6 * FA_QT);
     const int g = blockIdx.y;
     const int rows = l * r;
     const int j0 = blockIdx.x * KB;
+    if (Q) dqacc += (long)g * rows * D;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
     const int w0 = warp * 16;
     const int ka = j0 + w0 + gr, kb_ = ka + 8;
@@ -670,6 +754,10 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
             fa_wait<0>();
         }
         __syncthreads();
+        // the previous tile's dS is whole now (every warp wrote its keys' rows before the
+        // barrier): its share of dq
+        if (Q && it > 0)
+            fa_dq_add<D, W>(dqacc, dss + ((it - 1) & 1) * KB, ks, i0 - FA_QT, rows, warp, lane);
         const bool masked = i0 / r < j0 + KB - 1;
         float s[FA_QT / 8][4];
         fa_abt<D, FA_QT / 8>(s, ks, w0, qs, lane);
@@ -694,8 +782,22 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
                 s[n][e] *= dp[n][e] - des[c];
             }
         }
+        if (Q) {
+            // dS^T's rows of this warp's keys, rounded to bf16 as the product below rounds them
+            FaDsRow* ds = dss + (it & 1) * KB;
+#pragma unroll
+            for (int n = 0; n < FA_QT / 8; ++n) {
+                *(unsigned*)&ds[w0 + gr][n * 8 + 2 * tq] = fa_pack(s[n][0], s[n][1]);
+                *(unsigned*)&ds[w0 + gr + 8][n * 8 + 2 * tq] = fa_pack(s[n][2], s[n][3]);
+            }
+        }
         fa_pb<D, FA_QT / 16>(dka, s, qs, lane);
         __syncthreads();
+    }
+    if (Q) {  // the last tile's share (the loop ended on a barrier)
+        const int tiles = (rows - first + FA_QT - 1) / FA_QT;
+        fa_dq_add<D, W>(dqacc, dss + ((tiles - 1) & 1) * KB, ks, first + (tiles - 1) * FA_QT,
+                        rows, warp, lane);
     }
     if (ka < l) {
         unsigned short* y = dkey + fa_row(g, nk, 1, ka, gkb, gkk, gkl, D);
@@ -725,17 +827,18 @@ NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v, 
      long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol, float sl2) {      \
     F(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol, sl2);         \
 }
-// The key/value backward's: NAME runs flash_bwd_dkdv<D, W> (W warps a block).
-#define FLASH_DKDV(NAME, D, W)                                                                 \
+// The key/value backward's: NAME runs flash_bwd_dkdv<D, W, Q> (W warps a block; Q: the query
+// gradient too, into dqacc).
+#define FLASH_DKDV(NAME, D, W, Q)                                                              \
 extern "C" __global__ void __launch_bounds__(W * 32)                                           \
 NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
      const unsigned short* dout, const float* lse, const float* delta, unsigned short* dkey,   \
-     unsigned short* dval, int nk, int r, int l, long qb, long qk, long ql, long kb, long kk,  \
-     long kl, long vb, long vk, long vl, long db, long dk, long dl, long gkb, long gkk,        \
-     long gkl, long gvb, long gvk, long gvl, float sl2, float scale) {                         \
-    flash_bwd_dkdv<D, W>(q, k, v, dout, lse, delta, dkey, dval, nk, r, l, qb, qk, ql, kb, kk,  \
-                         kl, vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2,        \
-                         scale);                                                               \
+     unsigned short* dval, float* dqacc, int nk, int r, int l, long qb, long qk, long ql,      \
+     long kb, long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl, long gkb, \
+     long gkk, long gkl, long gvb, long gvk, long gvl, float sl2, float scale) {               \
+    flash_bwd_dkdv<D, W, Q>(q, k, v, dout, lse, delta, dkey, dval, dqacc, nk, r, l, qb, qk,    \
+                            ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk,   \
+                            gvl, sl2, scale);                                                  \
 }
 #define FLASH(D)                                                                               \
 FLASH_FWD(flash_fwd_d##D, __launch_bounds__(256), flash_fwd<D>)                                \
@@ -749,8 +852,10 @@ flash_bwd_dq_d##D(const unsigned short* q, const unsigned short* k, const unsign
     flash_bwd_dq<D>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk,    \
                     vl, db, dk, dl, gb, gk, gl, sl2, scale);                                   \
 }                                                                                              \
-FLASH_DKDV(flash_bwd_dkdv_d##D, D, 8)                                                          \
-FLASH_DKDV(flash_bwd_dkdv_w4_d##D, D, 4)
+FLASH_DKDV(flash_bwd_dkdv_d##D, D, 8, false)                                                   \
+FLASH_DKDV(flash_bwd_dkdv_w4_d##D, D, 4, false)                                                \
+FLASH_DKDV(flash_bwd_dkdvq_d##D, D, 8, true)                                                   \
+FLASH_DKDV(flash_bwd_dkdvq_w4_d##D, D, 4, true)
 FLASH(32)
 FLASH(64)
 FLASH(128)

@@ -1,7 +1,9 @@
 //! Causal grouped-query attention that never writes the L x L matrix (`flash.cu`): bf16 on
 //! tensor cores, FlashAttention-2's forward (online softmax over key tiles, the per-row
-//! log-sum-exp kept) and backward (probabilities recomputed from it; keys/values and queries in
-//! two kernels, no atomics). The step uses it for bf16 compute on cards of compute capability
+//! log-sum-exp kept) and backward (probabilities recomputed from it, one pass over keys and
+//! values that adds each block's share of the query gradient into f32 sums atomically; or, with
+//! `dq_kernel`, the query gradient from a second kernel and no atomics). The step uses it for
+//! bf16 compute on cards of compute capability
 //! 8.0 and newer with a head dim of 32, 64 or 128; elsewhere `causal_attention.rs` (GEMMs and
 //! a softmax kernel over the blocked scores) stays.
 //!
@@ -16,6 +18,18 @@ use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Result, Tensor};
 
 static KERNELS: Family = family!("ternlab_flash", "flash.cu", "compute_80");
+/// The same source for compute capability 9.0 and newer: two f32 atomic adds in one vector
+/// reduction (`red.global.add.v2.f32`).
+static KERNELS_90: Family = family!("ternlab_flash90", "flash.cu", "compute_90");
+
+/// The family built for this card.
+fn kernels(gpu: &Gpu) -> Result<&'static Family> {
+    Ok(if gpu.compute_capability()?.0 >= 9 {
+        &KERNELS_90
+    } else {
+        &KERNELS
+    })
+}
 
 /// Rows of a block (query rows in the forward and the query-side backward, keys in the
 /// key/value backward: `FA_BM`, `FA_KB` in flash.cu), 16 for each of its warps.
@@ -55,7 +69,21 @@ pub struct Flash {
     /// Elements between v's positions (and its gradient's): K * D where v is a tensor of its
     /// own, more where it is the last columns of a fused q/k/v projection's output.
     pub v_stride: usize,
+    /// The query gradient from a kernel of its own (`flash_bwd_dq`: the probabilities and dP
+    /// computed a second time, no atomic adds, the same bits every run: Some(true)), or from
+    /// the key/value kernel's dS through f32 atomic adds (five products of the backward's seven
+    /// instead of seven, but an f32 buffer to clear and store: Some(false)). None chooses by
+    /// length: the atomic adds from `ATOMIC_DQ_FROM` positions. `TERNLAB_FLASH_DQ=kernel` or
+    /// `atomic` decides for every length.
+    pub dq_kernel: Option<bool>,
 }
+
+/// The sequence length from which the backward adds the query gradient atomically when
+/// `Flash::dq_kernel` leaves it open. Measured on an H200 (bench/RESULTS.md, seventh session),
+/// step times with the atomic adds against the query-side kernel: 4 x 4096 229.4 against 235.3
+/// ms; 16 x 1024 149.7 against 150.2 (a tie); 4 x 256 15.25 against 14.95 (the clearing and
+/// storing of the f32 sums costs more than the two products it saves).
+pub const ATOMIC_DQ_FROM: usize = 2048;
 
 impl Flash {
     pub fn new(b: usize, l: usize, (h, k, d): (usize, usize, usize)) -> Self {
@@ -71,6 +99,11 @@ impl Flash {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             v_stride: k * d,
+            dq_kernel: match std::env::var("TERNLAB_FLASH_DQ").as_deref() {
+                Ok("kernel") => Some(true),
+                Ok("atomic") => Some(false),
+                _ => None,
+            },
         }
     }
 
@@ -223,7 +256,7 @@ impl Flash {
             (format!("flash_fwd2_d{}", self.d), 32, 6 * self.tile())
         };
         let grid = self.grid(self.rows(), BLOCK, per_warp);
-        let launch = gpu.kernel(&KERNELS, &name, None, grid)?.smem(smem);
+        let launch = gpu.kernel(kernels(gpu)?, &name, None, grid)?.smem(smem);
         let launch = [&q, &k, &v, &o, &lse]
             .into_iter()
             .fold(launch, |a, b| a.buf(b))
@@ -265,10 +298,11 @@ impl Flash {
         let dk = gpu.empty(k.shape(), DType::BF16)?;
         let delta = gpu.empty((groups, rows), DType::F32)?;
         let (dqb, dkb, deb) = (dq.buf()?, dk.buf()?, delta.buf()?);
+        let family = kernels(gpu)?;
 
         // delta = rowsum(dO * O)
         let launch = gpu.kernel(
-            &KERNELS,
+            family,
             "flash_delta",
             None,
             per_item(groups * rows * (d / 8)),
@@ -284,49 +318,88 @@ impl Flash {
             .i32(d);
         strides(strides(launch, self.o_rows()), self.o_rows()).go()?;
 
-        // `flash_bwd_{dkdv,dq}_d{D}(q, k, v, dout, lse, delta, outputs.., nk, r, l, q, k, v and
-        // dout strides, the outputs' strides, sl2, scale)`
+        // `flash_bwd_{dkdv,dkdvq,dq}_d{D}(q, k, v, dout, lse, delta, outputs.., nk, r, l, q, k,
+        // v and dout strides, the outputs' strides, sl2, scale)`
         let tile = self.tile();
-        let backward = |kernel: &str, (items, block), smem, outputs: &[(&Buf, Rows)]| {
-            let name = format!("flash_bwd_{kernel}_d{d}");
-            let launch = gpu
-                .kernel(&KERNELS, &name, None, self.grid(items, block, 16))?
-                .smem(smem);
-            let inputs = [&qb, &kb, &vb, &db, &lb, &deb].into_iter();
-            let launch = inputs
-                .chain(outputs.iter().map(|(b, _)| *b))
-                .fold(launch, |a, b| a.buf(b))
-                .i32(self.k)
-                .i32(self.r)
-                .i32(self.l);
-            self.io_strides(launch, outputs.iter().map(|(_, r)| *r))
-                .f32(self.scale * std::f32::consts::LOG2_E)
-                .f32(self.scale)
-                .go()
-        };
+        let backward =
+            |kernel: &str, (items, block), smem, outputs: &[Option<&Buf>], at: &[Rows]| {
+                let name = format!("flash_bwd_{kernel}_d{d}");
+                let launch = gpu
+                    .kernel(family, &name, None, self.grid(items, block, 16))?
+                    .smem(smem);
+                let inputs = [&qb, &kb, &vb, &db, &lb, &deb].into_iter();
+                let launch = outputs
+                    .iter()
+                    .fold(inputs.fold(launch, |a, b| a.buf(b)), |a, b| a.opt(*b))
+                    .i32(self.k)
+                    .i32(self.r)
+                    .i32(self.l);
+                self.io_strides(launch, at.iter().copied())
+                    .f32(self.scale * std::f32::consts::LOG2_E)
+                    .f32(self.scale)
+                    .go()
+            };
         // Blocks of BLOCK keys, or of half as many (`_w4`, four warps) where that leaves SMs
         // idle (short sequences: 4 x 256 of Qwen3-0.6B is 64 blocks of 128 keys); each holds its
-        // keys and values, and two buffers of (q, dO) tiles with their rows' lse, delta and
-        // position.
+        // keys and values, two buffers of (q, dO) tiles with their rows' lse, delta and
+        // position, and (adding the query gradient) two tiles of dS.
         let keys = match self.key_block {
             Some(keys) if keys == BLOCK || keys == BLOCK / 2 => keys,
             Some(keys) => candle_core::bail!("flash attention: blocks of {keys} keys (64 or 128)"),
             None if self.l.div_ceil(BLOCK) * groups < gpu.sm_count()? => BLOCK / 2,
             None => BLOCK,
         };
+        let w4 = if keys == BLOCK { "" } else { "_w4" };
+        let kv_smem = (2 * keys / TILE + 4) * tile + 2 * 3 * TILE * 4;
+        let kv_rows = [self.k_rows(), self.v_rows()];
+        if !self.dq_kernel.unwrap_or(self.l < ATOMIC_DQ_FROM) {
+            // the query gradient's f32 sums
+            let acc = gpu.zeros((groups * rows, d), DType::F32)?;
+            let accb = acc.buf()?;
+            backward(
+                &format!("dkdvq{w4}"),
+                (self.l, keys),
+                kv_smem + 2 * keys * (TILE + PAD) * 2,
+                &[Some(&dkb), Some(&dvb), Some(&accb)],
+                &kv_rows,
+            )?;
+            let launch = gpu.kernel(
+                family,
+                "flash_dq_store",
+                None,
+                per_item(groups * rows * (d / 8)),
+            )?;
+            let launch = launch
+                .buf(&accb)
+                .buf(&dqb)
+                .i64(groups * rows)
+                .i32(self.k)
+                .i32(self.r)
+                .i32(self.l)
+                .i32(d);
+            strides(launch, self.q_rows()).f32(self.scale).go()?;
+            return Ok((dq, dk));
+        }
         // The query-side kernel (the block's q and dO rows, and two buffers of (k, v) tiles)
         // on the side stream beside the key/value one: neither reads what the other writes,
         // and at short sequences each leaves most of the card idle. (Everything they use lives
         // until the join.)
         let mut side = super::side::Side::new(gpu)?;
         side.run(&[], || {
-            backward("dq", (rows, BLOCK), 8 * tile, &[(&dqb, self.q_rows())])
+            backward(
+                "dq",
+                (rows, BLOCK),
+                8 * tile,
+                &[Some(&dqb)],
+                &[self.q_rows()],
+            )
         })?;
         backward(
-            if keys == BLOCK { "dkdv" } else { "dkdv_w4" },
+            &format!("dkdv{w4}"),
             (self.l, keys),
-            (2 * keys / TILE + 4) * tile + 2 * 3 * TILE * 4,
-            &[(&dkb, self.k_rows()), (&dvb, self.v_rows())],
+            kv_smem,
+            &[Some(&dkb), Some(&dvb), None],
+            &kv_rows,
         )?;
         side.join()?;
         Ok((dq, dk))

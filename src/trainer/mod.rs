@@ -28,6 +28,9 @@ pub struct StepOptions {
     /// Flash attention (`crate::cuda::flash`) or the blocked scores (None: flash wherever its
     /// kernels run: bf16 compute, head dim 32, 64 or 128, compute capability 8.0 or newer).
     pub flash_attention: Option<bool>,
+    /// Flash attention's query gradient from a kernel of its own (true) or added atomically by
+    /// the key/value kernel (false); None: by sequence length (`crate::cuda::flash::Flash`).
+    pub flash_dq_kernel: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +92,13 @@ impl Trainer {
     /// newer); `true` where they do not is an error. Autograd ignores it.
     pub fn with_flash_attention(mut self, on: bool) -> Self {
         self.options.flash_attention = Some(on);
+        self
+    }
+
+    /// Flash attention's query gradient from its own kernel (true) or through atomic adds
+    /// (false), at every length.
+    pub fn with_flash_dq_kernel(mut self, on: bool) -> Self {
+        self.options.flash_dq_kernel = Some(on);
         self
     }
 

@@ -88,7 +88,11 @@ pub(super) fn forward_with(
     let targets = targets.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
     let use_flash = uses_flash(model, opts, &ctx.gpu)?;
     let attn = if use_flash {
-        Attention::Flash(Flash::new(b, l, (h, k, d)))
+        let fl = Flash::new(b, l, (h, k, d));
+        Attention::Flash(Flash {
+            dq_kernel: opts.flash_dq_kernel.or(fl.dq_kernel),
+            ..fl
+        })
     } else {
         Attention::Blocked(CausalAttention::new(b, l, (h, k, d), opts.attention_chunk))
     };
