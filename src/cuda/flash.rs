@@ -79,7 +79,7 @@ pub struct Flash {
 }
 
 /// The sequence length from which the backward adds the query gradient atomically when
-/// `Flash::dq_kernel` leaves it open. Measured on an H200 (bench/RESULTS.md, seventh session),
+/// `Flash::dq_kernel` leaves it open. Measured on an H200 (bench/RESULTS.md, sixth session),
 /// step times with the atomic adds against the query-side kernel: 4 x 4096 229.4 against 235.3
 /// ms; 16 x 1024 149.7 against 150.2 (a tie); 4 x 256 15.25 against 14.95 (the clearing and
 /// storing of the f32 sums costs more than the two products it saves).
