@@ -1,11 +1,11 @@
 //! Causal grouped-query attention that never writes the L x L matrix (`flash.cu`): bf16 on
 //! tensor cores, FlashAttention-2's forward (online softmax over key tiles, the per-row
-//! log-sum-exp kept) and backward (probabilities recomputed from it, one pass over keys and
-//! values that adds each block's share of the query gradient into f32 sums atomically; or, with
-//! `dq_kernel`, the query gradient from a second kernel and no atomics). The step uses it for
-//! bf16 compute on cards of compute capability
-//! 8.0 and newer with a head dim of 32, 64 or 128; elsewhere `causal_attention.rs` (GEMMs and
-//! a softmax kernel over the blocked scores) stays.
+//! log-sum-exp kept) and backward (probabilities recomputed from it: keys/values in one kernel
+//! and queries in another, no atomics; or, by default from `ATOMIC_DQ_FROM` positions on, one
+//! pass over keys and values that also adds each block's share of the query gradient into f32
+//! sums atomically). The step uses it for bf16 compute on cards of compute capability 8.0 and
+//! newer with a head dim of 32, 64 or 128; elsewhere `causal_attention.rs` (GEMMs and a softmax
+//! kernel over the blocked scores) stays.
 //!
 //! Every tensor is read and written in place through strides (`Rows`): q and its gradient as
 //! the step's norm + RoPE kernel lays q out, (B, K, L, R, D); k and its gradient as (B, K, L, D);
@@ -71,8 +71,8 @@ pub struct Flash {
     pub v_stride: usize,
     /// The query gradient from a kernel of its own (`flash_bwd_dq`: the probabilities and dP
     /// computed a second time, no atomic adds, the same bits every run: Some(true)), or from
-    /// the key/value kernel's dS through f32 atomic adds (five products of the backward's seven
-    /// instead of seven, but an f32 buffer to clear and store: Some(false)). None chooses by
+    /// the key/value kernel's dS through f32 atomic adds (five products instead of the two
+    /// kernels' seven, but an f32 buffer to clear and store: Some(false)). None chooses by
     /// length: the atomic adds from `ATOMIC_DQ_FROM` positions. `TERNLAB_FLASH_DQ=kernel` or
     /// `atomic` decides for every length.
     pub dq_kernel: Option<bool>,
