@@ -681,7 +681,7 @@ __device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* ds
 // transposed products (S^T = k q^T, dP^T = v dO^T), so each warp's C tiles are its keys' rows.
 // With Q, each query tile's dS also goes through shared memory into the query gradient
 // (`fa_dq_add`, into dqacc: B * K groups of L * R rows of D, f32, unscaled).
-// Dynamic shared memory: k, v, q and dO tiles, the rows' lse and delta, and with Q the dS tile.
+// Dynamic shared memory: k, v, q and dO tiles, the rows' lse and delta, and with Q two dS tiles.
 template <int D, int W, bool Q>
 __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
                                const unsigned short* __restrict__ k,
