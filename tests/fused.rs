@@ -21,10 +21,17 @@ fn gpu() -> Device {
         .0
 }
 
+/// N(0, std) values (drawn in f32) in `dtype`.
+fn randn(shape: impl Into<candle_core::Shape>, std: f32, dtype: DType, dev: &Device) -> Tensor {
+    Tensor::randn(0f32, std, shape, dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
 /// A trainable tensor of N(0, std) values in `dtype`.
 fn var(shape: &[usize], std: f32, dtype: DType, dev: &Device) -> Var {
-    let t = Tensor::randn(0f32, std, shape, dev).unwrap();
-    Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+    Var::from_tensor(&randn(shape, std, dtype, dev)).unwrap()
 }
 
 /// AdamW at `lr` with betas (0.9, 0.95), eps 1e-8 and weight decay 0.1.
@@ -402,14 +409,8 @@ fn bf16_norm_weights_give_the_bits_of_their_f32_widening() {
     };
     for (rows, d) in [(77, 512), (40, 1024)] {
         assert!(norm::takes_bf16_weight(d));
-        let x = Tensor::randn(0f32, 2.0, (rows, d), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let dy = Tensor::randn(0f32, 1.0, (rows, d), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = randn((rows, d), 2.0, DType::BF16, &dev);
+        let dy = randn((rows, d), 1.0, DType::BF16, &dev);
         let (wb, wf) = weights(d);
         let ys = [&wb, &wf].map(|w| {
             let y = x.zeros_like().unwrap();
@@ -439,14 +440,8 @@ fn bf16_norm_weights_give_the_bits_of_their_f32_widening() {
     let (b, l, heads, d) = (2, 17, 3, cfg.head_dim);
     assert!(attention::takes_bf16_weight(d));
     let rope = Rope::new(&cfg, l, &dev).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (b, l, heads, d), &dev)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap();
-    let dy = Tensor::randn(0f32, 1.0, (b, heads, l, d), &dev)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap();
+    let x = randn((b, l, heads, d), 1.0, DType::BF16, &dev);
+    let dy = randn((b, heads, l, d), 1.0, DType::BF16, &dev);
     let (wb, wf) = weights(d);
     let outs = [&wb, &wf].map(|w| {
         let y = dy.zeros_like().unwrap();
@@ -509,12 +504,7 @@ fn qk_norm_and_rope_read_and_write_columns_of_fused_rows() {
     let rope = Rope::new(&cfg, l, &dev).unwrap();
     let tables = rope.tables();
     let width = (4 + 2 + 2) * d;
-    let bf = |shape: &[usize]| {
-        Tensor::randn(0f32, 1.0, shape, &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap()
-    };
+    let bf = |shape: &[usize]| randn(shape, 1.0, DType::BF16, &dev);
     let wide = bf(&[b * l, width]);
     let w = (Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap();
     for (at, heads, group) in [(0, 4, 2), (4 * d, 2, 1)] {
@@ -592,10 +582,7 @@ fn qk_norm_and_rope_at_per_row_positions() {
     )
     .unwrap();
     for dtype in [DType::F32, DType::BF16] {
-        let x = Tensor::randn(0f32, 1.0, (b, l, n, d), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let x = randn((b, l, n, d), 1.0, dtype, &dev);
         let w = (Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap();
         let rows = |o| ops::qk_norm_rope_rows(&x, &w, 1e-6, &pass.rope, o).unwrap();
         let (fused, composed) = (rows(Ops::Fused), rows(Ops::Composed));
@@ -726,12 +713,7 @@ fn flash_attention_matches_attention_in_f32() {
     use ternlab::cuda::Gpu;
     let dev = gpu();
     let g = Gpu::of(&dev).unwrap();
-    let bf = |shape: &[usize], std: f32| {
-        Tensor::randn(0f32, std, shape, &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap()
-    };
+    let bf = |shape: &[usize], std: f32| randn(shape, std, DType::BF16, &dev);
     assert!(Flash::supported(&g, DType::BF16, 128).unwrap());
     assert!(!Flash::supported(&g, DType::F32, 128).unwrap());
     assert!(!Flash::supported(&g, DType::BF16, 96).unwrap());
@@ -938,14 +920,8 @@ fn silu_gate_over_fused_rows_matches_the_split_one() {
     let g = Gpu::of(&dev).unwrap();
     for (rows, f) in [(5, 64), (3, 301)] {
         for dtype in [DType::F32, DType::BF16] {
-            let randn = |shape: (usize, usize), std: f32| {
-                Tensor::randn(0f32, std, shape, &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()
-            };
-            let gu = randn((rows, 2 * f), 2.0);
-            let dy = randn((rows, f), 1.0);
+            let gu = randn((rows, 2 * f), 2.0, dtype, &dev);
+            let dy = randn((rows, f), 1.0, dtype, &dev);
             let half = |t: &Tensor, at: usize| t.narrow(1, at, f).unwrap().contiguous().unwrap();
             let (gg, uu) = (half(&gu, 0), half(&gu, f));
             let (y1, y2) = (dy.zeros_like().unwrap(), dy.zeros_like().unwrap());
