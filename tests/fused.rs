@@ -860,6 +860,33 @@ fn flash_attention_matches_attention_in_f32() {
                 assert_eq!(diff, 0.0, "{how}: dq run twice");
             }
         }
+        // Both backwards in one launch (the default with blocks of 64 keys) against the two
+        // kernels: the query side in blocks of 64 rows instead of 128 sums each row's key tiles
+        // in the same order (a block of 128 adds exact zeros past a row's keys), so dq, dk and
+        // dv agree in every bit.
+        {
+            let two = Flash {
+                key_block: Some(64),
+                dq_kernel: Some(true),
+                one_launch: Some(false),
+                ..fl
+            };
+            let one = Flash {
+                one_launch: Some(true),
+                ..two
+            };
+            let (dv1, dv2) = (v.zeros_like().unwrap(), v.zeros_like().unwrap());
+            let (dq1, dk1) = one
+                .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv1)
+                .unwrap();
+            let (dq2, dk2) = two
+                .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv2)
+                .unwrap();
+            for (name, a, b) in [("dq", &dq1, &dq2), ("dk", &dk1, &dk2), ("dv", &dv1, &dv2)] {
+                let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
+                assert_eq!(diff, 0.0, "{what}: {name} of one launch against two");
+            }
+        }
         let (dq, dk) = (ungrouped(&dqr), per_position(&dkr));
         // lse (B*K, L*R) -> (B, H, L)
         let lse = lse

@@ -558,9 +558,10 @@ extern "C" __global__ void flash_dq_store(const float* __restrict__ acc,
     *(uint4*)(dq + fa_row(row / rows, nk, r, row % rows, gb, gk, gl, d) + 8 * part) = out;
 }
 
-// Backward, the query side: dq = scale * dS k, dS = P * (dO v^T - delta), one block per FA_BM
-// query rows of a group as in the forward. Dynamic shared memory: q, dO, k and v tiles.
-template <int D>
+// Backward, the query side: dq = scale * dS k, dS = P * (dO v^T - delta), one block of W warps
+// per 16 * W query rows of group g, the rows with the most keys first (block `bx` of `nbx`).
+// Dynamic shared memory: q, dO, k and v tiles.
+template <int D, int W>
 __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
                              const unsigned short* __restrict__ k,
                              const unsigned short* __restrict__ v,
@@ -569,21 +570,21 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
                              unsigned short* __restrict__ dq, int nk, int r, int l, long qb,
                              long qk, long ql, long kb, long kk, long kl, long vb, long vk,
                              long vl, long db, long dk, long dl, long gb, long gk, long gl,
-                             float sl2, float scale) {
+                             float sl2, float scale, int g, int bx, int nbx) {
     typedef unsigned short Row[D + FA_PAD];
+    constexpr int BM = 16 * W, NT = 32 * W;  // rows and threads of a block
     extern __shared__ __align__(16) unsigned short fa_shared[];
     Row* qs = (Row*)fa_shared;
-    Row* dos = qs + FA_BM;
-    Row* kvs = dos + FA_BM;  // two buffers of (k, v) tiles, as in the forward
-    const int g = blockIdx.y;
+    Row* dos = qs + BM;
+    Row* kvs = dos + BM;  // two buffers of (k, v) tiles, as in the forward
     const int rows = l * r;
-    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_BM;
+    const int i0 = (nbx - 1 - bx) * BM;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
     const int w0 = warp * 16;
     const int ra = i0 + w0 + gr, rb = ra + 8;
     const int pa = ra / r, pb = rb / r;
-    fa_load<D, FA_BM, true>(qs, q, g, nk, r, i0, rows, qb, qk, ql, dos, dout, db, dk, dl);
-    fa_kv_load<D>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
+    fa_load<D, BM, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql, dos, dout, db, dk, dl);
+    fa_kv_load<D, NT>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
     const float lsa = ra < rows ? lse[(long)g * rows + ra] : 0.f;
     const float lsb = rb < rows ? lse[(long)g * rows + rb] : 0.f;
     const float dea = ra < rows ? delta[(long)g * rows + ra] : 0.f;
@@ -591,12 +592,12 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
     float acc[D / 8][4];
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-    const int last = (i0 + FA_BM < rows ? i0 + FA_BM : rows) - 1;
+    const int last = (i0 + BM < rows ? i0 + BM : rows) - 1;
     const int pmin = i0 / r;
     const int tiles = last / r / FA_BN + 1;
     for (int j = 0; j < tiles; ++j) {
         const int k0 = j * FA_BN;
-        Row* ks = fa_kv_tile<D>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl);
+        Row* ks = fa_kv_tile<D, NT>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl);
         Row* vs = ks + FA_BN;
         float s[FA_BN / 8][4], dp[FA_BN / 8][4];
         fa_abt<D, FA_BN / 8>(s, qs, w0, ks, lane);
@@ -674,8 +675,8 @@ __device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* ds
 }
 
 // Backward, the key/value side: dv = P^T dO and dk = scale * dS^T q, summed over every query
-// row of the group (all R heads) that sees the keys. One block of W warps per 16 * W keys of a
-// group (blockIdx.x; the first keys, seen by the most rows, first), each warp 16 keys, over tiles
+// row of the group (all R heads) that sees the keys. One block of W warps per 16 * W keys of
+// group g (block `bx`; the first keys, seen by the most rows, first), each warp 16 keys, over tiles
 // of FA_QT query rows from the first row that sees the block's first key (W = 8; W = 4 where
 // blocks of 128 keys would leave SMs idle: short sequences). It works in the
 // transposed products (S^T = k q^T, dP^T = v dO^T), so each warp's C tiles are its keys' rows.
@@ -693,7 +694,8 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
                                int nk, int r, int l, long qb,
                                long qk, long ql, long kb, long kk, long kl, long vb, long vk,
                                long vl, long db, long dk, long dl, long gkb, long gkk, long gkl,
-                               long gvb, long gvk, long gvl, float sl2, float scale) {
+                               long gvb, long gvk, long gvl, float sl2, float scale, int g,
+                               int bx) {
     typedef unsigned short Row[D + FA_PAD];
     constexpr int KB = 16 * W, NT = 32 * W;  // keys and threads of a block
     extern __shared__ __align__(16) unsigned short fa_shared[];
@@ -704,9 +706,8 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
     float* rowv = (float*)(qdos + 4 * FA_QT);
     // (two dS tiles: a tile's is summed into dq after the next tile's first barrier)
     FaDsRow* dss = (FaDsRow*)(rowv + 6 * FA_QT);
-    const int g = blockIdx.y;
     const int rows = l * r;
-    const int j0 = blockIdx.x * KB;
+    const int j0 = bx * KB;
     if (Q) dqacc += (long)g * rows * D;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
     const int w0 = warp * 16;
@@ -838,7 +839,33 @@ NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v, 
      long gkk, long gkl, long gvb, long gvk, long gvl, float sl2, float scale) {               \
     flash_bwd_dkdv<D, W, Q>(q, k, v, dout, lse, delta, dkey, dval, dqacc, nk, r, l, qb, qk,    \
                             ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk,   \
-                            gvl, sl2, scale);                                                  \
+                            gvl, sl2, scale, blockIdx.y, blockIdx.x);                          \
+}
+// Both backwards in one launch, for short sequences (where either alone leaves SMs idle), four
+// warps a block, two blocks an SM: the key/value kernel's `nkv` blocks of each of the `groups`
+// groups first, then the query side's, each side's blocks with the most work first across all
+// groups (blockIdx.x = block * groups + group), so no heavy block waits for a free SM behind
+// light ones. The same arithmetic as the two kernels, so the same bits.
+#define FLASH_BOTH(D)                                                                          \
+extern "C" __global__ void __launch_bounds__(128, 2)                                           \
+flash_bwd_both_w4_d##D(const unsigned short* q, const unsigned short* k,                       \
+                       const unsigned short* v, const unsigned short* dout, const float* lse,  \
+                       const float* delta, unsigned short* dq, unsigned short* dkey,           \
+                       unsigned short* dval, int nk, int r, int l, long qb, long qk, long ql,  \
+                       long kb, long kk, long kl, long vb, long vk, long vl, long db, long dk, \
+                       long dl, long gqb, long gqk, long gql, long gkb, long gkk, long gkl,    \
+                       long gvb, long gvk, long gvl, float sl2, float scale, int nkv,          \
+                       int groups) {                                                           \
+    const int b = blockIdx.x, kvb = nkv * groups;                                              \
+    if (b < kvb)                                                                               \
+        flash_bwd_dkdv<D, 4, false>(q, k, v, dout, lse, delta, dkey, dval, nullptr, nk, r, l,  \
+                                    qb, qk, ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gkb, gkk,  \
+                                    gkl, gvb, gvk, gvl, sl2, scale, b % groups, b / groups);   \
+    else                                                                                       \
+        flash_bwd_dq<D, 4>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl,    \
+                           vb, vk, vl, db, dk, dl, gqb, gqk, gql, sl2, scale,                  \
+                           (b - kvb) % groups, (b - kvb) / groups,                             \
+                           ((int)gridDim.x - kvb) / groups);                                   \
 }
 #define FLASH(D)                                                                               \
 FLASH_FWD(flash_fwd_d##D, __launch_bounds__(256), flash_fwd<D>)                                \
@@ -849,13 +876,15 @@ flash_bwd_dq_d##D(const unsigned short* q, const unsigned short* k, const unsign
                   unsigned short* dq, int nk, int r, int l, long qb, long qk, long ql, long kb, \
                   long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,       \
                   long gb, long gk, long gl, float sl2, float scale) {                         \
-    flash_bwd_dq<D>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk,    \
-                    vl, db, dk, dl, gb, gk, gl, sl2, scale);                                   \
+    flash_bwd_dq<D, 8>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, \
+                       vl, db, dk, dl, gb, gk, gl, sl2, scale, blockIdx.y, blockIdx.x,         \
+                       gridDim.x);                                                             \
 }                                                                                              \
 FLASH_DKDV(flash_bwd_dkdv_d##D, D, 8, false)                                                   \
 FLASH_DKDV(flash_bwd_dkdv_w4_d##D, D, 4, false)                                                \
 FLASH_DKDV(flash_bwd_dkdvq_d##D, D, 8, true)                                                   \
-FLASH_DKDV(flash_bwd_dkdvq_w4_d##D, D, 4, true)
+FLASH_DKDV(flash_bwd_dkdvq_w4_d##D, D, 4, true)                                                \
+FLASH_BOTH(D)
 FLASH(32)
 FLASH(64)
 FLASH(128)

@@ -76,6 +76,10 @@ pub struct Flash {
     /// length: the atomic adds from `ATOMIC_DQ_FROM` positions. `TERNLAB_FLASH_DQ=kernel` or
     /// `atomic` decides for every length.
     pub dq_kernel: Option<bool>,
+    /// Where the key/value backward takes blocks of 64 keys (short sequences) and the query
+    /// gradient has its own kernel: both backwards in one launch (`flash_bwd_both_w4`, the same
+    /// bits: None or Some(true)), or two (Some(false), also `TERNLAB_FLASH_ONE_LAUNCH=0`).
+    pub one_launch: Option<bool>,
 }
 
 /// The sequence length from which the backward adds the query gradient atomically when
@@ -104,6 +108,9 @@ impl Flash {
                 Ok("atomic") => Some(false),
                 _ => None,
             },
+            one_launch: std::env::var("TERNLAB_FLASH_ONE_LAUNCH")
+                .ok()
+                .map(|v| v != "0"),
         }
     }
 
@@ -321,12 +328,10 @@ impl Flash {
         // `flash_bwd_{dkdv,dkdvq,dq}_d{D}(q, k, v, dout, lse, delta, outputs.., nk, r, l, q, k,
         // v and dout strides, the outputs' strides, sl2, scale)`
         let tile = self.tile();
-        let backward =
-            |kernel: &str, (items, block), smem, outputs: &[Option<&Buf>], at: &[Rows]| {
+        let launch_in =
+            |kernel: &str, grid, smem, outputs: &[Option<&Buf>], at: &[Rows]| -> Result<_> {
                 let name = format!("flash_bwd_{kernel}_d{d}");
-                let launch = gpu
-                    .kernel(family, &name, None, self.grid(items, block, 16))?
-                    .smem(smem);
+                let launch = gpu.kernel(family, &name, None, grid)?.smem(smem);
                 let inputs = [&qb, &kb, &vb, &db, &lb, &deb].into_iter();
                 let launch = outputs
                     .iter()
@@ -334,10 +339,14 @@ impl Flash {
                     .i32(self.k)
                     .i32(self.r)
                     .i32(self.l);
-                self.io_strides(launch, at.iter().copied())
+                Ok(self
+                    .io_strides(launch, at.iter().copied())
                     .f32(self.scale * std::f32::consts::LOG2_E)
-                    .f32(self.scale)
-                    .go()
+                    .f32(self.scale))
+            };
+        let backward =
+            |kernel: &str, (items, block), smem, outputs: &[Option<&Buf>], at: &[Rows]| {
+                launch_in(kernel, self.grid(items, block, 16), smem, outputs, at)?.go()
             };
         // Blocks of BLOCK keys, or of half as many (`_w4`, four warps) where that leaves SMs
         // idle (short sequences: 4 x 256 of Qwen3-0.6B is 64 blocks of 128 keys); each holds its
@@ -378,6 +387,24 @@ impl Flash {
                 .i32(self.l)
                 .i32(d);
             strides(launch, self.q_rows()).f32(self.scale).go()?;
+            return Ok((dq, dk));
+        }
+        if keys < BLOCK && self.one_launch.unwrap_or(true) {
+            // Both in one launch, four warps a block: blocks of 64 keys, then blocks of 64 query
+            // rows (their q and dO rows and two buffers of (k, v) tiles, no more shared memory
+            // than the key/value side's).
+            let nkv = self.l.div_ceil(keys);
+            let grid = LaunchConfig {
+                grid_dim: (((nkv + rows.div_ceil(64)) * groups) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let at = [self.q_rows(), self.k_rows(), self.v_rows()];
+            let outputs = [Some(&dqb), Some(&dkb), Some(&dvb)];
+            launch_in("both_w4", grid, kv_smem, &outputs, &at)?
+                .i32(nkv)
+                .i32(groups)
+                .go()?;
             return Ok((dq, dk));
         }
         // The query-side kernel (the block's q and dO rows, and two buffers of (k, v) tiles)
