@@ -8,7 +8,8 @@
 #   bash bench/device_run.sh [SECTION...]    sections: parity seed bench ref big tiny profile
 #                                            baseline before study-pretrain study-ternary
 #                                            study-extra export generate resume dp dp-faults
-#                                            graph e2e flash long long-ref headline kernels
+#                                            graph e2e flash switch long long-ref headline
+#                                            kernels
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -115,17 +116,22 @@ if want profile; then
   done
 fi
 if want kernels; then
-  # Nsight Compute (the device image's ncu): every kernel of one eager 4 x 256 step by its GPU
-  # time (no launch cost; ncu's clocks, caches flushed between kernels), then the flash kernels'
-  # issue stalls at 16 x 1024 (cycles per issued instruction, by reason).
+  # Nsight Compute (the device image's ncu): every kernel of one eager step by its GPU time (no
+  # launch cost), at 4 x 256 and 16 x 1024 at the card's own clocks and without flushing the
+  # caches between kernels (so a step's kernels add up to about the replayed step: 17.3 against
+  # 17.1 ms at 4 x 256 on an H100), then the flash kernels' issue stalls at 16 x 1024 (cycles per
+  # issued instruction, by reason).
   bin=$PWD/.device/ternlab  # (ncu wants the program's absolute path)
   b=(bench --set run.device=cuda --set train.dtype=bf16)
-  echo "== kernels of one 4 x 256 step (ncu)"
-  TERNLAB_CUDA_GRAPH=0 timeout 400 ncu --target-processes all --launch-skip 4000 \
-    --launch-count 1800 --metrics gpu__time_duration.sum --csv --page raw \
-    "$bin" "${b[@]}" --steps 3 --warmup 1 --out "$out/json/ncu-bench.json" \
-    >"$final/ncu-4x256.csv" 2>"$out/ncu.err"
-  python3 bench/ncu_step.py "$final/ncu-4x256.csv"
+  for shape in "4 256" "16 1024"; do set -- $shape
+    echo "== kernels of one $1 x $2 step (ncu)"
+    TERNLAB_CUDA_GRAPH=0 timeout 400 ncu --cache-control none --clock-control none \
+      --target-processes all --launch-skip 4000 --launch-count 1800 \
+      --metrics gpu__time_duration.sum --csv --page raw "$bin" "${b[@]}" \
+      --set data.batch_size=$1 --set data.seq_len=$2 --steps 3 --warmup 1 \
+      --out "$out/json/ncu-bench.json" >"$final/ncu-$1x$2.csv" 2>"$out/ncu.err"
+    python3 bench/ncu_step.py "$final/ncu-$1x$2.csv"
+  done
   for k in flash_fwd2_d128 flash_bwd_dq_d128 flash_bwd_dkdv_d128; do
     echo "== $k at 16 x 1024: stalls per issued instruction (ncu)"
     timeout 150 ncu --target-processes all -k "regex:$k" --launch-skip 30 --launch-count 1 \
@@ -163,6 +169,8 @@ on_off() {
 want graph && on_off TERNLAB_CUDA_GRAPH graph
 # Flash attention (the bf16 default) against the blocked scores.
 want flash && on_off TERNLAB_FLASH_ATTENTION flash
+# Any switch: SWITCH=TERNLAB_... bash bench/device_run.sh switch
+want switch && on_off "$SWITCH" switch
 if want long; then
   # Long sequences, bf16: flash and the blocked scores.
   for shape in "4 4096" "8 4096"; do set -- $shape

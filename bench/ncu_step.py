@@ -40,8 +40,8 @@ def main():
     step = kernels[ends[0] + 1:ends[1] + 1]
     ms = lambda r: float(r[time_at].replace(",", "")) * scale
     total = sum(ms(r) for r in step)
-    print(f"one step: {len(step)} kernels, {total:.3f} ms of GPU time (ncu's clocks, caches "
-          "flushed between kernels)")
+    print(f"one step: {len(step)} kernels, {total:.3f} ms of GPU time (clocks and caches as "
+          "ncu was told)")
     by = collections.defaultdict(lambda: [0, 0.0])
     for r in step:
         by[r[name_at][:70]][0] += 1
