@@ -490,12 +490,13 @@ fn qk_norm_and_rope_match_the_composed_ones() {
 /// The q/k norm + RoPE kernels read x from, and write dx into, one projection's columns of a
 /// fused q/k/v projection's rows (`TokenRows::columns`): the bits of the packed tensors', for
 /// q (4 heads in groups of 2, the first columns) and k (2 heads, the next); nothing written
-/// outside the columns. The weight's gradient is a sum in no fixed order (atomic adds): within
-/// 1e-6 of its largest value.
+/// outside the columns; and both sets in one launch each way (the step's), the bits of a launch
+/// each. The weight's gradient is a sum in no fixed order (atomic adds): within 1e-6 of its
+/// largest value.
 #[test]
 fn qk_norm_and_rope_read_and_write_columns_of_fused_rows() {
     use ternlab::cuda::attention::{self, TokenRows};
-    use ternlab::cuda::Gpu;
+    use ternlab::cuda::{AsBuf, Gpu};
     use ternlab::model::{Preset, Qwen3Config};
     let dev = gpu();
     let g = Gpu::of(&dev).unwrap();
@@ -555,6 +556,72 @@ fn qk_norm_and_rope_read_and_write_columns_of_fused_rows() {
         let (diff, top) = (max_abs(&(&dw - &dw2).unwrap()), max_abs(&dw));
         assert!(diff <= 1e-6 * top, "{what}: dw {diff:e} of {top:e}");
     }
+    // q's and k's columns in one launch each way (the step's), each with a weight of its own:
+    // the bits of one launch per set, dw again within 1e-6.
+    let wk = (Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap();
+    let sets = [(0, 4, 2, &w), (4 * d, 2, 1, &wk)];
+    let cols = |at, heads| TokenRows::columns(&wide, at, heads * d).unwrap();
+    let ys = sets.map(|(_, heads, group, _)| {
+        let shape = (b * heads / group, l * group, d);
+        [0, 1].map(|_| Tensor::zeros(shape, DType::BF16, &dev).unwrap())
+    });
+    let (xq, xk) = (cols(0, 4), cols(4 * d, 2));
+    let (wq, wkb) = (w.buf().unwrap(), wk.buf().unwrap());
+    let y1 = [ys[0][1].buf().unwrap(), ys[1][1].buf().unwrap()];
+    let rows = |x, w, y, heads, group| attention::RopeRows {
+        x,
+        w,
+        y,
+        heads,
+        group,
+        eps: 1e-6,
+    };
+    attention::norm_rope_pair(
+        &g,
+        [rows(&xq, &wq, &y1[0], 4, 2), rows(&xk, &wkb, &y1[1], 2, 1)],
+        tables,
+    )
+    .unwrap();
+    let dys = sets.map(|(_, heads, group, _)| bf(&[b * heads / group, l * group, d]));
+    let dwides = [0, 1].map(|_| wide.zeros_like().unwrap());
+    let dws = [0, 1].map(|_| [0, 1].map(|_| Tensor::zeros(d, DType::F32, &dev).unwrap()));
+    for (i, (at, heads, group, w)) in sets.into_iter().enumerate() {
+        let x = cols(at, heads);
+        attention::norm_rope_rows(&g, &x, w, tables, &ys[i][0], (heads, group), 1e-6).unwrap();
+        let dx = TokenRows::columns(&dwides[0], at, heads * d).unwrap();
+        let dw = Some(dws[i][0].clone());
+        attention::rope_norm_back_rows(&g, &dys[i], (&x, w), tables, &dx, (heads, group), 1e-6, dw)
+            .unwrap();
+    }
+    let dx1 = sets.map(|(at, heads, _, _)| TokenRows::columns(&dwides[1], at, heads * d).unwrap());
+    let back = |i: usize| {
+        let (_, heads, group, w) = sets[i];
+        attention::RopeBack {
+            dy: &dys[i],
+            x: [&xq, &xk][i],
+            w,
+            dx: &dx1[i],
+            heads,
+            group,
+            eps: 1e-6,
+            dw: &dws[i][1],
+        }
+    };
+    attention::rope_norm_back_pair(&g, [back(0), back(1)], tables).unwrap();
+    for (i, what) in ["q", "k"].into_iter().enumerate() {
+        let y = max_abs(&f32_of(&(&ys[i][0] - &ys[i][1]).unwrap()));
+        assert_eq!(y, 0.0, "{what} in one launch with the other: y");
+        let (diff, top) = (
+            max_abs(&(&dws[i][0] - &dws[i][1]).unwrap()),
+            max_abs(&dws[i][0]),
+        );
+        assert!(
+            diff <= 1e-6 * top,
+            "{what} in one launch: dw {diff:e} of {top:e}"
+        );
+    }
+    let dx = max_abs(&f32_of(&(&dwides[0] - &dwides[1]).unwrap()));
+    assert_eq!(dx, 0.0, "q and k in one launch: dx");
 }
 
 /// The batched generation's q/k norm and RoPE, each sequence at positions of its own

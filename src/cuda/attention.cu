@@ -89,9 +89,9 @@ template <typename T, typename W, int V, int NR>
 __device__ void norm_rope_v(const T* __restrict__ x, const W* __restrict__ w,
                             const float* __restrict__ cos, const float* __restrict__ sin,
                             T* __restrict__ y, long rows, int heads, int group, int l,
-                            float eps, long xs) {
+                            float eps, long xs, long bx) {
     const int d = 32 * V;
-    long row0 = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32 * NR;
+    long row0 = (bx * blockDim.x + threadIdx.x) / 32 * NR;
     int lane = threadIdx.x % 32;
     if (row0 >= rows) return;
     int e0 = V * lane;
@@ -137,7 +137,7 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
                                 const W* __restrict__ w, const float* __restrict__ cos,
                                 const float* __restrict__ sin, T* __restrict__ dx,
                                 float* __restrict__ dw, long rows, int heads, int group, int l,
-                                float eps, int per_block, long xs, long dxs) {
+                                float eps, int per_block, long xs, long dxs, long bx) {
     const int d = 32 * V;
     __shared__ float part[8][d];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, e0 = V * lane;
@@ -145,7 +145,7 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
     ldv<V>(w, e0, wv);
 #pragma unroll
     for (int t = 0; t < V; t++) acc[t] = 0.f;
-    long first = (long)blockIdx.x * per_block;
+    long first = bx * per_block;
     for (int k = warp; k < per_block; k += 8) {
         long row = first + k;
         if (row >= rows) break;
@@ -256,21 +256,33 @@ extern "C" __global__ void causal_softmax_bwd_##SUF(const T* p, const T* dy, T* 
 }
 INSTANCES(ATTENTION)
 
-// WS names the weight's type in the kernel's name: nothing for f32, _wb for bf16.
+// WS names the weight's type in the kernel's name: nothing for f32, _wb for bf16. Each kernel
+// takes up to two sets of rows in one launch (q's and k's of a layer; `src/cuda/attention.rs`):
+// the first `nb0` blocks work on set 0, the rest on set 1, with the same tables.
 #define ROPE_V(SUF, T, V, WS, W)                                                               \
-extern "C" __global__ void norm_rope##V##WS##_##SUF(const T* x, const W* w, const float* c,   \
-                                                    const float* s, T* y, long rows,           \
-                                                    int heads, int group, int l, int d,        \
-                                                    float eps, long xs) {                      \
-    norm_rope_v<T, W, V, 4>(x, w, c, s, y, rows, heads, group, l, eps, xs);                    \
+extern "C" __global__ void norm_rope##V##WS##_##SUF(                                           \
+    const T* x0, const W* w0, T* y0, long rows0, int heads0, int group0, float eps0, long xs0, \
+    const T* x1, const W* w1, T* y1, long rows1, int heads1, int group1, float eps1, long xs1, \
+    const float* c, const float* s, int l, int nb0) {                                          \
+    const long b = blockIdx.x;                                                                 \
+    if (b < nb0)                                                                               \
+        norm_rope_v<T, W, V, 4>(x0, w0, c, s, y0, rows0, heads0, group0, l, eps0, xs0, b);     \
+    else                                                                                       \
+        norm_rope_v<T, W, V, 4>(x1, w1, c, s, y1, rows1, heads1, group1, l, eps1, xs1,         \
+                                b - nb0);                                                      \
 }                                                                                              \
-extern "C" __global__ void rope_norm_bwd##V##WS##_##SUF(const T* dy, const T* x, const W* w,  \
-                                                        const float* c, const float* s, T* dx, \
-                                                        float* dw, long rows, int heads,       \
-                                                        int group, int l, int d, float eps,    \
-                                                        int per_block, long xs, long dxs) {    \
-    rope_norm_bwd_v<T, W, V>(dy, x, w, c, s, dx, dw, rows, heads, group, l, eps, per_block, xs,\
-                             dxs);                                                             \
+extern "C" __global__ void rope_norm_bwd##V##WS##_##SUF(                                       \
+    const T* dy0, const T* x0, const W* w0, T* dx0, float* dw0, long rows0, int heads0,        \
+    int group0, float eps0, int per_block0, long xs0, long dxs0, const T* dy1, const T* x1,    \
+    const W* w1, T* dx1, float* dw1, long rows1, int heads1, int group1, float eps1,           \
+    int per_block1, long xs1, long dxs1, const float* c, const float* s, int l, int nb0) {     \
+    const long b = blockIdx.x;                                                                 \
+    if (b < nb0)                                                                               \
+        rope_norm_bwd_v<T, W, V>(dy0, x0, w0, c, s, dx0, dw0, rows0, heads0, group0, l, eps0,  \
+                                 per_block0, xs0, dxs0, b);                                    \
+    else                                                                                       \
+        rope_norm_bwd_v<T, W, V>(dy1, x1, w1, c, s, dx1, dw1, rows1, heads1, group1, l, eps1,  \
+                                 per_block1, xs1, dxs1, b - nb0);                              \
 }
 #define ROPE_VS(SUF, T)                                                                        \
     ROPE_V(SUF, T, 2, , float) ROPE_V(SUF, T, 4, , float) ROPE_V(SUF, T, 8, , float)           \

@@ -88,35 +88,99 @@ pub fn norm_rope_rows(
     (heads, group): (usize, usize),
     eps: f32,
 ) -> Result<()> {
-    let xs = rows_of.stride;
-    let (x, w, cos, sin, y) = (&rows_of.buf, w.buf()?, cos.buf()?, sin.buf()?, y.buf()?);
-    let (d, l) = (w.n(), cos.dims[0]);
-    check_heads("norm_rope", x, &cos, &sin, (heads, group), d)?;
-    y.expect("norm_rope: y", x.n(), x.dtype)?;
-    let rows = x.n() / d;
-    let vector = vector_width(d, &[x, &y, &w, &cos, &sin]);
-    rows_of.check_stride("norm_rope: x", vector.unwrap_or(1), heads * d)?;
-
-    let wk = norm::weight_kind("norm_rope", &w, d, vector.is_some(), SIZES)?;
-    // (the vectorized kernels take ROPE_ROWS rows a warp)
-    let (name, warps) = match vector {
-        Some(v) => (format!("norm_rope{v}{wk}"), rows.div_ceil(ROPE_ROWS)),
-        None => ("norm_rope".to_string(), rows),
+    let (w, y) = (w.buf()?, y.buf()?);
+    let set = RopeRows {
+        x: rows_of,
+        w: &w,
+        y: &y,
+        heads,
+        group,
+        eps,
     };
-    gpu.kernel(&KERNELS, &name, Some(x.dtype), warp_per_row(warps))?
-        .buf(x)
-        .buf(&w)
-        .buf(&cos)
-        .buf(&sin)
-        .buf(&y)
-        .i64(rows)
-        .i32(heads)
-        .i32(group)
-        .i32(l)
-        .i32(d)
-        .f32(eps)
-        .i64(xs)
-        .go()
+    norm_rope_sets(gpu, &[set], (&cos.buf()?, &sin.buf()?))
+}
+
+/// One set of rows of `norm_rope_pair`: `norm_rope_rows`'s arguments but the tables.
+pub struct RopeRows<'a> {
+    pub x: &'a TokenRows,
+    pub w: &'a Buf,
+    pub y: &'a Buf,
+    pub heads: usize,
+    pub group: usize,
+    pub eps: f32,
+}
+
+/// `norm_rope_rows` of two sets of rows (a layer's q and k) with the same tables, in one
+/// launch where the vectorized kernel takes both (one fewer launch a layer), else in two.
+pub fn norm_rope_pair(
+    gpu: &Gpu,
+    sets: [RopeRows; 2],
+    (cos, sin): (&impl AsBuf, &impl AsBuf),
+) -> Result<()> {
+    norm_rope_sets(gpu, &sets, (&cos.buf()?, &sin.buf()?))
+}
+
+/// The launches of `norm_rope_rows` or `norm_rope_pair`: one `norm_rope{V}` where every set
+/// takes the same vectorized kernel, else one per set.
+fn norm_rope_sets(gpu: &Gpu, sets: &[RopeRows], (cos, sin): (&Buf, &Buf)) -> Result<()> {
+    let mut kernels = Vec::with_capacity(sets.len());
+    for set in sets {
+        let RopeRows { x, w, y, .. } = *set;
+        let (heads, group) = (set.heads, set.group);
+        let (d, l) = (w.n(), cos.dims[0]);
+        check_heads("norm_rope", &x.buf, cos, sin, (heads, group), d)?;
+        y.expect("norm_rope: y", x.buf.n(), x.buf.dtype)?;
+        let vector = vector_width(d, &[&x.buf, y, w, cos, sin]);
+        x.check_stride("norm_rope: x", vector.unwrap_or(1), heads * d)?;
+        let wk = norm::weight_kind("norm_rope", w, d, vector.is_some(), SIZES)?;
+        let rows = x.buf.n() / d;
+        let Some(v) = vector else {
+            gpu.kernel(&KERNELS, "norm_rope", Some(x.buf.dtype), warp_per_row(rows))?
+                .buf(&x.buf)
+                .buf(w)
+                .buf(cos)
+                .buf(sin)
+                .buf(y)
+                .i64(rows)
+                .i32(heads)
+                .i32(group)
+                .i32(l)
+                .i32(d)
+                .f32(set.eps)
+                .i64(x.stride)
+                .go()?;
+            continue;
+        };
+        // (ROPE_ROWS rows a warp)
+        let blocks = warp_per_row(rows.div_ceil(ROPE_ROWS)).grid_dim.0 as usize;
+        kernels.push((format!("norm_rope{v}{wk}"), blocks, set, rows));
+    }
+    let one = kernels.len() == 2 && kernels[0].0 == kernels[1].0;
+    let groups: Vec<&[_]> = if one {
+        vec![&kernels[..]]
+    } else {
+        kernels.chunks(1).collect()
+    };
+    for launch in groups {
+        // (a single set goes in both places; its blocks all work on the first)
+        let (name, nb0, s0, rows0) = &launch[0];
+        let (_, _, s1, rows1) = launch.last().expect("a set");
+        let all: usize = launch.iter().map(|k| k.1).sum();
+        let mut args = gpu.kernel(&KERNELS, name, Some(s0.x.buf.dtype), blocks(all, 256))?;
+        for (s, rows) in [(*s0, *rows0), (*s1, *rows1)] {
+            args = args
+                .buf(&s.x.buf)
+                .buf(s.w)
+                .buf(s.y)
+                .i64(rows)
+                .i32(s.heads)
+                .i32(s.group)
+                .f32(s.eps)
+                .i64(s.x.stride);
+        }
+        args.buf(cos).buf(sin).i32(cos.dims[0]).i32(*nb0).go()?;
+    }
+    Ok(())
 }
 
 /// `rope_bwd(const T* dy, const float* cos, const float* sin, T* g, long rows, int heads,
@@ -175,10 +239,10 @@ fn vector_width(d: usize, bufs: &[&Buf]) -> Option<usize> {
 /// The backward of `norm_rope`: dy (B, heads / group, L, group, d), the gradient of its
 /// output, to dx (B, L, heads, d), written, for input x and f32 weight w (d); returns the
 /// weight's gradient (d, f32; added into `dw` where given, zeroed by the caller). One kernel,
-/// `rope_norm_bwd{V}(const T* dy, const T* x, const float* w, const float* cos, const float*
-/// sin, T* dx, float* dw, long rows, int heads, int group, int l, int d, float eps, int
-/// per_block, long xs, long dxs)`, where `vector_width` allows; otherwise `rope_bwd` and the
-/// norm's backward.
+/// `rope_norm_bwd{V}` (two sets of `const T* dy, const T* x, const W* w, T* dx, float* dw,
+/// long rows, int heads, int group, float eps, int per_block, long xs, long dxs`, then `const
+/// float* cos, const float* sin, int l, int nb0`: see attention.cu), where `vector_width`
+/// allows; otherwise `rope_bwd` and the norm's backward.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_norm_back(
     gpu: &Gpu,
@@ -215,64 +279,116 @@ pub fn rope_norm_back_rows(
     gpu: &Gpu,
     dy: &Tensor,
     (x, w): (&TokenRows, &Tensor),
-    (cos, sin): (&Tensor, &Tensor),
+    tables: (&Tensor, &Tensor),
     dx: &TokenRows,
     (heads, group): (usize, usize),
     eps: f32,
     dw: Option<Tensor>,
 ) -> Result<Tensor> {
-    let d = w.elem_count();
-    let (xs, dxs) = (x.stride, dx.stride);
-    let (dyb, xb, wb, cb, sb, dxb) = (
-        dy.buf()?,
-        x.buf.clone(),
-        w.buf()?,
-        cos.buf()?,
-        sin.buf()?,
-        dx.buf.clone(),
-    );
-    let Some(v) = vector_width(d, &[&dyb, &xb, &dxb, &wb, &cb, &sb]) else {
-        candle_core::bail!(
-            "rope_norm_bwd: rows of {d} (or buffers) that the vectorized kernel does not take"
-        );
-    };
-    x.check_stride("rope_norm_bwd: x", v, heads * d)?;
-    dx.check_stride("rope_norm_bwd: dx", v, heads * d)?;
     let dw = match dw {
         Some(dw) => dw,
-        None => gpu.zeros(d, DType::F32)?,
+        None => gpu.zeros(w.elem_count(), DType::F32)?,
     };
-    check_heads("rope_norm_bwd", &dyb, &cb, &sb, (heads, group), d)?;
-    let wk = norm::weight_kind("rope_norm_bwd", &wb, d, true, SIZES)?;
-    xb.expect("rope_norm_bwd: x", dyb.n(), dyb.dtype)?;
-    dxb.expect("rope_norm_bwd: dx", dyb.n(), dyb.dtype)?;
-    // at least ~1,000 blocks where there are rows for them: a warp's rows run one after another
-    let rows = dyb.n() / d;
-    let per_block = rows.div_ceil(1024).next_multiple_of(8).clamp(8, 64);
-    gpu.kernel(
-        &KERNELS,
-        &format!("rope_norm_bwd{v}{wk}"),
-        Some(dyb.dtype),
-        blocks(rows.div_ceil(per_block), 256),
-    )?
-    .buf(&dyb)
-    .buf(&xb)
-    .buf(&wb)
-    .buf(&cb)
-    .buf(&sb)
-    .buf(&dxb)
-    .buf(&dw.buf()?)
-    .i64(rows)
-    .i32(heads)
-    .i32(group)
-    .i32(cb.dims[0])
-    .i32(d)
-    .f32(eps)
-    .i32(per_block)
-    .i64(xs)
-    .i64(dxs)
-    .go()?;
+    let set = RopeBack {
+        dy,
+        x,
+        w,
+        dx,
+        heads,
+        group,
+        eps,
+        dw: &dw,
+    };
+    rope_norm_back_sets(gpu, &[set], tables)?;
     Ok(dw)
+}
+
+/// One set of rows of `rope_norm_back_pair`: `rope_norm_back_rows`'s arguments but the tables,
+/// the weight's gradient added into `dw` (f32, zeroed by the caller).
+pub struct RopeBack<'a> {
+    pub dy: &'a Tensor,
+    pub x: &'a TokenRows,
+    pub w: &'a Tensor,
+    pub dx: &'a TokenRows,
+    pub heads: usize,
+    pub group: usize,
+    pub eps: f32,
+    pub dw: &'a Tensor,
+}
+
+/// `rope_norm_back_rows` of two sets of rows (a layer's q and k) with the same tables, in one
+/// launch where both take the same kernel (one fewer launch a layer), else in two.
+pub fn rope_norm_back_pair(
+    gpu: &Gpu,
+    sets: [RopeBack; 2],
+    tables: (&Tensor, &Tensor),
+) -> Result<()> {
+    rope_norm_back_sets(gpu, &sets, tables)
+}
+
+/// The launches of `rope_norm_back_rows` or `rope_norm_back_pair`.
+fn rope_norm_back_sets(gpu: &Gpu, sets: &[RopeBack], (cos, sin): (&Tensor, &Tensor)) -> Result<()> {
+    let (cb, sb) = (cos.buf()?, sin.buf()?);
+    let mut kernels = Vec::with_capacity(sets.len());
+    for set in sets {
+        let RopeBack { x, dx, .. } = *set;
+        let (heads, group) = (set.heads, set.group);
+        let d = set.w.elem_count();
+        let (dyb, wb, dwb) = (set.dy.buf()?, set.w.buf()?, set.dw.buf()?);
+        let (xb, dxb) = (&x.buf, &dx.buf);
+        let Some(v) = vector_width(d, &[&dyb, xb, dxb, &wb, &cb, &sb]) else {
+            candle_core::bail!(
+                "rope_norm_bwd: rows of {d} (or buffers) that the vectorized kernel does not take"
+            );
+        };
+        x.check_stride("rope_norm_bwd: x", v, heads * d)?;
+        dx.check_stride("rope_norm_bwd: dx", v, heads * d)?;
+        dwb.expect("rope_norm_bwd: dw", d, DType::F32)?;
+        check_heads("rope_norm_bwd", &dyb, &cb, &sb, (heads, group), d)?;
+        let wk = norm::weight_kind("rope_norm_bwd", &wb, d, true, SIZES)?;
+        xb.expect("rope_norm_bwd: x", dyb.n(), dyb.dtype)?;
+        dxb.expect("rope_norm_bwd: dx", dyb.n(), dyb.dtype)?;
+        // at least ~1,000 blocks where there are rows for them: a warp's rows run one after
+        // another
+        let rows = dyb.n() / d;
+        let per_block = rows.div_ceil(1024).next_multiple_of(8).clamp(8, 64);
+        let name = format!("rope_norm_bwd{v}{wk}");
+        kernels.push((
+            name,
+            rows.div_ceil(per_block),
+            (set, dyb, wb, dwb, rows, per_block),
+        ));
+    }
+    let one = kernels.len() == 2 && kernels[0].0 == kernels[1].0;
+    let groups: Vec<&[_]> = if one {
+        vec![&kernels[..]]
+    } else {
+        kernels.chunks(1).collect()
+    };
+    for launch in groups {
+        // (a single set goes in both places; its blocks all work on the first)
+        let (name, nb0, first) = &launch[0];
+        let (_, _, last) = launch.last().expect("a set");
+        let all: usize = launch.iter().map(|k| k.1).sum();
+        let mut args = gpu.kernel(&KERNELS, name, Some(first.1.dtype), blocks(all, 256))?;
+        for (s, dyb, wb, dwb, rows, per_block) in [first, last] {
+            args = args
+                .buf(dyb)
+                .buf(&s.x.buf)
+                .buf(wb)
+                .buf(&s.dx.buf)
+                .buf(dwb)
+                .i64(*rows)
+                .i32(s.heads)
+                .i32(s.group)
+                .f32(s.eps)
+                .i32(*per_block)
+                .i64(s.x.stride)
+                .i64(s.dx.stride);
+        }
+        args.buf(&cb).buf(&sb).i32(cb.dims[0]).i32(*nb0).go()?;
+    }
+    Ok(())
 }
 
 /// x holds whole (L, heads, d) sequences for tables (L, d), and `group` divides `heads`.

@@ -170,36 +170,55 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
             _ => candle_core::bail!("a layer kept another attention's tape"),
         };
         drop(dmerged);
-        // q/k norm + RoPE, backward: (B, heads / group, L, group, D) -> (N, heads * D).
-        let mut norm_rope_back = |i: usize, dy: &Tensor, nrm: &RmsNorm, heads, group| {
-            let (own, dx) = out(i, heads * d)?;
-            let x = t.proj.part(i)?;
-            let w = ctx.norm_weight_for(nrm, attention::takes_bf16_weight(d))?;
-            let tables = (&rope.cos, &rope.sin);
-            let eps = nrm.eps as f32;
-            let dw = norm_dws.next(d)?;
-            let dw = match (&own, &t.proj) {
-                (Some(dxt), Qkv::Split { q, k, .. }) => {
-                    let x = [q, k][i];
-                    let rg = (heads, group);
-                    attention::rope_norm_back(gpu, dy, x, &w, tables, dxt, rg, eps, Some(dw))?
+        // q/k norm + RoPE, backward: (B, heads / group, L, group, D) -> (N, heads * D); q's
+        // and k's in one launch where they are columns of the fused q/k/v gradient.
+        let tables = (&rope.cos, &rope.sin);
+        let parts = [(&dqr, &at.q_norm, h, r), (&dkr, &at.k_norm, k, 1)];
+        let weight = |nrm: &RmsNorm| ctx.norm_weight_for(nrm, attention::takes_bf16_weight(d));
+        let [dq, dk] = match &t.proj {
+            Qkv::Split { q, k: kx, .. } => {
+                let mut own = Vec::with_capacity(2);
+                for (i, (dy, nrm, heads, group)) in parts.into_iter().enumerate() {
+                    let (dxt, _) = out(i, heads * d)?;
+                    let dxt = dxt.expect("split q/k/v gradients are tensors of their own");
+                    let x = [q, kx][i];
+                    let (rg, eps, dw) = ((heads, group), nrm.eps as f32, norm_dws.next(d)?);
+                    let w = weight(nrm)?;
+                    let dw =
+                        attention::rope_norm_back(gpu, dy, x, &w, tables, &dxt, rg, eps, Some(dw))?;
+                    grads.insert(&nrm.weight, dw);
+                    own.push(Some(dxt));
                 }
-                _ => attention::rope_norm_back_rows(
-                    gpu,
-                    dy,
-                    (&x, &w),
-                    tables,
-                    &dx,
-                    (heads, group),
-                    eps,
-                    Some(dw),
-                )?,
-            };
-            grads.insert(&nrm.weight, dw);
-            Ok::<_, candle_core::Error>(own)
+                let [dq, dk]: [Option<Tensor>; 2] = own.try_into().expect("two");
+                [dq, dk]
+            }
+            Qkv::Fused { .. } => {
+                let (xs, dxs) = (
+                    [t.proj.part(0)?, t.proj.part(1)?],
+                    [out(0, h * d)?.1, out(1, k * d)?.1],
+                );
+                let ws = [weight(&at.q_norm)?, weight(&at.k_norm)?];
+                let dws = [norm_dws.next(d)?, norm_dws.next(d)?];
+                let set = |i: usize| {
+                    let (dy, nrm, heads, group) = parts[i];
+                    attention::RopeBack {
+                        dy,
+                        x: &xs[i],
+                        w: &ws[i],
+                        dx: &dxs[i],
+                        heads,
+                        group,
+                        eps: nrm.eps as f32,
+                        dw: &dws[i],
+                    }
+                };
+                attention::rope_norm_back_pair(gpu, [set(0), set(1)], tables)?;
+                let [dwq, dwk] = dws;
+                grads.insert(&at.q_norm.weight, dwq);
+                grads.insert(&at.k_norm.weight, dwk);
+                [None, None]
+            }
         };
-        let dq = norm_rope_back(0, &dqr, &at.q_norm, h, r)?;
-        let dk = norm_rope_back(1, &dkr, &at.k_norm, k, 1)?;
         drop((dqr, dkr));
         let dxn1 = ctx.act((n, e))?;
         match (&t.proj, &dqkv) {

@@ -116,13 +116,23 @@ pub(super) fn forward_with(
     };
 
     // q (N, heads * D) -> (B, heads / group, L, group, D) normalised and rotated: q with
-    // group = R, k with group = 1 (see `CausalAttention`).
-    let norm_rope = |t: &TokenRows, n_: &RmsNorm, heads: usize, group: usize| -> Result<Tensor> {
-        let y = ctx.act((b * heads / group, l * group, d))?;
-        let w = ctx.norm_weight_for(n_, attention::takes_bf16_weight(d))?;
-        let eps = n_.eps as f32;
-        let tables = (&rope.cos, &rope.sin);
-        attention::norm_rope_rows(&ctx.gpu, t, &w, tables, &y, (heads, group), eps)?;
+    // group = R, k with group = 1 (see `CausalAttention`); both in one launch where the kernel
+    // allows.
+    let norm_rope = |[qx, kx]: [&TokenRows; 2], [qn, kn]: [&RmsNorm; 2]| -> Result<[Tensor; 2]> {
+        let y = [ctx.act((b * k, l * r, d))?, ctx.act((b * k, l, d))?];
+        let weight = |n_| ctx.norm_weight_for(n_, attention::takes_bf16_weight(d));
+        let w = [weight(qn)?, weight(kn)?];
+        let (wq, wk, yq, yk) = (w[0].buf()?, w[1].buf()?, y[0].buf()?, y[1].buf()?);
+        let set = |x, w, y, heads, group, n_: &RmsNorm| attention::RopeRows {
+            x,
+            w,
+            y,
+            heads,
+            group,
+            eps: n_.eps as f32,
+        };
+        let sets = [set(qx, &wq, &yq, h, r, qn), set(kx, &wk, &yk, k, 1, kn)];
+        attention::norm_rope_pair(&ctx.gpu, sets, (&rope.cos, &rope.sin))?;
         Ok(y)
     };
 
@@ -209,8 +219,7 @@ pub(super) fn forward_with(
                 v: Some(linear(&ctx.gpu, xn1.of(&at.v_proj), &w[2])?),
             },
         };
-        let qr = norm_rope(&proj.q_rows()?, &at.q_norm, h, r)?;
-        let kr = norm_rope(&proj.k_rows()?, &at.k_norm, k, 1)?;
+        let [qr, kr] = norm_rope([&proj.q_rows()?, &proj.k_rows()?], [&at.q_norm, &at.k_norm])?;
         let (merged, kept) = match &attn {
             Attention::Flash(fl) => {
                 let merged = ctx.act((n, h * d))?;
