@@ -1,11 +1,11 @@
 //! Causal grouped-query attention that never writes the L x L matrix (`flash.cu`): bf16 on
 //! tensor cores, FlashAttention-2's forward (online softmax over key tiles, the per-row
 //! log-sum-exp kept) and backward (probabilities recomputed from it: keys/values in one kernel
-//! and queries in another, no atomics; or, by default from `ATOMIC_DQ_FROM` positions on, one
-//! pass over keys and values that also adds each block's share of the query gradient into f32
-//! sums atomically). The step uses it for bf16 compute on cards of compute capability 8.0 and
-//! newer with a head dim of 32, 64 or 128; elsewhere `causal_attention.rs` (GEMMs and a softmax
-//! kernel over the blocked scores) stays.
+//! and queries in another, no atomics, the two as one launch at short sequences; or, by
+//! default from `ATOMIC_DQ_FROM` positions on, one pass over keys and values that also adds
+//! each block's share of the query gradient into f32 sums atomically). The step uses it for
+//! bf16 compute on cards of compute capability 8.0 and newer with a head dim of 32, 64 or 128;
+//! elsewhere `causal_attention.rs` (GEMMs and a softmax kernel over the blocked scores) stays.
 //!
 //! Every tensor is read and written in place through strides (`Rows`): q and its gradient as
 //! the step's norm + RoPE kernel lays q out, (B, K, L, R, D); k and its gradient as (B, K, L, D);
