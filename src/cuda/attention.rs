@@ -152,33 +152,24 @@ fn norm_rope_sets(gpu: &Gpu, sets: &[RopeRows], (cos, sin): (&Buf, &Buf)) -> Res
             continue;
         };
         // (ROPE_ROWS rows a warp)
-        let blocks = warp_per_row(rows.div_ceil(ROPE_ROWS)).grid_dim.0 as usize;
-        kernels.push((format!("norm_rope{v}{wk}"), blocks, set, rows));
+        let nb = warp_per_row(rows.div_ceil(ROPE_ROWS)).grid_dim.0 as usize;
+        kernels.push((format!("norm_rope{v}{wk}"), nb, (set, rows)));
     }
-    let one = kernels.len() == 2 && kernels[0].0 == kernels[1].0;
-    let groups: Vec<&[_]> = if one {
-        vec![&kernels[..]]
-    } else {
-        kernels.chunks(1).collect()
-    };
-    for launch in groups {
-        // (a single set goes in both places; its blocks all work on the first)
-        let (name, nb0, s0, rows0) = &launch[0];
-        let (_, _, s1, rows1) = launch.last().expect("a set");
-        let all: usize = launch.iter().map(|k| k.1).sum();
-        let mut args = gpu.kernel(&KERNELS, name, Some(s0.x.buf.dtype), blocks(all, 256))?;
-        for (s, rows) in [(*s0, *rows0), (*s1, *rows1)] {
+    for (name, all, nb0, first, last) in pair_launches(&kernels) {
+        let dtype = Some(first.0.x.buf.dtype);
+        let mut args = gpu.kernel(&KERNELS, name, dtype, blocks(all, 256))?;
+        for (s, rows) in [first, last] {
             args = args
                 .buf(&s.x.buf)
                 .buf(s.w)
                 .buf(s.y)
-                .i64(rows)
+                .i64(*rows)
                 .i32(s.heads)
                 .i32(s.group)
                 .f32(s.eps)
                 .i64(s.x.stride);
         }
-        args.buf(cos).buf(sin).i32(cos.dims[0]).i32(*nb0).go()?;
+        args.buf(cos).buf(sin).i32(cos.dims[0]).i32(nb0).go()?;
     }
     Ok(())
 }
@@ -359,17 +350,7 @@ fn rope_norm_back_sets(gpu: &Gpu, sets: &[RopeBack], (cos, sin): (&Tensor, &Tens
             (set, dyb, wb, dwb, rows, per_block),
         ));
     }
-    let one = kernels.len() == 2 && kernels[0].0 == kernels[1].0;
-    let groups: Vec<&[_]> = if one {
-        vec![&kernels[..]]
-    } else {
-        kernels.chunks(1).collect()
-    };
-    for launch in groups {
-        // (a single set goes in both places; its blocks all work on the first)
-        let (name, nb0, first) = &launch[0];
-        let (_, _, last) = launch.last().expect("a set");
-        let all: usize = launch.iter().map(|k| k.1).sum();
+    for (name, all, nb0, first, last) in pair_launches(&kernels) {
         let mut args = gpu.kernel(&KERNELS, name, Some(first.1.dtype), blocks(all, 256))?;
         for (s, dyb, wb, dwb, rows, per_block) in [first, last] {
             args = args
@@ -386,9 +367,36 @@ fn rope_norm_back_sets(gpu: &Gpu, sets: &[RopeBack], (cos, sin): (&Tensor, &Tens
                 .i64(s.x.stride)
                 .i64(s.dx.stride);
         }
-        args.buf(&cb).buf(&sb).i32(cb.dims[0]).i32(*nb0).go()?;
+        args.buf(&cb).buf(&sb).i32(cb.dims[0]).i32(nb0).go()?;
     }
     Ok(())
+}
+
+/// How up to two sets of rows are launched, each set naming its kernel and blocks: one launch
+/// (set 0's blocks, then set 1's) where both name the same kernel, else one each. Yields the
+/// kernel, all its blocks, set 0's blocks, and the first and the last set's items (the same
+/// where a launch has one set: the kernels take two sets, and all its blocks work on the first).
+fn pair_launches<T>(sets: &[(String, usize, T)]) -> Vec<(&str, usize, usize, &T, &T)> {
+    let one = sets.len() == 2 && sets[0].0 == sets[1].0;
+    let launches: Vec<&[_]> = if one {
+        vec![sets]
+    } else {
+        sets.chunks(1).collect()
+    };
+    launches
+        .into_iter()
+        .map(|l| {
+            let (name, nb0, first) = &l[0];
+            let (_, _, last) = l.last().expect("a set");
+            (
+                name.as_str(),
+                l.iter().map(|k| k.1).sum(),
+                *nb0,
+                first,
+                last,
+            )
+        })
+        .collect()
 }
 
 /// x holds whole (L, heads, d) sequences for tables (L, d), and `group` divides `heads`.
@@ -599,5 +607,23 @@ impl CustomOp1 for CausalSoftmax {
         let l = p.dim(candle_core::D::Minus1)?;
         causal_softmax_back(&gpu, p, &dp.contiguous()?, &ds, (1, l), self.scale)?;
         Ok(Some(ds))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pair_launches;
+
+    /// Two sets that name one kernel share a launch (set 0's blocks first); sets that name two
+    /// kernels, or a single set, take a launch each, the set in both places.
+    #[test]
+    fn sets_of_one_kernel_share_a_launch() {
+        let same = [("k4".to_string(), 3, 'q'), ("k4".to_string(), 2, 'k')];
+        assert_eq!(pair_launches(&same), vec![("k4", 5, 3, &'q', &'k')]);
+        let two = [("k4".to_string(), 3, 'q'), ("k8".to_string(), 2, 'k')];
+        let each = vec![("k4", 3, 3, &'q', &'q'), ("k8", 2, 2, &'k', &'k')];
+        assert_eq!(pair_launches(&two), each);
+        let one = [("k4".to_string(), 7, 'q')];
+        assert_eq!(pair_launches(&one), vec![("k4", 7, 7, &'q', &'q')]);
     }
 }

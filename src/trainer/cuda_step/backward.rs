@@ -177,8 +177,8 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         let weight = |nrm: &RmsNorm| ctx.norm_weight_for(nrm, attention::takes_bf16_weight(d));
         let [dq, dk] = match &t.proj {
             Qkv::Split { q, k: kx, .. } => {
-                let mut own = Vec::with_capacity(2);
-                for (i, (dy, nrm, heads, group)) in parts.into_iter().enumerate() {
+                let mut one = |i: usize| -> Result<Option<Tensor>> {
+                    let (dy, nrm, heads, group) = parts[i];
                     let (dxt, _) = out(i, heads * d)?;
                     let dxt = dxt.expect("split q/k/v gradients are tensors of their own");
                     let x = [q, kx][i];
@@ -187,10 +187,9 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
                     let dw =
                         attention::rope_norm_back(gpu, dy, x, &w, tables, &dxt, rg, eps, Some(dw))?;
                     grads.insert(&nrm.weight, dw);
-                    own.push(Some(dxt));
-                }
-                let [dq, dk]: [Option<Tensor>; 2] = own.try_into().expect("two");
-                [dq, dk]
+                    Ok(Some(dxt))
+                };
+                [one(0)?, one(1)?]
             }
             Qkv::Fused { .. } => {
                 let (xs, dxs) = (
