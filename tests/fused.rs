@@ -954,6 +954,44 @@ fn flash_attention_matches_attention_in_f32() {
                 assert_eq!(diff, 0.0, "{what}: {name} of one launch against two");
             }
         }
+        // The key/value backward on the warpgroup MMA (the default on compute capability 9.0,
+        // head dims 64 and 128) against mma.sync, in each form the step launches: the same
+        // products of the same bf16 operands over the same tiles, and on an H100 the same bits
+        // (every dq, dk and dv 0 apart).
+        for (keys, dq_kernel, one_launch) in [
+            (64, true, true),
+            (64, true, false),
+            (128, true, false),
+            (64, false, false),
+            (128, false, false),
+        ] {
+            let mma = Flash {
+                key_block: Some(keys),
+                dq_kernel: Some(dq_kernel),
+                one_launch: Some(one_launch),
+                gmma: Some(false),
+                ..fl
+            };
+            let gm = Flash {
+                gmma: Some(true),
+                ..mma
+            };
+            let (dv1, dv2) = (v.zeros_like().unwrap(), v.zeros_like().unwrap());
+            let (dq1, dk1) = gm
+                .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv1)
+                .unwrap();
+            let (dq2, dk2) = mma
+                .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv2)
+                .unwrap();
+            let how = format!(
+                "{what}: wgmma against mma.sync, blocks of {keys} keys, dq kernel {dq_kernel}, \
+                 one launch {one_launch}"
+            );
+            for (name, a, b) in [("dq", &dq1, &dq2), ("dk", &dk1, &dk2), ("dv", &dv1, &dv2)] {
+                let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
+                assert_eq!(diff, 0.0, "{how}: {name}");
+            }
+        }
         let (dq, dk) = (ungrouped(&dqr), per_position(&dkr));
         // lse (B*K, L*R) -> (B, H, L)
         let lse = lse

@@ -5,7 +5,8 @@
 // buffer with atomic adds, as FlashAttention-2 does, or, with `flash_bwd_dq`, the queries'
 // gradient comes from a second kernel that recomputes the probabilities once more and adds
 // nothing atomically). Products are warp-level mma.sync m16n8k16 (bf16 in, f32 accumulate;
-// sm_80 and newer), softmax arithmetic is f32.
+// sm_80 and newer), or, in the key/value backward compiled for sm_90a, warpgroup-level wgmma
+// (`flash_bwd_dkdv_gm`); softmax arithmetic is f32.
 //
 // Rows: the R query heads that share a key/value head are read as one matrix of L * R rows,
 // position-major (row i is position i / R, head i % R of the group), so a block of query rows
@@ -45,7 +46,7 @@ __device__ __forceinline__ void fa_mma(float* c, const unsigned* a, unsigned b0,
 // The B fragments (b0, b1) of two neighbouring 8-column tiles, for a product whose B is a
 // shared (k rows, n columns) tile stored k-major: the four 8 x 8 matrices at rows k0 + (lane & 15)
 // and columns n0 + 8 * (lane >> 4), transposed on the way. `p` is this lane's row address.
-__device__ __forceinline__ void fa_ldsm_t(unsigned* r, const unsigned short* p) {
+__device__ __forceinline__ void fa_ldsm_t(unsigned* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(fa_smem_addr(p))
@@ -123,16 +124,39 @@ __device__ __forceinline__ void fa_red2(float* p, float a, float b) {
 #endif
 }
 
+// Shared tiles are rows padded by FA_PAD elements (ldmatrix reads them free of bank conflicts),
+// or, for wgmma (sm_90a), `FaSwz`: N rows of D as D / 64 blocks of N rows of 128 bytes, each
+// row's eight 16-byte pieces permuted by XOR with row % 8 (the 128-byte swizzle of the PTX
+// ISA's shared-memory matrix layouts; the tile starts at a 1024-byte boundary).
+template <int DP>
+__device__ __forceinline__ unsigned short* fa_at(unsigned short (*t)[DP], int row, int col) {
+    return &t[row][col];
+}
+template <int N>
+struct FaSwz {
+    unsigned char* p;
+};
+// The byte offset of element (row, col) of a swizzled tile of N rows.
+template <int N>
+__device__ __forceinline__ unsigned fa_swz(int row, int col) {
+    return (unsigned)((col >> 6) * N * 128 + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) +
+                      (col & 7) * 2);
+}
+template <int N>
+__device__ __forceinline__ unsigned char* fa_at(FaSwz<N> t, int row, int col) {
+    return t.p + fa_swz<N>(row, col);
+}
+
 // Starts copying N rows (from row `first`, of `count` in all) of a tensor into a shared tile,
 // zeros past the last row; every copy is in flight at once (the caller commits and waits). The
 // block's NT threads each copy 16 bytes of a row, the same column every pass.
 // GROUPED: rows are (position, head in group) of r heads; else row i is position i. With `y`,
 // the same rows of a second tensor (strides yb, yk, yl) go to `ytile`.
-template <int D, int N, bool GROUPED, int NT = FA_WARPS * 32>
-__device__ __forceinline__ void fa_load(unsigned short (*tile)[D + FA_PAD],
-                                        const unsigned short* __restrict__ x, int g, int nk,
-                                        int r, int first, int count, long sb, long sk, long sl,
-                                        unsigned short (*ytile)[D + FA_PAD] = nullptr,
+// A tile is a padded array (rows of D + FA_PAD) or a `FaSwz` (fa_at gives an element's address).
+template <int D, int N, bool GROUPED, int NT = FA_WARPS * 32, class Tile>
+__device__ __forceinline__ void fa_load(Tile tile, const unsigned short* __restrict__ x, int g,
+                                        int nk, int r, int first, int count, long sb, long sk,
+                                        long sl, Tile ytile = Tile(),
                                         const unsigned short* __restrict__ y = nullptr,
                                         long yb = 0, long yk = 0, long yl = 0) {
     constexpr int per_row = D / 8;                 // 16-byte copies per row
@@ -152,8 +176,8 @@ __device__ __forceinline__ void fa_load(unsigned short (*tile)[D + FA_PAD],
             pos = pos / r;
             head = (ok ? i : 0) - pos * r;
         }
-        fa_cp16(&tile[row][col], xs + pos * sl + (long)head * D, ok);
-        if (ys) fa_cp16(&ytile[row][col], ys + pos * yl + (long)head * D, ok);
+        fa_cp16(fa_at(tile, row, col), xs + pos * sl + (long)head * D, ok);
+        if (ys) fa_cp16(fa_at(ytile, row, col), ys + pos * yl + (long)head * D, ok);
     }
 }
 
@@ -636,12 +660,11 @@ typedef unsigned short FaDsRow[FA_QT + FA_PAD];
 
 // The query gradient's share of a block of KB = 16 * W keys for FA_QT query rows from i0, added
 // atomically into `dqacc` (f32, rows of D, unscaled): dS (FA_QT x KB, `dss` holding it
-// transposed) times the block's keys `ks` (KB x D). Warp w takes the 16 rows from 16 (w % 4)
-// and D / (W / 4) columns from the (w / 4)-th.
-template <int D, int W>
-__device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* dss,
-                                          unsigned short (*ks)[D + FA_PAD], int i0, int rows,
-                                          int warp, int lane) {
+// transposed) times the block's keys `ks` (KB x D, padded or swizzled). Warp w takes the 16
+// rows from 16 (w % 4) and D / (W / 4) columns from the (w / 4)-th.
+template <int D, int W, class Tile>
+__device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* dss, Tile ks,
+                                          int i0, int rows, int warp, int lane) {
     static_assert(W % 4 == 0 && FA_QT == 64, "four warps of 16 rows cover a query tile");
     constexpr int DC = D / (W / 4);  // columns a warp
     static_assert(DC % 16 == 0, "a warp's columns are whole pairs of 8-column tiles");
@@ -659,7 +682,7 @@ __device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* ds
 #pragma unroll
         for (int dp = 0; dp < DC / 16; ++dp) {
             unsigned bf[4];
-            fa_ldsm_t(bf, &ks[c * 16 + (lane & 15)][c0 + (2 * dp + (lane >> 4)) * 8]);
+            fa_ldsm_t(bf, fa_at(ks, c * 16 + (lane & 15), c0 + (2 * dp + (lane >> 4)) * 8));
             fa_mma(acc[2 * dp], a, bf[0], bf[1]);
             fa_mma(acc[2 * dp + 1], a, bf[2], bf[3]);
         }
@@ -674,6 +697,43 @@ __device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* ds
     }
 }
 
+// The key/value backward's end: this lane's rows ka and kb (= ka + 8) of dk = scale * dka and of
+// dv = dva (C tiles over D), rounded to bf16, where they are keys of the sequence.
+template <int D>
+__device__ __forceinline__ void fa_dkdv_store(unsigned short* __restrict__ dkey,
+                                              unsigned short* __restrict__ dval,
+                                              float (*dka)[4], float (*dva)[4], int g, int nk,
+                                              int l, int ka, int kb, int tq, long gkb, long gkk,
+                                              long gkl, long gvb, long gvk, long gvl,
+                                              float scale) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int key = h ? kb : ka;
+        if (key >= l) continue;
+        unsigned short* y = dkey + fa_row(g, nk, 1, key, gkb, gkk, gkl, D);
+        unsigned short* z = dval + fa_row(g, nk, 1, key, gvb, gvk, gvl, D);
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t) {
+            *(unsigned*)(y + t * 8 + 2 * tq) =
+                fa_pack(dka[t][2 * h] * scale, dka[t][2 * h + 1] * scale);
+            *(unsigned*)(z + t * 8 + 2 * tq) = fa_pack(dva[t][2 * h], dva[t][2 * h + 1]);
+        }
+    }
+}
+
+// The key/value backward's parameters, and the same names as arguments.
+#define FA_KV_PARAMS                                                                           \
+    const unsigned short *__restrict__ q, const unsigned short *__restrict__ k,                \
+        const unsigned short *__restrict__ v, const unsigned short *__restrict__ dout,         \
+        const float *__restrict__ lse, const float *__restrict__ delta,                        \
+        unsigned short *__restrict__ dkey, unsigned short *__restrict__ dval,                  \
+        float *__restrict__ dqacc, int nk, int r, int l, long qb, long qk, long ql, long kb,   \
+        long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl, long gkb,      \
+        long gkk, long gkl, long gvb, long gvk, long gvl, float sl2, float scale, int g, int bx
+#define FA_KV_ARGS                                                                             \
+    q, k, v, dout, lse, delta, dkey, dval, dqacc, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, \
+        db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2, scale, g, bx
+
 // Backward, the key/value side: dv = P^T dO and dk = scale * dS^T q, summed over every query
 // row of the group (all R heads) that sees the keys. One block of W warps per 16 * W keys of
 // group g (block `bx`; the first keys, seen by the most rows, first), each warp 16 keys, over tiles
@@ -684,18 +744,7 @@ __device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* ds
 // (`fa_dq_add`, into dqacc: B * K groups of L * R rows of D, f32, unscaled).
 // Dynamic shared memory: k, v, q and dO tiles, the rows' lse and delta, and with Q two dS tiles.
 template <int D, int W, bool Q>
-__device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
-                               const unsigned short* __restrict__ k,
-                               const unsigned short* __restrict__ v,
-                               const unsigned short* __restrict__ dout,
-                               const float* __restrict__ lse, const float* __restrict__ delta,
-                               unsigned short* __restrict__ dkey,
-                               unsigned short* __restrict__ dval, float* __restrict__ dqacc,
-                               int nk, int r, int l, long qb,
-                               long qk, long ql, long kb, long kk, long kl, long vb, long vk,
-                               long vl, long db, long dk, long dl, long gkb, long gkk, long gkl,
-                               long gvb, long gvk, long gvl, float sl2, float scale, int g,
-                               int bx) {
+__device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
     typedef unsigned short Row[D + FA_PAD];
     constexpr int KB = 16 * W, NT = 32 * W;  // keys and threads of a block
     extern __shared__ __align__(16) unsigned short fa_shared[];
@@ -800,24 +849,304 @@ __device__ void flash_bwd_dkdv(const unsigned short* __restrict__ q,
         fa_dq_add<D, W>(dqacc, dss + ((tiles - 1) & 1) * KB, ks, first + (tiles - 1) * FA_QT,
                         rows, warp, lane);
     }
-    if (ka < l) {
-        unsigned short* y = dkey + fa_row(g, nk, 1, ka, gkb, gkk, gkl, D);
-        unsigned short* z = dval + fa_row(g, nk, 1, ka, gvb, gvk, gvl, D);
+    fa_dkdv_store<D>(dkey, dval, dka, dva, g, nk, l, ka, kb_, tq, gkb, gkk, gkl, gvb, gvk, gvl,
+                     scale);
+}
+
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The key/value backward on Hopper's warpgroup MMA (wgmma, sm_90a only: the family compiled for
+// compute_90a). mma.sync makes each warp load its own copy of every B fragment from shared
+// memory (four warps of a block's 64 keys read a q tile four times), and the key/value backward
+// was bound by those loads (sixth session: short-scoreboard and MIO stalls, tensor pipe 38%
+// busy). A wgmma's B operand is read from shared memory once for the warpgroup's 64 rows, and
+// both S^T = k q^T and dP^T = v dO^T take their A from shared memory too; only dv += P^T dO and
+// dk += dS^T q take A (P^T, dS^T) from registers, as mma.sync's A fragments, which is also the
+// layout of a wgmma accumulator's rows: the arithmetic between the products is unchanged.
+
+#define FA_SWZ_ROW 128  // bytes of a swizzled row (64 bf16)
+
+// A shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor"): start address, leading and
+// stride byte offsets (each in 16-byte units), 128-byte swizzle.
+__device__ __forceinline__ unsigned long long fa_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr & 0x3ffff) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+// Rows r0..r0 + 63 and columns 16 c..16 c + 15 of a swizzled tile of N rows at `addr`, K-major
+// (k = the columns): 8-row groups 1024 bytes apart, a 16-column step 32 bytes into the row.
+template <int N>
+__device__ __forceinline__ unsigned long long fa_kdesc(unsigned addr, int r0, int c) {
+    return fa_desc(addr + (c >> 2) * N * FA_SWZ_ROW + r0 * FA_SWZ_ROW + (c & 3) * 32, 16, 1024);
+}
+
+// Rows 16 c..16 c + 15 (k) and every column (n) of a swizzled tile of N rows at `addr`,
+// MN-major: 8-row groups 1024 bytes apart, 64-column blocks N * 128 bytes apart.
+template <int N>
+__device__ __forceinline__ unsigned long long fa_tdesc(unsigned addr, int c) {
+    return fa_desc(addr + c * 16 * FA_SWZ_ROW, N * FA_SWZ_ROW, 1024);
+}
+
+__device__ __forceinline__ void fa_gm_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void fa_gm_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void fa_gm_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" : : "n"(N) : "memory");
+}
+// Keeps the compiler from moving reads of wgmma accumulators above the wait that ends them.
+template <int T>
+__device__ __forceinline__ void fa_gm_hold(float (*d)[4]) {
 #pragma unroll
-        for (int t = 0; t < D / 8; ++t) {
-            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(dka[t][0] * scale, dka[t][1] * scale);
-            *(unsigned*)(z + t * 8 + 2 * tq) = fa_pack(dva[t][0], dva[t][1]);
-        }
-    }
-    if (kb_ < l) {
-        unsigned short* y = dkey + fa_row(g, nk, 1, kb_, gkb, gkk, gkl, D);
-        unsigned short* z = dval + fa_row(g, nk, 1, kb_, gvb, gvk, gvl, D);
+    for (int t = 0; t < T; ++t)
+        asm volatile("" : "+f"(d[t][0]), "+f"(d[t][1]), "+f"(d[t][2]), "+f"(d[t][3])::"memory");
+}
+// Makes this thread's generic-proxy writes of shared memory (cp.async) visible to wgmma.
+__device__ __forceinline__ void fa_proxy_fence() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// S (64 x 64 over k = 16, f32) (+)= A B^T, both bf16 tiles in shared memory named by descriptors
+// (`fa_kdesc`), A's rows the warpgroup's; `accumulate` 0 overwrites d.
+__device__ __forceinline__ void fa_gm_ss64(float (*d)[4], unsigned long long da,
+                                           unsigned long long db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+        "%30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n" "}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+          "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+// d (64 x 64, f32) += A B over k = 16: A (the warp's 16 rows, mma.sync's A fragment) in
+// registers, B a shared tile stored MN-major (`fa_tdesc`).
+__device__ __forceinline__ void fa_gm_rs64(float (*d)[4], const unsigned* a,
+                                           unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+        "%30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n" "}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+          "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+// d (64 x 128, f32) += A B over k = 16: A (the warp's 16 rows, mma.sync's A fragment) in
+// registers, B a shared tile stored MN-major (`fa_tdesc`).
+__device__ __forceinline__ void fa_gm_rs128(float (*d)[4], const unsigned* a,
+                                           unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+        "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+        "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "
+        "%58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n" "}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+          "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
+          "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),
+          "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),
+          "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),
+          "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
+// dv += P^T dO or dk += dS^T q over a query tile: the 16 keys x 64 rows of this warp's C tiles
+// `p` (rounded to bf16) as A, the swizzled tile at `b` (64 rows of D) as B.
+template <int D>
+__device__ __forceinline__ void fa_gm_pb(float (*acc)[4], const unsigned (*pa)[4], unsigned b) {
 #pragma unroll
-        for (int t = 0; t < D / 8; ++t) {
-            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(dka[t][2] * scale, dka[t][3] * scale);
-            *(unsigned*)(z + t * 8 + 2 * tq) = fa_pack(dva[t][2], dva[t][3]);
-        }
+    for (int c = 0; c < FA_QT / 16; ++c) {
+        if (D == 128) fa_gm_rs128(acc, pa[c], fa_tdesc<FA_QT>(b, c));
+        else fa_gm_rs64(acc, pa[c], fa_tdesc<FA_QT>(b, c));
     }
+}
+
+// C tiles of 16 x 64 rounded to bf16 as four A fragments of 16 x 16 (fa_pb's packing).
+__device__ __forceinline__ void fa_pack_a(unsigned (*pa)[4], float (*p)[4]) {
+#pragma unroll
+    for (int c = 0; c < FA_QT / 16; ++c) {
+        pa[c][0] = fa_pack(p[2 * c][0], p[2 * c][1]);
+        pa[c][1] = fa_pack(p[2 * c][2], p[2 * c][3]);
+        pa[c][2] = fa_pack(p[2 * c + 1][0], p[2 * c + 1][1]);
+        pa[c][3] = fa_pack(p[2 * c + 1][2], p[2 * c + 1][3]);
+    }
+}
+
+// flash_bwd_dkdv on wgmma (D = 64 or 128): the same tiles, products and arithmetic; warpgroup
+// w / 4 takes the block's keys from 64 (w / 4), warp w still 16 of them. Shared tiles of k, v, q
+// and dO are swizzled (`FaSwz`) from a 1024-byte boundary (the launch's shared memory, sized
+// for padded rows, leaves room for that); dS stays padded.
+template <int D, int W, bool Q>
+__device__ void flash_bwd_dkdv_gm(FA_KV_PARAMS) {
+    static_assert(D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
+    constexpr int KB = 16 * W, NT = 32 * W;  // keys and threads of a block
+    constexpr int TB = FA_QT * D * 2;        // bytes of a q or dO tile
+    extern __shared__ __align__(16) unsigned short fa_shared[];
+    unsigned char* base = (unsigned char*)fa_shared;
+    base += (1024 - (fa_smem_addr(base) & 1023)) & 1023;
+    const FaSwz<KB> ks{base}, vs{base + KB * D * 2};
+    unsigned char* qdos = vs.p + KB * D * 2;  // two buffers of (q, dO) tiles
+    float* rowv = (float*)(qdos + 4 * TB);
+    FaDsRow* dss = (FaDsRow*)(rowv + 6 * FA_QT);
+    const int rows = l * r;
+    const int j0 = bx * KB;
+    if (Q) dqacc += (long)g * rows * D;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    const int w0 = warp * 16, wg0 = (warp / 4) * 64;
+    const int ka = j0 + w0 + gr, kb_ = ka + 8;
+    auto load_rows = [&](int i0, int b) {
+        const FaSwz<FA_QT> qs{qdos + b * 2 * TB}, dos{qdos + b * 2 * TB + TB};
+        fa_load<D, FA_QT, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql, dos, dout, db, dk,
+                                    dl);
+        float* rv = rowv + b * 3 * FA_QT;
+        const int c = threadIdx.x;
+        if (c < FA_QT) {
+            const bool ok = i0 + c < rows;
+            fa_cp4(rv + c, lse + (long)g * rows + (ok ? i0 + c : 0), ok);
+        } else if (c < 2 * FA_QT) {
+            const int cc = c - FA_QT;
+            const bool ok = i0 + cc < rows;
+            fa_cp4(rv + FA_QT + cc, delta + (long)g * rows + (ok ? i0 + cc : 0), ok);
+        }
+        if (c < FA_QT) ((int*)rv)[2 * FA_QT + c] = (i0 + c) / r;
+    };
+    fa_load<D, KB, false, NT>(ks, k, g, nk, 1, j0, l, kb, kk, kl, vs, v, vb, vk, vl);
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+        dka[t][0] = dka[t][1] = dka[t][2] = dka[t][3] = 0.f;
+        dva[t][0] = dva[t][1] = dva[t][2] = dva[t][3] = 0.f;
+    }
+    const unsigned ka_s = fa_smem_addr(ks.p), va_s = fa_smem_addr(vs.p);
+    const int first = j0 * r / FA_QT * FA_QT;
+    load_rows(first, 0);
+    fa_commit();
+    for (int i0 = first, it = 0; i0 < rows; i0 += FA_QT, ++it) {
+        unsigned char* qt = qdos + (it & 1) * 2 * TB;
+        const unsigned qa_s = fa_smem_addr(qt), da_s = qa_s + TB;
+        const float* ls = rowv + (it & 1) * 3 * FA_QT;
+        const float* des = ls + FA_QT;
+        const int* qpos = (const int*)(des + FA_QT);
+        if (i0 + FA_QT < rows) {
+            load_rows(i0 + FA_QT, (it + 1) & 1);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
+        }
+        fa_proxy_fence();
+        __syncthreads();
+        if (Q && it > 0)
+            fa_dq_add<D, W>(dqacc, dss + ((it - 1) & 1) * KB, ks, i0 - FA_QT, rows, warp, lane);
+        const bool masked = i0 / r < j0 + KB - 1;
+        // S^T = k q^T and dP^T = v dO^T, issued together; the second runs while P is computed
+        float s[FA_QT / 8][4], dp[FA_QT / 8][4];
+        fa_gm_fence();
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            fa_gm_ss64(s, fa_kdesc<KB>(ka_s, wg0, c), fa_kdesc<FA_QT>(qa_s, 0, c), c);
+        fa_gm_commit();
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            fa_gm_ss64(dp, fa_kdesc<KB>(va_s, wg0, c), fa_kdesc<FA_QT>(da_s, 0, c), c);
+        fa_gm_commit();
+        fa_gm_wait<1>();
+        fa_gm_hold<FA_QT / 8>(s);
+#pragma unroll
+        for (int n = 0; n < FA_QT / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);
+                float p = fa_exp2(fmaf(s[n][e], sl2, -ls[c]));
+                if (masked && (e < 2 ? ka : kb_) > qpos[c]) p = 0.f;
+                s[n][e] = p;
+            }
+        }
+        unsigned pa[FA_QT / 16][4];
+        fa_pack_a(pa, s);
+        fa_gm_fence();
+        fa_gm_pb<D>(dva, pa, da_s);
+        fa_gm_commit();
+        fa_gm_wait<1>();
+        fa_gm_hold<FA_QT / 8>(dp);
+#pragma unroll
+        for (int n = 0; n < FA_QT / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);
+                s[n][e] *= dp[n][e] - des[c];
+            }
+        }
+        unsigned sa[FA_QT / 16][4];
+        fa_pack_a(sa, s);
+        if (Q) {
+            // dS^T's rows of this warp's keys, rounded to bf16 as the product below rounds them
+            FaDsRow* ds = dss + (it & 1) * KB;
+#pragma unroll
+            for (int c = 0; c < FA_QT / 16; ++c) {
+                *(unsigned*)&ds[w0 + gr][c * 16 + 2 * tq] = sa[c][0];
+                *(unsigned*)&ds[w0 + gr + 8][c * 16 + 2 * tq] = sa[c][1];
+                *(unsigned*)&ds[w0 + gr][c * 16 + 8 + 2 * tq] = sa[c][2];
+                *(unsigned*)&ds[w0 + gr + 8][c * 16 + 8 + 2 * tq] = sa[c][3];
+            }
+        }
+        fa_gm_fence();
+        fa_gm_pb<D>(dka, sa, qa_s);
+        fa_gm_commit();
+        fa_gm_wait<0>();
+        fa_gm_hold<D / 8>(dva);
+        fa_gm_hold<D / 8>(dka);
+        __syncthreads();
+    }
+    if (Q) {  // the last tile's share (the loop ended on a barrier)
+        const int tiles = (rows - first + FA_QT - 1) / FA_QT;
+        fa_dq_add<D, W>(dqacc, dss + ((tiles - 1) & 1) * KB, ks, first + (tiles - 1) * FA_QT,
+                        rows, warp, lane);
+    }
+    fa_dkdv_store<D>(dkey, dval, dka, dva, g, nk, l, ka, kb_, tq, gkb, gkk, gkl, gvb, gvk, gvl,
+                     scale);
+}
+#endif
+
+// The key/value backward this family runs: on wgmma where it is compiled for sm_90a (head dims
+// 64 and 128), else on mma.sync.
+template <int D, int W, bool Q>
+__device__ __forceinline__ void flash_bwd_kv(FA_KV_PARAMS) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (D >= 64) {
+        flash_bwd_dkdv_gm<D, W, Q>(FA_KV_ARGS);
+        return;
+    }
+#endif
+    flash_bwd_dkdv<D, W, Q>(FA_KV_ARGS);
 }
 
 // The forward's entry points: NAME runs F (flash_fwd<D> or flash_fwd2<D>) in blocks of BOUNDS.
@@ -828,7 +1157,7 @@ NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v, 
      long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol, float sl2) {      \
     F(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol, sl2);         \
 }
-// The key/value backward's: NAME runs flash_bwd_dkdv<D, W, Q> (W warps a block; Q: the query
+// The key/value backward's: NAME runs flash_bwd_kv<D, W, Q> (W warps a block; Q: the query
 // gradient too, into dqacc).
 #define FLASH_DKDV(NAME, D, W, Q)                                                              \
 extern "C" __global__ void __launch_bounds__(W * 32)                                           \
@@ -837,9 +1166,9 @@ NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v, 
      unsigned short* dval, float* dqacc, int nk, int r, int l, long qb, long qk, long ql,      \
      long kb, long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl, long gkb, \
      long gkk, long gkl, long gvb, long gvk, long gvl, float sl2, float scale) {               \
-    flash_bwd_dkdv<D, W, Q>(q, k, v, dout, lse, delta, dkey, dval, dqacc, nk, r, l, qb, qk,    \
-                            ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk,   \
-                            gvl, sl2, scale, blockIdx.y, blockIdx.x);                          \
+    flash_bwd_kv<D, W, Q>(q, k, v, dout, lse, delta, dkey, dval, dqacc, nk, r, l, qb, qk, ql,  \
+                          kb, kk, kl, vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl,    \
+                          sl2, scale, blockIdx.y, blockIdx.x);                                 \
 }
 // Both backwards in one launch, for short sequences (where either alone leaves SMs idle), four
 // warps a block, two blocks an SM: the key/value kernel's `nkv` blocks of each of the `groups`
@@ -858,9 +1187,9 @@ flash_bwd_both_w4_d##D(const unsigned short* q, const unsigned short* k,        
                        int groups) {                                                           \
     const int b = blockIdx.x, kvb = nkv * groups;                                              \
     if (b < kvb)                                                                               \
-        flash_bwd_dkdv<D, 4, false>(q, k, v, dout, lse, delta, dkey, dval, nullptr, nk, r, l,  \
-                                    qb, qk, ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gkb, gkk,  \
-                                    gkl, gvb, gvk, gvl, sl2, scale, b % groups, b / groups);   \
+        flash_bwd_kv<D, 4, false>(q, k, v, dout, lse, delta, dkey, dval, nullptr, nk, r, l,    \
+                                  qb, qk, ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gkb, gkk,    \
+                                  gkl, gvb, gvk, gvl, sl2, scale, b % groups, b / groups);     \
     else                                                                                       \
         flash_bwd_dq<D, 4>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl,    \
                            vb, vk, vl, db, dk, dl, gqb, gqk, gql, sl2, scale,                  \
