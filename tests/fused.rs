@@ -954,10 +954,28 @@ fn flash_attention_matches_attention_in_f32() {
                 assert_eq!(diff, 0.0, "{what}: {name} of one launch against two");
             }
         }
-        // The key/value backward on the warpgroup MMA (the default on compute capability 9.0,
-        // head dims 64 and 128) against mma.sync, in each form the step launches: the same
-        // products of the same bf16 operands over the same tiles, and on an H100 the same bits
-        // (every dq, dk and dv 0 apart).
+        // The kernels on the warpgroup MMA (the default on compute capability 9.0, head dims 64
+        // and 128) against mma.sync: the forward, and the backward in each form the step
+        // launches. The same products of the same bf16 operands over the same tiles, and on an
+        // H100 the same bits (every output, lse, dq, dk and dv 0 apart).
+        {
+            let mma = Flash {
+                gmma: Some(false),
+                ..fl
+            };
+            let gm = Flash {
+                gmma: Some(true),
+                ..fl
+            };
+            let (o1, lse1) = (o.zeros_like().unwrap(), lse.zeros_like().unwrap());
+            let (o2, lse2) = (o.zeros_like().unwrap(), lse.zeros_like().unwrap());
+            gm.forward(&g, (&qr, &kr, &v), &o1, &lse1).unwrap();
+            mma.forward(&g, (&qr, &kr, &v), &o2, &lse2).unwrap();
+            for (name, a, b) in [("output", &o1, &o2), ("lse", &lse1, &lse2)] {
+                let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
+                assert_eq!(diff, 0.0, "{what}: the {name}, wgmma against mma.sync");
+            }
+        }
         for (keys, dq_kernel, one_launch) in [
             (64, true, true),
             (64, true, false),

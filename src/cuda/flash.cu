@@ -5,8 +5,8 @@
 // buffer with atomic adds, as FlashAttention-2 does, or, with `flash_bwd_dq`, the queries'
 // gradient comes from a second kernel that recomputes the probabilities once more and adds
 // nothing atomically). Products are warp-level mma.sync m16n8k16 (bf16 in, f32 accumulate;
-// sm_80 and newer), or, in the key/value backward compiled for sm_90a, warpgroup-level wgmma
-// (`flash_bwd_dkdv_gm`); softmax arithmetic is f32.
+// sm_80 and newer), or, compiled for sm_90a at head dims 64 and 128, warpgroup-level wgmma
+// (`flash_fwd2_gm`, `flash_bwd_dq_gm`, `flash_bwd_dkdv_gm`); softmax arithmetic is f32.
 //
 // Rows: the R query heads that share a key/value head are read as one matrix of L * R rows,
 // position-major (row i is position i / R, head i % R of the group), so a block of query rows
@@ -331,6 +331,38 @@ __device__ __forceinline__ void fa_softmax_tile(float (*s)[4], float (*acc)[4], 
     }
 }
 
+// This lane's rows ra and ra + 8 of a 16-row tile of C tiles `acc` (16 x D) times fa and fb,
+// in bf16, into rows ra and ra + 8 of group g of a tensor addressed as fa_row does, where they
+// are below `rows`.
+template <int D>
+__device__ __forceinline__ void fa_store_rows(unsigned short* __restrict__ y, float (*acc)[4],
+                                              int ra, float fa, float fb, int g, int nk, int r,
+                                              int rows, int tq, long sb, long sk, long sl) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int i = ra + 8 * h;
+        if (i >= rows) continue;
+        const float f = h ? fb : fa;
+        unsigned short* p = y + fa_row(g, nk, r, i, sb, sk, sl, D);
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t)
+            *(unsigned*)(p + t * 8 + 2 * tq) = fa_pack(acc[t][2 * h] * f, acc[t][2 * h + 1] * f);
+    }
+}
+
+// The forward's end for one 16-row tile: the row sums (la, lb: this lane's share) summed over
+// the quad, o = acc / sum, and lse = max + log2(sum) (the maxima ma, mb kept scaled).
+template <int D>
+__device__ __forceinline__ void fa_fwd_end(unsigned short* __restrict__ o, float* __restrict__ lse,
+                                           float (*acc)[4], float ma, float mb, float la,
+                                           float lb, int ra, int g, int nk, int r, int rows,
+                                           int tq, long ob, long ok, long ol) {
+    const float sa = fa_quad_sum(la), sb = fa_quad_sum(lb);
+    fa_store_rows<D>(o, acc, ra, 1.f / sa, 1.f / sb, g, nk, r, rows, tq, ob, ok, ol);
+    if (tq == 0 && ra < rows) lse[(long)g * rows + ra] = ma + log2f(sa);
+    if (tq == 0 && ra + 8 < rows) lse[(long)g * rows + ra + 8] = mb + log2f(sb);
+}
+
 // Forward: o = softmax(scale * q k^T, causal) v and, per row, the log-sum-exp of the scaled
 // scores in base 2 (lse[g * L * R + i]; the backward's p = 2^(s * sl2 - lse)). One block of
 // FA_WARPS warps per FA_BM query rows of a group (blockIdx.y), the rows with the most keys first;
@@ -395,23 +427,7 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
         fa_pb<D, FA_BN / 16>(acc, s, vs, lane);
         __syncthreads();  // (the buffer is copied into again two tiles on)
     }
-    la = fa_quad_sum(la);
-    lb = fa_quad_sum(lb);
-    const float ia = 1.f / la, ib = 1.f / lb;
-    if (ra < rows) {
-        unsigned short* y = o + fa_row(g, nk, r, ra, ob, ok, ol, D);
-#pragma unroll
-        for (int t = 0; t < D / 8; ++t)
-            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[t][0] * ia, acc[t][1] * ia);
-        if (tq == 0) lse[(long)g * rows + ra] = ma + log2f(la);
-    }
-    if (rb < rows) {
-        unsigned short* y = o + fa_row(g, nk, r, rb, ob, ok, ol, D);
-#pragma unroll
-        for (int t = 0; t < D / 8; ++t)
-            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[t][2] * ib, acc[t][3] * ib);
-        if (tq == 0) lse[(long)g * rows + rb] = mb + log2f(lb);
-    }
+    fa_fwd_end<D>(o, lse, acc, ma, mb, la, lb, ra, g, nk, r, rows, tq, ob, ok, ol);
 }
 
 // Forward, two row tiles a warp (FlashAttention-2's layout): FA_FWD_WARPS warps of 32 query
@@ -420,13 +436,15 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
 // 16 rows a warp did, and each warp has two independent chains of products and of softmax.
 // Output and lse as flash_fwd's (same arithmetic per row).
 #define FA_FWD_WARPS 4
+// The forward's parameters, and the same names as arguments.
+#define FA_FWD_PARAMS                                                                          \
+    const unsigned short *__restrict__ q, const unsigned short *__restrict__ k,                \
+        const unsigned short *__restrict__ v, unsigned short *__restrict__ o,                  \
+        float *__restrict__ lse, int nk, int r, int l, long qb, long qk, long ql, long kb,     \
+        long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol, float sl2
+#define FA_FWD_ARGS q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol, sl2
 template <int D>
-__device__ void flash_fwd2(const unsigned short* __restrict__ q,
-                           const unsigned short* __restrict__ k,
-                           const unsigned short* __restrict__ v, unsigned short* __restrict__ o,
-                           float* __restrict__ lse, int nk, int r, int l, long qb, long qk,
-                           long ql, long kb, long kk, long kl, long vb, long vk, long vl, long ob,
-                           long ok, long ol, float sl2) {
+__device__ void flash_fwd2(FA_FWD_PARAMS) {
     typedef unsigned short Row[D + FA_PAD];
     constexpr int NT = FA_FWD_WARPS * 32;
     static_assert(FA_FWD_WARPS * 32 == FA_BM, "a warp takes 32 of the block's rows");
@@ -514,24 +532,9 @@ __device__ void flash_fwd2(const unsigned short* __restrict__ q,
         __syncthreads();  // (the buffer is copied into again two tiles on)
     }
 #pragma unroll
-    for (int m = 0; m < 2; ++m) {
-        const float sa = fa_quad_sum(la[m]), sb = fa_quad_sum(lb[m]);
-        const float ia = 1.f / sa, ib = 1.f / sb;
-        if (ra[m] < rows) {
-            unsigned short* y = o + fa_row(g, nk, r, ra[m], ob, ok, ol, D);
-#pragma unroll
-            for (int t = 0; t < D / 8; ++t)
-                *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[m][t][0] * ia, acc[m][t][1] * ia);
-            if (tq == 0) lse[(long)g * rows + ra[m]] = ma[m] + log2f(sa);
-        }
-        if (rb[m] < rows) {
-            unsigned short* y = o + fa_row(g, nk, r, rb[m], ob, ok, ol, D);
-#pragma unroll
-            for (int t = 0; t < D / 8; ++t)
-                *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[m][t][2] * ib, acc[m][t][3] * ib);
-            if (tq == 0) lse[(long)g * rows + rb[m]] = mb[m] + log2f(sb);
-        }
-    }
+    for (int m = 0; m < 2; ++m)
+        fa_fwd_end<D>(o, lse, acc[m], ma[m], mb[m], la[m], lb[m], ra[m], g, nk, r, rows, tq, ob,
+                      ok, ol);
 }
 
 // The backward's per-row term delta = sum(dO * O) (delta[g * L * R + i]): d / 8 lanes a row,
@@ -585,16 +588,19 @@ extern "C" __global__ void flash_dq_store(const float* __restrict__ acc,
 // Backward, the query side: dq = scale * dS k, dS = P * (dO v^T - delta), one block of W warps
 // per 16 * W query rows of group g, the rows with the most keys first (block `bx` of `nbx`).
 // Dynamic shared memory: q, dO, k and v tiles.
+// The query-side backward's parameters, and the same names as arguments.
+#define FA_DQ_PARAMS                                                                           \
+    const unsigned short *__restrict__ q, const unsigned short *__restrict__ k,                \
+        const unsigned short *__restrict__ v, const unsigned short *__restrict__ dout,         \
+        const float *__restrict__ lse, const float *__restrict__ delta,                        \
+        unsigned short *__restrict__ dq, int nk, int r, int l, long qb, long qk, long ql,      \
+        long kb, long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,       \
+        long gb, long gk, long gl, float sl2, float scale, int g, int bx, int nbx
+#define FA_DQ_ARGS                                                                             \
+    q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gb, \
+        gk, gl, sl2, scale, g, bx, nbx
 template <int D, int W>
-__device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
-                             const unsigned short* __restrict__ k,
-                             const unsigned short* __restrict__ v,
-                             const unsigned short* __restrict__ dout,
-                             const float* __restrict__ lse, const float* __restrict__ delta,
-                             unsigned short* __restrict__ dq, int nk, int r, int l, long qb,
-                             long qk, long ql, long kb, long kk, long kl, long vb, long vk,
-                             long vl, long db, long dk, long dl, long gb, long gk, long gl,
-                             float sl2, float scale, int g, int bx, int nbx) {
+__device__ void flash_bwd_dq(FA_DQ_PARAMS) {
     typedef unsigned short Row[D + FA_PAD];
     constexpr int BM = 16 * W, NT = 32 * W;  // rows and threads of a block
     extern __shared__ __align__(16) unsigned short fa_shared[];
@@ -641,18 +647,7 @@ __device__ void flash_bwd_dq(const unsigned short* __restrict__ q,
         fa_pb<D, FA_BN / 16>(acc, s, ks, lane);
         __syncthreads();
     }
-    if (ra < rows) {
-        unsigned short* y = dq + fa_row(g, nk, r, ra, gb, gk, gl, D);
-#pragma unroll
-        for (int t = 0; t < D / 8; ++t)
-            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[t][0] * scale, acc[t][1] * scale);
-    }
-    if (rb < rows) {
-        unsigned short* y = dq + fa_row(g, nk, r, rb, gb, gk, gl, D);
-#pragma unroll
-        for (int t = 0; t < D / 8; ++t)
-            *(unsigned*)(y + t * 8 + 2 * tq) = fa_pack(acc[t][2] * scale, acc[t][3] * scale);
-    }
+    fa_store_rows<D>(dq, acc, ra, scale, scale, g, nk, r, rows, tq, gb, gk, gl);
 }
 
 // A shared tile of dS for FA_QT query rows, stored transposed (a row a key).
@@ -694,30 +689,6 @@ __device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* ds
         const int col = c0 + t * 8 + 2 * tq;
         if (ra < rows) fa_red2(dqacc + (long)ra * D + col, acc[t][0], acc[t][1]);
         if (rb < rows) fa_red2(dqacc + (long)rb * D + col, acc[t][2], acc[t][3]);
-    }
-}
-
-// The key/value backward's end: this lane's rows ka and kb (= ka + 8) of dk = scale * dka and of
-// dv = dva (C tiles over D), rounded to bf16, where they are keys of the sequence.
-template <int D>
-__device__ __forceinline__ void fa_dkdv_store(unsigned short* __restrict__ dkey,
-                                              unsigned short* __restrict__ dval,
-                                              float (*dka)[4], float (*dva)[4], int g, int nk,
-                                              int l, int ka, int kb, int tq, long gkb, long gkk,
-                                              long gkl, long gvb, long gvk, long gvl,
-                                              float scale) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int key = h ? kb : ka;
-        if (key >= l) continue;
-        unsigned short* y = dkey + fa_row(g, nk, 1, key, gkb, gkk, gkl, D);
-        unsigned short* z = dval + fa_row(g, nk, 1, key, gvb, gvk, gvl, D);
-#pragma unroll
-        for (int t = 0; t < D / 8; ++t) {
-            *(unsigned*)(y + t * 8 + 2 * tq) =
-                fa_pack(dka[t][2 * h] * scale, dka[t][2 * h + 1] * scale);
-            *(unsigned*)(z + t * 8 + 2 * tq) = fa_pack(dva[t][2 * h], dva[t][2 * h + 1]);
-        }
     }
 }
 
@@ -849,14 +820,14 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
         fa_dq_add<D, W>(dqacc, dss + ((tiles - 1) & 1) * KB, ks, first + (tiles - 1) * FA_QT,
                         rows, warp, lane);
     }
-    fa_dkdv_store<D>(dkey, dval, dka, dva, g, nk, l, ka, kb_, tq, gkb, gkk, gkl, gvb, gvk, gvl,
-                     scale);
+    fa_store_rows<D>(dkey, dka, ka, scale, scale, g, nk, 1, l, tq, gkb, gkk, gkl);
+    fa_store_rows<D>(dval, dva, ka, 1.f, 1.f, g, nk, 1, l, tq, gvb, gvk, gvl);
 }
 
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The key/value backward on Hopper's warpgroup MMA (wgmma, sm_90a only: the family compiled for
-// compute_90a). mma.sync makes each warp load its own copy of every B fragment from shared
+// The kernels on Hopper's warpgroup MMA (wgmma, sm_90a only: the family compiled for
+// compute_90a), first the key/value backward. mma.sync makes each warp load its own copy of every B fragment from shared
 // memory (four warps of a block's 64 keys read a q tile four times), and the key/value backward
 // was bound by those loads (sixth session: short-scoreboard and MIO stalls, tensor pipe 38%
 // busy). A wgmma's B operand is read from shared memory once for the warpgroup's 64 rows, and
@@ -1131,8 +1102,200 @@ __device__ void flash_bwd_dkdv_gm(FA_KV_PARAMS) {
         fa_dq_add<D, W>(dqacc, dss + ((tiles - 1) & 1) * KB, ks, first + (tiles - 1) * FA_QT,
                         rows, warp, lane);
     }
-    fa_dkdv_store<D>(dkey, dval, dka, dva, g, nk, l, ka, kb_, tq, gkb, gkk, gkl, gvb, gvk, gvl,
-                     scale);
+    fa_store_rows<D>(dkey, dka, ka, scale, scale, g, nk, 1, l, tq, gkb, gkk, gkl);
+    fa_store_rows<D>(dval, dva, ka, 1.f, 1.f, g, nk, 1, l, tq, gvb, gvk, gvl);
+}
+
+// The (k, v) pipeline of flash_fwd / flash_bwd_dq over swizzled tiles: two buffers of a k and a
+// v tile (FA_BN rows each) at `kvs`; fa_kv_tile_gm starts copying tile j + 1 into the other
+// buffer, waits for tile j, makes it visible to wgmma and returns its k tile (v follows).
+template <int D, int NT>
+__device__ __forceinline__ void fa_kv_load_gm(unsigned char* buf,
+                                              const unsigned short* __restrict__ k,
+                                              const unsigned short* __restrict__ v, int g, int nk,
+                                              int k0, int l, long kb, long kk, long kl, long vb,
+                                              long vk, long vl) {
+    const FaSwz<FA_BN> kt{buf}, vt{buf + FA_BN * D * 2};
+    fa_load<D, FA_BN, false, NT>(kt, k, g, nk, 1, k0, l, kb, kk, kl, vt, v, vb, vk, vl);
+    fa_commit();
+}
+
+template <int D, int NT>
+__device__ __forceinline__ unsigned char* fa_kv_tile_gm(unsigned char* kvs, int j, int tiles,
+                                                        const unsigned short* __restrict__ k,
+                                                        const unsigned short* __restrict__ v,
+                                                        int g, int nk, int l, long kb, long kk,
+                                                        long kl, long vb, long vk, long vl) {
+    constexpr int TB = FA_BN * D * 2;
+    if (j + 1 < tiles) {
+        fa_kv_load_gm<D, NT>(kvs + ((j + 1) & 1) * 2 * TB, k, v, g, nk, (j + 1) * FA_BN, l, kb,
+                             kk, kl, vb, vk, vl);
+        fa_wait<1>();
+    } else {
+        fa_wait<0>();
+    }
+    fa_proxy_fence();
+    __syncthreads();
+    return kvs + (j & 1) * 2 * TB;
+}
+
+// The shared memory of a wgmma kernel, from its first 1024-byte boundary.
+__device__ __forceinline__ unsigned char* fa_gm_base() {
+    extern __shared__ __align__(16) unsigned short fa_shared[];
+    unsigned char* base = (unsigned char*)fa_shared;
+    return base + ((1024 - (fa_smem_addr(base) & 1023)) & 1023);
+}
+
+// flash_fwd2 on wgmma (D = 64 or 128): the block's FA_BM = 128 rows as two tiles of 64 for the
+// one warpgroup (warp w: rows 16 w.. of each), the same key tiles, softmax and products, so
+// the same output and lse per row.
+template <int D>
+__device__ void flash_fwd2_gm(FA_FWD_PARAMS) {
+    static_assert(D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
+    static_assert(FA_FWD_WARPS == 4 && FA_BM == 128, "one warpgroup, two tiles of 64 rows");
+    constexpr int NT = FA_FWD_WARPS * 32;
+    unsigned char* base = fa_gm_base();
+    const FaSwz<FA_BM> qs{base};
+    unsigned char* kvs = base + FA_BM * D * 2;  // two buffers of (k, v) tiles
+    const int g = blockIdx.y;
+    const int rows = l * r;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_BM;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    int ra[2], rb[2], pa[2], pb[2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        ra[m] = i0 + 64 * m + 16 * warp + gr;
+        rb[m] = ra[m] + 8;
+        pa[m] = ra[m] / r;
+        pb[m] = rb[m] / r;
+    }
+    fa_load<D, FA_BM, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql);
+    fa_kv_load_gm<D, NT>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);  // (commits q too)
+    const unsigned qa_s = fa_smem_addr(qs.p);
+    float acc[2][D / 8][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int t = 0; t < D / 8; ++t) acc[m][t][0] = acc[m][t][1] = acc[m][t][2] = acc[m][t][3] = 0.f;
+    float ma[2] = {FA_NEG_INF, FA_NEG_INF}, mb[2] = {FA_NEG_INF, FA_NEG_INF};
+    float la[2] = {0.f, 0.f}, lb[2] = {0.f, 0.f};
+    const int last = (i0 + FA_BM < rows ? i0 + FA_BM : rows) - 1;
+    const int pmin = i0 / r;
+    const int tiles = last / r / FA_BN + 1;
+    for (int j = 0; j < tiles; ++j) {
+        const int k0 = j * FA_BN;
+        const unsigned ka_s = fa_smem_addr(
+            fa_kv_tile_gm<D, NT>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl));
+        const unsigned va_s = ka_s + FA_BN * D * 2;
+        float s[2][FA_BN / 8][4];
+        fa_gm_fence();
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int c = 0; c < D / 16; ++c)
+                fa_gm_ss64(s[m], fa_kdesc<FA_BM>(qa_s, 64 * m, c), fa_kdesc<FA_BN>(ka_s, 0, c), c);
+        fa_gm_commit();
+        fa_gm_wait<0>();  // (also the previous tile's acc += P v)
+        const bool masked = k0 + FA_BN - 1 > pmin;
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+            fa_gm_hold<FA_BN / 8>(s[m]);
+            fa_gm_hold<D / 8>(acc[m]);
+            fa_softmax_tile<D>(s[m], acc[m], ma[m], mb[m], la[m], lb[m], k0, masked, pa[m], pb[m],
+                               tq, sl2);
+        }
+        unsigned pf[2][FA_BN / 16][4];
+        fa_pack_a(pf[0], s[0]);
+        fa_pack_a(pf[1], s[1]);
+        fa_gm_fence();
+#pragma unroll
+        for (int m = 0; m < 2; ++m) fa_gm_pb<D>(acc[m], pf[m], va_s);
+        fa_gm_commit();
+        fa_gm_wait<0>();
+#pragma unroll
+        for (int m = 0; m < 2; ++m) fa_gm_hold<D / 8>(acc[m]);
+        __syncthreads();  // (the buffer is copied into again two tiles on)
+    }
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+        fa_fwd_end<D>(o, lse, acc[m], ma[m], mb[m], la[m], lb[m], ra[m], g, nk, r, rows, tq, ob,
+                      ok, ol);
+}
+
+// flash_bwd_dq on wgmma (D = 64 or 128): warpgroup w / 4 takes the block's rows from 64 (w / 4),
+// warp w still 16 of them; the same key tiles and arithmetic, so the same dq.
+template <int D, int W>
+__device__ void flash_bwd_dq_gm(FA_DQ_PARAMS) {
+    static_assert(D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
+    static_assert(FA_BN == FA_QT, "fa_gm_pb takes tiles of FA_QT rows");
+    constexpr int BM = 16 * W, NT = 32 * W;  // rows and threads of a block
+    unsigned char* base = fa_gm_base();
+    const FaSwz<BM> qs{base}, dos{base + BM * D * 2};
+    unsigned char* kvs = dos.p + BM * D * 2;  // two buffers of (k, v) tiles
+    const int rows = l * r;
+    const int i0 = (nbx - 1 - bx) * BM;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+    const int wg0 = (warp / 4) * 64;
+    const int ra = i0 + 16 * warp + gr, rb = ra + 8;
+    const int pa = ra / r, pb = rb / r;
+    fa_load<D, BM, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql, dos, dout, db, dk, dl);
+    fa_kv_load_gm<D, NT>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
+    const float lsa = ra < rows ? lse[(long)g * rows + ra] : 0.f;
+    const float lsb = rb < rows ? lse[(long)g * rows + rb] : 0.f;
+    const float dea = ra < rows ? delta[(long)g * rows + ra] : 0.f;
+    const float deb = rb < rows ? delta[(long)g * rows + rb] : 0.f;
+    const unsigned qa_s = fa_smem_addr(qs.p), da_s = fa_smem_addr(dos.p);
+    float acc[D / 8][4];
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    const int last = (i0 + BM < rows ? i0 + BM : rows) - 1;
+    const int pmin = i0 / r;
+    const int tiles = last / r / FA_BN + 1;
+    for (int j = 0; j < tiles; ++j) {
+        const int k0 = j * FA_BN;
+        const unsigned ka_s = fa_smem_addr(
+            fa_kv_tile_gm<D, NT>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl));
+        const unsigned va_s = ka_s + FA_BN * D * 2;
+        float s[FA_BN / 8][4], dp[FA_BN / 8][4];
+        fa_gm_fence();
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            fa_gm_ss64(s, fa_kdesc<BM>(qa_s, wg0, c), fa_kdesc<FA_BN>(ka_s, 0, c), c);
+        fa_gm_commit();
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            fa_gm_ss64(dp, fa_kdesc<BM>(da_s, wg0, c), fa_kdesc<FA_BN>(va_s, 0, c), c);
+        fa_gm_commit();
+        fa_gm_wait<1>();
+        fa_gm_hold<FA_BN / 8>(s);
+        const bool masked = k0 + FA_BN - 1 > pmin;
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + n * 8 + 2 * tq + (e & 1);
+                const bool a = e < 2;
+                float p = fa_exp2(fmaf(s[n][e], sl2, -(a ? lsa : lsb)));
+                if (masked && key > (a ? pa : pb)) p = 0.f;
+                s[n][e] = p;
+            }
+        }
+        fa_gm_wait<0>();
+        fa_gm_hold<FA_BN / 8>(dp);
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] *= dp[n][e] - (e < 2 ? dea : deb);
+        unsigned pa_[FA_BN / 16][4];
+        fa_pack_a(pa_, s);
+        fa_gm_fence();
+        fa_gm_pb<D>(acc, pa_, ka_s);
+        fa_gm_commit();
+        fa_gm_wait<0>();
+        fa_gm_hold<D / 8>(acc);
+        __syncthreads();  // (the buffer is copied into again two tiles on)
+    }
+    fa_store_rows<D>(dq, acc, ra, scale, scale, g, nk, r, rows, tq, gb, gk, gl);
 }
 #endif
 
@@ -1147,6 +1310,30 @@ __device__ __forceinline__ void flash_bwd_kv(FA_KV_PARAMS) {
     }
 #endif
     flash_bwd_dkdv<D, W, Q>(FA_KV_ARGS);
+}
+
+// The forward (two row tiles a warp) and the query-side backward this family runs: as
+// flash_bwd_kv chooses.
+template <int D>
+__device__ __forceinline__ void flash_fwd2_kernel(FA_FWD_PARAMS) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (D >= 64) {
+        flash_fwd2_gm<D>(FA_FWD_ARGS);
+        return;
+    }
+#endif
+    flash_fwd2<D>(FA_FWD_ARGS);
+}
+
+template <int D, int W>
+__device__ __forceinline__ void flash_bwd_q(FA_DQ_PARAMS) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (D >= 64) {
+        flash_bwd_dq_gm<D, W>(FA_DQ_ARGS);
+        return;
+    }
+#endif
+    flash_bwd_dq<D, W>(FA_DQ_ARGS);
 }
 
 // The forward's entry points: NAME runs F (flash_fwd<D> or flash_fwd2<D>) in blocks of BOUNDS.
@@ -1191,21 +1378,21 @@ flash_bwd_both_w4_d##D(const unsigned short* q, const unsigned short* k,        
                                   qb, qk, ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gkb, gkk,    \
                                   gkl, gvb, gvk, gvl, sl2, scale, b % groups, b / groups);     \
     else                                                                                       \
-        flash_bwd_dq<D, 4>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl,    \
+        flash_bwd_q<D, 4>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl,     \
                            vb, vk, vl, db, dk, dl, gqb, gqk, gql, sl2, scale,                  \
                            (b - kvb) % groups, (b - kvb) / groups,                             \
                            ((int)gridDim.x - kvb) / groups);                                   \
 }
 #define FLASH(D)                                                                               \
 FLASH_FWD(flash_fwd_d##D, __launch_bounds__(256), flash_fwd<D>)                                \
-FLASH_FWD(flash_fwd2_d##D, __launch_bounds__(FA_FWD_WARPS * 32, 2), flash_fwd2<D>)             \
+FLASH_FWD(flash_fwd2_d##D, __launch_bounds__(FA_FWD_WARPS * 32, 2), flash_fwd2_kernel<D>)      \
 extern "C" __global__ void __launch_bounds__(256)                                              \
 flash_bwd_dq_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,   \
                   const unsigned short* dout, const float* lse, const float* delta,            \
                   unsigned short* dq, int nk, int r, int l, long qb, long qk, long ql, long kb, \
                   long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,       \
                   long gb, long gk, long gl, float sl2, float scale) {                         \
-    flash_bwd_dq<D, 8>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, \
+    flash_bwd_q<D, 8>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk,  \
                        vl, db, dk, dl, gb, gk, gl, sl2, scale, blockIdx.y, blockIdx.x,         \
                        gridDim.x);                                                             \
 }                                                                                              \

@@ -6,9 +6,9 @@
 //! each block's share of the query gradient into f32 sums atomically). The step uses it for
 //! bf16 compute on cards of compute capability 8.0 and newer with a head dim of 32, 64 or 128;
 //! elsewhere `causal_attention.rs` (GEMMs and a softmax kernel over the blocked scores) stays.
-//! On compute capability 9.0 (H100, H200) the key/value backward at head dims 64 and 128 runs
-//! on the warpgroup MMA (`wgmma`: the tensor cores read q, dO, k and v from swizzled shared
-//! tiles once for four warps), with the same bits as on `mma.sync` (`Flash::gmma`).
+//! On compute capability 9.0 (H100, H200) the forward and both backwards at head dims 64 and
+//! 128 run on the warpgroup MMA (`wgmma`: the tensor cores read their shared operands from
+//! swizzled tiles once for four warps), with the same bits as on `mma.sync` (`Flash::gmma`).
 //!
 //! Every tensor is read and written in place through strides (`Rows`): q and its gradient as
 //! the step's norm + RoPE kernel lays q out, (B, K, L, R, D); k and its gradient as (B, K, L, D);
@@ -24,8 +24,8 @@ static KERNELS: Family = family!("ternlab_flash", "flash.cu", "compute_80");
 /// The same source for compute capability 9.0 and newer: two f32 atomic adds in one vector
 /// reduction (`red.global.add.v2.f32`).
 static KERNELS_90: Family = family!("ternlab_flash90", "flash.cu", "compute_90");
-/// The same source for compute capability 9.0 itself (H100, H200), whose key/value backward at
-/// head dims 64 and 128 runs on the warpgroup MMA (`wgmma`, only in sm_90a code).
+/// The same source for compute capability 9.0 itself (H100, H200), whose kernels at head dims
+/// 64 and 128 run on the warpgroup MMA (`wgmma`, only in sm_90a code).
 static KERNELS_90A: Family = family!("ternlab_flash90a", "flash.cu", "compute_90a");
 
 /// The family built for this card (`gmma`: the sm_90a one where the card takes it).
@@ -86,10 +86,11 @@ pub struct Flash {
     /// gradient has its own kernel: both backwards in one launch (`flash_bwd_both_w4`, the same
     /// bits: None or Some(true)), or two (Some(false), also `TERNLAB_FLASH_ONE_LAUNCH=0`).
     pub one_launch: Option<bool>,
-    /// On a card of compute capability 9.0, the key/value backward (head dims 64 and 128) on
-    /// the warpgroup MMA, its operands read by the tensor cores from swizzled shared tiles
-    /// (None or Some(true)); or on `mma.sync` as on other cards (Some(false), also
-    /// `TERNLAB_FLASH_GMMA=0`). The same products over the same tiles in the same order.
+    /// On a card of compute capability 9.0, the forward (two row tiles a warp), the query-side
+    /// and the key/value backward at head dims 64 and 128 on the warpgroup MMA, their shared
+    /// operands read by the tensor cores from swizzled tiles (None or Some(true)); or on
+    /// `mma.sync` as on other cards (Some(false), also `TERNLAB_FLASH_GMMA=0`). The same
+    /// products over the same tiles in the same order: the same bits.
     pub gmma: Option<bool>,
 }
 

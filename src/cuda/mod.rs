@@ -14,7 +14,7 @@
 //! | `norm` | `rmsnorm`, `rmsnorm_bwd_x[_add]`, `rmsnorm_bwd_w`, `rmsnorm_bwd_small` | `rms_norm_op` |
 //! | `attention` | `norm_rope[{2,4,8}]`, `rope_bwd`, `rope_norm_bwd{2,4,8}` (the vectorized ones take up to two sets of rows: q's and k's), `causal_softmax[_bwd]`, `swap_axes` | `norm_rope_op`, `causal_softmax_op` |
 //! | `causal_attention` | (the step's blocked attention: GEMMs + `attention`'s softmax) | |
-//! | `flash` | `flash_fwd_d{32,64,128}`, `flash_delta`, `flash_bwd_dq_d*`, `flash_bwd_dkdv[q]_d*`, `flash_bwd_both_w4_d*`, `flash_dq_store` (bf16, tensor cores, sm_80+; the key/value backward on wgmma in the sm_90a build) | |
+//! | `flash` | `flash_fwd_d{32,64,128}`, `flash_delta`, `flash_bwd_dq_d*`, `flash_bwd_dkdv[q]_d*`, `flash_bwd_both_w4_d*`, `flash_dq_store` (bf16, tensor cores, sm_80+; on wgmma in the sm_90a build at head dims 64 and 128) | |
 //! | `mlp` | `silu_mul`, `silu_mul_bwd` | `silu_mul_op` |
 //! | `residual` | `add` | |
 //! | `loss` | `cross_entropy` (loss, and the gradient when asked) | `cross_entropy_op` |
