@@ -98,7 +98,8 @@ if want tiny; then
 fi
 if want before; then
   for round in 1 2; do for bin in ternlab-before ternlab; do
-    for shape in "4 256" "16 1024"; do set -- $shape
+    # (KERNEL_SHAPES="4x4096 16x1024" for others)
+  for shape in ${KERNEL_SHAPES:-4x256 16x1024}; do set -- ${shape/x/ }
       echo "== $bin, round $round: bf16 $1 x $2"
       .device/$bin bench --set run.device=cuda --set train.dtype=bf16 --set data.batch_size=$1 \
         --set data.seq_len=$2 --steps 20 --warmup 5 --out "$out/json/$bin-$round-$1x$2.json" \
@@ -108,7 +109,8 @@ if want before; then
 fi
 if want profile; then
   # Each op of the CUDA step timed alone (a device sync around it): where a step goes.
-  for shape in "4 256" "16 1024"; do set -- $shape
+  # (KERNEL_SHAPES="4x4096 16x1024" for others)
+  for shape in ${KERNEL_SHAPES:-4x256 16x1024}; do set -- ${shape/x/ }
     echo "== profile: bf16 $1 x $2 (TERNLAB_PROFILE=1)"
     TERNLAB_PROFILE=1 $tl bench --set run.device=cuda --set train.dtype=bf16 \
       --set data.batch_size=$1 --set data.seq_len=$2 --steps 3 --warmup 2 \
@@ -123,7 +125,8 @@ if want kernels; then
   # issued instruction, by reason).
   bin=$PWD/.device/ternlab  # (ncu wants the program's absolute path)
   b=(bench --set run.device=cuda --set train.dtype=bf16)
-  for shape in "4 256" "16 1024"; do set -- $shape
+  # (KERNEL_SHAPES="4x4096 16x1024" for others)
+  for shape in ${KERNEL_SHAPES:-4x256 16x1024}; do set -- ${shape/x/ }
     echo "== kernels of one $1 x $2 step (ncu)"
     TERNLAB_CUDA_GRAPH=0 timeout 400 ncu --cache-control none --clock-control none \
       --target-processes all --launch-skip 4000 --launch-count 1800 \
@@ -156,7 +159,8 @@ fi
 on_off() {
   local var=$1 tag=$2 round v
   for round in 1 2; do for v in 1 0; do
-    for shape in "4 256" "16 1024"; do set -- $shape
+    # (KERNEL_SHAPES="4x4096 16x1024" for others)
+  for shape in ${KERNEL_SHAPES:-4x256 16x1024}; do set -- ${shape/x/ }
       echo "== $var=$v, round $round: bf16 $1 x $2"
       env "$var=$v" $tl bench --set run.device=cuda --set train.dtype=bf16 \
         --set data.batch_size=$1 --set data.seq_len=$2 --steps 20 --warmup 5 \

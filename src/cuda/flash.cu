@@ -837,6 +837,19 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
 
 #define FA_SWZ_ROW 128  // bytes of a swizzled row (64 bf16)
 
+// The shared memory of a wgmma kernel, from its first 1024-byte boundary; traps where the
+// launch gave less than `need` bytes from there (the host sizes it for padded rows).
+__device__ __forceinline__ unsigned char* fa_gm_base(unsigned need) {
+    extern __shared__ __align__(16) unsigned short fa_shared[];
+    unsigned char* base = (unsigned char*)fa_shared;
+    const unsigned skip = (1024 - (fa_smem_addr(base) & 1023)) & 1023;
+    unsigned size;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
+    if (skip + need > size) __trap();
+    return base + skip;
+}
+
+
 // A shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor"): start address, leading and
 // stride byte offsets (each in 16-byte units), 128-byte swizzle.
 __device__ __forceinline__ unsigned long long fa_desc(unsigned addr, unsigned lbo, unsigned sbo) {
@@ -980,9 +993,8 @@ __device__ void flash_bwd_dkdv_gm(FA_KV_PARAMS) {
     static_assert(D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
     constexpr int KB = 16 * W, NT = 32 * W;  // keys and threads of a block
     constexpr int TB = FA_QT * D * 2;        // bytes of a q or dO tile
-    extern __shared__ __align__(16) unsigned short fa_shared[];
-    unsigned char* base = (unsigned char*)fa_shared;
-    base += (1024 - (fa_smem_addr(base) & 1023)) & 1023;
+    unsigned char* base = fa_gm_base(2 * KB * D * 2 + 4 * TB + 6 * FA_QT * 4 +
+                                     (Q ? 2 * KB * (FA_QT + FA_PAD) * 2 : 0));
     const FaSwz<KB> ks{base}, vs{base + KB * D * 2};
     unsigned char* qdos = vs.p + KB * D * 2;  // two buffers of (q, dO) tiles
     float* rowv = (float*)(qdos + 4 * TB);
@@ -1139,12 +1151,6 @@ __device__ __forceinline__ unsigned char* fa_kv_tile_gm(unsigned char* kvs, int 
     return kvs + (j & 1) * 2 * TB;
 }
 
-// The shared memory of a wgmma kernel, from its first 1024-byte boundary.
-__device__ __forceinline__ unsigned char* fa_gm_base() {
-    extern __shared__ __align__(16) unsigned short fa_shared[];
-    unsigned char* base = (unsigned char*)fa_shared;
-    return base + ((1024 - (fa_smem_addr(base) & 1023)) & 1023);
-}
 
 // flash_fwd2 on wgmma (D = 64 or 128): the block's FA_BM = 128 rows as two tiles of 64 for the
 // one warpgroup (warp w: rows 16 w.. of each), the same key tiles, softmax and products, so
@@ -1154,7 +1160,7 @@ __device__ void flash_fwd2_gm(FA_FWD_PARAMS) {
     static_assert(D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
     static_assert(FA_FWD_WARPS == 4 && FA_BM == 128, "one warpgroup, two tiles of 64 rows");
     constexpr int NT = FA_FWD_WARPS * 32;
-    unsigned char* base = fa_gm_base();
+    unsigned char* base = fa_gm_base(FA_BM * D * 2 + 4 * FA_BN * D * 2);
     const FaSwz<FA_BM> qs{base};
     unsigned char* kvs = base + FA_BM * D * 2;  // two buffers of (k, v) tiles
     const int g = blockIdx.y;
@@ -1229,7 +1235,7 @@ __device__ void flash_bwd_dq_gm(FA_DQ_PARAMS) {
     static_assert(D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
     static_assert(FA_BN == FA_QT, "fa_gm_pb takes tiles of FA_QT rows");
     constexpr int BM = 16 * W, NT = 32 * W;  // rows and threads of a block
-    unsigned char* base = fa_gm_base();
+    unsigned char* base = fa_gm_base(2 * BM * D * 2 + 4 * FA_BN * D * 2);
     const FaSwz<BM> qs{base}, dos{base + BM * D * 2};
     unsigned char* kvs = dos.p + BM * D * 2;  // two buffers of (k, v) tiles
     const int rows = l * r;

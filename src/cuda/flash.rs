@@ -66,7 +66,8 @@ pub struct Flash {
     pub d: usize,
     pub scale: f32,
     /// Keys a block of the key/value backward takes: 128, or 64 (four warps); None chooses
-    /// (64 where blocks of 128 would be fewer than the card's SMs).
+    /// (64 where blocks of 128 would be fewer than the card's SMs). `TERNLAB_FLASH_KEYS=64` or
+    /// `128` decides for every shape.
     pub key_block: Option<usize>,
     /// Query rows a warp of the forward takes: 32 (the default), or 16 (the earlier kernel,
     /// kept to check the other against and to compare speeds:
@@ -110,7 +111,9 @@ impl Flash {
             l,
             d,
             scale: 1.0 / (d as f32).sqrt(),
-            key_block: None,
+            key_block: std::env::var("TERNLAB_FLASH_KEYS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             fwd_rows_per_warp: std::env::var("TERNLAB_FLASH_FWD_ROWS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
