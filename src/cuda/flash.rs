@@ -2,8 +2,9 @@
 //! tensor cores, FlashAttention-2's forward (online softmax over key tiles, the per-row
 //! log-sum-exp kept) and backward (probabilities recomputed from it: keys/values in one kernel
 //! and queries in another, no atomics, the two as one launch at short sequences; or, by
-//! default from `ATOMIC_DQ_FROM` positions on, one pass over keys and values that also adds
-//! each block's share of the query gradient into f32 sums atomically). The step uses it for
+//! default from `ATOMIC_DQ_FROM` positions on where the kernels run on `mma.sync`, one pass over
+//! keys and values that also adds each block's share of the query gradient into f32 sums
+//! atomically). The step uses it for
 //! bf16 compute on cards of compute capability 8.0 and newer with a head dim of 32, 64 or 128;
 //! elsewhere `causal_attention.rs` (GEMMs and a softmax kernel over the blocked scores) stays.
 //! On compute capability 9.0 (H100, H200) the forward and both backwards at head dims 64 and
@@ -79,9 +80,10 @@ pub struct Flash {
     /// The query gradient from a kernel of its own (`flash_bwd_dq`: the probabilities and dP
     /// computed a second time, no atomic adds, the same bits every run: Some(true)), or from
     /// the key/value kernel's dS through f32 atomic adds (five products instead of the two
-    /// kernels' seven, but an f32 buffer to clear and store: Some(false)). None chooses by
-    /// length: the atomic adds from `ATOMIC_DQ_FROM` positions. `TERNLAB_FLASH_DQ=kernel` or
-    /// `atomic` decides for every length.
+    /// kernels' seven, but an f32 buffer to clear and store: Some(false)). None chooses: the
+    /// query-side kernel on the warpgroup MMA (`gmma`), else the atomic adds from
+    /// `ATOMIC_DQ_FROM` positions. `TERNLAB_FLASH_DQ=kernel` or `atomic` decides for every
+    /// length.
     pub dq_kernel: Option<bool>,
     /// Where the key/value backward takes blocks of 64 keys (short sequences) and the query
     /// gradient has its own kernel: both backwards in one launch (`flash_bwd_both_w4`, the same
@@ -95,11 +97,13 @@ pub struct Flash {
     pub gmma: Option<bool>,
 }
 
-/// The sequence length from which the backward adds the query gradient atomically when
-/// `Flash::dq_kernel` leaves it open. Measured on an H200 (bench/RESULTS.md, sixth session),
-/// step times with the atomic adds against the query-side kernel: 4 x 4096 229.4 against 235.3
-/// ms; 16 x 1024 149.7 against 150.2 (a tie); 4 x 256 15.25 against 14.95 (the clearing and
-/// storing of the f32 sums costs more than the two products it saves).
+/// The sequence length from which the backward on `mma.sync` adds the query gradient atomically
+/// when `Flash::dq_kernel` leaves it open. Measured on an H200 (bench/RESULTS.md, sixth
+/// session), step times with the atomic adds against the query-side kernel: 4 x 4096 229.4
+/// against 235.3 ms; 16 x 1024 149.7 against 150.2 (a tie); 4 x 256 15.25 against 14.95 (the
+/// clearing and storing of the f32 sums costs more than the two products it saves). On the
+/// warpgroup MMA the query-side kernel is the faster at every length (H100, eighth session:
+/// 4 x 4096 201.7 against 212.6 ms), and the backward takes it.
 pub const ATOMIC_DQ_FROM: usize = 2048;
 
 impl Flash {
@@ -379,7 +383,8 @@ impl Flash {
         let w4 = if keys == BLOCK { "" } else { "_w4" };
         let kv_smem = (2 * keys / TILE + 4) * tile + 2 * 3 * TILE * 4;
         let kv_rows = [self.k_rows(), self.v_rows()];
-        if !self.dq_kernel.unwrap_or(self.l < ATOMIC_DQ_FROM) {
+        let on_gmma = std::ptr::eq(family, &KERNELS_90A) && d >= 64;
+        if !self.dq_kernel.unwrap_or(on_gmma || self.l < ATOMIC_DQ_FROM) {
             // the query gradient's f32 sums
             let acc = gpu.zeros((groups * rows, d), DType::F32)?;
             let accb = acc.buf()?;
