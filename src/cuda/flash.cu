@@ -827,13 +827,14 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The kernels on Hopper's warpgroup MMA (wgmma, sm_90a only: the family compiled for
-// compute_90a), first the key/value backward. mma.sync makes each warp load its own copy of every B fragment from shared
-// memory (four warps of a block's 64 keys read a q tile four times), and the key/value backward
-// was bound by those loads (sixth session: short-scoreboard and MIO stalls, tensor pipe 38%
-// busy). A wgmma's B operand is read from shared memory once for the warpgroup's 64 rows, and
-// both S^T = k q^T and dP^T = v dO^T take their A from shared memory too; only dv += P^T dO and
-// dk += dS^T q take A (P^T, dS^T) from registers, as mma.sync's A fragments, which is also the
-// layout of a wgmma accumulator's rows: the arithmetic between the products is unchanged.
+// compute_90a), first the key/value backward. mma.sync makes each warp load its own copy of
+// every B fragment from shared memory (four warps of a block's 64 keys read a q tile four
+// times), and the key/value backward was bound by those loads (sixth session: short-scoreboard
+// and MIO stalls, tensor pipe 38% busy). A wgmma's B operand is read from shared memory once
+// for the warpgroup's 64 rows, and both S^T = k q^T and dP^T = v dO^T take their A from shared
+// memory too; only dv += P^T dO and dk += dS^T q take A (P^T, dS^T) from registers, as
+// mma.sync's A fragments, which is also the layout of a wgmma accumulator's rows: the
+// arithmetic between the products is unchanged.
 
 #define FA_SWZ_ROW 128  // bytes of a swizzled row (64 bf16)
 
