@@ -185,6 +185,12 @@ impl Flash {
         }
     }
 
+    /// The kernel family these launches take on this card (`gmma` left open: wgmma where the
+    /// card has it).
+    fn family(&self, gpu: &Gpu) -> Result<&'static Family> {
+        kernels(gpu, self.gmma.unwrap_or(true))
+    }
+
     fn groups(&self) -> usize {
         self.b * self.k
     }
@@ -283,9 +289,7 @@ impl Flash {
             (format!("flash_fwd2_d{}", self.d), 32, 6 * self.tile())
         };
         let grid = self.grid(self.rows(), BLOCK, per_warp);
-        let launch = gpu
-            .kernel(kernels(gpu, self.gmma.unwrap_or(true))?, &name, None, grid)?
-            .smem(smem);
+        let launch = gpu.kernel(self.family(gpu)?, &name, None, grid)?.smem(smem);
         let launch = [&q, &k, &v, &o, &lse]
             .into_iter()
             .fold(launch, |a, b| a.buf(b))
@@ -327,7 +331,7 @@ impl Flash {
         let dk = gpu.empty(k.shape(), DType::BF16)?;
         let delta = gpu.empty((groups, rows), DType::F32)?;
         let (dqb, dkb, deb) = (dq.buf()?, dk.buf()?, delta.buf()?);
-        let family = kernels(gpu, self.gmma.unwrap_or(true))?;
+        let family = self.family(gpu)?;
 
         // delta = rowsum(dO * O)
         let launch = gpu.kernel(
@@ -383,6 +387,7 @@ impl Flash {
         let w4 = if keys == BLOCK { "" } else { "_w4" };
         let kv_smem = (2 * keys / TILE + 4) * tile + 2 * 3 * TILE * 4;
         let kv_rows = [self.k_rows(), self.v_rows()];
+        // (the head dims flash.cu's flash_bwd_kv and flash_bwd_q put on wgmma)
         let on_gmma = std::ptr::eq(family, &KERNELS_90A) && d >= 64;
         if !self.dq_kernel.unwrap_or(on_gmma || self.l < ATOMIC_DQ_FROM) {
             // the query gradient's f32 sums
