@@ -181,38 +181,243 @@ __device__ __forceinline__ void fa_load(Tile tile, const unsigned short* __restr
     }
 }
 
-// The forward's and the query-side backward's key/value pipeline over two buffers of (k, v)
-// tiles at `kvs`: `fa_kv_start` starts copying tile 0 into buffer 0; `fa_kv_tile` starts
-// copying tile j + 1 into the other buffer, waits for tile j and returns its k tile (its v tile
-// follows). The caller syncs after using a tile: its buffer is copied into again two tiles on.
-template <int D>
-using FaRow = unsigned short[D + FA_PAD];
+// Hopper's warpgroup MMA (wgmma, sm_90a only: the family compiled for compute_90a), which the
+// kernels below use at head dims 64 and 128 where FA_GM says so (their GM form). mma.sync makes
+// each warp load its own copy of every B fragment from shared memory (four warps of a block's
+// 64 keys read a q tile four times), and the key/value backward was bound by those loads (sixth
+// session: short-scoreboard and MIO stalls, tensor pipe 38% busy). A wgmma reads its shared
+// operands once for the warpgroup's 64 rows; products whose A is P or dS take it from
+// registers, as mma.sync's A fragments, which is also the layout of a wgmma accumulator's rows:
+// the arithmetic between the products is unchanged.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FA_SM90A 1
+#else
+#define FA_SM90A 0  // (the wgmma helpers below are empty: no kernel of this build calls them)
+#endif
+// Whether this build's kernels at head dim D run on wgmma.
+#define FA_GM(D) (FA_SM90A && (D) >= 64)
 
-template <int D, int NT = FA_WARPS * 32>
-__device__ __forceinline__ void fa_kv_load(FaRow<D>* buf, const unsigned short* __restrict__ k,
+#define FA_SWZ_ROW 128  // bytes of a swizzled row (64 bf16)
+
+// The shared memory of a wgmma kernel, from its first 1024-byte boundary; traps where the
+// launch gave less than `need` bytes from there (the host sizes it for padded rows).
+__device__ __forceinline__ unsigned char* fa_gm_base(unsigned need) {
+    extern __shared__ __align__(16) unsigned short fa_shared[];
+    unsigned char* base = (unsigned char*)fa_shared;
+    const unsigned skip = (1024 - (fa_smem_addr(base) & 1023)) & 1023;
+    unsigned size;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
+    if (skip + need > size) __trap();
+    return base + skip;
+}
+
+
+// A shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor"): start address, leading and
+// stride byte offsets (each in 16-byte units), 128-byte swizzle.
+__device__ __forceinline__ unsigned long long fa_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr & 0x3ffff) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+// Rows r0..r0 + 63 and columns 16 c..16 c + 15 of a swizzled tile of N rows at `addr`, K-major
+// (k = the columns): 8-row groups 1024 bytes apart, a 16-column step 32 bytes into the row.
+template <int N>
+__device__ __forceinline__ unsigned long long fa_kdesc(unsigned addr, int r0, int c) {
+    return fa_desc(addr + (c >> 2) * N * FA_SWZ_ROW + r0 * FA_SWZ_ROW + (c & 3) * 32, 16, 1024);
+}
+
+// Rows 16 c..16 c + 15 (k) and every column (n) of a swizzled tile of N rows at `addr`,
+// MN-major: 8-row groups 1024 bytes apart, 64-column blocks N * 128 bytes apart.
+template <int N>
+__device__ __forceinline__ unsigned long long fa_tdesc(unsigned addr, int c) {
+    return fa_desc(addr + c * 16 * FA_SWZ_ROW, N * FA_SWZ_ROW, 1024);
+}
+
+__device__ __forceinline__ void fa_gm_fence() {
+#if FA_SM90A
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fa_gm_commit() {
+#if FA_SM90A
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void fa_gm_wait() {
+#if FA_SM90A
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" : : "n"(N) : "memory");
+#endif
+}
+// Keeps the compiler from moving reads of wgmma accumulators above the wait that ends them.
+template <int T>
+__device__ __forceinline__ void fa_gm_hold(float (*d)[4]) {
+#pragma unroll
+    for (int t = 0; t < T; ++t)
+        asm volatile("" : "+f"(d[t][0]), "+f"(d[t][1]), "+f"(d[t][2]), "+f"(d[t][3])::"memory");
+}
+// Makes this thread's generic-proxy writes of shared memory (cp.async) visible to wgmma.
+__device__ __forceinline__ void fa_proxy_fence() {
+#if FA_SM90A
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// S (64 x 64 over k = 16, f32) (+)= A B^T, both bf16 tiles in shared memory named by descriptors
+// (`fa_kdesc`), A's rows the warpgroup's; `accumulate` 0 overwrites d.
+__device__ __forceinline__ void fa_gm_ss64(float (*d)[4], unsigned long long da,
+                                           unsigned long long db, int accumulate) {
+#if FA_SM90A
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+        "%30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n" "}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+          "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
+// d (64 x 64, f32) += A B over k = 16: A (the warp's 16 rows, mma.sync's A fragment) in
+// registers, B a shared tile stored MN-major (`fa_tdesc`).
+__device__ __forceinline__ void fa_gm_rs64(float (*d)[4], const unsigned* a,
+                                           unsigned long long db) {
+#if FA_SM90A
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+        "%30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n" "}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+          "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+#endif
+}
+// d (64 x 128, f32) += A B over k = 16: A (the warp's 16 rows, mma.sync's A fragment) in
+// registers, B a shared tile stored MN-major (`fa_tdesc`).
+__device__ __forceinline__ void fa_gm_rs128(float (*d)[4], const unsigned* a,
+                                           unsigned long long db) {
+#if FA_SM90A
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+        "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+        "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "
+        "%58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n" "}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+          "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
+          "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),
+          "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),
+          "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),
+          "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+#endif
+}
+
+// dv += P^T dO or dk += dS^T q over a query tile: the 16 keys x 64 rows of this warp's C tiles
+// `p` (rounded to bf16) as A, the swizzled tile at `b` (64 rows of D) as B.
+template <int D>
+__device__ __forceinline__ void fa_gm_pb(float (*acc)[4], const unsigned (*pa)[4], unsigned b) {
+#pragma unroll
+    for (int c = 0; c < FA_QT / 16; ++c) {
+        if (D == 128) fa_gm_rs128(acc, pa[c], fa_tdesc<FA_QT>(b, c));
+        else fa_gm_rs64(acc, pa[c], fa_tdesc<FA_QT>(b, c));
+    }
+}
+
+// C tiles of 16 x 64 rounded to bf16 as four A fragments of 16 x 16 (fa_pb's packing).
+__device__ __forceinline__ void fa_pack_a(unsigned (*pa)[4], float (*p)[4]) {
+#pragma unroll
+    for (int c = 0; c < FA_QT / 16; ++c) {
+        pa[c][0] = fa_pack(p[2 * c][0], p[2 * c][1]);
+        pa[c][1] = fa_pack(p[2 * c][2], p[2 * c][3]);
+        pa[c][2] = fa_pack(p[2 * c + 1][0], p[2 * c + 1][1]);
+        pa[c][3] = fa_pack(p[2 * c + 1][2], p[2 * c + 1][3]);
+    }
+}
+
+// The kernel's dynamic shared memory: from its start on mma.sync; on wgmma from its first
+// 1024-byte boundary, `need` bytes of it (fa_gm_base).
+template <bool GM>
+__device__ __forceinline__ unsigned char* fa_smem(unsigned need) {
+    extern __shared__ __align__(16) unsigned short fa_shared[];
+    if (GM) return fa_gm_base(need);
+    return (unsigned char*)fa_shared;
+}
+
+// A shared tile of N rows of D as a kernel on mma.sync (GM false: rows padded, `bytes` of them)
+// or on wgmma (GM true: swizzled) addresses it, from `p`.
+template <int D, int N, bool GM>
+struct FaTile {
+    static constexpr int bytes = N * (D + FA_PAD) * 2;
+    __device__ static unsigned short (*at(unsigned char* p))[D + FA_PAD] {
+        return (unsigned short (*)[D + FA_PAD])p;
+    }
+};
+template <int D, int N>
+struct FaTile<D, N, true> {
+    static constexpr int bytes = N * D * 2;
+    __device__ static FaSwz<N> at(unsigned char* p) { return {p}; }
+};
+
+// The forward's and the query-side backward's key/value pipeline over two buffers of (k, v)
+// tiles (FA_BN rows each, as FaTile<D, FA_BN, GM> lays them out) at `kvs`: `fa_kv_load`
+// starts copying a tile into a buffer; `fa_kv_tile` starts copying tile j + 1 into the other
+// buffer, waits for tile j (visible to wgmma too) and returns its k tile (its v tile follows).
+// The caller syncs after using a tile: its buffer is copied into again two tiles on.
+template <int D, int NT = FA_WARPS * 32, bool GM = false>
+__device__ __forceinline__ void fa_kv_load(unsigned char* buf,
+                                           const unsigned short* __restrict__ k,
                                            const unsigned short* __restrict__ v, int g, int nk,
                                            int k0, int l, long kb, long kk, long kl, long vb,
                                            long vk, long vl) {
-    fa_load<D, FA_BN, false, NT>(buf, k, g, nk, 1, k0, l, kb, kk, kl, buf + FA_BN, v, vb, vk,
-                                 vl);
+    using T = FaTile<D, FA_BN, GM>;
+    fa_load<D, FA_BN, false, NT>(T::at(buf), k, g, nk, 1, k0, l, kb, kk, kl,
+                                 T::at(buf + T::bytes), v, vb, vk, vl);
     fa_commit();
 }
 
-template <int D, int NT = FA_WARPS * 32>
-__device__ __forceinline__ FaRow<D>* fa_kv_tile(FaRow<D>* kvs, int j, int tiles,
-                                                const unsigned short* __restrict__ k,
-                                                const unsigned short* __restrict__ v, int g,
-                                                int nk, int l, long kb, long kk, long kl, long vb,
-                                                long vk, long vl) {
+template <int D, int NT = FA_WARPS * 32, bool GM = false>
+__device__ __forceinline__ unsigned char* fa_kv_tile(unsigned char* kvs, int j, int tiles,
+                                                     const unsigned short* __restrict__ k,
+                                                     const unsigned short* __restrict__ v,
+                                                     int g, int nk, int l, long kb, long kk,
+                                                     long kl, long vb, long vk, long vl) {
+    constexpr int TB = FaTile<D, FA_BN, GM>::bytes;
     if (j + 1 < tiles) {
-        fa_kv_load<D, NT>(kvs + ((j + 1) & 1) * 2 * FA_BN, k, v, g, nk, (j + 1) * FA_BN, l, kb,
-                          kk, kl, vb, vk, vl);
+        fa_kv_load<D, NT, GM>(kvs + ((j + 1) & 1) * 2 * TB, k, v, g, nk, (j + 1) * FA_BN, l, kb,
+                              kk, kl, vb, vk, vl);
         fa_wait<1>();
     } else {
         fa_wait<0>();
     }
+    if (GM) fa_proxy_fence();
     __syncthreads();
-    return kvs + (j & 1) * 2 * FA_BN;
+    return kvs + (j & 1) * 2 * TB;
 }
 
 // The A fragment of 16 rows (from `row0`) and 16 columns (from `c0`) of a shared tile: the
@@ -405,10 +610,11 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
     const int last = (i0 + FA_BM < rows ? i0 + FA_BM : rows) - 1;
     const int pmin = i0 / r;
     const int tiles = last / r / FA_BN + 1;
-    fa_kv_load<D>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
+    fa_kv_load<D>((unsigned char*)kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
     for (int j = 0; j < tiles; ++j) {
         const int k0 = j * FA_BN;
-        Row* ks = fa_kv_tile<D>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl);
+        Row* ks = (Row*)fa_kv_tile<D>((unsigned char*)kvs, j, tiles, k, v, g, nk, l, kb, kk, kl,
+                                      vb, vk, vl);
         Row* vs = ks + FA_BN;
         float s[FA_BN / 8][4];
 #pragma unroll
@@ -430,11 +636,13 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
     fa_fwd_end<D>(o, lse, acc, ma, mb, la, lb, ra, g, nk, r, rows, tq, ob, ok, ol);
 }
 
-// Forward, two row tiles a warp (FlashAttention-2's layout): FA_FWD_WARPS warps of 32 query
-// rows each take FA_BM rows, q staged in shared memory. Each k or v fragment from shared
-// memory feeds both row tiles' products, so a block loads half the fragments per product that
-// 16 rows a warp did, and each warp has two independent chains of products and of softmax.
-// Output and lse as flash_fwd's (same arithmetic per row).
+// Forward, two row tiles a warp (FlashAttention-2's layout): FA_FWD_WARPS warps take FA_BM
+// rows, q staged in shared memory. On mma.sync (GM false) each warp takes 32 rows: each k or v
+// fragment from shared memory feeds both row tiles' products, so a block loads half the
+// fragments per product that 16 rows a warp did, and each warp has two independent chains of
+// products and of softmax. On wgmma (GM: D = 64 or 128) the one warpgroup takes the rows as two
+// tiles of 64 (warp w: rows 16 w.. of each) and the tensor cores read q, k and v from swizzled
+// tiles. Output and lse as flash_fwd's (same arithmetic per row).
 #define FA_FWD_WARPS 4
 // The forward's parameters, and the same names as arguments.
 #define FA_FWD_PARAMS                                                                          \
@@ -442,15 +650,17 @@ __device__ void flash_fwd(const unsigned short* __restrict__ q, const unsigned s
         const unsigned short *__restrict__ v, unsigned short *__restrict__ o,                  \
         float *__restrict__ lse, int nk, int r, int l, long qb, long qk, long ql, long kb,     \
         long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol, float sl2
-#define FA_FWD_ARGS q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol, sl2
-template <int D>
+template <int D, bool GM>
 __device__ void flash_fwd2(FA_FWD_PARAMS) {
     typedef unsigned short Row[D + FA_PAD];
+    using QT = FaTile<D, FA_BM, GM>;
+    using KT = FaTile<D, FA_BN, GM>;
     constexpr int NT = FA_FWD_WARPS * 32;
     static_assert(FA_FWD_WARPS * 32 == FA_BM, "a warp takes 32 of the block's rows");
-    extern __shared__ __align__(16) unsigned short fa_shared[];
-    Row* qs = (Row*)fa_shared;
-    Row* kvs = qs + FA_BM;  // two buffers of (k, v) tiles, as flash_fwd's
+    static_assert(!GM || D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
+    unsigned char* base = fa_smem<GM>(QT::bytes + 4 * KT::bytes);
+    const auto qs = QT::at(base);
+    unsigned char* kvs = base + QT::bytes;  // two buffers of (k, v) tiles
     const int g = blockIdx.y;
     const int rows = l * r;
     const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_BM;
@@ -459,13 +669,14 @@ __device__ void flash_fwd2(FA_FWD_PARAMS) {
     int ra[2], rb[2], pa[2], pb[2];
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-        ra[m] = i0 + w0 + 16 * m + gr;
+        ra[m] = i0 + (GM ? 64 * m + 16 * warp : w0 + 16 * m) + gr;
         rb[m] = ra[m] + 8;
         pa[m] = ra[m] / r;
         pb[m] = rb[m] / r;
     }
     fa_load<D, FA_BM, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql);
-    fa_kv_load<D, NT>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);  // (commits q too)
+    fa_kv_load<D, NT, GM>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);  // (commits q too)
+    const unsigned qa_s = fa_smem_addr(base);
     float acc[2][D / 8][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m)
@@ -478,26 +689,45 @@ __device__ void flash_fwd2(FA_FWD_PARAMS) {
     const int tiles = last / r / FA_BN + 1;
     for (int j = 0; j < tiles; ++j) {
         const int k0 = j * FA_BN;
-        Row* ks = fa_kv_tile<D, NT>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl);
-        Row* vs = ks + FA_BN;
+        unsigned char* kt =
+            fa_kv_tile<D, NT, GM>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl);
         float s[2][FA_BN / 8][4];
+        if constexpr (GM) {
+            const unsigned ka_s = fa_smem_addr(kt);
+            fa_gm_fence();
 #pragma unroll
-        for (int m = 0; m < 2; ++m)
+            for (int m = 0; m < 2; ++m)
 #pragma unroll
-            for (int n = 0; n < FA_BN / 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
+                for (int c = 0; c < D / 16; ++c)
+                    fa_gm_ss64(s[m], fa_kdesc<FA_BM>(qa_s, 64 * m, c),
+                               fa_kdesc<FA_BN>(ka_s, 0, c), c);
+            fa_gm_commit();
+            fa_gm_wait<0>();  // (also the previous tile's acc += P v)
 #pragma unroll
-        for (int c = 0; c < D / 16; ++c) {
-            unsigned af[2][4];
-            fa_frag_a<D>(af[0], qs, w0, c * 16, lane);
-            fa_frag_a<D>(af[1], qs, w0 + 16, c * 16, lane);
+            for (int m = 0; m < 2; ++m) {
+                fa_gm_hold<FA_BN / 8>(s[m]);
+                fa_gm_hold<D / 8>(acc[m]);
+            }
+        } else {
+            Row* ks = (Row*)kt;
 #pragma unroll
-            for (int n = 0; n < FA_BN / 8; n += 2) {
-                unsigned bf[4];
-                fa_frag_bt<D>(bf, ks, n * 8, c * 16, lane);
+            for (int m = 0; m < 2; ++m)
 #pragma unroll
-                for (int m = 0; m < 2; ++m) {
-                    fa_mma(s[m][n], af[m], bf[0], bf[1]);
-                    fa_mma(s[m][n + 1], af[m], bf[2], bf[3]);
+                for (int n = 0; n < FA_BN / 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
+#pragma unroll
+            for (int c = 0; c < D / 16; ++c) {
+                unsigned af[2][4];
+                fa_frag_a<D>(af[0], qs, w0, c * 16, lane);
+                fa_frag_a<D>(af[1], qs, w0 + 16, c * 16, lane);
+#pragma unroll
+                for (int n = 0; n < FA_BN / 8; n += 2) {
+                    unsigned bf[4];
+                    fa_frag_bt<D>(bf, ks, n * 8, c * 16, lane);
+#pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        fa_mma(s[m][n], af[m], bf[0], bf[1]);
+                        fa_mma(s[m][n + 1], af[m], bf[2], bf[3]);
+                    }
                 }
             }
         }
@@ -507,25 +737,40 @@ __device__ void flash_fwd2(FA_FWD_PARAMS) {
         for (int m = 0; m < 2; ++m)
             fa_softmax_tile<D>(s[m], acc[m], ma[m], mb[m], la[m], lb[m], k0, masked, pa[m], pb[m],
                                tq, sl2);
-        // acc += P v, each v fragment for both row tiles.
+        // acc += P v
+        if constexpr (GM) {
+            unsigned pf[2][FA_BN / 16][4];
+            fa_pack_a(pf[0], s[0]);
+            fa_pack_a(pf[1], s[1]);
+            fa_gm_fence();
 #pragma unroll
-        for (int c = 0; c < FA_BN / 16; ++c) {
-            unsigned pf[2][4];
+            for (int m = 0; m < 2; ++m) fa_gm_pb<D>(acc[m], pf[m], fa_smem_addr(kt) + KT::bytes);
+            fa_gm_commit();
+            fa_gm_wait<0>();
 #pragma unroll
-            for (int m = 0; m < 2; ++m) {
-                pf[m][0] = fa_pack(s[m][2 * c][0], s[m][2 * c][1]);
-                pf[m][1] = fa_pack(s[m][2 * c][2], s[m][2 * c][3]);
-                pf[m][2] = fa_pack(s[m][2 * c + 1][0], s[m][2 * c + 1][1]);
-                pf[m][3] = fa_pack(s[m][2 * c + 1][2], s[m][2 * c + 1][3]);
-            }
+            for (int m = 0; m < 2; ++m) fa_gm_hold<D / 8>(acc[m]);
+        } else {
+            Row* vs = (Row*)kt + FA_BN;
+            // each v fragment for both row tiles
 #pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-                unsigned bf[4];
-                fa_ldsm_t(bf, &vs[c * 16 + (lane & 15)][(2 * dp + (lane >> 4)) * 8]);
+            for (int c = 0; c < FA_BN / 16; ++c) {
+                unsigned pf[2][4];
 #pragma unroll
                 for (int m = 0; m < 2; ++m) {
-                    fa_mma(acc[m][2 * dp], pf[m], bf[0], bf[1]);
-                    fa_mma(acc[m][2 * dp + 1], pf[m], bf[2], bf[3]);
+                    pf[m][0] = fa_pack(s[m][2 * c][0], s[m][2 * c][1]);
+                    pf[m][1] = fa_pack(s[m][2 * c][2], s[m][2 * c][3]);
+                    pf[m][2] = fa_pack(s[m][2 * c + 1][0], s[m][2 * c + 1][1]);
+                    pf[m][3] = fa_pack(s[m][2 * c + 1][2], s[m][2 * c + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    unsigned bf[4];
+                    fa_ldsm_t(bf, &vs[c * 16 + (lane & 15)][(2 * dp + (lane >> 4)) * 8]);
+#pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        fa_mma(acc[m][2 * dp], pf[m], bf[0], bf[1]);
+                        fa_mma(acc[m][2 * dp + 1], pf[m], bf[2], bf[3]);
+                    }
                 }
             }
         }
@@ -587,7 +832,8 @@ extern "C" __global__ void flash_dq_store(const float* __restrict__ acc,
 
 // Backward, the query side: dq = scale * dS k, dS = P * (dO v^T - delta), one block of W warps
 // per 16 * W query rows of group g, the rows with the most keys first (block `bx` of `nbx`).
-// Dynamic shared memory: q, dO, k and v tiles.
+// Dynamic shared memory: q, dO, k and v tiles. On wgmma (GM: D = 64 or 128) warpgroup w / 4
+// takes the block's rows from 64 (w / 4), warp w still 16 of them, over swizzled tiles.
 // The query-side backward's parameters, and the same names as arguments.
 #define FA_DQ_PARAMS                                                                           \
     const unsigned short *__restrict__ q, const unsigned short *__restrict__ k,                \
@@ -596,29 +842,30 @@ extern "C" __global__ void flash_dq_store(const float* __restrict__ acc,
         unsigned short *__restrict__ dq, int nk, int r, int l, long qb, long qk, long ql,      \
         long kb, long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,       \
         long gb, long gk, long gl, float sl2, float scale, int g, int bx, int nbx
-#define FA_DQ_ARGS                                                                             \
-    q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gb, \
-        gk, gl, sl2, scale, g, bx, nbx
-template <int D, int W>
+template <int D, int W, bool GM>
 __device__ void flash_bwd_dq(FA_DQ_PARAMS) {
     typedef unsigned short Row[D + FA_PAD];
     constexpr int BM = 16 * W, NT = 32 * W;  // rows and threads of a block
-    extern __shared__ __align__(16) unsigned short fa_shared[];
-    Row* qs = (Row*)fa_shared;
-    Row* dos = qs + BM;
-    Row* kvs = dos + BM;  // two buffers of (k, v) tiles, as in the forward
+    using QT = FaTile<D, BM, GM>;
+    using KT = FaTile<D, FA_BN, GM>;
+    static_assert(!GM || D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
+    static_assert(FA_BN == FA_QT, "fa_gm_pb takes tiles of FA_QT rows");
+    unsigned char* base = fa_smem<GM>(2 * QT::bytes + 4 * KT::bytes);
+    const auto qs = QT::at(base), dos = QT::at(base + QT::bytes);
+    unsigned char* kvs = base + 2 * QT::bytes;  // two buffers of (k, v) tiles, as in the forward
     const int rows = l * r;
     const int i0 = (nbx - 1 - bx) * BM;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
-    const int w0 = warp * 16;
+    const int w0 = warp * 16, wg0 = (warp / 4) * 64;
     const int ra = i0 + w0 + gr, rb = ra + 8;
     const int pa = ra / r, pb = rb / r;
     fa_load<D, BM, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql, dos, dout, db, dk, dl);
-    fa_kv_load<D, NT>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
+    fa_kv_load<D, NT, GM>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
     const float lsa = ra < rows ? lse[(long)g * rows + ra] : 0.f;
     const float lsb = rb < rows ? lse[(long)g * rows + rb] : 0.f;
     const float dea = ra < rows ? delta[(long)g * rows + ra] : 0.f;
     const float deb = rb < rows ? delta[(long)g * rows + rb] : 0.f;
+    const unsigned qa_s = fa_smem_addr(base), da_s = qa_s + QT::bytes;
     float acc[D / 8][4];
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
@@ -627,11 +874,26 @@ __device__ void flash_bwd_dq(FA_DQ_PARAMS) {
     const int tiles = last / r / FA_BN + 1;
     for (int j = 0; j < tiles; ++j) {
         const int k0 = j * FA_BN;
-        Row* ks = fa_kv_tile<D, NT>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl);
-        Row* vs = ks + FA_BN;
+        unsigned char* kt =
+            fa_kv_tile<D, NT, GM>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl);
+        const unsigned ka_s = fa_smem_addr(kt), va_s = ka_s + KT::bytes;
         float s[FA_BN / 8][4], dp[FA_BN / 8][4];
-        fa_abt<D, FA_BN / 8>(s, qs, w0, ks, lane);
-        fa_abt<D, FA_BN / 8>(dp, dos, w0, vs, lane);
+        if constexpr (GM) {  // S = q k^T and dP = dO v^T, the second while P is computed
+            fa_gm_fence();
+#pragma unroll
+            for (int c = 0; c < D / 16; ++c)
+                fa_gm_ss64(s, fa_kdesc<BM>(qa_s, wg0, c), fa_kdesc<FA_BN>(ka_s, 0, c), c);
+            fa_gm_commit();
+#pragma unroll
+            for (int c = 0; c < D / 16; ++c)
+                fa_gm_ss64(dp, fa_kdesc<BM>(da_s, wg0, c), fa_kdesc<FA_BN>(va_s, 0, c), c);
+            fa_gm_commit();
+            fa_gm_wait<1>();
+            fa_gm_hold<FA_BN / 8>(s);
+        } else {
+            fa_abt<D, FA_BN / 8>(s, qs, w0, (Row*)kt, lane);
+            fa_abt<D, FA_BN / 8>(dp, dos, w0, (Row*)kt + FA_BN, lane);
+        }
         const bool masked = k0 + FA_BN - 1 > pmin;
 #pragma unroll
         for (int n = 0; n < FA_BN / 8; ++n) {
@@ -641,11 +903,30 @@ __device__ void flash_bwd_dq(FA_DQ_PARAMS) {
                 const bool a = e < 2;
                 float p = fa_exp2(fmaf(s[n][e], sl2, -(a ? lsa : lsb)));
                 if (masked && key > (a ? pa : pb)) p = 0.f;
-                s[n][e] = p * (dp[n][e] - (a ? dea : deb));
+                s[n][e] = p;
             }
         }
-        fa_pb<D, FA_BN / 16>(acc, s, ks, lane);
-        __syncthreads();
+        if constexpr (GM) {
+            fa_gm_wait<0>();
+            fa_gm_hold<FA_BN / 8>(dp);
+        }
+#pragma unroll
+        for (int n = 0; n < FA_BN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] *= dp[n][e] - (e < 2 ? dea : deb);
+        // acc += dS k
+        if constexpr (GM) {
+            unsigned sa[FA_BN / 16][4];
+            fa_pack_a(sa, s);
+            fa_gm_fence();
+            fa_gm_pb<D>(acc, sa, ka_s);
+            fa_gm_commit();
+            fa_gm_wait<0>();
+            fa_gm_hold<D / 8>(acc);
+        } else {
+            fa_pb<D, FA_BN / 16>(acc, s, (Row*)kt, lane);
+        }
+        __syncthreads();  // (the buffer is copied into again two tiles on)
     }
     fa_store_rows<D>(dq, acc, ra, scale, scale, g, nk, r, rows, tq, gb, gk, gl);
 }
@@ -692,6 +973,18 @@ __device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* ds
     }
 }
 
+// Backward, the key/value side: dv = P^T dO and dk = scale * dS^T q, summed over every query
+// row of the group (all R heads) that sees the keys. One block of W warps per 16 * W keys of
+// group g (block `bx`; the first keys, seen by the most rows, first), each warp 16 keys, over tiles
+// of FA_QT query rows from the first row that sees the block's first key (W = 8; W = 4 where
+// blocks of 128 keys would leave SMs idle: short sequences). It works in the
+// transposed products (S^T = k q^T, dP^T = v dO^T), so each warp's C tiles are its keys' rows.
+// With Q, each query tile's dS also goes through shared memory into the query gradient
+// (`fa_dq_add`, into dqacc: B * K groups of L * R rows of D, f32, unscaled).
+// Dynamic shared memory: k, v, q and dO tiles, the rows' lse and delta, and with Q two dS tiles
+// (padded). On wgmma (GM: D = 64 or 128) warpgroup w / 4 takes the block's keys from 64 (w / 4)
+// over swizzled k, v, q and dO tiles; S^T and dP^T are issued together, the second running
+// while P is computed.
 // The key/value backward's parameters, and the same names as arguments.
 #define FA_KV_PARAMS                                                                           \
     const unsigned short *__restrict__ q, const unsigned short *__restrict__ k,                \
@@ -701,44 +994,34 @@ __device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* ds
         float *__restrict__ dqacc, int nk, int r, int l, long qb, long qk, long ql, long kb,   \
         long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl, long gkb,      \
         long gkk, long gkl, long gvb, long gvk, long gvl, float sl2, float scale, int g, int bx
-#define FA_KV_ARGS                                                                             \
-    q, k, v, dout, lse, delta, dkey, dval, dqacc, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, \
-        db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2, scale, g, bx
-
-// Backward, the key/value side: dv = P^T dO and dk = scale * dS^T q, summed over every query
-// row of the group (all R heads) that sees the keys. One block of W warps per 16 * W keys of
-// group g (block `bx`; the first keys, seen by the most rows, first), each warp 16 keys, over tiles
-// of FA_QT query rows from the first row that sees the block's first key (W = 8; W = 4 where
-// blocks of 128 keys would leave SMs idle: short sequences). It works in the
-// transposed products (S^T = k q^T, dP^T = v dO^T), so each warp's C tiles are its keys' rows.
-// With Q, each query tile's dS also goes through shared memory into the query gradient
-// (`fa_dq_add`, into dqacc: B * K groups of L * R rows of D, f32, unscaled).
-// Dynamic shared memory: k, v, q and dO tiles, the rows' lse and delta, and with Q two dS tiles.
-template <int D, int W, bool Q>
+template <int D, int W, bool Q, bool GM>
 __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
     typedef unsigned short Row[D + FA_PAD];
     constexpr int KB = 16 * W, NT = 32 * W;  // keys and threads of a block
-    extern __shared__ __align__(16) unsigned short fa_shared[];
-    Row* ks = (Row*)fa_shared;
-    Row* vs = ks + KB;
+    using KT = FaTile<D, KB, GM>;
+    using QT = FaTile<D, FA_QT, GM>;
+    static_assert(!GM || D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
+    unsigned char* base = fa_smem<GM>(2 * KT::bytes + 4 * QT::bytes + 6 * FA_QT * 4 +
+                                      (Q ? 2 * KB * (FA_QT + FA_PAD) * 2 : 0));
+    const auto ks = KT::at(base), vs = KT::at(base + KT::bytes);
     // two buffers of (q, dO) tiles and of the rows' lse, delta and positions
-    Row* qdos = vs + KB;
-    float* rowv = (float*)(qdos + 4 * FA_QT);
+    unsigned char* qdos = base + 2 * KT::bytes;
+    float* rowv = (float*)(qdos + 4 * QT::bytes);
     // (two dS tiles: a tile's is summed into dq after the next tile's first barrier)
     FaDsRow* dss = (FaDsRow*)(rowv + 6 * FA_QT);
     const int rows = l * r;
     const int j0 = bx * KB;
     if (Q) dqacc += (long)g * rows * D;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
-    const int w0 = warp * 16;
+    const int w0 = warp * 16, wg0 = (warp / 4) * 64;
     const int ka = j0 + w0 + gr, kb_ = ka + 8;
     // Starts copying the query tile from row i0 into buffer b: q, dO, and each row's lse,
     // delta (zeros past the last row: such a row adds nothing, its q and dO being zero) and
     // position.
     auto load_rows = [&](int i0, int b) {
-        Row* qs = qdos + b * 2 * FA_QT;
-        fa_load<D, FA_QT, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql, qs + FA_QT, dout, db,
-                                    dk, dl);
+        unsigned char* qt = qdos + b * 2 * QT::bytes;
+        fa_load<D, FA_QT, true, NT>(QT::at(qt), q, g, nk, r, i0, rows, qb, qk, ql,
+                                    QT::at(qt + QT::bytes), dout, db, dk, dl);
         float* rv = rowv + b * 3 * FA_QT;
         const int c = threadIdx.x;
         if (c < FA_QT) {
@@ -758,12 +1041,14 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
         dka[t][0] = dka[t][1] = dka[t][2] = dka[t][3] = 0.f;
         dva[t][0] = dva[t][1] = dva[t][2] = dva[t][3] = 0.f;
     }
+    const unsigned ka_s = fa_smem_addr(base), va_s = ka_s + KT::bytes;
     const int first = j0 * r / FA_QT * FA_QT;
     load_rows(first, 0);
     fa_commit();
     for (int i0 = first, it = 0; i0 < rows; i0 += FA_QT, ++it) {
-        Row* qs = qdos + (it & 1) * 2 * FA_QT;
-        Row* dos = qs + FA_QT;
+        unsigned char* qt = qdos + (it & 1) * 2 * QT::bytes;
+        const auto qs = QT::at(qt), dos = QT::at(qt + QT::bytes);
+        const unsigned qa_s = fa_smem_addr(qt), da_s = qa_s + QT::bytes;
         const float* ls = rowv + (it & 1) * 3 * FA_QT;
         const float* des = ls + FA_QT;
         const int* qpos = (const int*)(des + FA_QT);
@@ -774,14 +1059,29 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
         } else {
             fa_wait<0>();
         }
+        if (GM) fa_proxy_fence();
         __syncthreads();
         // the previous tile's dS is whole now (every warp wrote its keys' rows before the
         // barrier): its share of dq
         if (Q && it > 0)
             fa_dq_add<D, W>(dqacc, dss + ((it - 1) & 1) * KB, ks, i0 - FA_QT, rows, warp, lane);
         const bool masked = i0 / r < j0 + KB - 1;
-        float s[FA_QT / 8][4];
-        fa_abt<D, FA_QT / 8>(s, ks, w0, qs, lane);
+        float s[FA_QT / 8][4], dp[FA_QT / 8][4];
+        if constexpr (GM) {
+            fa_gm_fence();
+#pragma unroll
+            for (int c = 0; c < D / 16; ++c)
+                fa_gm_ss64(s, fa_kdesc<KB>(ka_s, wg0, c), fa_kdesc<FA_QT>(qa_s, 0, c), c);
+            fa_gm_commit();
+#pragma unroll
+            for (int c = 0; c < D / 16; ++c)
+                fa_gm_ss64(dp, fa_kdesc<KB>(va_s, wg0, c), fa_kdesc<FA_QT>(da_s, 0, c), c);
+            fa_gm_commit();
+            fa_gm_wait<1>();
+            fa_gm_hold<FA_QT / 8>(s);
+        } else {
+            fa_abt<D, FA_QT / 8>(s, ks, w0, qs, lane);
+        }
 #pragma unroll
         for (int n = 0; n < FA_QT / 8; ++n) {
 #pragma unroll
@@ -792,9 +1092,19 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
                 s[n][e] = p;
             }
         }
-        fa_pb<D, FA_QT / 16>(dva, s, dos, lane);
-        float dp[FA_QT / 8][4];
-        fa_abt<D, FA_QT / 8>(dp, vs, w0, dos, lane);
+        // dv += P^T dO (and dP^T)
+        if constexpr (GM) {
+            unsigned pa[FA_QT / 16][4];
+            fa_pack_a(pa, s);
+            fa_gm_fence();
+            fa_gm_pb<D>(dva, pa, da_s);
+            fa_gm_commit();
+            fa_gm_wait<1>();
+            fa_gm_hold<FA_QT / 8>(dp);
+        } else {
+            fa_pb<D, FA_QT / 16>(dva, s, dos, lane);
+            fa_abt<D, FA_QT / 8>(dp, vs, w0, dos, lane);
+        }
 #pragma unroll
         for (int n = 0; n < FA_QT / 8; ++n) {
 #pragma unroll
@@ -812,302 +1122,19 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
                 *(unsigned*)&ds[w0 + gr + 8][n * 8 + 2 * tq] = fa_pack(s[n][2], s[n][3]);
             }
         }
-        fa_pb<D, FA_QT / 16>(dka, s, qs, lane);
-        __syncthreads();
-    }
-    if (Q) {  // the last tile's share (the loop ended on a barrier)
-        const int tiles = (rows - first + FA_QT - 1) / FA_QT;
-        fa_dq_add<D, W>(dqacc, dss + ((tiles - 1) & 1) * KB, ks, first + (tiles - 1) * FA_QT,
-                        rows, warp, lane);
-    }
-    fa_store_rows<D>(dkey, dka, ka, scale, scale, g, nk, 1, l, tq, gkb, gkk, gkl);
-    fa_store_rows<D>(dval, dva, ka, 1.f, 1.f, g, nk, 1, l, tq, gvb, gvk, gvl);
-}
-
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The kernels on Hopper's warpgroup MMA (wgmma, sm_90a only: the family compiled for
-// compute_90a), first the key/value backward. mma.sync makes each warp load its own copy of
-// every B fragment from shared memory (four warps of a block's 64 keys read a q tile four
-// times), and the key/value backward was bound by those loads (sixth session: short-scoreboard
-// and MIO stalls, tensor pipe 38% busy). A wgmma's B operand is read from shared memory once
-// for the warpgroup's 64 rows, and both S^T = k q^T and dP^T = v dO^T take their A from shared
-// memory too; only dv += P^T dO and dk += dS^T q take A (P^T, dS^T) from registers, as
-// mma.sync's A fragments, which is also the layout of a wgmma accumulator's rows: the
-// arithmetic between the products is unchanged.
-
-#define FA_SWZ_ROW 128  // bytes of a swizzled row (64 bf16)
-
-// The shared memory of a wgmma kernel, from its first 1024-byte boundary; traps where the
-// launch gave less than `need` bytes from there (the host sizes it for padded rows).
-__device__ __forceinline__ unsigned char* fa_gm_base(unsigned need) {
-    extern __shared__ __align__(16) unsigned short fa_shared[];
-    unsigned char* base = (unsigned char*)fa_shared;
-    const unsigned skip = (1024 - (fa_smem_addr(base) & 1023)) & 1023;
-    unsigned size;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
-    if (skip + need > size) __trap();
-    return base + skip;
-}
-
-
-// A shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor"): start address, leading and
-// stride byte offsets (each in 16-byte units), 128-byte swizzle.
-__device__ __forceinline__ unsigned long long fa_desc(unsigned addr, unsigned lbo, unsigned sbo) {
-    return (unsigned long long)((addr & 0x3ffff) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
-           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
-}
-
-// Rows r0..r0 + 63 and columns 16 c..16 c + 15 of a swizzled tile of N rows at `addr`, K-major
-// (k = the columns): 8-row groups 1024 bytes apart, a 16-column step 32 bytes into the row.
-template <int N>
-__device__ __forceinline__ unsigned long long fa_kdesc(unsigned addr, int r0, int c) {
-    return fa_desc(addr + (c >> 2) * N * FA_SWZ_ROW + r0 * FA_SWZ_ROW + (c & 3) * 32, 16, 1024);
-}
-
-// Rows 16 c..16 c + 15 (k) and every column (n) of a swizzled tile of N rows at `addr`,
-// MN-major: 8-row groups 1024 bytes apart, 64-column blocks N * 128 bytes apart.
-template <int N>
-__device__ __forceinline__ unsigned long long fa_tdesc(unsigned addr, int c) {
-    return fa_desc(addr + c * 16 * FA_SWZ_ROW, N * FA_SWZ_ROW, 1024);
-}
-
-__device__ __forceinline__ void fa_gm_fence() {
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void fa_gm_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void fa_gm_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" : : "n"(N) : "memory");
-}
-// Keeps the compiler from moving reads of wgmma accumulators above the wait that ends them.
-template <int T>
-__device__ __forceinline__ void fa_gm_hold(float (*d)[4]) {
-#pragma unroll
-    for (int t = 0; t < T; ++t)
-        asm volatile("" : "+f"(d[t][0]), "+f"(d[t][1]), "+f"(d[t][2]), "+f"(d[t][3])::"memory");
-}
-// Makes this thread's generic-proxy writes of shared memory (cp.async) visible to wgmma.
-__device__ __forceinline__ void fa_proxy_fence() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-// S (64 x 64 over k = 16, f32) (+)= A B^T, both bf16 tiles in shared memory named by descriptors
-// (`fa_kdesc`), A's rows the warpgroup's; `accumulate` 0 overwrites d.
-__device__ __forceinline__ void fa_gm_ss64(float (*d)[4], unsigned long long da,
-                                           unsigned long long db, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
-        "%30, %31"
-        "}, %32, %33, p, 1, 1, 0, 0;\n" "}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-          "+f"(d[7][2]), "+f"(d[7][3])
-        : "l"(da), "l"(db), "r"(accumulate));
-}
-// d (64 x 64, f32) += A B over k = 16: A (the warp's 16 rows, mma.sync's A fragment) in
-// registers, B a shared tile stored MN-major (`fa_tdesc`).
-__device__ __forceinline__ void fa_gm_rs64(float (*d)[4], const unsigned* a,
-                                           unsigned long long db) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
-        "%30, %31"
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n" "}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-          "+f"(d[7][2]), "+f"(d[7][3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-}
-// d (64 x 128, f32) += A B over k = 16: A (the warp's 16 rows, mma.sync's A fragment) in
-// registers, B a shared tile stored MN-major (`fa_tdesc`).
-__device__ __forceinline__ void fa_gm_rs128(float (*d)[4], const unsigned* a,
-                                           unsigned long long db) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
-        "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
-        "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "
-        "%58, %59, %60, %61, %62, %63"
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n" "}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-          "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
-          "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),
-          "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),
-          "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),
-          "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
-          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-}
-
-// dv += P^T dO or dk += dS^T q over a query tile: the 16 keys x 64 rows of this warp's C tiles
-// `p` (rounded to bf16) as A, the swizzled tile at `b` (64 rows of D) as B.
-template <int D>
-__device__ __forceinline__ void fa_gm_pb(float (*acc)[4], const unsigned (*pa)[4], unsigned b) {
-#pragma unroll
-    for (int c = 0; c < FA_QT / 16; ++c) {
-        if (D == 128) fa_gm_rs128(acc, pa[c], fa_tdesc<FA_QT>(b, c));
-        else fa_gm_rs64(acc, pa[c], fa_tdesc<FA_QT>(b, c));
-    }
-}
-
-// C tiles of 16 x 64 rounded to bf16 as four A fragments of 16 x 16 (fa_pb's packing).
-__device__ __forceinline__ void fa_pack_a(unsigned (*pa)[4], float (*p)[4]) {
-#pragma unroll
-    for (int c = 0; c < FA_QT / 16; ++c) {
-        pa[c][0] = fa_pack(p[2 * c][0], p[2 * c][1]);
-        pa[c][1] = fa_pack(p[2 * c][2], p[2 * c][3]);
-        pa[c][2] = fa_pack(p[2 * c + 1][0], p[2 * c + 1][1]);
-        pa[c][3] = fa_pack(p[2 * c + 1][2], p[2 * c + 1][3]);
-    }
-}
-
-// flash_bwd_dkdv on wgmma (D = 64 or 128): the same tiles, products and arithmetic; warpgroup
-// w / 4 takes the block's keys from 64 (w / 4), warp w still 16 of them. Shared tiles of k, v, q
-// and dO are swizzled (`FaSwz`) from a 1024-byte boundary (the launch's shared memory, sized
-// for padded rows, leaves room for that); dS stays padded.
-template <int D, int W, bool Q>
-__device__ void flash_bwd_dkdv_gm(FA_KV_PARAMS) {
-    static_assert(D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
-    constexpr int KB = 16 * W, NT = 32 * W;  // keys and threads of a block
-    constexpr int TB = FA_QT * D * 2;        // bytes of a q or dO tile
-    unsigned char* base = fa_gm_base(2 * KB * D * 2 + 4 * TB + 6 * FA_QT * 4 +
-                                     (Q ? 2 * KB * (FA_QT + FA_PAD) * 2 : 0));
-    const FaSwz<KB> ks{base}, vs{base + KB * D * 2};
-    unsigned char* qdos = vs.p + KB * D * 2;  // two buffers of (q, dO) tiles
-    float* rowv = (float*)(qdos + 4 * TB);
-    FaDsRow* dss = (FaDsRow*)(rowv + 6 * FA_QT);
-    const int rows = l * r;
-    const int j0 = bx * KB;
-    if (Q) dqacc += (long)g * rows * D;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
-    const int w0 = warp * 16, wg0 = (warp / 4) * 64;
-    const int ka = j0 + w0 + gr, kb_ = ka + 8;
-    auto load_rows = [&](int i0, int b) {
-        const FaSwz<FA_QT> qs{qdos + b * 2 * TB}, dos{qdos + b * 2 * TB + TB};
-        fa_load<D, FA_QT, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql, dos, dout, db, dk,
-                                    dl);
-        float* rv = rowv + b * 3 * FA_QT;
-        const int c = threadIdx.x;
-        if (c < FA_QT) {
-            const bool ok = i0 + c < rows;
-            fa_cp4(rv + c, lse + (long)g * rows + (ok ? i0 + c : 0), ok);
-        } else if (c < 2 * FA_QT) {
-            const int cc = c - FA_QT;
-            const bool ok = i0 + cc < rows;
-            fa_cp4(rv + FA_QT + cc, delta + (long)g * rows + (ok ? i0 + cc : 0), ok);
-        }
-        if (c < FA_QT) ((int*)rv)[2 * FA_QT + c] = (i0 + c) / r;
-    };
-    fa_load<D, KB, false, NT>(ks, k, g, nk, 1, j0, l, kb, kk, kl, vs, v, vb, vk, vl);
-    float dka[D / 8][4], dva[D / 8][4];
-#pragma unroll
-    for (int t = 0; t < D / 8; ++t) {
-        dka[t][0] = dka[t][1] = dka[t][2] = dka[t][3] = 0.f;
-        dva[t][0] = dva[t][1] = dva[t][2] = dva[t][3] = 0.f;
-    }
-    const unsigned ka_s = fa_smem_addr(ks.p), va_s = fa_smem_addr(vs.p);
-    const int first = j0 * r / FA_QT * FA_QT;
-    load_rows(first, 0);
-    fa_commit();
-    for (int i0 = first, it = 0; i0 < rows; i0 += FA_QT, ++it) {
-        unsigned char* qt = qdos + (it & 1) * 2 * TB;
-        const unsigned qa_s = fa_smem_addr(qt), da_s = qa_s + TB;
-        const float* ls = rowv + (it & 1) * 3 * FA_QT;
-        const float* des = ls + FA_QT;
-        const int* qpos = (const int*)(des + FA_QT);
-        if (i0 + FA_QT < rows) {
-            load_rows(i0 + FA_QT, (it + 1) & 1);
-            fa_commit();
-            fa_wait<1>();
+        // dk += dS^T q
+        if constexpr (GM) {
+            unsigned sa[FA_QT / 16][4];
+            fa_pack_a(sa, s);
+            fa_gm_fence();
+            fa_gm_pb<D>(dka, sa, qa_s);
+            fa_gm_commit();
+            fa_gm_wait<0>();
+            fa_gm_hold<D / 8>(dva);
+            fa_gm_hold<D / 8>(dka);
         } else {
-            fa_wait<0>();
+            fa_pb<D, FA_QT / 16>(dka, s, qs, lane);
         }
-        fa_proxy_fence();
-        __syncthreads();
-        if (Q && it > 0)
-            fa_dq_add<D, W>(dqacc, dss + ((it - 1) & 1) * KB, ks, i0 - FA_QT, rows, warp, lane);
-        const bool masked = i0 / r < j0 + KB - 1;
-        // S^T = k q^T and dP^T = v dO^T, issued together; the second runs while P is computed
-        float s[FA_QT / 8][4], dp[FA_QT / 8][4];
-        fa_gm_fence();
-#pragma unroll
-        for (int c = 0; c < D / 16; ++c)
-            fa_gm_ss64(s, fa_kdesc<KB>(ka_s, wg0, c), fa_kdesc<FA_QT>(qa_s, 0, c), c);
-        fa_gm_commit();
-#pragma unroll
-        for (int c = 0; c < D / 16; ++c)
-            fa_gm_ss64(dp, fa_kdesc<KB>(va_s, wg0, c), fa_kdesc<FA_QT>(da_s, 0, c), c);
-        fa_gm_commit();
-        fa_gm_wait<1>();
-        fa_gm_hold<FA_QT / 8>(s);
-#pragma unroll
-        for (int n = 0; n < FA_QT / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = n * 8 + 2 * tq + (e & 1);
-                float p = fa_exp2(fmaf(s[n][e], sl2, -ls[c]));
-                if (masked && (e < 2 ? ka : kb_) > qpos[c]) p = 0.f;
-                s[n][e] = p;
-            }
-        }
-        unsigned pa[FA_QT / 16][4];
-        fa_pack_a(pa, s);
-        fa_gm_fence();
-        fa_gm_pb<D>(dva, pa, da_s);
-        fa_gm_commit();
-        fa_gm_wait<1>();
-        fa_gm_hold<FA_QT / 8>(dp);
-#pragma unroll
-        for (int n = 0; n < FA_QT / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = n * 8 + 2 * tq + (e & 1);
-                s[n][e] *= dp[n][e] - des[c];
-            }
-        }
-        unsigned sa[FA_QT / 16][4];
-        fa_pack_a(sa, s);
-        if (Q) {
-            // dS^T's rows of this warp's keys, rounded to bf16 as the product below rounds them
-            FaDsRow* ds = dss + (it & 1) * KB;
-#pragma unroll
-            for (int c = 0; c < FA_QT / 16; ++c) {
-                *(unsigned*)&ds[w0 + gr][c * 16 + 2 * tq] = sa[c][0];
-                *(unsigned*)&ds[w0 + gr + 8][c * 16 + 2 * tq] = sa[c][1];
-                *(unsigned*)&ds[w0 + gr][c * 16 + 8 + 2 * tq] = sa[c][2];
-                *(unsigned*)&ds[w0 + gr + 8][c * 16 + 8 + 2 * tq] = sa[c][3];
-            }
-        }
-        fa_gm_fence();
-        fa_gm_pb<D>(dka, sa, qa_s);
-        fa_gm_commit();
-        fa_gm_wait<0>();
-        fa_gm_hold<D / 8>(dva);
-        fa_gm_hold<D / 8>(dka);
         __syncthreads();
     }
     if (Q) {  // the last tile's share (the loop ended on a barrier)
@@ -1119,239 +1146,18 @@ __device__ void flash_bwd_dkdv_gm(FA_KV_PARAMS) {
     fa_store_rows<D>(dval, dva, ka, 1.f, 1.f, g, nk, 1, l, tq, gvb, gvk, gvl);
 }
 
-// The (k, v) pipeline of flash_fwd / flash_bwd_dq over swizzled tiles: two buffers of a k and a
-// v tile (FA_BN rows each) at `kvs`; fa_kv_tile_gm starts copying tile j + 1 into the other
-// buffer, waits for tile j, makes it visible to wgmma and returns its k tile (v follows).
-template <int D, int NT>
-__device__ __forceinline__ void fa_kv_load_gm(unsigned char* buf,
-                                              const unsigned short* __restrict__ k,
-                                              const unsigned short* __restrict__ v, int g, int nk,
-                                              int k0, int l, long kb, long kk, long kl, long vb,
-                                              long vk, long vl) {
-    const FaSwz<FA_BN> kt{buf}, vt{buf + FA_BN * D * 2};
-    fa_load<D, FA_BN, false, NT>(kt, k, g, nk, 1, k0, l, kb, kk, kl, vt, v, vb, vk, vl);
-    fa_commit();
-}
 
-template <int D, int NT>
-__device__ __forceinline__ unsigned char* fa_kv_tile_gm(unsigned char* kvs, int j, int tiles,
-                                                        const unsigned short* __restrict__ k,
-                                                        const unsigned short* __restrict__ v,
-                                                        int g, int nk, int l, long kb, long kk,
-                                                        long kl, long vb, long vk, long vl) {
-    constexpr int TB = FA_BN * D * 2;
-    if (j + 1 < tiles) {
-        fa_kv_load_gm<D, NT>(kvs + ((j + 1) & 1) * 2 * TB, k, v, g, nk, (j + 1) * FA_BN, l, kb,
-                             kk, kl, vb, vk, vl);
-        fa_wait<1>();
-    } else {
-        fa_wait<0>();
-    }
-    fa_proxy_fence();
-    __syncthreads();
-    return kvs + (j & 1) * 2 * TB;
-}
-
-
-// flash_fwd2 on wgmma (D = 64 or 128): the block's FA_BM = 128 rows as two tiles of 64 for the
-// one warpgroup (warp w: rows 16 w.. of each), the same key tiles, softmax and products, so
-// the same output and lse per row.
-template <int D>
-__device__ void flash_fwd2_gm(FA_FWD_PARAMS) {
-    static_assert(D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
-    static_assert(FA_FWD_WARPS == 4 && FA_BM == 128, "one warpgroup, two tiles of 64 rows");
-    constexpr int NT = FA_FWD_WARPS * 32;
-    unsigned char* base = fa_gm_base(FA_BM * D * 2 + 4 * FA_BN * D * 2);
-    const FaSwz<FA_BM> qs{base};
-    unsigned char* kvs = base + FA_BM * D * 2;  // two buffers of (k, v) tiles
-    const int g = blockIdx.y;
-    const int rows = l * r;
-    const int i0 = (gridDim.x - 1 - blockIdx.x) * FA_BM;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
-    int ra[2], rb[2], pa[2], pb[2];
-#pragma unroll
-    for (int m = 0; m < 2; ++m) {
-        ra[m] = i0 + 64 * m + 16 * warp + gr;
-        rb[m] = ra[m] + 8;
-        pa[m] = ra[m] / r;
-        pb[m] = rb[m] / r;
-    }
-    fa_load<D, FA_BM, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql);
-    fa_kv_load_gm<D, NT>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);  // (commits q too)
-    const unsigned qa_s = fa_smem_addr(qs.p);
-    float acc[2][D / 8][4];
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int t = 0; t < D / 8; ++t) acc[m][t][0] = acc[m][t][1] = acc[m][t][2] = acc[m][t][3] = 0.f;
-    float ma[2] = {FA_NEG_INF, FA_NEG_INF}, mb[2] = {FA_NEG_INF, FA_NEG_INF};
-    float la[2] = {0.f, 0.f}, lb[2] = {0.f, 0.f};
-    const int last = (i0 + FA_BM < rows ? i0 + FA_BM : rows) - 1;
-    const int pmin = i0 / r;
-    const int tiles = last / r / FA_BN + 1;
-    for (int j = 0; j < tiles; ++j) {
-        const int k0 = j * FA_BN;
-        const unsigned ka_s = fa_smem_addr(
-            fa_kv_tile_gm<D, NT>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl));
-        const unsigned va_s = ka_s + FA_BN * D * 2;
-        float s[2][FA_BN / 8][4];
-        fa_gm_fence();
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                fa_gm_ss64(s[m], fa_kdesc<FA_BM>(qa_s, 64 * m, c), fa_kdesc<FA_BN>(ka_s, 0, c), c);
-        fa_gm_commit();
-        fa_gm_wait<0>();  // (also the previous tile's acc += P v)
-        const bool masked = k0 + FA_BN - 1 > pmin;
-#pragma unroll
-        for (int m = 0; m < 2; ++m) {
-            fa_gm_hold<FA_BN / 8>(s[m]);
-            fa_gm_hold<D / 8>(acc[m]);
-            fa_softmax_tile<D>(s[m], acc[m], ma[m], mb[m], la[m], lb[m], k0, masked, pa[m], pb[m],
-                               tq, sl2);
-        }
-        unsigned pf[2][FA_BN / 16][4];
-        fa_pack_a(pf[0], s[0]);
-        fa_pack_a(pf[1], s[1]);
-        fa_gm_fence();
-#pragma unroll
-        for (int m = 0; m < 2; ++m) fa_gm_pb<D>(acc[m], pf[m], va_s);
-        fa_gm_commit();
-        fa_gm_wait<0>();
-#pragma unroll
-        for (int m = 0; m < 2; ++m) fa_gm_hold<D / 8>(acc[m]);
-        __syncthreads();  // (the buffer is copied into again two tiles on)
-    }
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-        fa_fwd_end<D>(o, lse, acc[m], ma[m], mb[m], la[m], lb[m], ra[m], g, nk, r, rows, tq, ob,
-                      ok, ol);
-}
-
-// flash_bwd_dq on wgmma (D = 64 or 128): warpgroup w / 4 takes the block's rows from 64 (w / 4),
-// warp w still 16 of them; the same key tiles and arithmetic, so the same dq.
-template <int D, int W>
-__device__ void flash_bwd_dq_gm(FA_DQ_PARAMS) {
-    static_assert(D == 64 || D == 128, "wgmma tiles of 64 or 128 columns");
-    static_assert(FA_BN == FA_QT, "fa_gm_pb takes tiles of FA_QT rows");
-    constexpr int BM = 16 * W, NT = 32 * W;  // rows and threads of a block
-    unsigned char* base = fa_gm_base(2 * BM * D * 2 + 4 * FA_BN * D * 2);
-    const FaSwz<BM> qs{base}, dos{base + BM * D * 2};
-    unsigned char* kvs = dos.p + BM * D * 2;  // two buffers of (k, v) tiles
-    const int rows = l * r;
-    const int i0 = (nbx - 1 - bx) * BM;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
-    const int wg0 = (warp / 4) * 64;
-    const int ra = i0 + 16 * warp + gr, rb = ra + 8;
-    const int pa = ra / r, pb = rb / r;
-    fa_load<D, BM, true, NT>(qs, q, g, nk, r, i0, rows, qb, qk, ql, dos, dout, db, dk, dl);
-    fa_kv_load_gm<D, NT>(kvs, k, v, g, nk, 0, l, kb, kk, kl, vb, vk, vl);
-    const float lsa = ra < rows ? lse[(long)g * rows + ra] : 0.f;
-    const float lsb = rb < rows ? lse[(long)g * rows + rb] : 0.f;
-    const float dea = ra < rows ? delta[(long)g * rows + ra] : 0.f;
-    const float deb = rb < rows ? delta[(long)g * rows + rb] : 0.f;
-    const unsigned qa_s = fa_smem_addr(qs.p), da_s = fa_smem_addr(dos.p);
-    float acc[D / 8][4];
-#pragma unroll
-    for (int t = 0; t < D / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-    const int last = (i0 + BM < rows ? i0 + BM : rows) - 1;
-    const int pmin = i0 / r;
-    const int tiles = last / r / FA_BN + 1;
-    for (int j = 0; j < tiles; ++j) {
-        const int k0 = j * FA_BN;
-        const unsigned ka_s = fa_smem_addr(
-            fa_kv_tile_gm<D, NT>(kvs, j, tiles, k, v, g, nk, l, kb, kk, kl, vb, vk, vl));
-        const unsigned va_s = ka_s + FA_BN * D * 2;
-        float s[FA_BN / 8][4], dp[FA_BN / 8][4];
-        fa_gm_fence();
-#pragma unroll
-        for (int c = 0; c < D / 16; ++c)
-            fa_gm_ss64(s, fa_kdesc<BM>(qa_s, wg0, c), fa_kdesc<FA_BN>(ka_s, 0, c), c);
-        fa_gm_commit();
-#pragma unroll
-        for (int c = 0; c < D / 16; ++c)
-            fa_gm_ss64(dp, fa_kdesc<BM>(da_s, wg0, c), fa_kdesc<FA_BN>(va_s, 0, c), c);
-        fa_gm_commit();
-        fa_gm_wait<1>();
-        fa_gm_hold<FA_BN / 8>(s);
-        const bool masked = k0 + FA_BN - 1 > pmin;
-#pragma unroll
-        for (int n = 0; n < FA_BN / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = k0 + n * 8 + 2 * tq + (e & 1);
-                const bool a = e < 2;
-                float p = fa_exp2(fmaf(s[n][e], sl2, -(a ? lsa : lsb)));
-                if (masked && key > (a ? pa : pb)) p = 0.f;
-                s[n][e] = p;
-            }
-        }
-        fa_gm_wait<0>();
-        fa_gm_hold<FA_BN / 8>(dp);
-#pragma unroll
-        for (int n = 0; n < FA_BN / 8; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] *= dp[n][e] - (e < 2 ? dea : deb);
-        unsigned pa_[FA_BN / 16][4];
-        fa_pack_a(pa_, s);
-        fa_gm_fence();
-        fa_gm_pb<D>(acc, pa_, ka_s);
-        fa_gm_commit();
-        fa_gm_wait<0>();
-        fa_gm_hold<D / 8>(acc);
-        __syncthreads();  // (the buffer is copied into again two tiles on)
-    }
-    fa_store_rows<D>(dq, acc, ra, scale, scale, g, nk, r, rows, tq, gb, gk, gl);
-}
-#endif
-
-// The key/value backward this family runs: on wgmma where it is compiled for sm_90a (head dims
-// 64 and 128), else on mma.sync.
-template <int D, int W, bool Q>
-__device__ __forceinline__ void flash_bwd_kv(FA_KV_PARAMS) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    if constexpr (D >= 64) {
-        flash_bwd_dkdv_gm<D, W, Q>(FA_KV_ARGS);
-        return;
-    }
-#endif
-    flash_bwd_dkdv<D, W, Q>(FA_KV_ARGS);
-}
-
-// The forward (two row tiles a warp) and the query-side backward this family runs: as
-// flash_bwd_kv chooses.
-template <int D>
-__device__ __forceinline__ void flash_fwd2_kernel(FA_FWD_PARAMS) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    if constexpr (D >= 64) {
-        flash_fwd2_gm<D>(FA_FWD_ARGS);
-        return;
-    }
-#endif
-    flash_fwd2<D>(FA_FWD_ARGS);
-}
-
-template <int D, int W>
-__device__ __forceinline__ void flash_bwd_q(FA_DQ_PARAMS) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    if constexpr (D >= 64) {
-        flash_bwd_dq_gm<D, W>(FA_DQ_ARGS);
-        return;
-    }
-#endif
-    flash_bwd_dq<D, W>(FA_DQ_ARGS);
-}
-
-// The forward's entry points: NAME runs F (flash_fwd<D> or flash_fwd2<D>) in blocks of BOUNDS.
-#define FLASH_FWD(NAME, BOUNDS, F)                                                             \
+// The forward's entry points: NAME runs the kernel named last (flash_fwd<D> or flash_fwd2<D,
+// GM>) in blocks of BOUNDS.
+#define FLASH_FWD(NAME, BOUNDS, ...)                                                           \
 extern "C" __global__ void BOUNDS                                                              \
 NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
      unsigned short* o, float* lse, int nk, int r, int l, long qb, long qk, long ql, long kb,  \
      long kk, long kl, long vb, long vk, long vl, long ob, long ok, long ol, float sl2) {      \
-    F(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol, sl2);         \
+    __VA_ARGS__(q, k, v, o, lse, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl, ob, ok, ol,     \
+                sl2);                                                                          \
 }
-// The key/value backward's: NAME runs flash_bwd_kv<D, W, Q> (W warps a block; Q: the query
+// The key/value backward's: NAME runs flash_bwd_dkdv<D, W, Q, GM> (W warps a block; Q: the query
 // gradient too, into dqacc).
 #define FLASH_DKDV(NAME, D, W, Q)                                                              \
 extern "C" __global__ void __launch_bounds__(W * 32)                                           \
@@ -1360,9 +1166,10 @@ NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v, 
      unsigned short* dval, float* dqacc, int nk, int r, int l, long qb, long qk, long ql,      \
      long kb, long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl, long gkb, \
      long gkk, long gkl, long gvb, long gvk, long gvl, float sl2, float scale) {               \
-    flash_bwd_kv<D, W, Q>(q, k, v, dout, lse, delta, dkey, dval, dqacc, nk, r, l, qb, qk, ql,  \
-                          kb, kk, kl, vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl,    \
-                          sl2, scale, blockIdx.y, blockIdx.x);                                 \
+    flash_bwd_dkdv<D, W, Q, FA_GM(D)>(q, k, v, dout, lse, delta, dkey, dval, dqacc, nk, r, l,  \
+                                      qb, qk, ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gkb,     \
+                                      gkk, gkl, gvb, gvk, gvl, sl2, scale, blockIdx.y,         \
+                                      blockIdx.x);                                             \
 }
 // Both backwards in one launch, for short sequences (where either alone leaves SMs idle), four
 // warps a block, two blocks an SM: the key/value kernel's `nkv` blocks of each of the `groups`
@@ -1381,27 +1188,28 @@ flash_bwd_both_w4_d##D(const unsigned short* q, const unsigned short* k,        
                        int groups) {                                                           \
     const int b = blockIdx.x, kvb = nkv * groups;                                              \
     if (b < kvb)                                                                               \
-        flash_bwd_kv<D, 4, false>(q, k, v, dout, lse, delta, dkey, dval, nullptr, nk, r, l,    \
-                                  qb, qk, ql, kb, kk, kl, vb, vk, vl, db, dk, dl, gkb, gkk,    \
-                                  gkl, gvb, gvk, gvl, sl2, scale, b % groups, b / groups);     \
+        flash_bwd_dkdv<D, 4, false, FA_GM(D)>(q, k, v, dout, lse, delta, dkey, dval, nullptr,  \
+                                              nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk, vl,    \
+                                              db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2,   \
+                                              scale, b % groups, b / groups);                  \
     else                                                                                       \
-        flash_bwd_q<D, 4>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl,     \
-                           vb, vk, vl, db, dk, dl, gqb, gqk, gql, sl2, scale,                  \
-                           (b - kvb) % groups, (b - kvb) / groups,                             \
-                           ((int)gridDim.x - kvb) / groups);                                   \
+        flash_bwd_dq<D, 4, FA_GM(D)>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb,  \
+                                     kk, kl, vb, vk, vl, db, dk, dl, gqb, gqk, gql, sl2,       \
+                                     scale, (b - kvb) % groups, (b - kvb) / groups,            \
+                                     ((int)gridDim.x - kvb) / groups);                         \
 }
 #define FLASH(D)                                                                               \
 FLASH_FWD(flash_fwd_d##D, __launch_bounds__(256), flash_fwd<D>)                                \
-FLASH_FWD(flash_fwd2_d##D, __launch_bounds__(FA_FWD_WARPS * 32, 2), flash_fwd2_kernel<D>)      \
+FLASH_FWD(flash_fwd2_d##D, __launch_bounds__(FA_FWD_WARPS * 32, 2), flash_fwd2<D, FA_GM(D)>)  \
 extern "C" __global__ void __launch_bounds__(256)                                              \
 flash_bwd_dq_d##D(const unsigned short* q, const unsigned short* k, const unsigned short* v,   \
                   const unsigned short* dout, const float* lse, const float* delta,            \
                   unsigned short* dq, int nk, int r, int l, long qb, long qk, long ql, long kb, \
                   long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,       \
                   long gb, long gk, long gl, float sl2, float scale) {                         \
-    flash_bwd_q<D, 8>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk, kl, vb, vk,  \
-                       vl, db, dk, dl, gb, gk, gl, sl2, scale, blockIdx.y, blockIdx.x,         \
-                       gridDim.x);                                                             \
+    flash_bwd_dq<D, 8, FA_GM(D)>(q, k, v, dout, lse, delta, dq, nk, r, l, qb, qk, ql, kb, kk,  \
+                                 kl, vb, vk, vl, db, dk, dl, gb, gk, gl, sl2, scale,           \
+                                 blockIdx.y, blockIdx.x, gridDim.x);                           \
 }                                                                                              \
 FLASH_DKDV(flash_bwd_dkdv_d##D, D, 8, false)                                                   \
 FLASH_DKDV(flash_bwd_dkdv_w4_d##D, D, 4, false)                                                \
