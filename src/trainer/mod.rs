@@ -195,16 +195,19 @@ impl StepForward {
     }
 }
 
-/// Steps of at most this many tokens replay from CUDA graphs. Graphs pay where the host's
-/// launches set the pace (an H100 at 4 x 256: 24.3 ms a step replayed, 27.2 ms launched);
-/// at 16 x 1024 the GPU's work hides the launches, and a graph's memory, reserved beside the
-/// eager pool's, is what the eager work between steps would need.
+/// Steps of at most this many tokens replay from CUDA graphs (`TERNLAB_GRAPH_MAX_TOKENS`
+/// sets another bound). Graphs pay where the host's launches set the pace (an H100 at 4 x 256:
+/// 24.3 ms a step replayed, 27.2 ms launched); at 16 x 1024 the GPU's work hides the launches
+/// (an H100: 145.3 and 146.4 ms replayed, 147.2 and 147.0 launched; 4 x 4096 the same), and a
+/// graph's memory, reserved beside the eager pool's, is what the eager work between steps
+/// (evaluation) would need.
 pub const GRAPH_MAX_TOKENS: usize = 8192;
 
 /// The CUDA step replayed from CUDA graphs (`cuda_step::graph`), for the trainer that has one:
 /// the hand-written step on CUDA, stepping alone (no distillation, no data-parallel group), of
-/// at most `GRAPH_MAX_TOKENS` tokens, unless `TERNLAB_CUDA_GRAPH=0` or the per-op profile
-/// (`TERNLAB_PROFILE=1`) is on. Elsewhere every step runs eagerly.
+/// at most `GRAPH_MAX_TOKENS` tokens (or `TERNLAB_GRAPH_MAX_TOKENS`), unless
+/// `TERNLAB_CUDA_GRAPH=0` or the per-op profile (`TERNLAB_PROFILE=1`) is on. Elsewhere every
+/// step runs eagerly.
 pub struct Graphs {
     #[cfg(feature = "cuda")]
     inner: Option<cuda_step::graph::StepGraph>,
@@ -225,7 +228,16 @@ impl Graphs {
         {
             let wanted = std::env::var("TERNLAB_CUDA_GRAPH").map_or(true, |v| v != "0")
                 && !crate::cuda::launch::profiling();
-            if trainer.kind == Kind::CudaStep && wanted && b * l <= GRAPH_MAX_TOKENS {
+            let most = match std::env::var("TERNLAB_GRAPH_MAX_TOKENS") {
+                Ok(v) => v.trim().parse::<usize>().map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "TERNLAB_GRAPH_MAX_TOKENS={v:?}: give the most tokens a step may have \
+                         to replay from a CUDA graph, a whole number (default {GRAPH_MAX_TOKENS})"
+                    ))
+                })?,
+                Err(_) => GRAPH_MAX_TOKENS,
+            };
+            if trainer.kind == Kind::CudaStep && wanted && b * l <= most {
                 let g = cuda_step::graph::StepGraph::new(model, trainer.options, b, l)?;
                 return Ok(Self { inner: Some(g) });
             }
