@@ -263,26 +263,32 @@ __device__ __forceinline__ void fa_proxy_fence() {
 #endif
 }
 
+// A wgmma accumulator of 8 (n64) or 16 (n128) tiles of four f32 as asm operands, and their
+// places in the instruction.
+#define FA_ACC4(d, t) "+f"(d[t][0]), "+f"(d[t][1]), "+f"(d[t][2]), "+f"(d[t][3])
+#define FA_ACC32(d)                                                                          \
+    FA_ACC4(d, 0), FA_ACC4(d, 1), FA_ACC4(d, 2), FA_ACC4(d, 3), FA_ACC4(d, 4), FA_ACC4(d, 5), \
+        FA_ACC4(d, 6), FA_ACC4(d, 7)
+#define FA_ACC64(d)                                                                          \
+    FA_ACC32(d), FA_ACC4(d, 8), FA_ACC4(d, 9), FA_ACC4(d, 10), FA_ACC4(d, 11), FA_ACC4(d, 12), \
+        FA_ACC4(d, 13), FA_ACC4(d, 14), FA_ACC4(d, 15)
+#define FA_REGS32                                                                   \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+    "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define FA_REGS64                                                                        \
+    FA_REGS32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, " \
+              "%47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
 // S (64 x 64 over k = 16, f32) (+)= A B^T, both bf16 tiles in shared memory named by descriptors
 // (`fa_kdesc`), A's rows the warpgroup's; `accumulate` 0 overwrites d.
 __device__ __forceinline__ void fa_gm_ss64(float (*d)[4], unsigned long long da,
                                            unsigned long long db, int accumulate) {
 #if FA_SM90A
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
-        "%30, %31"
-        "}, %32, %33, p, 1, 1, 0, 0;\n" "}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-          "+f"(d[7][2]), "+f"(d[7][3])
-        : "l"(da), "l"(db), "r"(accumulate));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" FA_REGS32
+                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : FA_ACC32(d)
+                 : "l"(da), "l"(db), "r"(accumulate));
 #endif
 }
 // d (64 x 64, f32) += A B over k = 16: A (the warp's 16 rows, mma.sync's A fragment) in
@@ -290,52 +296,43 @@ __device__ __forceinline__ void fa_gm_ss64(float (*d)[4], unsigned long long da,
 __device__ __forceinline__ void fa_gm_rs64(float (*d)[4], const unsigned* a,
                                            unsigned long long db) {
 #if FA_SM90A
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
-        "%30, %31"
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n" "}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-          "+f"(d[7][2]), "+f"(d[7][3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" FA_REGS32
+                 "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : FA_ACC32(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 #endif
 }
 // d (64 x 128, f32) += A B over k = 16: A (the warp's 16 rows, mma.sync's A fragment) in
 // registers, B a shared tile stored MN-major (`fa_tdesc`).
 __device__ __forceinline__ void fa_gm_rs128(float (*d)[4], const unsigned* a,
-                                           unsigned long long db) {
+                                            unsigned long long db) {
 #if FA_SM90A
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
-        "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
-        "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "
-        "%58, %59, %60, %61, %62, %63"
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n" "}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-          "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
-          "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),
-          "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),
-          "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),
-          "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
-          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" FA_REGS64
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : FA_ACC64(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 #endif
+}
+
+// The backwards' first two products, issued together: S = A B^T and dP = A' B'^T over the head
+// dim, the A tiles (AM rows, the warpgroup's 64 from r0) and the B tiles (64 rows) in shared
+// memory at the addresses given. Returns when S is done; dP may still run while P is computed
+// (gm_wait<0> ends it).
+template <int D, int AM>
+__device__ __forceinline__ void fa_gm_s_dp(float (*s)[4], float (*dp)[4], unsigned a, unsigned b,
+                                           unsigned a2, unsigned b2, int r0) {
+    fa_gm_fence();
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) fa_gm_ss64(s, fa_kdesc<AM>(a, r0, c), fa_kdesc<64>(b, 0, c), c);
+    fa_gm_commit();
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c)
+        fa_gm_ss64(dp, fa_kdesc<AM>(a2, r0, c), fa_kdesc<64>(b2, 0, c), c);
+    fa_gm_commit();
+    fa_gm_wait<1>();
+    fa_gm_hold<8>(s);
 }
 
 // dv += P^T dO or dk += dS^T q over a query tile: the 16 keys x 64 rows of this warp's C tiles
@@ -879,17 +876,8 @@ __device__ void flash_bwd_dq(FA_DQ_PARAMS) {
         const unsigned ka_s = fa_smem_addr(kt), va_s = ka_s + KT::bytes;
         float s[FA_BN / 8][4], dp[FA_BN / 8][4];
         if constexpr (GM) {  // S = q k^T and dP = dO v^T, the second while P is computed
-            fa_gm_fence();
-#pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                fa_gm_ss64(s, fa_kdesc<BM>(qa_s, wg0, c), fa_kdesc<FA_BN>(ka_s, 0, c), c);
-            fa_gm_commit();
-#pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                fa_gm_ss64(dp, fa_kdesc<BM>(da_s, wg0, c), fa_kdesc<FA_BN>(va_s, 0, c), c);
-            fa_gm_commit();
-            fa_gm_wait<1>();
-            fa_gm_hold<FA_BN / 8>(s);
+            static_assert(FA_BN == 64, "fa_gm_s_dp takes tiles of 64 keys");
+            fa_gm_s_dp<D, BM>(s, dp, qa_s, ka_s, da_s, va_s, wg0);
         } else {
             fa_abt<D, FA_BN / 8>(s, qs, w0, (Row*)kt, lane);
             fa_abt<D, FA_BN / 8>(dp, dos, w0, (Row*)kt + FA_BN, lane);
@@ -1067,18 +1055,9 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
             fa_dq_add<D, W>(dqacc, dss + ((it - 1) & 1) * KB, ks, i0 - FA_QT, rows, warp, lane);
         const bool masked = i0 / r < j0 + KB - 1;
         float s[FA_QT / 8][4], dp[FA_QT / 8][4];
-        if constexpr (GM) {
-            fa_gm_fence();
-#pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                fa_gm_ss64(s, fa_kdesc<KB>(ka_s, wg0, c), fa_kdesc<FA_QT>(qa_s, 0, c), c);
-            fa_gm_commit();
-#pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                fa_gm_ss64(dp, fa_kdesc<KB>(va_s, wg0, c), fa_kdesc<FA_QT>(da_s, 0, c), c);
-            fa_gm_commit();
-            fa_gm_wait<1>();
-            fa_gm_hold<FA_QT / 8>(s);
+        if constexpr (GM) {  // S^T = k q^T and dP^T = v dO^T
+            static_assert(FA_QT == 64, "fa_gm_s_dp takes tiles of 64 query rows");
+            fa_gm_s_dp<D, KB>(s, dp, ka_s, qa_s, va_s, da_s, wg0);
         } else {
             fa_abt<D, FA_QT / 8>(s, ks, w0, qs, lane);
         }
