@@ -4,9 +4,9 @@
 //! and queries in another, no atomics, the two as one launch at short sequences; or, by
 //! default from `ATOMIC_DQ_FROM` positions on where the kernels run on `mma.sync`, one pass over
 //! keys and values that also adds each block's share of the query gradient into f32 sums
-//! atomically). The step uses it for
-//! bf16 compute on cards of compute capability 8.0 and newer with a head dim of 32, 64 or 128;
-//! elsewhere `causal_attention.rs` (GEMMs and a softmax kernel over the blocked scores) stays.
+//! atomically). The step uses it for bf16 compute on cards of compute capability 8.0 and newer
+//! with a head dim of 32, 64 or 128; elsewhere `causal_attention.rs` (GEMMs and a softmax
+//! kernel over the blocked scores) stays.
 //! On compute capability 9.0 (H100, H200) the forward and both backwards at head dims 64 and
 //! 128 run on the warpgroup MMA (`wgmma`: the tensor cores read their shared operands from
 //! swizzled tiles once for four warps), with the same bits as on `mma.sync` (`Flash::gmma`).
