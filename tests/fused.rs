@@ -149,14 +149,19 @@ fn ternary_projection_matches_the_composed_one() {
 
 /// The fused AdamW kernels give the composed optimizer's result on the CPU to the bit (every
 /// operation in the same order, one rounding each): f32 and bf16 parameters, with and without
-/// bias correction, with weight decay.
+/// bias correction, with weight decay; a small tensor, and one of a million values (the bf16
+/// update rounds with the card's conversion instruction, the CPU with integer arithmetic).
 #[test]
 fn fused_adamw_matches_the_composed_one_bit_for_bit() {
     let dev = gpu();
-    for dtype in [DType::F32, DType::BF16] {
+    for (dtype, shape) in [
+        (DType::F32, (33, 65)),
+        (DType::BF16, (33, 65)),
+        (DType::BF16, (1031, 1029)),
+    ] {
         for bias_correction in [false, true] {
             let params = adamw_params(1e-2, bias_correction);
-            let init = Tensor::randn(0f32, 1.0, (33, 65), &dev)
+            let init = Tensor::randn(0f32, 1.0, shape, &dev)
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
@@ -167,7 +172,7 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
             let mut composed = AdamW::new(vec![b.clone()], params, false).unwrap();
             for step in 0..5 {
                 // An f32 gradient, as the hand-written step makes them.
-                let g = Tensor::randn(0f32, 1.0, (33, 65), &dev).unwrap();
+                let g = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
                 let mut ga = candle_core::backprop::GradStore::default();
                 ga.insert(a.as_tensor(), g.clone());
                 let mut gb = candle_core::backprop::GradStore::default();
@@ -176,7 +181,8 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
                 composed.set_learning_rate(1e-2 / (step + 1) as f64);
                 fused.step(&ga).unwrap();
                 composed.step(&gb).unwrap();
-                let what = format!("{dtype:?} bias_correction={bias_correction} step {step}");
+                let what =
+                    format!("{dtype:?} {shape:?} bias_correction={bias_correction} step {step}");
                 let diff = max_abs(
                     &(f32_of(a.as_tensor()).to_device(&Device::Cpu).unwrap()
                         - f32_of(b.as_tensor()))

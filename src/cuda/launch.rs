@@ -121,6 +121,13 @@ macro_rules! family {
             None,
         )
     };
+    ($module:literal, [$($file:literal),+], $arch:literal) => {
+        $crate::cuda::launch::Family::new(
+            $module,
+            concat!(include_str!("common.cuh"), $(include_str!($file)),+),
+            Some($arch),
+        )
+    };
     ($module:literal, $file:literal, $arch:literal) => {
         $crate::cuda::launch::Family::new(
             $module,
