@@ -480,15 +480,16 @@ fn qk_norm_and_rope_match_the_composed_ones() {
             let x = var(&[b, l, n, d], 1.0, dtype, &dev);
             let w = Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0;
             let w = Var::from_tensor(&w.unwrap()).unwrap();
-            // Measured on an H100 (head dim 128, the one-value-a-lane kernels): f32 values
-            // 1.4e-7, gradients 1.9e-7; bf16 values 6.6e-3 and gradients 5.6e-3 (the composed
-            // path rounds to bf16 after the norm and in the rotation).
-            let t = tol(dtype, 1e-6, 2e-2);
+            // Measured on an H100 (head dim 128): f32 values 9.0e-8 and 2.0e-7, gradients
+            // 1.8e-7, but the weight's over 8,330 rows 1.0e-6 (a sum of per-block atomic adds
+            // in no fixed order; the bound is the gradients'); bf16 values 6.6e-3 and gradients
+            // 5.6e-3 (the composed path rounds to bf16 after the norm and in the rotation).
+            let (t, grad_t) = (tol(dtype, 1e-6, 2e-2), tol(dtype, 2e-6, 2e-2));
             let run = |o| ops::qk_norm_rope(x.as_tensor(), w.as_tensor(), 1e-6, &rope, o).unwrap();
             let (fused, composed) = (run(Ops::Fused), run(Ops::Composed));
             assert_eq!(fused.dims(), &[b, n, l, d]);
             let what = format!("{dtype:?}, head dim {d}, {b} x {l} x {n}");
-            assert_agree(&what, &[&x, &w], fused, composed, t, t);
+            assert_agree(&what, &[&x, &w], fused, composed, t, grad_t);
         }
     }
 }

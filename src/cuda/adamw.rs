@@ -9,9 +9,6 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Result};
 
 static KERNELS: Family = family!("ternlab_adamw", ["ternary.cuh", "adamw.cu"]);
-/// The same source for compute capability 8.0 and newer, whose bf16 update rounds two values
-/// an instruction (`bfr_n` in adamw.cu).
-static KERNELS_80: Family = family!("ternlab_adamw80", ["ternary.cuh", "adamw.cu"], "compute_80");
 
 /// The step's scalars, already in the parameter's precision (see `crate::optim::StepConstants`).
 pub struct Scalars {
@@ -214,12 +211,8 @@ impl MultiTable {
             dtype: DType::U32,
             dims: vec![0],
         };
-        let family = match self.gpu.compute_capability()? {
-            (major, _) if major >= 8 => &KERNELS_80,
-            _ => &KERNELS,
-        };
         self.gpu
-            .kernel(family, "adamw_multi", None, blocks(self.blocks, 256))?
+            .kernel(&KERNELS, "adamw_multi", None, blocks(self.blocks, 256))?
             .buf(&ptr(e))
             .buf(&ptr(c))
             .i64(CHUNK)

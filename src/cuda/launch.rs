@@ -13,10 +13,20 @@ use std::sync::{Mutex, OnceLock};
 pub struct Family {
     module: &'static str,
     source: &'static str,
-    /// the virtual architecture NVRTC compiles for (None: its default)
+    /// the virtual architecture NVRTC compiles for (None: its default, or `AMPERE` on a card of
+    /// compute capability 8.0 and up)
     arch: Option<&'static str>,
     ptx: OnceLock<std::result::Result<String, String>>,
+    /// a family without an architecture, built for `AMPERE` (its module's name `module` +
+    /// `AMPERE_SUFFIX`)
+    ampere: OnceLock<std::result::Result<String, String>>,
 }
+
+/// The architecture a family that names none is built for on cards of compute capability 8.0
+/// and up: there `common.cuh` rounds to bf16 with the card's conversion instruction, one
+/// instruction instead of seven integer ones.
+const AMPERE: &str = "compute_80";
+const AMPERE_SUFFIX: &str = "_sm80";
 
 impl Family {
     /// The family of `source`; `arch` is the virtual architecture its kernels need (e.g.
@@ -32,40 +42,56 @@ impl Family {
             source,
             arch,
             ptx: OnceLock::new(),
+            ampere: OnceLock::new(),
         }
     }
 
-    fn ptx(&self) -> Result<&str> {
-        self.ptx
-            .get_or_init(|| {
-                let cached = ptx_cache_file(self.module, self.source, self.arch);
-                if let Some(ptx) = cached
-                    .as_ref()
-                    .and_then(|f| std::fs::read_to_string(f).ok())
-                {
-                    return Ok(ptx);
+    /// The module's name and PTX for a card of compute capability `major`.
+    fn for_card(&self, major: i32) -> Result<(String, &str)> {
+        if self.arch.is_none() && major >= 8 {
+            let module = format!("{}{AMPERE_SUFFIX}", self.module);
+            let ptx = self.compiled(&self.ampere, Some(AMPERE), &module)?;
+            return Ok((module, ptx));
+        }
+        let ptx = self.compiled(&self.ptx, self.arch, self.module)?;
+        Ok((self.module.to_string(), ptx))
+    }
+
+    fn compiled<'a>(
+        &self,
+        cell: &'a OnceLock<std::result::Result<String, String>>,
+        arch: Option<&'static str>,
+        module: &str,
+    ) -> Result<&'a str> {
+        cell.get_or_init(|| {
+            let cached = ptx_cache_file(module, self.source, arch);
+            if let Some(ptx) = cached
+                .as_ref()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+            {
+                return Ok(ptx);
+            }
+            use candle_core::cuda_backend::cudarc::nvrtc;
+            let opts = nvrtc::CompileOptions {
+                arch,
+                ..Default::default()
+            };
+            let ptx = nvrtc::compile_ptx_with_opts(self.source, opts)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("compiling ternlab's {module} kernels: {e}"))?;
+            if let Some(f) = cached {
+                // (best effort, whole or not at all: another process may be writing it too)
+                let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+                let written = f.parent().map(std::fs::create_dir_all).transpose().is_ok()
+                    && std::fs::write(&tmp, &ptx).is_ok();
+                if !written || std::fs::rename(&tmp, &f).is_err() {
+                    let _ = std::fs::remove_file(&tmp);
                 }
-                use candle_core::cuda_backend::cudarc::nvrtc;
-                let opts = nvrtc::CompileOptions {
-                    arch: self.arch,
-                    ..Default::default()
-                };
-                let ptx = nvrtc::compile_ptx_with_opts(self.source, opts)
-                    .map(|p| p.to_src())
-                    .map_err(|e| format!("compiling ternlab's {} kernels: {e}", self.module))?;
-                if let Some(f) = cached {
-                    // (best effort, whole or not at all: another process may be writing it too)
-                    let tmp = f.with_extension(format!("tmp{}", std::process::id()));
-                    let written = f.parent().map(std::fs::create_dir_all).transpose().is_ok()
-                        && std::fs::write(&tmp, &ptx).is_ok();
-                    if !written || std::fs::rename(&tmp, &f).is_err() {
-                        let _ = std::fs::remove_file(&tmp);
-                    }
-                }
-                Ok(ptx)
-            })
-            .as_deref()
-            .map_err(|e| candle_core::Error::Msg(e.clone()))
+            }
+            Ok(ptx)
+        })
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(e.clone()))
     }
 }
 
@@ -119,13 +145,6 @@ macro_rules! family {
             $module,
             concat!(include_str!("common.cuh"), $(include_str!($file)),+),
             None,
-        )
-    };
-    ($module:literal, [$($file:literal),+], $arch:literal) => {
-        $crate::cuda::launch::Family::new(
-            $module,
-            concat!(include_str!("common.cuh"), $(include_str!($file)),+),
-            Some($arch),
         )
     };
     ($module:literal, $file:literal, $arch:literal) => {
@@ -402,9 +421,9 @@ impl Launch<'_> {
             args,
         } = self;
         gpu.timed(&name, || {
-            let f = gpu
-                .dev
-                .get_or_load_custom_func(&name, family.module, family.ptx()?)?;
+            let (major, _) = gpu.compute_capability()?;
+            let (module, ptx) = family.for_card(major)?;
+            let f = gpu.dev.get_or_load_custom_func(&name, &module, ptx)?;
             if cfg.shared_mem_bytes > 48 * 1024 {
                 allow_shared(&f, cfg.shared_mem_bytes)?;
             }
