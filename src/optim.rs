@@ -117,10 +117,10 @@ pub struct AdamW {
     /// The kernel's table on the device (made at the first fused step).
     #[cfg(feature = "cuda")]
     table: Option<crate::cuda::adamw::MultiTable>,
-    /// The gradients' addresses of a step captured in a CUDA graph (`record_step`), which
-    /// every replay (`replay_step`) updates from.
+    /// The gradients' addresses and dtypes of a step captured in a CUDA graph (`record_step`),
+    /// which every replay (`replay_step`) updates from.
     #[cfg(feature = "cuda")]
-    recorded: Option<Vec<Option<u64>>>,
+    recorded: Option<Vec<Option<(u64, DType)>>>,
     /// Per parameter, where a replayed update also writes the ternary projection of the
     /// updated latent, and how (`write_projections`).
     #[cfg(feature = "cuda")]
@@ -253,7 +253,8 @@ impl AdamW {
         self.step_t += 1;
         #[cfg(feature = "cuda")]
         if self.fused {
-            // (f32 gradients, kept until the kernel is launched)
+            // (f32 gradients, or bf16 ones as the hand-written step's bf16 products make them
+            // (the kernel widens them as it reads), kept until the kernel is launched)
             let gs = self
                 .slots
                 .iter()
@@ -261,7 +262,10 @@ impl AdamW {
                     grads
                         .get(s.var.as_tensor())
                         .map(|g| {
-                            let g = g.to_dtype(DType::F32)?.contiguous()?;
+                            let g = match g.dtype() {
+                                DType::BF16 => g.contiguous()?,
+                                _ => g.to_dtype(DType::F32)?.contiguous()?,
+                            };
                             // (the kernel reads 16-byte aligned runs: a view that starts
                             // elsewhere is copied)
                             match crate::cuda::AsBuf::buf(&g)?.p % 16 {
@@ -274,7 +278,10 @@ impl AdamW {
                 .collect::<Result<Vec<_>>>()?;
             let ptrs = gs
                 .iter()
-                .map(|g| g.as_ref().map(|g| crate::cuda::AsBuf::buf(g).map(|b| b.p)))
+                .map(|g| {
+                    g.as_ref()
+                        .map(|g| crate::cuda::AsBuf::buf(g).map(|b| (b.p, b.dtype)))
+                })
                 .map(Option::transpose)
                 .collect::<Result<Vec<_>>>()?;
             self.write_table(&ptrs, false)?;
@@ -312,18 +319,18 @@ impl AdamW {
         Ok(self.table.as_mut().expect("made above"))
     }
 
-    /// Writes the table of this step: each parameter with its f32 gradient at `grads[i]` (an
-    /// address; None: no update), and with `projections`, where `write_projections` said, the
+    /// Writes the table of this step: each parameter with its gradient at `grads[i]` (an
+    /// address and its dtype, f32 or bf16; None: no update), and with `projections`, where `write_projections` said, the
     /// buffer its update writes its ternary projection into.
     #[cfg(feature = "cuda")]
-    fn write_table(&mut self, grads: &[Option<u64>], projections: bool) -> Result<()> {
+    fn write_table(&mut self, grads: &[Option<(u64, DType)>], projections: bool) -> Result<()> {
         use crate::cuda::adamw::{Entry, Scalars};
         use crate::cuda::Buf;
         let bias_correction = self.params.bias_correction;
         let mut entries = Vec::with_capacity(self.slots.len());
         for (i, (slot, g)) in self.slots.iter().zip(grads).enumerate() {
             let p = slot.var.as_tensor();
-            let Some(g) = *g else {
+            let Some((g, g_dtype)) = *g else {
                 // (length 0: the kernel leaves it alone)
                 entries.push(Entry::default());
                 continue;
@@ -347,7 +354,7 @@ impl AdamW {
             };
             let g = Buf {
                 p: g,
-                dtype: DType::F32,
+                dtype: g_dtype,
                 dims: p.dims().to_vec(),
             };
             let entry = Entry::new(p, &slot.m, &slot.v, &g, &scalars)?;
@@ -382,7 +389,7 @@ impl AdamW {
 
     /// The update inside a CUDA graph capture: launches the kernel on the table that each
     /// replay writes first (`replay_step`), remembering where the captured step leaves the
-    /// gradients (f32 and contiguous, as the hand-written step makes them); the update happens
+    /// gradients (f32 or bf16, contiguous, as the hand-written step makes them); the update happens
     /// only if the f32 at `gate` (the step's loss) is finite. Counts no step.
     #[cfg(feature = "cuda")]
     pub fn record_step(&mut self, grads: &GradStore, gate: u64) -> Result<()> {
@@ -393,11 +400,12 @@ impl AdamW {
         for s in &self.slots {
             ptrs.push(match grads.get(s.var.as_tensor()) {
                 None => None,
-                Some(g) if g.dtype() == DType::F32 && g.is_contiguous() => {
-                    Some(crate::cuda::AsBuf::buf(g)?.p)
+                Some(g) if matches!(g.dtype(), DType::F32 | DType::BF16) && g.is_contiguous() => {
+                    let b = crate::cuda::AsBuf::buf(g)?;
+                    Some((b.p, b.dtype))
                 }
                 Some(g) => candle_core::bail!(
-                    "a captured step needs contiguous f32 gradients, got {:?}",
+                    "a captured step needs contiguous f32 or bf16 gradients, got {:?}",
                     g.dtype()
                 ),
             });

@@ -13,7 +13,7 @@
 
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// The environment variables that tell a child process its place (set by rank 0).
 pub const RANK_VAR: &str = "TERNLAB_RANK";
@@ -86,8 +86,17 @@ impl Group {
     }
 
     /// Averages every gradient of `grads` over the ranks, in place, in the order of `vars` (the
-    /// same on every rank).
-    pub fn average_grads(&self, grads: &GradStore, vars: &[candle_core::Var]) -> Result<()> {
+    /// same on every rank). The bf16 gradient of an f32 parameter (a projection's from bf16
+    /// products) is widened first, so that the ranks' gradients are summed in f32.
+    pub fn average_grads(&self, grads: &mut GradStore, vars: &[candle_core::Var]) -> Result<()> {
+        for v in vars {
+            if let Some(g) = grads.get(v) {
+                if g.dtype() == DType::BF16 && v.dtype() == DType::F32 {
+                    let wide = g.to_dtype(DType::F32)?;
+                    grads.insert(v, wide);
+                }
+            }
+        }
         let present: Vec<&Tensor> = vars.iter().filter_map(|v| grads.get(v)).collect();
         self.average(&present)
     }

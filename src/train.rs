@@ -233,9 +233,9 @@ pub fn train(
             });
         }
         if let Some(backward) = update {
-            let grads = backward.backward(model)?;
+            let mut grads = backward.backward(model)?;
             if let Some(g) = group {
-                g.average_grads(&grads, &vars)?;
+                g.average_grads(&mut grads, &vars)?;
             }
             opt.step(&grads)?;
         }

@@ -150,14 +150,18 @@ fn ternary_projection_matches_the_composed_one() {
 /// The fused AdamW kernels give the composed optimizer's result on the CPU to the bit (every
 /// operation in the same order, one rounding each): f32 and bf16 parameters, with and without
 /// bias correction, with weight decay; a small tensor, and one of a million values (the bf16
-/// update rounds with the card's conversion instruction, the CPU with integer arithmetic).
+/// update rounds with the card's conversion instruction, the CPU with integer arithmetic); f32
+/// gradients and bf16 ones (what the hand-written step's bf16 products give a projection).
 #[test]
 fn fused_adamw_matches_the_composed_one_bit_for_bit() {
     let dev = gpu();
-    for (dtype, shape) in [
-        (DType::F32, (33, 65)),
-        (DType::BF16, (33, 65)),
-        (DType::BF16, (1031, 1029)),
+    for (dtype, shape, g_dtype) in [
+        (DType::F32, (33, 65), DType::F32),
+        (DType::F32, (33, 65), DType::BF16),
+        (DType::F32, (1031, 1029), DType::BF16),
+        (DType::BF16, (33, 65), DType::F32),
+        (DType::BF16, (33, 65), DType::BF16),
+        (DType::BF16, (1031, 1029), DType::F32),
     ] {
         for bias_correction in [false, true] {
             let params = adamw_params(1e-2, bias_correction);
@@ -171,8 +175,10 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
             assert!(fused.is_fused());
             let mut composed = AdamW::new(vec![b.clone()], params, false).unwrap();
             for step in 0..5 {
-                // An f32 gradient, as the hand-written step makes them.
-                let g = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+                let g = Tensor::randn(0f32, 1.0, shape, &dev)
+                    .unwrap()
+                    .to_dtype(g_dtype)
+                    .unwrap();
                 let mut ga = candle_core::backprop::GradStore::default();
                 ga.insert(a.as_tensor(), g.clone());
                 let mut gb = candle_core::backprop::GradStore::default();
@@ -181,8 +187,10 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
                 composed.set_learning_rate(1e-2 / (step + 1) as f64);
                 fused.step(&ga).unwrap();
                 composed.step(&gb).unwrap();
-                let what =
-                    format!("{dtype:?} {shape:?} bias_correction={bias_correction} step {step}");
+                let what = format!(
+                    "{dtype:?} {shape:?} gradient {g_dtype:?} bias_correction={bias_correction} \
+                     step {step}"
+                );
                 let diff = max_abs(
                     &(f32_of(a.as_tensor()).to_device(&Device::Cpu).unwrap()
                         - f32_of(b.as_tensor()))
@@ -213,8 +221,8 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
 /// AdamW that also writes the ternary projection of the latent it updates (what a replayed
 /// step multiplies by next) gives the bits of the update followed by the projection kernel:
 /// groups of 32 to 512 (one to four 128-weight spans a warp), absmean and absmax scales, f32 and
-/// bf16 scales, a projection in bf16 and in f32, a warm-up's lambda; three of the kernel's
-/// blocks, the last one partly filled.
+/// bf16 scales, a projection in bf16 and in f32, a warm-up's lambda, an f32 gradient and a
+/// bf16 one; three of the kernel's blocks, the last one partly filled.
 #[test]
 fn adamw_writes_the_ternary_projection_of_the_latent_it_updates() {
     use ternlab::cuda::adamw::{Entry, MultiTable, Scalars};
@@ -250,18 +258,27 @@ fn adamw_writes_the_ternary_projection_of_the_latent_it_updates() {
         (256, ScaleRule::Absmean, ScaleDtype::F32, DType::BF16, 1.0),
         (512, ScaleRule::Absmean, ScaleDtype::F32, DType::BF16, 0.25),
     ];
-    for (group, scale, scale_dtype, out, lambda) in cases {
+    for ((group, scale, scale_dtype, out, lambda), g_dtype) in cases
+        .into_iter()
+        .flat_map(|c| [(c, DType::F32), (c, DType::BF16)])
+    {
         let q = Quant {
             group,
             scale,
             scale_dtype,
         };
-        let what = format!("group {group} {scale:?} {scale_dtype:?} -> {out:?}, lambda {lambda}");
+        let what = format!(
+            "group {group} {scale:?} {scale_dtype:?} -> {out:?}, lambda {lambda}, gradient \
+             {g_dtype:?}"
+        );
         let args = ternary::vector_args(n, q, lambda).expect("the 16-byte kernels take it");
         let p0 = Tensor::randn(0f32, 0.02, n, &dev).unwrap();
         let m0 = Tensor::randn(0f32, 1e-3, n, &dev).unwrap();
         let v0 = Tensor::randn(0f32, 1e-3, n, &dev).unwrap().sqr().unwrap();
-        let grad = Tensor::randn(0f32, 1e-2, n, &dev).unwrap();
+        let grad = Tensor::randn(0f32, 1e-2, n, &dev)
+            .unwrap()
+            .to_dtype(g_dtype)
+            .unwrap();
         // (copies: the kernel updates in place)
         let run = |writing: bool| {
             let (p, m, v) = (p0.copy().unwrap(), m0.copy().unwrap(), v0.copy().unwrap());
@@ -1324,7 +1341,11 @@ fn hand_written_step_matches_autograd() {
                     assert_eq!(g_h.get_ids().count(), params.named.len(), "{what}");
                     for (name, v) in &params.named {
                         let (a, b) = (g_h.get(v).unwrap(), g_c.get(v).unwrap());
-                        assert_eq!(a.dtype(), DType::F32, "{what}: {name} gradient dtype");
+                        // A projection's weight gradient in the products' dtype (autograd's
+                        // of a bf16 product is bf16 too), every other one in f32.
+                        let proj = name.ends_with("proj.weight");
+                        let want = if proj { dtype } else { DType::F32 };
+                        assert_eq!(a.dtype(), want, "{what}: {name} gradient dtype");
                         let err = rel_err(a, b);
                         eprintln!("{what} {name}: relative error {err:e}");
                         assert!(err < t, "{what}: gradient of {name} differs by {err:e}");

@@ -98,17 +98,18 @@ __device__ __forceinline__ void st4_exact(unsigned short* p, long i, const float
 
 // One parameter of a multi-tensor update (`Entry` in src/cuda/adamw.rs, same layout): its
 // four buffers, its length (0: no update this step), the step's scalars in its precision (in
-// `AdamwK`'s order), and its dtype; then, for an f32 latent whose ternary projection the step
-// multiplies by, where to write that projection of the updated weights (wt, 0: nowhere) and
-// how (ternarize_v's arguments: group, C = max(1, group / 128), absmax, scale dtype, smallest
-// scale, lambda; wt in bf16 or f32).
+// `AdamwK`'s order), its dtype and its gradient's (f32, or bf16 where the step's products ran
+// in bf16: a weight gradient as the GEMM rounded it); then, for an f32 latent whose ternary
+// projection the step multiplies by, where to write that projection of the updated weights
+// (wt, 0: nowhere) and how (ternarize_v's arguments: group, C = max(1, group / 128), absmax,
+// scale dtype, smallest scale, lambda; wt in bf16 or f32).
 struct AdamwEntry {
     unsigned long long p, m, v, g;
     long long n;
     float k[9];
     int bf16;
     int bias_correction;
-    int pad;
+    int g_bf16;
     unsigned long long wt;
     int wg, wc, wabsmax, wsdt;
     float wmin, wlambda;
@@ -116,9 +117,10 @@ struct AdamwEntry {
 };
 
 // Elements [start, end) of one parameter, four at a time (start is a multiple of 4; every
-// buffer starts 16-byte aligned: ldv/stv in common.cuh), the last few one by one.
-template <typename T, bool BF16>
-__device__ __forceinline__ void adamw_span(T* p, T* m, T* v, const float* g, long start,
+// buffer starts 16-byte aligned: ldv/stv in common.cuh), the last few one by one; the
+// gradient G is f32 or bf16 (unsigned short), widened as it is read.
+template <typename T, bool BF16, typename G>
+__device__ __forceinline__ void adamw_span(T* p, T* m, T* v, const G* g, long start,
                                            long end, const AdamwK& k) {
     for (long i = start + 4 * (long)threadIdx.x; i < end; i += 4 * (long)blockDim.x) {
         if (i + 4 <= end) {
@@ -142,9 +144,9 @@ __device__ __forceinline__ void adamw_span(T* p, T* m, T* v, const float* g, lon
             }
         } else {
             for (long j = i; j < end; j++) {
-                float pj = ld(p, j), mj = ld(m, j), vj = ld(v, j);
-                if (BF16) adamw_bf16_n<1>(&pj, &mj, &vj, &g[j], k);
-                else adamw_f32_v(pj, mj, vj, g[j], k);
+                float pj = ld(p, j), mj = ld(m, j), vj = ld(v, j), gj = ld(g, j);
+                if (BF16) adamw_bf16_n<1>(&pj, &mj, &vj, &gj, k);
+                else adamw_f32_v(pj, mj, vj, gj, k);
                 st(p, j, pj);
                 st(m, j, mj);
                 st(v, j, vj);
@@ -157,8 +159,8 @@ __device__ __forceinline__ void adamw_span(T* p, T* m, T* v, const float* g, lon
 // (ternary.cu) would make it from the updated values, without reading them again: each warp
 // takes 128 * C consecutive weights at a time, four neighbours a lane per access, whole groups
 // (start and end are multiples of 128 * C).
-template <typename T, int C>
-__device__ __forceinline__ void adamw_ternary_span(float* p, float* m, float* v, const float* g,
+template <typename T, int C, typename G>
+__device__ __forceinline__ void adamw_ternary_span(float* p, float* m, float* v, const G* g,
                                                    T* wt, long start, long end,
                                                    const AdamwK& k, const AdamwEntry* e) {
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -194,15 +196,31 @@ __device__ __forceinline__ void adamw_ternary_span(float* p, float* m, float* v,
     }
 }
 
-template <typename T>
+template <typename T, typename G>
 __device__ __forceinline__ void adamw_ternary(const AdamwEntry* e, long start, long end,
                                               const AdamwK& k) {
     float *p = (float*)e->p, *m = (float*)e->m, *v = (float*)e->v;
-    const float* g = (const float*)e->g;
+    const G* g = (const G*)e->g;
     T* wt = (T*)e->wt;
     if (e->wc == 4) adamw_ternary_span<T, 4>(p, m, v, g, wt, start, end, k, e);
     else if (e->wc == 2) adamw_ternary_span<T, 2>(p, m, v, g, wt, start, end, k, e);
     else adamw_ternary_span<T, 1>(p, m, v, g, wt, start, end, k, e);
+}
+
+// One entry's elements [start, end) with its gradient of type G.
+template <typename G>
+__device__ __forceinline__ void adamw_entry(const AdamwEntry* e, long start, long end,
+                                            const AdamwK& k) {
+    const G* g = (const G*)e->g;
+    if (e->wt) {
+        if (e->wt_bf16) adamw_ternary<unsigned short, G>(e, start, end, k);
+        else adamw_ternary<float, G>(e, start, end, k);
+    } else if (e->bf16) {
+        adamw_span<unsigned short, true>((unsigned short*)e->p, (unsigned short*)e->m,
+                                         (unsigned short*)e->v, g, start, end, k);
+    } else {
+        adamw_span<float, false>((float*)e->p, (float*)e->m, (float*)e->v, g, start, end, k);
+    }
 }
 
 // Every parameter in one launch: block b updates elements [c.y * chunk, (c.y + 1) * chunk) of
@@ -220,14 +238,6 @@ extern "C" __global__ void adamw_multi(const AdamwEntry* entries, const uint2* c
     long end = start + chunk < (long)e->n ? start + chunk : (long)e->n;
     AdamwK k = {e->k[0], e->k[1], e->k[2], e->k[3], e->k[4], e->k[5], e->k[6], e->k[7], e->k[8],
                 e->bias_correction};
-    const float* g = (const float*)e->g;
-    if (e->wt) {
-        if (e->wt_bf16) adamw_ternary<unsigned short>(e, start, end, k);
-        else adamw_ternary<float>(e, start, end, k);
-    } else if (e->bf16) {
-        adamw_span<unsigned short, true>((unsigned short*)e->p, (unsigned short*)e->m,
-                                         (unsigned short*)e->v, g, start, end, k);
-    } else {
-        adamw_span<float, false>((float*)e->p, (float*)e->m, (float*)e->v, g, start, end, k);
-    }
+    if (e->g_bf16) adamw_entry<unsigned short>(e, start, end, k);
+    else adamw_entry<float>(e, start, end, k);
 }

@@ -24,7 +24,8 @@ pub struct Scalars {
     pub bias_correction: bool,
 }
 
-/// A parameter, its moments and its gradient as the kernels take them.
+/// A parameter, its moments and its gradient as the kernels take them (the gradient f32, or
+/// bf16: a weight gradient from products run in bf16, as the GEMM rounded it).
 fn check(p: &Buf, m: &Buf, v: &Buf, g: &Buf) -> Result<()> {
     let n = p.n();
     if !matches!(p.dtype, DType::F32 | DType::BF16) {
@@ -36,12 +37,18 @@ fn check(p: &Buf, m: &Buf, v: &Buf, g: &Buf) -> Result<()> {
     }
     m.expect("fused AdamW: the first moment", n, p.dtype)?;
     v.expect("fused AdamW: the second moment", n, p.dtype)?;
-    g.expect("fused AdamW: the gradient", n, DType::F32)
+    let g_dtype = if g.dtype == DType::BF16 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    g.expect("fused AdamW: the gradient", n, g_dtype)
 }
 
 /// One parameter of a multi-tensor update, as `adamw.cu`'s `AdamwEntry` lays it out: its
 /// buffers, its length (0: not updated this step), its scalars (`Scalars`, in the order lr,
-/// b1, 1 - b1, b2, 1 - b2, eps, decay, correction), whether it is bf16, and where the kernel
+/// b1, 1 - b1, b2, 1 - b2, eps, decay, correction), whether it and its gradient are bf16,
+/// and where the kernel
 /// writes the ternary projection of the updated weights (`Entry::writing`; 0: nowhere).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -54,7 +61,7 @@ pub struct Entry {
     pub k: [f32; 9],
     pub bf16: i32,
     pub bias_correction: i32,
-    pad: i32,
+    pub g_bf16: i32,
     wt: u64,
     fold: ternary::VectorArgs,
     wt_bf16: i32,
@@ -66,7 +73,7 @@ const _: () = assert!(std::mem::size_of::<Entry>() == 128);
 const _: () = assert!(std::mem::offset_of!(Entry, wt) == 88);
 
 impl Entry {
-    /// The entry of parameter `p` with moments `m`, `v` and gradient `g` (f32), at `k`.
+    /// The entry of parameter `p` with moments `m`, `v` and gradient `g` (f32 or bf16), at `k`.
     pub fn new(
         p: &impl AsBuf,
         m: &impl AsBuf,
@@ -100,6 +107,7 @@ impl Entry {
             ],
             bf16: i32::from(p.dtype == DType::BF16),
             bias_correction: i32::from(k.bias_correction),
+            g_bf16: i32::from(g.dtype == DType::BF16),
             ..Default::default()
         })
     }

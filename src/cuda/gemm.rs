@@ -1,7 +1,7 @@
 //! Matrix products through cuBLAS: one strided-batched GEMM in row-major terms (`gemm`), and
 //! the three products of a bias-free linear layer (`linear`, `linear_back_x`, `linear_back_w`).
 //! f32 accumulation throughout (TF32 for f32 inputs when `train.dtype = "tf32"` set candle's
-//! flag); weight gradients come out in f32 directly.
+//! flag); weight gradients come out in f32, or rounded once to the inputs' bf16.
 
 use super::launch::{profiling, AsBuf, Gpu};
 use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as bsys};
@@ -174,15 +174,16 @@ pub fn linear_back_w(gpu: &Gpu, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     Ok(dw)
 }
 
-/// `linear_back_w` into `dw` (out, in), f32.
+/// `linear_back_w` into `dw` (out, in): f32, or the inputs' dtype (the f32 sums rounded once).
 pub fn linear_back_w_into(gpu: &Gpu, dy: &Tensor, x: &Tensor, dw: &Tensor) -> Result<()> {
     let (n, out) = dy.dims2()?;
     let inp = x.dim(1)?;
-    if dw.dims() != [out, inp] || dw.dtype() != DType::F32 {
+    if dw.dims() != [out, inp] || (dw.dtype() != DType::F32 && dw.dtype() != dy.dtype()) {
         candle_core::bail!(
-            "linear_back_w: dw is {:?} {:?}, not ({out}, {inp}) f32",
+            "linear_back_w: dw is {:?} {:?}, not ({out}, {inp}) f32 or {:?}",
             dw.dims(),
-            dw.dtype()
+            dw.dtype(),
+            dy.dtype()
         );
     }
     let (a, b) = (Mat::of(dy)?.t(), Mat::of(x)?);

@@ -32,9 +32,12 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
     } = tape;
     let gpu = &ctx.gpu;
     let mut side = Side::new(gpu)?;
-    // `linear_back_w` on the side stream (dw allocated first, on the main one)
-    let back_w = |side: &mut Side, dy: &Tensor, x: &Tensor| -> Result<(Tensor, Ticket)> {
-        let dw = gpu.empty((dy.dim(1)?, x.dim(1)?), DType::F32)?;
+    // `linear_back_w` on the side stream (dw allocated first, on the main one), into a dw of
+    // `dtype`: a projection's in the products' dtype (autograd's gradient of a bf16 product's
+    // weight is bf16, rounded once from the f32 sums as here; AdamW widens it as it reads it),
+    // the head's in f32 (the embedding's gradient adds into it when tied).
+    let back_w = |side: &mut Side, dy: &Tensor, x: &Tensor, dtype| -> Result<(Tensor, Ticket)> {
+        let dw = gpu.empty((dy.dim(1)?, x.dim(1)?), dtype)?;
         let t = side.run(&[dy, x, &dw], || linear_back_w_into(gpu, dy, x, &dw))?;
         Ok((dw, t))
     };
@@ -65,7 +68,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
     // Output head and final norm.
     let dxf = ctx.act((n, e))?;
     linear_back_x(gpu, &dlogits, &head, &dxf, 0.)?;
-    let (dhead, _) = back_w(&mut side, &dlogits, &xf)?;
+    let (dhead, _) = back_w(&mut side, &dlogits, &xf, DType::F32)?;
     drop((dlogits, head, xf));
     // dx: the residual stream's gradient (N, E), written by the final norm, then added to.
     let dx = ctx.act((n, e))?;
@@ -84,7 +87,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         let da = ctx.act((n, f))?;
         linear_back_x(gpu, &dx, wd, &da, 0.)?;
         let down_in = t.a.of(&mlp_.down_proj);
-        let down = back_w(&mut side, &dx, down_in)?;
+        let down = back_w(&mut side, &dx, down_in, ctx.cd)?;
         let reads_dx = down.1;
         record(&mut side, &mut grads, &mlp_.down_proj, down)?;
         let dxn2 = ctx.act((n, e))?;
@@ -95,7 +98,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
                 mlp::silu_mul_halves_back(gpu, gu, &da, &dgu)?;
                 drop(da);
                 linear_back_x(gpu, &dgu, w, &dxn2, 0.)?;
-                let (dw, t) = back_w(&mut side, &dgu, t.xn2.of(gate))?;
+                let (dw, t) = back_w(&mut side, &dgu, t.xn2.of(gate), ctx.cd)?;
                 record(&mut side, &mut grads, gate, (dw.narrow(0, 0, f)?, t))?;
                 record(&mut side, &mut grads, up, (dw.narrow(0, f, f)?, t))?;
             }
@@ -105,9 +108,9 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
                 drop(da);
                 linear_back_x(gpu, &dg, wg, &dxn2, 0.)?;
                 linear_back_x(gpu, &du, wu, &dxn2, 1.)?;
-                let dw = back_w(&mut side, &dg, t.xn2.of(gate))?;
+                let dw = back_w(&mut side, &dg, t.xn2.of(gate), ctx.cd)?;
                 record(&mut side, &mut grads, gate, dw)?;
-                let dw = back_w(&mut side, &du, t.xn2.of(up))?;
+                let dw = back_w(&mut side, &du, t.xn2.of(up), ctx.cd)?;
                 record(&mut side, &mut grads, up, dw)?;
             }
         }
@@ -121,7 +124,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
         let dmerged = ctx.act((n, h * d))?;
         linear_back_x(gpu, &dx, wo, &dmerged, 0.)?;
         let o_in = t.merged.of(&at.o_proj);
-        let o = back_w(&mut side, &dx, o_in)?;
+        let o = back_w(&mut side, &dx, o_in, ctx.cd)?;
         let reads_dx = o.1;
         record(&mut side, &mut grads, &at.o_proj, o)?;
         // One (N, qd + 2 kd) gradient of the fused q/k/v output, which attention's backward
@@ -224,7 +227,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
             (Qkv::Fused { w, qd, kd, .. }, Some(dqkv)) => {
                 // one GEMM each way; each weight's gradient is its rows of the fused one's
                 linear_back_x(gpu, dqkv, w, &dxn1, 0.)?;
-                let (dw, tk) = back_w(&mut side, dqkv, t.xn1.of(&at.q_proj))?;
+                let (dw, tk) = back_w(&mut side, dqkv, t.xn1.of(&at.q_proj), ctx.cd)?;
                 let (qd, kd) = (*qd, *kd);
                 record(
                     &mut side,
@@ -249,7 +252,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
                 linear_back_x(gpu, &dk, wk, &dxn1, 1.)?;
                 linear_back_x(gpu, &dv, wv, &dxn1, 1.)?;
                 for (lin, dy) in [(&at.q_proj, &dq), (&at.k_proj, &dk), (&at.v_proj, &dv)] {
-                    let dw = back_w(&mut side, dy, t.xn1.of(lin))?;
+                    let dw = back_w(&mut side, dy, t.xn1.of(lin), ctx.cd)?;
                     record(&mut side, &mut grads, lin, dw)?;
                 }
             }

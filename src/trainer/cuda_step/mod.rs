@@ -4,8 +4,10 @@
 //! cannot accumulate a matmul into an existing buffer; here every gradient is written once,
 //! where it is needed:
 //!
-//! - weight gradients come out of cuBLAS in f32 directly (bf16 inputs, f32 accumulate and
-//!   output), so there is no bf16 gradient to cast, and the ternary STE is free;
+//! - weight gradients come out of cuBLAS in the products' dtype, rounded once from f32 sums
+//!   (autograd's gradient of a bf16 product's weight is bf16 too; the fused AdamW widens it
+//!   as it reads it, and the head's, which the embedding's adds into, stays f32), so there is
+//!   no gradient to cast, and the ternary STE is free;
 //! - projections that share their input run as one GEMM each way: q, k and v under flash
 //!   attention (`qkv_fused`; the norm + RoPE and attention kernels read their columns of the
 //!   output, and write their gradients' columns, in place), gate and up (`gate_up_fused`);
@@ -157,12 +159,14 @@ impl Ctx {
         }
     }
 
-    /// Records a projection's weight gradient `dw` (f32), and the gradient of its learned
-    /// scales where it has them (LSQ's, from `dw`).
+    /// Records a projection's weight gradient `dw` (f32, or bf16 from bf16 products), and the
+    /// gradient of its learned scales where it has them (LSQ's, from `dw`).
     fn weight_grad(&self, grads: &mut GradStore, lin: &Linear, dw: Tensor) -> Result<()> {
         if let (Some(s), Some(q)) = (&lin.scale, lin.quant) {
             let ds = self.gpu.empty(s.shape(), DType::F32)?;
-            ternary::scale_grad(&self.gpu, &lin.weight, &dw, s, &ds, q, lin.lambda)?;
+            // (from the gradient as kept: a bf16 one widened, as autograd's cast does)
+            let dwf = dw.to_dtype(DType::F32)?;
+            ternary::scale_grad(&self.gpu, &lin.weight, &dwf, s, &ds, q, lin.lambda)?;
             grads.insert(s, ds);
         }
         grads.insert(&lin.weight, dw);
