@@ -218,6 +218,70 @@ fn fused_adamw_matches_the_composed_one_bit_for_bit() {
     }
 }
 
+/// The embedding's backward into a bf16 table gives the bits of the CPU's sum: each token's
+/// rows of the input gradient summed in f32 in position order, added once to its bf16 row
+/// (the head's gradient when tied). Tokens repeated near and far apart, one seen once, rows
+/// of 64, 1,056 (two blocks of columns, the second partly filled) and 1,024 values, f32 and
+/// bf16 input gradients, 300 and 4,099 positions (blocks of 256 ids scanned, the last partly).
+#[test]
+fn embedding_backward_into_bf16_sums_each_token_in_order() {
+    use ternlab::cuda::{embedding, Gpu};
+    let dev = gpu();
+    let g = Gpu::of(&dev).unwrap();
+    for (n, e, dtype) in [
+        (300, 64, DType::BF16),
+        (300, 1056, DType::F32),
+        (4099, 1024, DType::BF16),
+    ] {
+        let vocab = 97;
+        // token 96 once (last), token 0 at both ends, the rest in a pattern with repeats
+        let ids: Vec<u32> = (0..n)
+            .map(|t| match t {
+                0 => 0,
+                _ if t == n - 1 => 96,
+                _ if t == n - 2 => 0,
+                _ => ((t * 7919 + 13) % 61) as u32 + 1,
+            })
+            .collect();
+        let dx = randn((n, e), 1.0, dtype, &dev);
+        let table = randn((vocab, e), 1.0, DType::BF16, &dev);
+        let out = table.copy().unwrap();
+        let idt = Tensor::from_vec(ids.clone(), n, &dev).unwrap();
+        embedding::embed_back_rows(&g, &dx, &idt, &out).unwrap();
+        // The CPU's: f32 sums in position order, then one bf16 rounding of row + sum.
+        let dxv = f32_of(&dx).to_vec2::<f32>().unwrap();
+        let mut want: Vec<Vec<f32>> = f32_of(&table).to_vec2::<f32>().unwrap();
+        let mut sums = vec![vec![0f32; e]; vocab];
+        let mut seen = vec![false; vocab];
+        for (t, &id) in ids.iter().enumerate() {
+            seen[id as usize] = true;
+            for c in 0..e {
+                sums[id as usize][c] += dxv[t][c];
+            }
+        }
+        for id in 0..vocab {
+            if seen[id] {
+                for c in 0..e {
+                    want[id][c] = half::bf16::from_f32(want[id][c] + sums[id][c]).to_f32();
+                }
+            }
+        }
+        let got = f32_of(&out).to_vec2::<f32>().unwrap();
+        let what = format!("{n} positions, rows of {e}, dx {dtype:?}");
+        for id in 0..vocab {
+            for c in 0..e {
+                assert!(
+                    got[id][c].to_bits() == want[id][c].to_bits(),
+                    "{what}: token {id} column {c}: {} against {}",
+                    got[id][c],
+                    want[id][c]
+                );
+            }
+        }
+        assert!(!seen[vocab - 2], "a token never seen is left as it was");
+    }
+}
+
 /// AdamW that also writes the ternary projection of the latent it updates (what a replayed
 /// step multiplies by next) gives the bits of the update followed by the projection kernel:
 /// groups of 32 to 512 (one to four 128-weight spans a warp), absmean and absmax scales, f32 and
@@ -1341,10 +1405,16 @@ fn hand_written_step_matches_autograd() {
                     assert_eq!(g_h.get_ids().count(), params.named.len(), "{what}");
                     for (name, v) in &params.named {
                         let (a, b) = (g_h.get(v).unwrap(), g_c.get(v).unwrap());
-                        // A projection's weight gradient in the products' dtype (autograd's
-                        // of a bf16 product is bf16 too), every other one in f32.
-                        let proj = name.ends_with("proj.weight");
-                        let want = if proj { dtype } else { DType::F32 };
+                        // A projection's and an untied head's weight gradient in the products'
+                        // dtype (autograd's of a bf16 product is bf16 too), a bf16 embedding's
+                        // in bf16 under bf16 compute, every other one in f32.
+                        let product = name.ends_with("proj.weight") || name == "lm_head.weight";
+                        let emb_bf16 = dtype == DType::BF16 && dense == DType::BF16;
+                        let want = match name.as_str() {
+                            _ if product => dtype,
+                            "model.embed_tokens.weight" if emb_bf16 => DType::BF16,
+                            _ => DType::F32,
+                        };
                         assert_eq!(a.dtype(), want, "{what}: {name} gradient dtype");
                         let err = rel_err(a, b);
                         eprintln!("{what} {name}: relative error {err:e}");
@@ -1545,7 +1615,8 @@ fn hand_written_step_learns_scales_like_autograd() {
 /// a run through a quantization warm-up (lambda 0, 1/3, 2/3, then 1), a new batch every step,
 /// learned scales, and absmean ones (whose projections the replayed AdamW update writes). The warm-up's steps and the first step at lambda 1 run eagerly, the rest are
 /// captured once and replayed; losses and parameters agree with the eager run's. They are not
-/// bitwise equal: the embedding's gradient is summed with atomic adds, in any order.
+/// bitwise equal: the norm weights' gradients (and an f32 embedding's) are summed with atomic
+/// adds, in any order.
 #[test]
 fn steps_replayed_from_cuda_graphs_match_eager_steps() {
     use ternlab::choice::Choice;

@@ -35,7 +35,7 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
     // `linear_back_w` on the side stream (dw allocated first, on the main one), into a dw of
     // `dtype`: a projection's in the products' dtype (autograd's gradient of a bf16 product's
     // weight is bf16, rounded once from the f32 sums as here; AdamW widens it as it reads it),
-    // the head's in f32 (the embedding's gradient adds into it when tied).
+    // the head's as the embedding's below.
     let back_w = |side: &mut Side, dy: &Tensor, x: &Tensor, dtype| -> Result<(Tensor, Ticket)> {
         let dw = gpu.empty((dy.dim(1)?, x.dim(1)?), dtype)?;
         let t = side.run(&[dy, x, &dw], || linear_back_w_into(gpu, dy, x, &dw))?;
@@ -65,10 +65,20 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
     // Every norm weight's gradient (f32) is added into a part of one buffer, zeroed once.
     let norm_dws = NormGrads::new(gpu, model)?;
 
-    // Output head and final norm.
+    // Output head and final norm. A bf16 embedding under bf16 compute (the checkpoint's, as
+    // Qwen3 ships) gets its gradient in bf16, as autograd's is: a tied head's product rounded
+    // once, then each token's rows of the input gradient summed in f32 and added once (the
+    // same bits every run); otherwise in f32, the rows added atomically. An untied head is a
+    // product's weight like the projections.
+    let emb_bf16 = ctx.cd == DType::BF16 && model.embed_tokens.dtype() == DType::BF16;
+    let head_dtype = match (&model.lm_head, emb_bf16) {
+        (Some(_), _) => ctx.cd,
+        (None, true) => DType::BF16,
+        (None, false) => DType::F32,
+    };
     let dxf = ctx.act((n, e))?;
     linear_back_x(gpu, &dlogits, &head, &dxf, 0.)?;
-    let (dhead, _) = back_w(&mut side, &dlogits, &xf, DType::F32)?;
+    let (dhead, _) = back_w(&mut side, &dlogits, &xf, head_dtype)?;
     drop((dlogits, head, xf));
     // dx: the residual stream's gradient (N, E), written by the final norm, then added to.
     let dx = ctx.act((n, e))?;
@@ -277,11 +287,15 @@ pub fn backward(model: &Qwen3, tape: Tape) -> Result<GradStore> {
     let demb = match &model.lm_head {
         Some(lm_head) => {
             grads.insert(lm_head, dhead);
-            gpu.zeros((vocab, e), DType::F32)?
+            gpu.zeros((vocab, e), if emb_bf16 { DType::BF16 } else { DType::F32 })?
         }
         None => dhead,
     };
-    embedding::embed_back(gpu, &dx, &ids, &demb)?;
+    if emb_bf16 {
+        embedding::embed_back_rows(gpu, &dx, &ids, &demb)?;
+    } else {
+        embedding::embed_back(gpu, &dx, &ids, &demb)?;
+    }
     grads.insert(&model.embed_tokens, demb);
     Ok(grads)
 }

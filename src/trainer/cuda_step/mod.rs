@@ -6,8 +6,7 @@
 //!
 //! - weight gradients come out of cuBLAS in the products' dtype, rounded once from f32 sums
 //!   (autograd's gradient of a bf16 product's weight is bf16 too; the fused AdamW widens it
-//!   as it reads it, and the head's, which the embedding's adds into, stays f32), so there is
-//!   no gradient to cast, and the ternary STE is free;
+//!   as it reads it), so there is no gradient to cast, and the ternary STE is free;
 //! - projections that share their input run as one GEMM each way: q, k and v under flash
 //!   attention (`qkv_fused`; the norm + RoPE and attention kernels read their columns of the
 //!   output, and write their gradients' columns, in place), gate and up (`gate_up_fused`);
@@ -24,8 +23,10 @@
 //!   probabilities in the backward when keeping every layer's would take over a quarter of the
 //!   card;
 //! - the cross-entropy kernel overwrites the logits with their gradient (no second (N, V)
-//!   buffer), and the embedding gradient is one scatter-add over all tokens (f32 atomics, so
-//!   GPU runs are not bitwise reproducible).
+//!   buffer). A bf16 embedding under bf16 compute gets a bf16 gradient, as autograd's: each
+//!   token's rows summed in f32 in position order and added once to its row of the tied head's
+//!   gradient (the same bits every run); otherwise one scatter-add of f32 atomics over all
+//!   tokens.
 //!
 //! `forward.rs` and `backward.rs` are the two passes, `graph.rs` replays a whole step (with the
 //! AdamW update) from a CUDA graph; this file holds what they share. Shapes:
