@@ -253,8 +253,8 @@ impl AdamW {
         self.step_t += 1;
         #[cfg(feature = "cuda")]
         if self.fused {
-            // (f32 gradients, or bf16 ones as the hand-written step's bf16 products make them
-            // (the kernel widens them as it reads), kept until the kernel is launched)
+            // (f32 gradients, or the bf16 ones of the hand-written step's bf16 products, which
+            // the kernel widens as it reads them; kept until the kernel is launched)
             let gs = self
                 .slots
                 .iter()
@@ -320,8 +320,8 @@ impl AdamW {
     }
 
     /// Writes the table of this step: each parameter with its gradient at `grads[i]` (an
-    /// address and its dtype, f32 or bf16; None: no update), and with `projections`, where `write_projections` said, the
-    /// buffer its update writes its ternary projection into.
+    /// address and its dtype, f32 or bf16; None: no update), and with `projections`, where
+    /// `write_projections` said, the buffer its update writes its ternary projection into.
     #[cfg(feature = "cuda")]
     fn write_table(&mut self, grads: &[Option<(u64, DType)>], projections: bool) -> Result<()> {
         use crate::cuda::adamw::{Entry, Scalars};
@@ -389,8 +389,8 @@ impl AdamW {
 
     /// The update inside a CUDA graph capture: launches the kernel on the table that each
     /// replay writes first (`replay_step`), remembering where the captured step leaves the
-    /// gradients (f32 or bf16, contiguous, as the hand-written step makes them); the update happens
-    /// only if the f32 at `gate` (the step's loss) is finite. Counts no step.
+    /// gradients (f32 or bf16, contiguous, as the hand-written step makes them); the update
+    /// happens only if the f32 at `gate` (the step's loss) is finite. Counts no step.
     #[cfg(feature = "cuda")]
     pub fn record_step(&mut self, grads: &GradStore, gate: u64) -> Result<()> {
         if !self.fused {

@@ -86,12 +86,13 @@ impl Group {
     }
 
     /// Averages every gradient of `grads` over the ranks, in place, in the order of `vars` (the
-    /// same on every rank). The bf16 gradient of an f32 parameter (a projection's from bf16
-    /// products) is widened first, so that the ranks' gradients are summed in f32.
+    /// same on every rank). A bf16 gradient (a projection's from bf16 products, a bf16
+    /// parameter's) is widened first, so that the ranks' gradients are summed in f32, as
+    /// NCCL's bf16 sum would round at every hop of its ring.
     pub fn average_grads(&self, grads: &mut GradStore, vars: &[candle_core::Var]) -> Result<()> {
         for v in vars {
             if let Some(g) = grads.get(v) {
-                if g.dtype() == DType::BF16 && v.dtype() == DType::F32 {
+                if g.dtype() == DType::BF16 {
                     let wide = g.to_dtype(DType::F32)?;
                     grads.insert(v, wide);
                 }

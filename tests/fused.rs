@@ -1,7 +1,7 @@
 //! The fused CUDA ops agree with the composed candle ops they replace, in values and
 //! gradients (their backward runs the kernels the hand-written step trains with), and the
-//! hand-written step agrees with autograd. CUDA builds only (`cargo test --features cuda --test fused` on a GPU machine);
-//! the CPU build has no fused kernels to compare.
+//! hand-written step agrees with autograd. CUDA builds only (`cargo test --features cuda
+//! --test fused` on a GPU machine); the CPU build has no fused kernels to compare.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -1613,10 +1613,10 @@ fn hand_written_step_learns_scales_like_autograd() {
 
 /// Steps replayed from CUDA graphs (`trainer::Graphs`) against the same steps launch by launch:
 /// a run through a quantization warm-up (lambda 0, 1/3, 2/3, then 1), a new batch every step,
-/// learned scales, and absmean ones (whose projections the replayed AdamW update writes). The warm-up's steps and the first step at lambda 1 run eagerly, the rest are
-/// captured once and replayed; losses and parameters agree with the eager run's. They are not
-/// bitwise equal: the norm weights' gradients (and an f32 embedding's) are summed with atomic
-/// adds, in any order.
+/// learned scales, and absmean ones (whose projections the replayed AdamW update writes). The
+/// warm-up's steps and the first step at lambda 1 run eagerly, the rest are captured once and
+/// replayed; losses and parameters agree with the eager run's. They are not bitwise equal: the
+/// norm weights' gradients (and an f32 embedding's) are summed with atomic adds, in any order.
 #[test]
 fn steps_replayed_from_cuda_graphs_match_eager_steps() {
     use ternlab::choice::Choice;

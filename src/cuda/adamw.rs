@@ -48,8 +48,8 @@ fn check(p: &Buf, m: &Buf, v: &Buf, g: &Buf) -> Result<()> {
 /// One parameter of a multi-tensor update, as `adamw.cu`'s `AdamwEntry` lays it out: its
 /// buffers, its length (0: not updated this step), its scalars (`Scalars`, in the order lr,
 /// b1, 1 - b1, b2, 1 - b2, eps, decay, correction), whether it and its gradient are bf16,
-/// and where the kernel
-/// writes the ternary projection of the updated weights (`Entry::writing`; 0: nowhere).
+/// and where the kernel writes the ternary projection of the updated weights
+/// (`Entry::writing`; 0: nowhere).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Entry {
