@@ -17,8 +17,9 @@ pub struct Family {
     /// compute capability 8.0 and up)
     arch: Option<&'static str>,
     ptx: OnceLock<std::result::Result<String, String>>,
-    /// a family without an architecture, built for `AMPERE` (its module's name `module` +
-    /// `AMPERE_SUFFIX`)
+    /// a family without an architecture, built for `AMPERE`: its module's name (`module` +
+    /// `AMPERE_SUFFIX`), made once, and its PTX
+    ampere_module: OnceLock<String>,
     ampere: OnceLock<std::result::Result<String, String>>,
 }
 
@@ -42,19 +43,22 @@ impl Family {
             source,
             arch,
             ptx: OnceLock::new(),
+            ampere_module: OnceLock::new(),
             ampere: OnceLock::new(),
         }
     }
 
     /// The module's name and PTX for a card of compute capability `major`.
-    fn for_card(&self, major: i32) -> Result<(String, &str)> {
+    fn for_card(&self, major: i32) -> Result<(&str, &str)> {
         if self.arch.is_none() && major >= 8 {
-            let module = format!("{}{AMPERE_SUFFIX}", self.module);
-            let ptx = self.compiled(&self.ampere, Some(AMPERE), &module)?;
+            let module = self
+                .ampere_module
+                .get_or_init(|| format!("{}{AMPERE_SUFFIX}", self.module));
+            let ptx = self.compiled(&self.ampere, Some(AMPERE), module)?;
             return Ok((module, ptx));
         }
         let ptx = self.compiled(&self.ptx, self.arch, self.module)?;
-        Ok((self.module.to_string(), ptx))
+        Ok((self.module, ptx))
     }
 
     fn compiled<'a>(
@@ -299,8 +303,19 @@ impl Gpu {
     }
 
     /// The card's compute capability, (major, minor).
+    /// The card's compute capability, asked of the driver once per card (every launch needs it
+    /// to pick its family's build).
     pub fn compute_capability(&self) -> Result<(i32, i32)> {
-        self.dev.cuda_stream().context().compute_capability().w()
+        static KNOWN: Mutex<Vec<(usize, (i32, i32))>> = Mutex::new(Vec::new());
+        let context = self.dev.cuda_stream().context().clone();
+        let ordinal = context.ordinal();
+        let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&(_, cc)) = known.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(cc);
+        }
+        let cc = context.compute_capability().w()?;
+        known.push((ordinal, cc));
+        Ok(cc)
     }
 
     /// The card's streaming multiprocessors.
@@ -423,7 +438,7 @@ impl Launch<'_> {
         gpu.timed(&name, || {
             let (major, _) = gpu.compute_capability()?;
             let (module, ptx) = family.for_card(major)?;
-            let f = gpu.dev.get_or_load_custom_func(&name, &module, ptx)?;
+            let f = gpu.dev.get_or_load_custom_func(&name, module, ptx)?;
             if cfg.shared_mem_bytes > 48 * 1024 {
                 allow_shared(&f, cfg.shared_mem_bytes)?;
             }
