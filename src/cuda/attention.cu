@@ -5,21 +5,28 @@
 // Layout: the `group` query heads that share a key/value head sit together, position-major:
 // q as (B, heads / group, L, group, D); keys and values as (B, K, L, D) (group = 1).
 
+// The row indices below divide in 32 bits: a 64-bit division is a long software sequence on
+// the GPU, and these kernels work out three or four for every row of 32 * V values, which made
+// the q/k norm + RoPE kernels bound by instructions rather than memory. Their launchers check
+// that the rows fit (`rows < 2^32`).
+
 // The position and output row of input row `row` (b, pos, hh) of (B, L, heads, d), the output
 // being (B, heads / group, L, group, d).
 __device__ __forceinline__ void rope_rows(long row, int heads, int group, int l, int& pos,
                                           long& grouped) {
-    long bl = row / heads;
-    int hh = row % heads;
-    pos = bl % l;
-    long b = bl / l;
-    grouped = ((b * (heads / group) + hh / group) * l + pos) * group + hh % group;
+    const unsigned r = (unsigned)row, uh = heads, ul = l, ug = group;
+    const unsigned bl = r / uh, hh = r - bl * uh;
+    const unsigned b = bl / ul, p = bl - b * ul;
+    const unsigned kv = hh / ug, g = hh - kv * ug;
+    pos = (int)p;
+    grouped = (((long)b * (uh / ug) + kv) * ul + p) * ug + g;
 }
 
 // Where row (b, pos, hh) of x (B, L, heads, d) starts when x's tokens are `xs` elements apart
 // (heads * d packed; more where x is one projection's columns of a fused projection's output).
 __device__ __forceinline__ long token_row(long row, int heads, int d, long xs) {
-    return row / heads * xs + (long)(row % heads) * d;
+    const unsigned r = (unsigned)row, uh = heads, t = r / uh;
+    return (long)t * xs + (long)(r - t * uh) * d;
 }
 
 // q/k RMSNorm, RoPE and the head transpose in one pass, one warp per row of d:
