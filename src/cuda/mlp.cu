@@ -7,12 +7,15 @@
 // projection's output (rows of gate then up) has si = 2 * f, u = g + f.
 // This thread's row and its first element j there (eight a thread over rows of f); false past
 // the last row.
+// (In 32 bits: a 64-bit division is a called software routine; the launchers keep the
+// threads below 2^32.)
 __device__ __forceinline__ bool eight_of_row(long rows, long f, long& row, long& j) {
-    const long per_row = (f + 7) / 8;
-    const long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    row = t / per_row;
-    if (row >= rows) return false;
-    j = (t - row * per_row) * 8;
+    const unsigned per_row = (unsigned)((f + 7) / 8);
+    const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned r = t / per_row;
+    if (r >= rows) return false;
+    row = r;
+    j = (long)(t - r * per_row) * 8;
     return true;
 }
 

@@ -17,44 +17,50 @@ struct Rows {
     so: usize,
 }
 
+/// The threads of `silu_mul` or `silu_mul_bwd` over `r` (eight elements a thread), which the
+/// kernels number in 32 bits.
+fn eight_a_thread(what: &str, r: Rows) -> Result<usize> {
+    let threads = r.rows * r.f.div_ceil(8);
+    if threads + 256 > u32::MAX as usize {
+        candle_core::bail!(
+            "{what}: {} rows of {}, more than its threads can number",
+            r.rows,
+            r.f
+        );
+    }
+    Ok(threads)
+}
+
 /// `silu_mul(const T* g, const T* u, T* y, long rows, long f, long si, long so)`: y = silu(g) *
 /// u, eight elements a thread.
 fn silu_mul_rows(gpu: &Gpu, g: &Buf, u: &Buf, y: &Buf, r: Rows) -> Result<()> {
-    gpu.kernel(
-        &KERNELS,
-        "silu_mul",
-        Some(g.dtype),
-        per_item(r.rows * r.f.div_ceil(8)),
-    )?
-    .buf(g)
-    .buf(u)
-    .buf(y)
-    .i64(r.rows)
-    .i64(r.f)
-    .i64(r.si)
-    .i64(r.so)
-    .go()
+    let threads = eight_a_thread("silu_mul", r)?;
+    gpu.kernel(&KERNELS, "silu_mul", Some(g.dtype), per_item(threads))?
+        .buf(g)
+        .buf(u)
+        .buf(y)
+        .i64(r.rows)
+        .i64(r.f)
+        .i64(r.si)
+        .i64(r.so)
+        .go()
 }
 
 /// `silu_mul_bwd(const T* g, const T* u, const T* dy, T* dg, T* du, long rows, long f, long si,
 /// long so)`: both inputs' gradients from the output's.
 fn silu_mul_back_rows(gpu: &Gpu, [g, u, dy, dg, du]: [&Buf; 5], r: Rows) -> Result<()> {
-    gpu.kernel(
-        &KERNELS,
-        "silu_mul_bwd",
-        Some(g.dtype),
-        per_item(r.rows * r.f.div_ceil(8)),
-    )?
-    .buf(g)
-    .buf(u)
-    .buf(dy)
-    .buf(dg)
-    .buf(du)
-    .i64(r.rows)
-    .i64(r.f)
-    .i64(r.si)
-    .i64(r.so)
-    .go()
+    let threads = eight_a_thread("silu_mul_bwd", r)?;
+    gpu.kernel(&KERNELS, "silu_mul_bwd", Some(g.dtype), per_item(threads))?
+        .buf(g)
+        .buf(u)
+        .buf(dy)
+        .buf(dg)
+        .buf(du)
+        .i64(r.rows)
+        .i64(r.f)
+        .i64(r.si)
+        .i64(r.so)
+        .go()
 }
 
 /// One contiguous row of n.
