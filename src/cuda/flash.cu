@@ -786,15 +786,15 @@ extern "C" __global__ void flash_delta(const unsigned short* __restrict__ o,
                                        float* __restrict__ delta, long total, int nk, int r,
                                        int l, int d, long ob, long ok, long ol, long db, long dk,
                                        long dl) {
-    const int per_row = d / 8;
-    long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    long row = t / per_row;
-    int part = t % per_row;
+    // (32-bit divisions: the launcher keeps the threads below 2^32)
+    const unsigned per_row = d / 8, t = blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned urow = t / per_row;
+    const long row = urow;
+    const int part = t - urow * per_row;
     float sum = 0.f;
     if (row < total) {
-        const int rows = l * r;
-        int g = row / rows;
-        int i = row % rows;
+        const unsigned rows = l * r, ug = urow / rows;
+        const int g = ug, i = urow - ug * rows;
         float a[8], b[8];
         ld8(o + fa_row(g, nk, r, i, ob, ok, ol, d), 8 * part, a);
         ld8(dout + fa_row(g, nk, r, i, db, dk, dl, d), 8 * part, b);

@@ -333,13 +333,15 @@ impl Flash {
         let (dqb, dkb, deb) = (dq.buf()?, dk.buf()?, delta.buf()?);
         let family = self.family(gpu)?;
 
-        // delta = rowsum(dO * O)
-        let launch = gpu.kernel(
-            family,
-            "flash_delta",
-            None,
-            per_item(groups * rows * (d / 8)),
-        )?;
+        // delta = rowsum(dO * O), eight values a thread (numbered in 32 bits)
+        let threads = groups * rows * (d / 8);
+        if threads + 256 > u32::MAX as usize {
+            candle_core::bail!(
+                "flash_delta: {} rows of {d}, more than its threads number",
+                groups * rows
+            );
+        }
+        let launch = gpu.kernel(family, "flash_delta", None, per_item(threads))?;
         let launch = launch
             .buf(&ob)
             .buf(&db)
