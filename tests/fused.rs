@@ -553,7 +553,8 @@ fn qk_norm_and_rope_match_the_composed_ones() {
     let dev = gpu();
     let mut cfg = Qwen3Config::preset(Preset::Qwen3_0_6B, 151_936);
     // 8,330 rows: the forward's last warp takes 2 of its 4 rows, the backward's blocks 16 rows
-    // (two a warp), the last one 10.
+    // (two a warp), the last one 10. Ten or three heads: a forward warp's four rows cross from
+    // one position to the next.
     for (d, (b, l, n)) in [(128, (2, 17, 3)), (128, (1, 833, 10)), (48, (2, 17, 3))] {
         cfg.head_dim = d;
         let rope = Rope::new(&cfg, l, &dev).unwrap();

@@ -90,8 +90,41 @@ __device__ void rope_bwd(const T* __restrict__ dy, const float* __restrict__ cos
 __device__ __forceinline__ float as_stored(const float*, float v) { return v; }
 __device__ __forceinline__ float as_stored(const unsigned short*, float v) { return bfr(v); }
 
+// Row (b, pos, hh) of x (B, L, heads, d) and of the grouped (B, heads / group, L, group, d),
+// stepped from one row to the next: t = b * l + pos, hh = kv * group + g.
+struct RopeWalk {
+    unsigned t, p, kv, g, heads, group, l;
+    __device__ __forceinline__ RopeWalk(long row, int heads_, int group_, int l_)
+        : heads(heads_), group(group_), l(l_) {
+        const unsigned r = (unsigned)row, hh = r % heads;
+        t = r / heads;
+        p = t % l;
+        kv = hh / group;
+        g = hh - kv * group;
+    }
+    __device__ __forceinline__ void next() {
+        if (++g < group) return;
+        g = 0;
+        if ((++kv) * group < heads) return;
+        kv = 0;
+        ++t;
+        if (++p == l) p = 0;
+    }
+    // Where the row starts in x when x's tokens are `xs` elements apart.
+    __device__ __forceinline__ long x_at(int d, long xs) const {
+        return (long)t * xs + (long)(kv * group + g) * d;
+    }
+    // Where it starts in the grouped layout.
+    __device__ __forceinline__ long grouped_at(int d) const {
+        const long kvs = heads / group;
+        return (((long)(t - p) * kvs + (long)kv * l + p) * group + g) * d;
+    }
+};
+
 // A warp takes NR consecutive rows, every row's values loaded before any is used (more bytes in
-// flight than a row of 64 to 512 bytes a warp).
+// flight than a row of 64 to 512 bytes a warp). It divides to place the first row and steps to
+// the next ones (`RopeWalk`), and loads the tables once for rows of one position (all NR where
+// heads % NR == 0): the kernel was bound by the instructions each row took.
 template <typename T, typename W, int V, int NR>
 __device__ void norm_rope_v(const T* __restrict__ x, const W* __restrict__ w,
                             const float* __restrict__ cos, const float* __restrict__ sin,
@@ -103,32 +136,42 @@ __device__ void norm_rope_v(const T* __restrict__ x, const W* __restrict__ w,
     if (row0 >= rows) return;
     int e0 = V * lane;
     float v[NR][V], wv[V];
+    long yo[NR];
+    unsigned pk[NR];
+    RopeWalk at(row0, heads, group, l);
 #pragma unroll
-    for (int k = 0; k < NR; k++)
-        if (row0 + k < rows) ldv<V>(x + token_row(row0 + k, heads, d, xs), e0, v[k]);
+    for (int k = 0; k < NR; k++) {
+        if (row0 + k < rows) ldv<V>(x + at.x_at(d, xs), e0, v[k]);
+        yo[k] = at.grouped_at(d);
+        pk[k] = at.p;
+        at.next();
+    }
     ldv<V>(w, e0, wv);
+    unsigned pos = pk[0];
+    float c[V], s[V];
+    ldv<V>(cos + (long)pos * d, e0, c);
+    ldv<V>(sin + (long)pos * d, e0, s);
     float sign = lane < 16 ? -1.f : 1.f;
 #pragma unroll
     for (int k = 0; k < NR; k++) {
-        const long row = row0 + k;
-        if (row >= rows) break;
-        int pos;
-        long out_row;
-        rope_rows(row, heads, group, l, pos, out_row);
+        if (row0 + k >= rows) break;
+        if (pk[k] != pos) {
+            pos = pk[k];
+            ldv<V>(cos + (long)pos * d, e0, c);
+            ldv<V>(sin + (long)pos * d, e0, s);
+        }
         float ss = 0.f;
 #pragma unroll
         for (int t = 0; t < V; t++) ss += v[k][t] * v[k][t];
         float r = rsqrtf(warp_sum(ss) / d + eps);
-        float c[V], s[V], o[V];
-        ldv<V>(cos + (long)pos * d, e0, c);
-        ldv<V>(sin + (long)pos * d, e0, s);
+        float o[V];
 #pragma unroll
         for (int t = 0; t < V; t++) {
             float n = v[k][t] * r * wv[t];
             float p = __shfl_xor_sync(0xffffffffu, n, 16);
             o[t] = n * c[t] + sign * (p * s[t]);
         }
-        stv<V>(y + out_row * d, e0, o);
+        stv<V>(y + yo[k], e0, o);
     }
 }
 
