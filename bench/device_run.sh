@@ -9,7 +9,7 @@
 #                                            baseline before study-pretrain study-ternary
 #                                            study-extra export generate resume dp dp-faults
 #                                            graph e2e flash switch long long-ref headline
-#                                            kernels
+#                                            kernels elementwise
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -97,15 +97,48 @@ if want tiny; then
   done; done
 fi
 if want before; then
-  for round in 1 2; do for bin in ternlab-before ternlab; do
+  # One line a run (bench/bench_line.py): build, round, shape, then median and fastest step,
+  # forward / backward / optimizer (ms), tokens/s, GiB, card. ROUNDS=2 by default;
+  # BEFORE_BINS="ternlab-before ternlab" by default (any builds in .device/, xz-packed).
+  echo "== alternating builds: median min forward backward optimizer (ms) tokens/s GiB card"
+  for b in ${BEFORE_BINS:-ternlab-before ternlab}; do
+    [[ -x .device/$b ]] || { xz -dkf .device/$b.xz && chmod +x .device/$b; }
+  done
+  for round in $(seq "${ROUNDS:-2}"); do for bin in ${BEFORE_BINS:-ternlab-before ternlab}; do
     # (KERNEL_SHAPES="4x4096 16x1024" for others)
   for shape in ${KERNEL_SHAPES:-4x256 16x1024}; do set -- ${shape/x/ }
-      echo "== $bin, round $round: bf16 $1 x $2"
+      json="$out/json/$bin-$round-$1x$2.json"
       .device/$bin bench --set run.device=cuda --set train.dtype=bf16 --set data.batch_size=$1 \
-        --set data.seq_len=$2 --steps 20 --warmup 5 --out "$out/json/$bin-$round-$1x$2.json" \
-        | grep -E '"(median_step_s|tokens_per_s|peak_memory_gib|device_name)"'
+        --set data.seq_len=$2 --steps 20 --warmup 5 --out "$json" >/dev/null 2>&1 &&
+        python3 bench/bench_line.py "$json" "$bin r$round $1x$2" ||
+        echo "$bin r$round $1x$2: failed"
     done
   done; done
+fi
+if want elementwise; then
+  # The first launch of each large elementwise kernel at 16 x 1024 (ncu at its locked clocks,
+  # caches flushed between kernels: longer than inside a step), one line a kernel
+  # (bench/ncu_table.py): time, DRAM bytes and share of bandwidth, SM throughput, occupancy,
+  # registers, the largest issue stalls. ELEM_BINS: builds in .device/ (default ternlab);
+  # ELEM_SETS: "regex:launches" pairs, each one ncu process profiling that many of the first
+  # launches its regex matches (the defaults take each kernel's first launch in step order).
+  for bin in ${ELEM_BINS:-ternlab}; do
+    [[ -x .device/$bin ]] || { xz -dkf .device/$bin.xz && chmod +x .device/$bin; }
+    echo "== $bin: elementwise kernels at 16 x 1024 (ncu, first launches)"
+    n=0
+    for set in ${ELEM_SETS:-norm_rope4|silu_mul_bf16|rmsnorm_v32|add_bf16:6 \
+      cross_entropy|silu_mul_bwd|rmsnorm_bwd_add|flash_delta|rope_norm_bwd4:8}; do
+      n=$((n + 1))
+      csv="$final/elementwise-$bin-$n.csv"
+      timeout 300 ncu --target-processes all --csv --page raw \
+        -k "regex:^(${set%:*})" --launch-count "${set##*:}" \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__block_size,launch__grid_size,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        "$PWD/.device/$bin" bench --set run.device=cuda --set train.dtype=bf16 \
+        --set data.batch_size=16 --set data.seq_len=1024 --steps 1 --warmup 1 \
+        --out "$out/json/ncu-bench.json" >"$csv" 2>"$out/ncu.err" &&
+        python3 bench/ncu_table.py "$csv" || tail -3 "$out/ncu.err"
+    done
+  done
 fi
 if want profile; then
   # Each op of the CUDA step timed alone (a device sync around it): where a step goes.
@@ -157,15 +190,17 @@ fi
 # The same binary with switch $1 on (1) and off (0), alternating, bf16 at 4 x 256 and 16 x 1024:
 # what one part of the step changes on one card. $2 names the JSON files.
 on_off() {
-  local var=$1 tag=$2 round v
-  for round in 1 2; do for v in 1 0; do
+  local var=$1 tag=$2 round v json
+  echo "== $var on and off: median min forward backward optimizer (ms) tokens/s GiB card"
+  for round in $(seq "${ROUNDS:-2}"); do for v in 1 0; do
     # (KERNEL_SHAPES="4x4096 16x1024" for others)
   for shape in ${KERNEL_SHAPES:-4x256 16x1024}; do set -- ${shape/x/ }
-      echo "== $var=$v, round $round: bf16 $1 x $2"
+      json="$out/json/$tag$v-$round-$1x$2.json"
       env "$var=$v" $tl bench --set run.device=cuda --set train.dtype=bf16 \
         --set data.batch_size=$1 --set data.seq_len=$2 --steps 20 --warmup 5 \
-        --out "$out/json/$tag$v-$round-$1x$2.json" |
-        grep -E '"(median_step_s|cuda_graph|median_(forward|backward|optimizer)_s|tokens_per_s|share_of_peak|peak_memory_gib|device_name)"'
+        --out "$json" >/dev/null 2>&1 &&
+        python3 bench/bench_line.py "$json" "$var=$v r$round $1x$2" ||
+        echo "$var=$v r$round $1x$2: failed"
     done
   done; done
 }
