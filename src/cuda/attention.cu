@@ -10,88 +10,8 @@
 // the q/k norm + RoPE kernels bound by instructions rather than memory. Their launchers check
 // that the rows fit (`rows < 2^32`).
 
-// The position and output row of input row `row` (b, pos, hh) of (B, L, heads, d), the output
-// being (B, heads / group, L, group, d).
-__device__ __forceinline__ void rope_rows(long row, int heads, int group, int l, int& pos,
-                                          long& grouped) {
-    const unsigned r = (unsigned)row, uh = heads, ul = l, ug = group;
-    const unsigned bl = r / uh, hh = r - bl * uh;
-    const unsigned b = bl / ul, p = bl - b * ul;
-    const unsigned kv = hh / ug, g = hh - kv * ug;
-    pos = (int)p;
-    grouped = (((long)b * (uh / ug) + kv) * ul + p) * ug + g;
-}
-
-// Where row (b, pos, hh) of x (B, L, heads, d) starts when x's tokens are `xs` elements apart
-// (heads * d packed; more where x is one projection's columns of a fused projection's output).
-__device__ __forceinline__ long token_row(long row, int heads, int d, long xs) {
-    const unsigned r = (unsigned)row, uh = heads, t = r / uh;
-    return (long)t * xs + (long)(r - t * uh) * d;
-}
-
-// q/k RMSNorm, RoPE and the head transpose in one pass, one warp per row of d:
-// x (B, L, heads, d; tokens xs apart) -> y (B, heads / group, L, group, d)
-// = rope(x * rsqrt(mean(x^2) + eps) * w), with rope(z) = z * cos + rotate_half(z) * sin,
-// rotate_half(z) = (-z[d/2:], z[:d/2]).
-template <typename T>
-__device__ void norm_rope(const T* x, const float* w, const float* cos, const float* sin, T* y,
-                          long rows, int heads, int group, int l, int d, float eps, long xs) {
-    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    // Head hh = kv * group + r goes to row ((b, kv), pos, r).
-    int pos;
-    long out_row;
-    rope_rows(row, heads, group, l, pos, out_row);
-    const T* xr = x + token_row(row, heads, d, xs);
-    float ss = 0.f;
-    for (int i = lane; i < d; i += 32) { float v = ld(xr, i); ss += v * v; }
-    float r = rsqrtf(warp_sum(ss) / d + eps);
-    T* yr = y + out_row * d;
-    const float* c = cos + (long)pos * d;
-    const float* s = sin + (long)pos * d;
-    int h = d / 2;
-    for (int i = lane; i < h; i += 32) {
-        float a = ld(xr, i) * r * w[i], z = ld(xr, i + h) * r * w[i + h];
-        st(yr, i, a * c[i] - z * s[i]);
-        st(yr, i + h, z * c[i + h] + a * s[i + h]);
-    }
-}
-
-// The transpose of RoPE and of the head transpose (the norm's backward is norm.cu's), one
-// warp per row of d: dy (B, heads / group, L, group, d) -> g (B, L, heads, d).
-template <typename T>
-__device__ void rope_bwd(const T* __restrict__ dy, const float* __restrict__ cos,
-                         const float* __restrict__ sin, T* __restrict__ g, long rows, int heads,
-                         int group, int l, int d) {
-    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;  // (b, pos, hh)
-    int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    int pos;
-    long in_row;
-    rope_rows(row, heads, group, l, pos, in_row);
-    const T* dr = dy + in_row * d;
-    const float* c = cos + (long)pos * d;
-    const float* s = sin + (long)pos * d;
-    T* out = g + row * d;
-    int h = d / 2;
-    for (int i = lane; i < h; i += 32) {
-        float lo = ld(dr, i), hi = ld(dr, i + h);
-        st(out, i, lo * c[i] + hi * s[i + h]);
-        st(out, i + h, hi * c[i + h] - lo * s[i]);
-    }
-}
-
-// The same two, vectorized, for rows of d = 32 * V (head dims 32, 64, 128, 256): lane j holds
-// the V neighbouring values from V * j, so RoPE's partner of each (index +- d / 2) sits in lane
-// j ^ 16. Arithmetic as above, per value.
-
-// `v` as the storage type T rounds it (what a value read back after `st` would be).
-__device__ __forceinline__ float as_stored(const float*, float v) { return v; }
-__device__ __forceinline__ float as_stored(const unsigned short*, float v) { return bfr(v); }
-
-// Row (b, pos, hh) of x (B, L, heads, d) and of the grouped (B, heads / group, L, group, d),
-// stepped from one row to the next: t = b * l + pos, hh = kv * group + g.
+// Row `row` = (b, pos, hh) of x (B, L, heads, d) and of the grouped (B, heads / group, L,
+// group, d), and the rows after it one `next()` at a time: t = b * l + pos, hh = kv * group + g.
 struct RopeWalk {
     unsigned t, p, kv, g, heads, group, l;
     __device__ __forceinline__ RopeWalk(long row, int heads_, int group_, int l_)
@@ -120,6 +40,65 @@ struct RopeWalk {
         return (((long)(t - p) * kvs + (long)kv * l + p) * group + g) * d;
     }
 };
+
+// q/k RMSNorm, RoPE and the head transpose in one pass, one warp per row of d:
+// x (B, L, heads, d; tokens xs apart) -> y (B, heads / group, L, group, d)
+// = rope(x * rsqrt(mean(x^2) + eps) * w), with rope(z) = z * cos + rotate_half(z) * sin,
+// rotate_half(z) = (-z[d/2:], z[:d/2]).
+template <typename T>
+__device__ void norm_rope(const T* x, const float* w, const float* cos, const float* sin, T* y,
+                          long rows, int heads, int group, int l, int d, float eps, long xs) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    // Head hh = kv * group + g goes to row ((b, kv), pos, g).
+    const RopeWalk at(row, heads, group, l);
+    const unsigned pos = at.p;
+    const T* xr = x + at.x_at(d, xs);
+    float ss = 0.f;
+    for (int i = lane; i < d; i += 32) { float v = ld(xr, i); ss += v * v; }
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    T* yr = y + at.grouped_at(d);
+    const float* c = cos + (long)pos * d;
+    const float* s = sin + (long)pos * d;
+    int h = d / 2;
+    for (int i = lane; i < h; i += 32) {
+        float a = ld(xr, i) * r * w[i], z = ld(xr, i + h) * r * w[i + h];
+        st(yr, i, a * c[i] - z * s[i]);
+        st(yr, i + h, z * c[i + h] + a * s[i + h]);
+    }
+}
+
+// The transpose of RoPE and of the head transpose (the norm's backward is norm.cu's), one
+// warp per row of d: dy (B, heads / group, L, group, d) -> g (B, L, heads, d).
+template <typename T>
+__device__ void rope_bwd(const T* __restrict__ dy, const float* __restrict__ cos,
+                         const float* __restrict__ sin, T* __restrict__ g, long rows, int heads,
+                         int group, int l, int d) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;  // (b, pos, hh)
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const RopeWalk at(row, heads, group, l);
+    const unsigned pos = at.p;
+    const T* dr = dy + at.grouped_at(d);
+    const float* c = cos + (long)pos * d;
+    const float* s = sin + (long)pos * d;
+    T* out = g + row * d;
+    int h = d / 2;
+    for (int i = lane; i < h; i += 32) {
+        float lo = ld(dr, i), hi = ld(dr, i + h);
+        st(out, i, lo * c[i] + hi * s[i + h]);
+        st(out, i + h, hi * c[i + h] - lo * s[i]);
+    }
+}
+
+// The same two, vectorized, for rows of d = 32 * V (head dims 32, 64, 128, 256): lane j holds
+// the V neighbouring values from V * j, so RoPE's partner of each (index +- d / 2) sits in lane
+// j ^ 16. Arithmetic as above, per value.
+
+// `v` as the storage type T rounds it (what a value read back after `st` would be).
+__device__ __forceinline__ float as_stored(const float*, float v) { return v; }
+__device__ __forceinline__ float as_stored(const unsigned short*, float v) { return bfr(v); }
 
 // A warp takes NR consecutive rows, every row's values loaded before any is used (more bytes in
 // flight than a row of 64 to 512 bytes a warp). It divides to place the first row and steps to
@@ -199,12 +178,11 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
     for (int k = warp; k < per_block; k += 8) {
         long row = first + k;
         if (row >= rows) break;
-        int pos;
-        long in_row;
-        rope_rows(row, heads, group, l, pos, in_row);
+        const RopeWalk at(row, heads, group, l);
+        const unsigned pos = at.p;
         float c[V], s[V], g[V], xv[V], ss = 0.f, gx = 0.f;
-        ldv<V>(dy + in_row * d, e0, g);
-        ldv<V>(x + token_row(row, heads, d, xs), e0, xv);
+        ldv<V>(dy + at.grouped_at(d), e0, g);
+        ldv<V>(x + at.x_at(d, xs), e0, xv);
         ldv<V>(cos + (long)pos * d, e0, c);
         ldv<V>(sin + (long)pos * d, e0, s);
 #pragma unroll
@@ -223,7 +201,7 @@ __device__ void rope_norm_bwd_v(const T* __restrict__ dy, const T* __restrict__ 
             o[t] = r * (wv[t] * g[t]) - cc * xv[t];
             acc[t] += g[t] * xv[t] * r;
         }
-        stv<V>(dx + token_row(row, heads, d, dxs), e0, o);
+        stv<V>(dx + at.x_at(d, dxs), e0, o);
     }
 #pragma unroll
     for (int t = 0; t < V; t++) part[warp][e0 + t] = acc[t];

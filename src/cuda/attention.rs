@@ -417,7 +417,7 @@ fn check_heads(
             x.dims
         );
     }
-    // (the kernels work out a row's position and head in 32 bits: `rope_rows` in attention.cu)
+    // (the kernels work out a row's position and head in 32 bits: `RopeWalk` in attention.cu)
     if x.n() / d > u32::MAX as usize {
         candle_core::bail!(
             "{what}: {} rows of {d}, more than the {} the kernels index",

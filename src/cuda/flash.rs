@@ -17,7 +17,7 @@
 //! gradient in the merged (B, L, H * D) layout of o's projection. So no head transpose is left
 //! around attention.
 
-use super::launch::{family, per_item, AsBuf, Buf, Family, Gpu, Launch};
+use super::launch::{family, per_item, per_item_u32, AsBuf, Buf, Family, Gpu, Launch};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Result, Tensor};
 
@@ -334,14 +334,8 @@ impl Flash {
         let family = self.family(gpu)?;
 
         // delta = rowsum(dO * O), eight values a thread (numbered in 32 bits)
-        let threads = groups * rows * (d / 8);
-        if threads + 256 > u32::MAX as usize {
-            candle_core::bail!(
-                "flash_delta: {} rows of {d}, more than its threads number",
-                groups * rows
-            );
-        }
-        let launch = gpu.kernel(family, "flash_delta", None, per_item(threads))?;
+        let threads = per_item_u32("flash_delta", groups * rows * (d / 8))?;
+        let launch = gpu.kernel(family, "flash_delta", None, threads)?;
         let launch = launch
             .buf(&ob)
             .buf(&db)

@@ -499,6 +499,16 @@ pub fn per_item(n: usize) -> LaunchConfig {
     blocks(n.div_ceil(256), 256)
 }
 
+/// `per_item(n)` for a kernel that numbers its threads in 32 bits (a 64-bit division on the GPU
+/// is a called software routine): an error where `n` threads, in whole blocks, would not fit.
+/// `what` says what the threads are for.
+pub fn per_item_u32(what: &str, n: usize) -> Result<LaunchConfig> {
+    if n.div_ceil(256) * 256 > u32::MAX as usize {
+        candle_core::bail!("{what}: {n} threads, more than the kernel numbers in 32 bits");
+    }
+    Ok(per_item(n))
+}
+
 /// `blocks` blocks of `threads` threads.
 pub fn blocks(blocks: usize, threads: usize) -> LaunchConfig {
     LaunchConfig {

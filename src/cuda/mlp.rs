@@ -1,7 +1,7 @@
 //! The SwiGLU gate `silu(g) * u` (`mlp.cu`): typed launchers and the autograd op, whose
 //! backward is the step's kernel.
 
-use super::launch::{alloc, cuda_only, family, per_item, AsBuf, Buf, Family, Gpu};
+use super::launch::{alloc, cuda_only, family, per_item_u32, AsBuf, Buf, Family, Gpu};
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -17,25 +17,11 @@ struct Rows {
     so: usize,
 }
 
-/// The threads of `silu_mul` or `silu_mul_bwd` over `r` (eight elements a thread), which the
-/// kernels number in 32 bits.
-fn eight_a_thread(what: &str, r: Rows) -> Result<usize> {
-    let threads = r.rows * r.f.div_ceil(8);
-    if threads + 256 > u32::MAX as usize {
-        candle_core::bail!(
-            "{what}: {} rows of {}, more than its threads can number",
-            r.rows,
-            r.f
-        );
-    }
-    Ok(threads)
-}
-
 /// `silu_mul(const T* g, const T* u, T* y, long rows, long f, long si, long so)`: y = silu(g) *
 /// u, eight elements a thread.
 fn silu_mul_rows(gpu: &Gpu, g: &Buf, u: &Buf, y: &Buf, r: Rows) -> Result<()> {
-    let threads = eight_a_thread("silu_mul", r)?;
-    gpu.kernel(&KERNELS, "silu_mul", Some(g.dtype), per_item(threads))?
+    let threads = per_item_u32("silu_mul", r.rows * r.f.div_ceil(8))?;
+    gpu.kernel(&KERNELS, "silu_mul", Some(g.dtype), threads)?
         .buf(g)
         .buf(u)
         .buf(y)
@@ -49,8 +35,8 @@ fn silu_mul_rows(gpu: &Gpu, g: &Buf, u: &Buf, y: &Buf, r: Rows) -> Result<()> {
 /// `silu_mul_bwd(const T* g, const T* u, const T* dy, T* dg, T* du, long rows, long f, long si,
 /// long so)`: both inputs' gradients from the output's.
 fn silu_mul_back_rows(gpu: &Gpu, [g, u, dy, dg, du]: [&Buf; 5], r: Rows) -> Result<()> {
-    let threads = eight_a_thread("silu_mul_bwd", r)?;
-    gpu.kernel(&KERNELS, "silu_mul_bwd", Some(g.dtype), per_item(threads))?
+    let threads = per_item_u32("silu_mul_bwd", r.rows * r.f.div_ceil(8))?;
+    gpu.kernel(&KERNELS, "silu_mul_bwd", Some(g.dtype), threads)?
         .buf(g)
         .buf(u)
         .buf(dy)
