@@ -27,6 +27,10 @@ done
 source .device/cuda-run-env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 date -u
+# The source each build was made from (build.rs; pack_device.sh checks the main one).
+for b in .device/ternlab .device/ternlab-before; do
+  [[ -x $b ]] && echo "$b: $(grep -aoE 'ternlab-source=[0-9a-f]{12}(\+dirty)?|ternlab-source=unknown' "$b" | head -1)"
+done
 export PYTHONUNBUFFERED=1
 
 sections=${*:-parity seed bench ref big tiny}

@@ -8,6 +8,17 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/../target-cuda}
 source bench/cuda-offline-build.sh
 cargo build --release --features cuda,nccl
+# The build must name this checkout's source (build.rs: commit, +dirty where the files it is
+# built from differ). Two checkouts sharing one target folder can leave the other's binary
+# looking up to date to cargo; stop rather than pack it.
+want=$(git rev-parse --short=12 HEAD)
+[[ -n $(git status --porcelain --untracked-files=no -- src tests Cargo.toml Cargo.lock build.rs) ]] &&
+  want+="+dirty"
+if ! grep -aqF "ternlab-source=$want;" "$CARGO_TARGET_DIR/release/ternlab"; then
+  echo "pack_device: $CARGO_TARGET_DIR/release/ternlab was not built from this checkout ($want):" \
+    "touch src/lib.rs, or give this checkout a CARGO_TARGET_DIR of its own" >&2
+  exit 1
+fi
 mkdir -p .device
 cp "$CARGO_TARGET_DIR/release/ternlab" .device/ternlab
 cargo test --release --features cuda,nccl --no-run --test parity --test gradients --test fused \

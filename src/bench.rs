@@ -60,6 +60,8 @@ pub struct BenchResult {
     pub peak_memory_gib: Option<f64>,
     pub last_loss: f64,
     pub ternlab: String,
+    /// The source of the build that ran (`report::source`).
+    pub source: String,
 }
 
 /// Training FLOPs of one step: 6 per matmul parameter per token (forward + backward, the
@@ -372,6 +374,7 @@ pub fn bench(p: &PreparedRun, steps: usize, warmup: usize) -> Result<BenchResult
         peak_memory_gib: peak_memory.map(|b| b as f64 / (1u64 << 30) as f64),
         last_loss,
         ternlab: env!("CARGO_PKG_VERSION").into(),
+        source: crate::report::source().into(),
     })
 }
 

@@ -12,7 +12,11 @@ use ternlab::slurm;
 use ternlab::spec::{BadInput, Override};
 
 #[derive(Parser)]
-#[command(name = "ternlab", version, about = "Ternary QAT experiments on Qwen3")]
+#[command(
+    name = "ternlab",
+    version = ternlab::report::VERSION_LINE,
+    about = "Ternary QAT experiments on Qwen3"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -255,6 +255,14 @@ impl Laps {
 pub struct Versions {
     pub ternlab: String,
     pub candle: String,
+    /// The source the build was made from: `SOURCE` (reports written before it existed read
+    /// as "unknown").
+    #[serde(default = "unknown_source")]
+    pub source: String,
+}
+
+fn unknown_source() -> String {
+    "unknown".into()
 }
 
 impl Versions {
@@ -262,9 +270,31 @@ impl Versions {
         Self {
             ternlab: env!("CARGO_PKG_VERSION").to_string(),
             candle: CANDLE_VERSION.to_string(),
+            source: source().to_string(),
         }
     }
 }
+
+/// The git commit this build was made from (12 hex digits), `+dirty` where tracked files
+/// differed from it, or "unknown" (built outside a git checkout): build.rs works it out.
+pub const SOURCE: &str = env!("TERNLAB_SOURCE");
+
+/// The same, marked so that a script can find it in the binary without running it
+/// (bench/pack_device.sh checks that a build names the checkout it packs).
+pub static SOURCE_MARK: &str = concat!("ternlab-source=", env!("TERNLAB_SOURCE"), ";");
+
+/// `SOURCE`, read through `SOURCE_MARK` (which keeps the marked string in the binary).
+pub fn source() -> &'static str {
+    // (black_box: the optimizer would otherwise fold the mark away)
+    std::hint::black_box(SOURCE_MARK)
+        .strip_prefix("ternlab-source=")
+        .and_then(|s| s.strip_suffix(';'))
+        .unwrap_or(SOURCE)
+}
+
+/// `ternlab --version`: the release and the source.
+pub const VERSION_LINE: &str =
+    concat!(env!("CARGO_PKG_VERSION"), " (", env!("TERNLAB_SOURCE"), ")");
 
 /// The candle release this build is pinned to (Cargo.toml).
 pub const CANDLE_VERSION: &str = "0.11.1";

@@ -133,6 +133,16 @@ fn run_writes_config_curve_status_and_a_full_report() {
         );
     }
     assert_eq!(report["status"], "completed");
+    // The source the binary was built from, as `ternlab --version` names it.
+    let source = report["versions"]["source"].as_str().unwrap_or_default();
+    assert_source(source);
+    let version = ternlab(tmp.path(), &["--version"], &[]);
+    assert_eq!(
+        version.stdout.trim(),
+        format!("ternlab {} ({source})", env!("CARGO_PKG_VERSION")),
+        "{}",
+        version.show()
+    );
     // The CPU trains through the composed graph and autograd.
     assert_eq!(report["trainer"], "autograd");
     assert_eq!(report["run_id"], id.as_str());
@@ -637,6 +647,32 @@ fn a_failing_run_is_recorded_and_the_others_complete_then_only_it_retrains() {
 // compare, diff, plot
 // ---------------------------------------------------------------------------------------------
 
+/// `source` names this checkout's commit (12 hex digits, `+dirty` where the sources differ
+/// from it), or is "unknown" where git cannot tell (build.rs). A binary built elsewhere
+/// (`TERNLAB_BIN`) names a commit of its own checkout: only its form is checked.
+fn assert_source(source: &str) {
+    if std::env::var_os("TERNLAB_BIN").is_some() {
+        let commit = source.strip_suffix("+dirty").unwrap_or(source);
+        let hex = commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit());
+        assert!(hex || source == "unknown", "the build's source {source:?}");
+        return;
+    }
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        Some(head) => assert!(
+            source == head || source == format!("{head}+dirty"),
+            "the build's source {source:?}, the checkout's commit {head}"
+        ),
+        None => assert_eq!(source, "unknown"),
+    }
+}
+
 fn approx(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
 }
@@ -902,6 +938,7 @@ fn bench_takes_windows_longer_than_the_held_out_split_and_run_refuses_them() {
     let r = read_json(&json);
     assert!(r["median_step_s"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["last_loss"].as_f64().unwrap().is_finite(), "{r}");
+    assert_source(r["source"].as_str().unwrap_or_default());
 
     let results = tmp.path().join("results");
     let out = on_spec("run", &spec, &results, &[], &[]);
