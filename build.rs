@@ -1,7 +1,7 @@
 //! Names the source this build was made from, for reports and `ternlab --version`: the git
-//! commit (12 hex digits), with `+dirty` where the tracked files it is built from (`WATCHED`) differ from it, or `unknown` where
-//! there is no git or no repository (a source archive). Set as the `TERNLAB_SOURCE`
-//! environment variable of the crate's compilation.
+//! commit (12 hex digits), with `+dirty` where the tracked files it is built from (`WATCHED`)
+//! differ from it, or `unknown` where there is no git or no repository (a source archive).
+//! Set as the `TERNLAB_SOURCE` environment variable of the crate's compilation.
 
 use std::path::PathBuf;
 use std::process::Command;

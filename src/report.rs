@@ -348,3 +348,22 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reports written before `source` existed still read (compare, diff), as "unknown"; this
+    /// build's is a commit or "unknown", and `--version` names it.
+    #[test]
+    fn versions_read_without_a_source_and_name_this_build() {
+        let old: Versions = serde_json::from_str(r#"{"ternlab": "0.1.0", "candle": "0.11.1"}"#)
+            .expect("a report's versions without a source");
+        assert_eq!(old.source, "unknown");
+        let now = Versions::current();
+        let commit = now.source.strip_suffix("+dirty").unwrap_or(&now.source);
+        let hex = commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit());
+        assert!(hex || now.source == "unknown", "source {:?}", now.source);
+        assert!(VERSION_LINE.ends_with(&format!("({})", now.source)));
+    }
+}
