@@ -11,7 +11,7 @@
 #                                            graph e2e flash switch long long-ref headline
 #                                            kernels elementwise
 #                                            (default: parity seed bench ref big tiny)
-# `before` benches .device/ternlab-before.xz (an earlier build, packed by hand) against
+# `before` benches .device/ternlab-before.xz (an earlier build: bench/pack_before.sh) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
 set -uo pipefail
 cd "$(dirname "$0")/.."
