@@ -104,7 +104,7 @@ if want before; then
   # One line a run (bench/bench_line.py): build, round, shape, then median and fastest step,
   # forward / backward / optimizer (ms), tokens/s, GiB, card. ROUNDS=2 by default;
   # BEFORE_BINS="ternlab-before ternlab" by default (any builds in .device/, xz-packed).
-  echo "== alternating builds: median min forward backward optimizer (ms) tokens/s GiB card"
+  echo "== alternating builds: median min forward backward optimizer (ms) tokens/s GiB card source"
   for b in ${BEFORE_BINS:-ternlab-before ternlab}; do
     [[ -x .device/$b ]] || { xz -dkf .device/$b.xz && chmod +x .device/$b; }
   done
@@ -195,7 +195,7 @@ fi
 # what one part of the step changes on one card. $2 names the JSON files.
 on_off() {
   local var=$1 tag=$2 round v json
-  echo "== $var on and off: median min forward backward optimizer (ms) tokens/s GiB card"
+  echo "== $var on and off: median min forward backward optimizer (ms) tokens/s GiB card source"
   for round in $(seq "${ROUNDS:-2}"); do for v in 1 0; do
     # (KERNEL_SHAPES="4x4096 16x1024" for others)
   for shape in ${KERNEL_SHAPES:-4x256 16x1024}; do set -- ${shape/x/ }
