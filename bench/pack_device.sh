@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/../target-cuda}
 source bench/cuda-offline-build.sh
 cargo build --release --features cuda,nccl
 # The build must name this checkout's source (build.rs: commit, +dirty where the files it is
-# built from differ). Two checkouts sharing one target folder can leave the other's binary
+# built from, its WATCHED list, differ). Two checkouts sharing one target folder can leave the other's binary
 # looking up to date to cargo; stop rather than pack it.
 want=$(git rev-parse --short=12 HEAD)
 [[ -n $(git status --porcelain --untracked-files=no -- src tests Cargo.toml Cargo.lock build.rs) ]] &&

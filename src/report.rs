@@ -255,7 +255,7 @@ impl Laps {
 pub struct Versions {
     pub ternlab: String,
     pub candle: String,
-    /// The source the build was made from: `SOURCE` (reports written before it existed read
+    /// The source the build was made from: `source()` (reports written before it existed read
     /// as "unknown").
     #[serde(default = "unknown_source")]
     pub source: String,
@@ -275,21 +275,17 @@ impl Versions {
     }
 }
 
-/// The git commit this build was made from (12 hex digits), `+dirty` where tracked files
-/// differed from it, or "unknown" (built outside a git checkout): build.rs works it out.
-pub const SOURCE: &str = env!("TERNLAB_SOURCE");
-
-/// The same, marked so that a script can find it in the binary without running it
+/// The source marked so that a script can find it in the binary without running it
 /// (bench/pack_device.sh checks that a build names the checkout it packs).
-pub static SOURCE_MARK: &str = concat!("ternlab-source=", env!("TERNLAB_SOURCE"), ";");
+static SOURCE_MARK: &str = concat!("ternlab-source=", env!("TERNLAB_SOURCE"), ";");
 
-/// `SOURCE`, read through `SOURCE_MARK` (which keeps the marked string in the binary).
+/// The git commit this build was made from (12 hex digits), `+dirty` where its sources
+/// differed from it, or "unknown" (built outside a git checkout): build.rs works it out. Read
+/// through `SOURCE_MARK`, which keeps the marked string in the binary.
 pub fn source() -> &'static str {
     // (black_box: the optimizer would otherwise fold the mark away)
-    std::hint::black_box(SOURCE_MARK)
-        .strip_prefix("ternlab-source=")
-        .and_then(|s| s.strip_suffix(';'))
-        .unwrap_or(SOURCE)
+    let mark = std::hint::black_box(SOURCE_MARK);
+    &mark["ternlab-source=".len()..mark.len() - 1]
 }
 
 /// `ternlab --version`: the release and the source.

@@ -302,9 +302,8 @@ impl Gpu {
         Ok(info.w()?.1)
     }
 
-    /// The card's compute capability, (major, minor).
-    /// The card's compute capability, asked of the driver once per card (every launch needs it
-    /// to pick its family's build).
+    /// The card's compute capability, (major, minor), asked of the driver once per card (every
+    /// launch needs it to pick its family's build).
     pub fn compute_capability(&self) -> Result<(i32, i32)> {
         static KNOWN: Mutex<Vec<(usize, (i32, i32))>> = Mutex::new(Vec::new());
         let context = self.dev.cuda_stream().context().clone();
