@@ -876,6 +876,7 @@ fn flash_attention_matches_attention_in_f32() {
     for (b, l, h, k, d) in [
         (2, 200, 4, 2, 128),
         (1, 300, 16, 8, 128),
+        (1, 1024, 16, 8, 128),
         (1, 70, 2, 2, 64),
         (3, 33, 6, 2, 32),
         (2, 1, 2, 1, 64),
@@ -1106,6 +1107,39 @@ fn flash_attention_matches_attention_in_f32() {
                 // (atomic adds in no fixed order)
                 assert_dq_agrees(&dq2, &dq1, &how);
             }
+        }
+        // The warp-specialized backward (compute capability 9.0, head dim 128, blocks of 128
+        // keys) against the key/value and query-side kernels: the same products for dk and dv
+        // over the same tiles in the same order (0 apart); dq summed by bulk f32 adds in no
+        // fixed order, to a rounding step.
+        if d == 128 {
+            let two = Flash {
+                key_block: Some(128),
+                dq_kernel: Some(true),
+                ..fl
+            };
+            let ws = Flash {
+                key_block: Some(128),
+                dq_kernel: None,
+                warp_specialized: Some(true),
+                ..fl
+            };
+            let hopper = g.compute_capability().unwrap() == (9, 0);
+            assert_eq!(ws.warp_specialized_on(&g).unwrap(), hopper, "{what}");
+            assert!(!two.warp_specialized_on(&g).unwrap());
+            let (dv1, dv2) = (v.zeros_like().unwrap(), v.zeros_like().unwrap());
+            let (dq1, dk1) = ws
+                .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv1)
+                .unwrap();
+            let (dq2, dk2) = two
+                .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv2)
+                .unwrap();
+            let how = format!("{what}: warp-specialized ({hopper}) against two kernels");
+            for (name, a, b) in [("dk", &dk1, &dk2), ("dv", &dv1, &dv2)] {
+                let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
+                assert_eq!(diff, 0.0, "{how}: {name}");
+            }
+            assert_dq_agrees(&dq2, &dq1, &how);
         }
         let (dq, dk) = (ungrouped(&dqr), per_position(&dkr));
         // lse (B*K, L*R) -> (B, H, L)

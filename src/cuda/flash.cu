@@ -1126,6 +1126,299 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
 }
 
 
+// The query gradient from the warp-specialized backward's f32 sums (flash_bwd_ws_d128's dqacc:
+// per group, `tiles` tiles of 64 rows of 128, each stored in the order its consumers hold it:
+// float4 (w * 8 + n) * 128 + t is thread t of consumer warpgroup w's accumulator tile n, that
+// is rows 16 (t / 32) + (t % 32) / 4 and 8 more, columns 64 w + 8 n + 2 (t % 4) and the next):
+// dq = scale * acc in bf16, in q's layout. A thread takes four neighbouring float4 (t % 4 =
+// 0..3: 64 bytes), eight columns of two rows; 16 threads the 128 columns of a row pair, so a
+// warp writes two neighbouring rows whole (512 bytes). blockIdx.y is the group.
+extern "C" __global__ void flash_dq_store_ws(const float* __restrict__ acc,
+                                             unsigned short* __restrict__ dq, int tiles, int nk,
+                                             int r, int l, long gb, long gk, long gl,
+                                             float scale) {
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    if (u >= tiles * 512) return;
+    const int g = blockIdx.y, rows = l * r;
+    const int tile = u / 512, pair = (u % 512) / 16, part = u % 16;
+    const int t0 = (pair / 8) * 32 + (pair % 8) * 4;  // rows 16 (pair / 8) + pair % 8, +8
+    const float4* a = (const float4*)(acc + ((long)g * tiles + tile) * (64 * 128)) + part * 128 + t0;
+    const float4 x0 = a[0], x1 = a[1], x2 = a[2], x3 = a[3];
+    const int i = tile * 64 + (pair / 8) * 16 + pair % 8;
+    unsigned short* y = dq + (long)(g / nk) * gb + (long)(g % nk) * gk + part * 8;
+    if (i < rows) {
+        const unsigned pos = (unsigned)i / r, head = i - pos * r;
+        *(uint4*)(y + pos * gl + head * 128) =
+            make_uint4(fa_pack(x0.x * scale, x0.y * scale), fa_pack(x1.x * scale, x1.y * scale),
+                       fa_pack(x2.x * scale, x2.y * scale), fa_pack(x3.x * scale, x3.y * scale));
+    }
+    if (i + 8 < rows) {
+        const unsigned pos = (unsigned)(i + 8) / r, head = i + 8 - pos * r;
+        *(uint4*)(y + pos * gl + head * 128) =
+            make_uint4(fa_pack(x0.z * scale, x0.w * scale), fa_pack(x1.z * scale, x1.w * scale),
+                       fa_pack(x2.z * scale, x2.w * scale), fa_pack(x3.z * scale, x3.w * scale));
+    }
+}
+
+#if FA_SM90A
+// mbarriers in shared memory (PTX ISA, "Parallel Synchronization and Communication
+// Instructions: mbarrier"): `count` arrivals complete a phase.
+__device__ __forceinline__ void fa_mbar_init(unsigned a, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void fa_mbar_wait(unsigned a, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(a), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void fa_mbar_arrive(unsigned a) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(a)
+                 : "memory");
+}
+// One arrival once this thread's cp.async copies so far have landed.
+__device__ __forceinline__ void fa_mbar_arrive_cp(unsigned a) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
+}
+// Named barriers (ids 1..15; __syncthreads is 0) over `n` threads, whole warps.
+__device__ __forceinline__ void fa_bar_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void fa_bar_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+// d (64 x 64, f32) (+)= A B over k = 16, both in shared memory stored MN-major (`fa_tdesc`): A
+// (64 x 16) from a tile whose rows are k, B (16 x 64) likewise.
+__device__ __forceinline__ void fa_gm_ss64t(float (*d)[4], unsigned long long da,
+                                            unsigned long long db, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" FA_REGS32
+                 "}, %32, %33, p, 1, 1, 1, 1;\n}\n"
+                 : FA_ACC32(d)
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// Shared memory of the warp-specialized backward, in bytes from its 1024-byte boundary: k and v
+// (128 keys of 128), two stages of (q, dO) tiles (64 rows), two dS^T tiles (128 keys x 64 rows),
+// the query gradient's f32 tile, two stages of the rows' lse and delta, four mbarriers.
+#define FA_WS_K 0
+#define FA_WS_V 32768
+#define FA_WS_QDO 65536     // stage s: q at + 32768 s, dO 16384 after it
+#define FA_WS_DS 131072     // buffer b at + 16384 b
+#define FA_WS_DQ 163840     // 64 x 128 f32
+#define FA_WS_ROWS 196608   // stage s: lse at + 512 s, delta 256 after it
+#define FA_WS_BARS 197632   // full[2], empty[2]
+#define FA_WS_SMEM 197664
+
+// The whole backward in one pass over keys and values, warp-specialized after
+// FlashAttention-3's Hopper backward (head dim 128, wgmma): a block takes 128 keys of group g
+// over tiles of 64 query rows, from the first row that sees its first key, in three
+// warpgroups. Warpgroup 0, the producer, copies each tile's q, dO, lse and delta into one of
+// two stages (cp.async, each thread's copies completing the stage's `full` mbarrier) once the
+// consumers have released the stage (`empty`). Warpgroups 1 and 2, the consumers (64 keys
+// each), do what flash_bwd_dkdv does for a tile, in the same order (S^T = k q^T and
+// dP^T = v dO^T, P, dv += P^T dO, dS, dk += dS^T q: the same bits of dk and dv), and keep dS^T
+// (bf16, as dk's product rounds it) in shared memory; once both have, each computes half of
+// the columns of dq = dS k (64 rows x 64 columns, dS^T and k read MN-major from shared memory)
+// while dk's product runs, writes it into its half of an f32 tile in the order it holds it
+// (thread t's accumulator tile n at float4 (w * 8 + n) * 128 + t: no bank conflicts, and the
+// order flash_dq_store_ws reads dqacc in), and one thread adds that half into the global f32
+// sums with one bulk reduction (cp.reduce.async.bulk .add.f32), which no thread waits for
+// until the next tile. Registers move from the producer to the consumers (setmaxnreg 24 and
+// 240). Five products a tile instead of the two kernels' seven. Shared memory: FA_WS_SMEM.
+__device__ __forceinline__ void flash_bwd_ws(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                  const unsigned short* __restrict__ v, const unsigned short* __restrict__ dout,
+                  const float* __restrict__ lse, const float* __restrict__ delta,
+                  unsigned short* __restrict__ dkey, unsigned short* __restrict__ dval,
+                  float* __restrict__ dqacc, int nk, int r, int l, long qb, long qk, long ql,
+                  long kb, long kk, long kl, long vb, long vk, long vl, long db, long dk, long dl,
+                  long gkb, long gkk, long gkl, long gvb, long gvk, long gvl, float sl2,
+                  float scale) {
+    constexpr int D = 128, KB = 128, QT = 64;
+    unsigned char* base = fa_gm_base(FA_WS_SMEM);
+    const unsigned sbase = fa_smem_addr(base);
+    const unsigned full0 = sbase + FA_WS_BARS, empty0 = full0 + 16;
+    // (blockIdx.x the group, y the key block: every group's first keys, which see the most
+    // query rows, start before any group's later ones, so no long block is left for the end)
+    const int g = blockIdx.x, rows = l * r, j0 = blockIdx.y * KB;
+    const int first = j0 * r / QT * QT;
+    const int ntiles = (rows - first + QT - 1) / QT;
+    const long bb = g / nk, hh = g % nk;
+    // k and v: every thread
+    for (int x = threadIdx.x; x < KB * (D / 8); x += 384) {
+        const int row = x / (D / 8), col = (x % (D / 8)) * 8, j = j0 + row;
+        const bool ok = j < l;
+        const long jj = ok ? j : 0;
+        fa_cp16(base + FA_WS_K + fa_swz<KB>(row, col), k + bb * kb + hh * kk + jj * kl + col, ok);
+        fa_cp16(base + FA_WS_V + fa_swz<KB>(row, col), v + bb * vb + hh * vk + jj * vl + col, ok);
+    }
+    fa_commit();
+    if (threadIdx.x == 0) {
+        fa_mbar_init(full0, 128);
+        fa_mbar_init(full0 + 8, 128);
+        fa_mbar_init(empty0, 256);
+        fa_mbar_init(empty0 + 8, 256);
+    }
+    fa_wait<0>();
+    fa_proxy_fence();
+    __syncthreads();
+    const int lane = threadIdx.x % 32;
+    if (threadIdx.x < 128) {  // the producer: each thread 16 bytes of eight rows of q and dO
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        const unsigned short* qg = q + bb * qb + hh * qk;
+        const unsigned short* dg = dout + bb * db + hh * dk;
+        const float* lg = lse + (long)g * rows;
+        const float* eg = delta + (long)g * rows;
+        const int col = (threadIdx.x % 16) * 8, row0 = threadIdx.x / 16;
+        for (int t = 0; t < ntiles; ++t) {
+            const int s = t & 1, i0 = first + t * QT;
+            if (t >= 2) fa_mbar_wait(empty0 + 8 * s, ((t >> 1) - 1) & 1);
+            unsigned char* qt = base + FA_WS_QDO + s * 32768;
+#pragma unroll
+            for (int m = 0; m < QT / 8; ++m) {
+                const int row = row0 + 8 * m, i = i0 + row;
+                const bool ok = i < rows;
+                const int ii = ok ? i : 0, pos = ii / r, head = ii - pos * r;
+                const unsigned off = fa_swz<QT>(row, col);
+                fa_cp16(qt + off, qg + pos * ql + head * D + col, ok);
+                fa_cp16(qt + 16384 + off, dg + pos * dl + head * D + col, ok);
+            }
+            if (threadIdx.x < QT) {
+                float* rv = (float*)(base + FA_WS_ROWS + s * 512);
+                const int c = threadIdx.x;
+                const bool ok = i0 + c < rows;
+                fa_cp4(rv + c, lg + (ok ? i0 + c : 0), ok);
+                fa_cp4(rv + QT + c, eg + (ok ? i0 + c : 0), ok);
+            }
+            fa_mbar_arrive_cp(full0 + 8 * s);
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int ct = threadIdx.x - 128, wq = ct / 128, t128 = ct % 128, w = t128 / 32;
+    const int gr = lane / 4, tq = lane % 4;
+    const int ka = j0 + wq * 64 + w * 16 + gr, kb_ = ka + 8;
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+        dka[t][0] = dka[t][1] = dka[t][2] = dka[t][3] = 0.f;
+        dva[t][0] = dva[t][1] = dva[t][2] = dva[t][3] = 0.f;
+    }
+    const unsigned ka_s = sbase + FA_WS_K, va_s = sbase + FA_WS_V;
+    float* dqg = dqacc + ((long)g * ((rows + QT - 1) / QT) + first / QT) * (QT * D);
+    for (int t = 0; t < ntiles; ++t) {
+        const int s = t & 1, i0 = first + t * QT;
+        const unsigned qa_s = sbase + FA_WS_QDO + s * 32768, da_s = qa_s + 16384;
+        const float* ls = (const float*)(base + FA_WS_ROWS + s * 512);
+        const float* des = ls + QT;
+        fa_mbar_wait(full0 + 8 * s, (t >> 1) & 1);
+        fa_proxy_fence();
+        const bool masked = i0 / r < j0 + KB - 1;
+        float sc[QT / 8][4], dp[QT / 8][4];
+        fa_gm_s_dp<D, KB>(sc, dp, ka_s, qa_s, va_s, da_s, wq * 64);
+#pragma unroll
+        for (int n = 0; n < QT / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);
+                float p = fa_exp2(fmaf(sc[n][e], sl2, -ls[c]));
+                if (masked && (e < 2 ? ka : kb_) > (i0 + c) / r) p = 0.f;
+                sc[n][e] = p;
+            }
+        }
+        {  // dv += P^T dO (and dP^T)
+            unsigned pa[QT / 16][4];
+            fa_pack_a(pa, sc);
+            fa_gm_fence();
+            fa_gm_pb<D>(dva, pa, da_s);
+            fa_gm_commit();
+            fa_gm_wait<1>();
+            fa_gm_hold<QT / 8>(dp);
+        }
+#pragma unroll
+        for (int n = 0; n < QT / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);
+                sc[n][e] *= dp[n][e] - des[c];
+            }
+        }
+        // dS^T rounded to bf16 as dk's product takes it (A fragments), and its rows of this
+        // warp's keys into shared memory for dq's
+        unsigned sa[QT / 16][4];
+        fa_pack_a(sa, sc);
+        unsigned char* dss = base + FA_WS_DS + s * 16384;
+        const int row = wq * 64 + w * 16 + gr;
+#pragma unroll
+        for (int n = 0; n < QT / 8; ++n) {
+            *(unsigned*)(dss + fa_swz<KB>(row, n * 8 + 2 * tq)) = sa[n / 2][2 * (n & 1)];
+            *(unsigned*)(dss + fa_swz<KB>(row + 8, n * 8 + 2 * tq)) = sa[n / 2][2 * (n & 1) + 1];
+        }
+        // (this warpgroup's half of the f32 tile has been read by its last bulk add: known to
+        // all its threads past the barrier below)
+        if (t128 == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        // both warpgroups' dS^T is in shared memory and visible to wgmma
+        fa_proxy_fence();
+        fa_bar_sync(1, 256);
+        {
+            // dq's columns 64 wq.. = dS k over the block's 128 keys, then dk += dS^T q
+            float dqa[8][4];
+            const unsigned ds_s = sbase + FA_WS_DS + s * 16384;
+            fa_gm_fence();
+#pragma unroll
+            for (int c = 0; c < KB / 16; ++c)
+                fa_gm_ss64t(dqa, fa_tdesc<KB>(ds_s, c), fa_tdesc<KB>(ka_s + wq * KB * 128, c), c);
+            fa_gm_commit();
+            fa_gm_pb<D>(dka, sa, qa_s);
+            fa_gm_commit();
+            // dv and dq are done; dk runs on while dq goes into this warpgroup's half of the f32
+            // tile, which one bulk reduction then adds into the sums
+            fa_gm_wait<1>();
+            fa_gm_hold<D / 8>(dva);
+            fa_gm_hold<8>(dqa);
+            float4* dq4 = (float4*)(base + FA_WS_DQ);
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+                dq4[(wq * 8 + n) * 128 + t128] = make_float4(dqa[n][0], dqa[n][1], dqa[n][2],
+                                                            dqa[n][3]);
+            fa_proxy_fence();
+            if (wq == 0) fa_bar_sync(2, 128);
+            else fa_bar_sync(3, 128);
+            if (t128 == 0) {
+                asm volatile(
+                    "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], "
+                    "%2;\n" ::"l"(dqg + (long)t * QT * D + wq * (QT * D / 2)),
+                    "r"(sbase + FA_WS_DQ + wq * (QT * D * 2)), "n"(QT * D * 2)
+                    : "memory");
+                asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+            }
+            fa_gm_wait<0>();
+            fa_gm_hold<D / 8>(dka);
+            // (q and dO of this stage are read: the producer may fill it again)
+            fa_mbar_arrive(empty0 + 8 * s);
+        }
+    }
+    if (t128 == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+    fa_store_rows<D>(dkey, dka, ka, scale, scale, g, nk, 1, l, tq, gkb, gkk, gkl);
+    fa_store_rows<D>(dval, dva, ka, 1.f, 1.f, g, nk, 1, l, tq, gvb, gvk, gvl);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+flash_bwd_ws_d128(const unsigned short* q, const unsigned short* k, const unsigned short* v,
+                  const unsigned short* dout, const float* lse, const float* delta,
+                  unsigned short* dkey, unsigned short* dval, float* dqacc, int nk, int r, int l,
+                  long qb, long qk, long ql, long kb, long kk, long kl, long vb, long vk, long vl,
+                  long db, long dk, long dl, long gkb, long gkk, long gkl, long gvb, long gvk,
+                  long gvl, float sl2, float scale) {
+    flash_bwd_ws(q, k, v, dout, lse, delta, dkey, dval, dqacc, nk, r, l, qb, qk, ql, kb, kk, kl,
+                 vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2, scale);
+}
+#endif
+
 // The forward's entry points: NAME runs the kernel named last (flash_fwd<D> or flash_fwd2<D,
 // GM>) in blocks of BOUNDS.
 #define FLASH_FWD(NAME, BOUNDS, ...)                                                           \

@@ -9,7 +9,9 @@
 //! kernel over the blocked scores) stays.
 //! On compute capability 9.0 (H100, H200) the forward and both backwards at head dims 64 and
 //! 128 run on the warpgroup MMA (`wgmma`: the tensor cores read their shared operands from
-//! swizzled tiles once for four warps), with the same bits as on `mma.sync` (`Flash::gmma`).
+//! swizzled tiles once for four warps), with the same bits as on `mma.sync` (`Flash::gmma`);
+//! at head dim 128, from `WARP_SPECIALIZED_FROM` positions on, the backward is one
+//! warp-specialized kernel after FlashAttention-3's (`Flash::warp_specialized`).
 //!
 //! Every tensor is read and written in place through strides (`Rows`): q and its gradient as
 //! the step's norm + RoPE kernel lays q out, (B, K, L, R, D); k and its gradient as (B, K, L, D);
@@ -46,6 +48,8 @@ const BLOCK: usize = 128;
 const TILE: usize = 64;
 /// Shared rows are padded by 8 elements (`FA_PAD`).
 const PAD: usize = 8;
+/// Shared memory of the warp-specialized backward (`FA_WS_SMEM`).
+const WS_SMEM: usize = 197_664;
 
 /// Where row i (position i / R, head i % R of its group) of group g (batch g / K, key/value
 /// head g % K) starts, in elements: (g / K) * batch + (g % K) * head + (i / R) * pos + (i % R) * D.
@@ -95,6 +99,16 @@ pub struct Flash {
     /// `mma.sync` as on other cards (Some(false), also `TERNLAB_FLASH_GMMA=0`). The same
     /// products over the same tiles in the same order: the same bits.
     pub gmma: Option<bool>,
+    /// On the warpgroup MMA at head dim 128, with blocks of 128 keys and `dq_kernel` left open:
+    /// the whole backward in one warp-specialized kernel (`flash_bwd_ws_d128`, after
+    /// FlashAttention-3's Hopper backward: a producer warpgroup feeds two stages of (q, dO)
+    /// tiles through mbarriers; two consumer warpgroups run the key/value kernel's products and
+    /// dq = dS k, and add each tile's dq into f32 sums by bulk reductions from shared memory;
+    /// five products instead of the two kernels' seven). dk and dv have the key/value kernel's
+    /// bits; dq is summed in no fixed order. Some(true) takes it wherever it applies, None from
+    /// `WARP_SPECIALIZED_FROM` positions, Some(false) (also `TERNLAB_FLASH_WS=0`) never;
+    /// `TERNLAB_FLASH_WS=1` at every length.
+    pub warp_specialized: Option<bool>,
 }
 
 /// The sequence length from which the backward on `mma.sync` adds the query gradient atomically
@@ -105,6 +119,14 @@ pub struct Flash {
 /// warpgroup MMA the query-side kernel is the faster at every length (H100, eighth session:
 /// 4 x 4096 201.7 against 212.6 ms), and the backward takes it.
 pub const ATOMIC_DQ_FROM: usize = 2048;
+
+/// The sequence length from which the backward on the warpgroup MMA takes the warp-specialized
+/// kernel when `Flash::warp_specialized` leaves it open. Measured on an H200 (bench/RESULTS.md,
+/// fourteenth session, call 7), step times with it against the two kernels: 4 x 4096 183.6 and
+/// 183.4 against 189.3 and 189.1 ms; 16 x 1024 137.8 and 137.0 against 135.7 (its f32 query
+/// gradient is cleared and converted in two more passes over memory, which cost more than the
+/// two products it saves at that length). 2,048 was not measured.
+pub const WARP_SPECIALIZED_FROM: usize = 2048;
 
 impl Flash {
     pub fn new(b: usize, l: usize, (h, k, d): (usize, usize, usize)) -> Self {
@@ -131,6 +153,7 @@ impl Flash {
                 .ok()
                 .map(|v| v != "0"),
             gmma: std::env::var("TERNLAB_FLASH_GMMA").ok().map(|v| v != "0"),
+            warp_specialized: std::env::var("TERNLAB_FLASH_WS").ok().map(|v| v != "0"),
         }
     }
 
@@ -189,6 +212,28 @@ impl Flash {
     /// card has it).
     fn family(&self, gpu: &Gpu) -> Result<&'static Family> {
         kernels(gpu, self.gmma.unwrap_or(true))
+    }
+
+    /// Keys a block of the key/value backward takes on this card (`key_block`, or 64 where
+    /// blocks of 128 would be fewer than the card's SMs).
+    fn key_block(&self, gpu: &Gpu) -> Result<usize> {
+        Ok(match self.key_block {
+            Some(keys) if keys == BLOCK || keys == BLOCK / 2 => keys,
+            Some(keys) => candle_core::bail!("flash attention: blocks of {keys} keys (64 or 128)"),
+            None if self.l.div_ceil(BLOCK) * self.groups() < gpu.sm_count()? => BLOCK / 2,
+            None => BLOCK,
+        })
+    }
+
+    /// Whether `backward` takes the warp-specialized kernel (`warp_specialized`) on this card.
+    pub fn warp_specialized_on(&self, gpu: &Gpu) -> Result<bool> {
+        Ok(self
+            .warp_specialized
+            .unwrap_or(self.l >= WARP_SPECIALIZED_FROM)
+            && self.dq_kernel.is_none()
+            && self.d == 128
+            && std::ptr::eq(self.family(gpu)?, &KERNELS_90A)
+            && self.key_block(gpu)? == BLOCK)
     }
 
     fn groups(&self) -> usize {
@@ -374,17 +419,46 @@ impl Flash {
         // idle (short sequences: 4 x 256 of Qwen3-0.6B is 64 blocks of 128 keys); each holds its
         // keys and values, two buffers of (q, dO) tiles with their rows' lse, delta and
         // position, and (adding the query gradient) two tiles of dS.
-        let keys = match self.key_block {
-            Some(keys) if keys == BLOCK || keys == BLOCK / 2 => keys,
-            Some(keys) => candle_core::bail!("flash attention: blocks of {keys} keys (64 or 128)"),
-            None if self.l.div_ceil(BLOCK) * groups < gpu.sm_count()? => BLOCK / 2,
-            None => BLOCK,
-        };
+        let keys = self.key_block(gpu)?;
         let w4 = if keys == BLOCK { "" } else { "_w4" };
         let kv_smem = (2 * keys / TILE + 4) * tile + 2 * 3 * TILE * 4;
         let kv_rows = [self.k_rows(), self.v_rows()];
         // (the head dims flash.cu's flash_bwd_kv and flash_bwd_q put on wgmma)
         let on_gmma = std::ptr::eq(family, &KERNELS_90A) && d >= 64;
+        if self.warp_specialized_on(gpu)? {
+            // the query gradient's f32 sums: per group, tiles of TILE rows (the last one
+            // padded), each in the order the kernel's consumers hold it
+            let tiles = rows.div_ceil(TILE);
+            let acc = gpu.zeros((groups * tiles * TILE, d), DType::F32)?;
+            let accb = acc.buf()?;
+            // (blockIdx.x the group, y the key block: every group's first keys, which see the
+            // most query rows, start first)
+            let grid = LaunchConfig {
+                grid_dim: (groups as u32, self.l.div_ceil(BLOCK) as u32, 1),
+                block_dim: (384, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // (flash.cu's FA_WS_SMEM from a 1024-byte boundary)
+            let outputs = [Some(&dkb), Some(&dvb), Some(&accb)];
+            launch_in("ws", grid, WS_SMEM + 1024, &outputs, &kv_rows)?.go()?;
+            // four float4 of the sums a thread, blockIdx.y the group
+            let per_group = tiles * TILE * d / 16;
+            let grid = LaunchConfig {
+                grid_dim: (per_group.div_ceil(256) as u32, groups as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let launch = gpu.kernel(family, "flash_dq_store_ws", None, grid)?;
+            let launch = launch
+                .buf(&accb)
+                .buf(&dqb)
+                .i32(tiles)
+                .i32(self.k)
+                .i32(self.r)
+                .i32(self.l);
+            strides(launch, self.q_rows()).f32(self.scale).go()?;
+            return Ok((dq, dk));
+        }
         if !self.dq_kernel.unwrap_or(on_gmma || self.l < ATOMIC_DQ_FROM) {
             // the query gradient's f32 sums
             let acc = gpu.zeros((groups * rows, d), DType::F32)?;
