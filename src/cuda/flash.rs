@@ -429,6 +429,9 @@ impl Flash {
             // the query gradient's f32 sums: per group, tiles of TILE rows (the last one
             // padded), each in the order the kernel's consumers hold it
             let tiles = rows.div_ceil(TILE);
+            if tiles * TILE * d / 16 > i32::MAX as usize {
+                candle_core::bail!("flash attention: {rows} query rows a group is past the grid");
+            }
             let acc = gpu.zeros((groups * tiles * TILE, d), DType::F32)?;
             let accb = acc.buf()?;
             // (blockIdx.x the group, y the key block: every group's first keys, which see the
