@@ -1191,6 +1191,63 @@ fn flash_attention_matches_attention_in_f32() {
     }
 }
 
+/// The warp-specialized flash backward (compute capability 9.0, head dim 128) at other group
+/// sizes than Qwen3-0.6B's two query heads a key/value head: one, three and five (query tiles
+/// of 64 rows that end inside a position; lengths across key blocks of 128). Against the
+/// key/value and query-side kernels: dk and dv 0 apart, dq to a rounding step.
+#[test]
+fn flash_warp_specialized_backward_takes_any_group_size() {
+    use ternlab::cuda::flash::Flash;
+    use ternlab::cuda::Gpu;
+    let dev = gpu();
+    let g = Gpu::of(&dev).unwrap();
+    let hopper = g.compute_capability().unwrap() == (9, 0);
+    let d = 128;
+    for (b, l, h, k) in [(1, 200, 4, 4), (2, 200, 3, 1), (1, 260, 10, 2)] {
+        let r = h / k;
+        let what = format!("B={b} L={l} H={h} K={k} (R={r})");
+        let bf = |shape: &[usize], std: f32| randn(shape, std, DType::BF16, &dev);
+        // the step's layouts: q (B, K, L, R, D), k (B, K, L, D), v and the output (B, L, *)
+        let (qr, kr, v) = (
+            bf(&[b, k, l, r, d], 1.7),
+            bf(&[b, k, l, d], 1.7),
+            bf(&[b, l, k, d], 1.0),
+        );
+        let dout = bf(&[b, l, h, d], 1.0);
+        let fl = Flash::new(b, l, (h, k, d));
+        let o = g.empty((b, l, h, d), DType::BF16).unwrap();
+        let lse = g.empty((b * k, l * r), DType::F32).unwrap();
+        fl.forward(&g, (&qr, &kr, &v), &o, &lse).unwrap();
+        let two = Flash {
+            key_block: Some(128),
+            dq_kernel: Some(true),
+            ..fl
+        };
+        let ws = Flash {
+            key_block: Some(128),
+            dq_kernel: None,
+            warp_specialized: Some(true),
+            ..fl
+        };
+        assert_eq!(ws.warp_specialized_on(&g).unwrap(), hopper, "{what}");
+        let (dv1, dv2) = (v.zeros_like().unwrap(), v.zeros_like().unwrap());
+        let (dq1, dk1) = ws
+            .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv1)
+            .unwrap();
+        let (dq2, dk2) = two
+            .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv2)
+            .unwrap();
+        for (name, a, b) in [("dk", &dk1, &dk2), ("dv", &dv1, &dv2)] {
+            let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
+            assert_eq!(
+                diff, 0.0,
+                "{what}: {name}, warp-specialized against two kernels"
+            );
+        }
+        assert_dq_agrees(&dq2, &dq1, &format!("{what}: warp-specialized ({hopper})"));
+    }
+}
+
 /// The gate over the fused gate/up projection's rows (g then u in each row of 2F) gives the bits
 /// of the gate over g and u apart, both ways: F = 64 (16-byte accesses) and F = 301 (each
 /// row's pieces unaligned: one element at a time).
