@@ -9,7 +9,7 @@
 #                                            baseline before study-pretrain study-ternary
 #                                            study-extra export generate resume dp dp-faults
 #                                            graph e2e flash switch long long-ref headline
-#                                            kernels elementwise
+#                                            kernels elementwise detail
 #                                            (default: parity seed bench ref big tiny)
 # `before` benches .device/ternlab-before.xz (an earlier build: bench/pack_before.sh) against
 # .device/ternlab, alternating, at 4 x 256 and 16 x 1024 in bf16: a change's speed on one card.
@@ -179,6 +179,29 @@ if want kernels; then
       "$bin" "${b[@]}" --set data.batch_size=16 --set data.seq_len=1024 --steps 2 \
       --warmup 1 --out "$out/json/ncu-bench.json" 2>&1 |
       awk '/ratio/ && $NF + 0 >= 0.05 {sub("smsp__average_warps_issue_stalled_", ""); print "  " $1, $NF}'
+  done
+fi
+if want detail; then
+  # Nsight Compute's own sections for a few kernels (at its locked clocks): the pipes' shares
+  # (the tensor pipe's among them), shared-memory and L2 traffic, warp states. DETAIL_SETS:
+  # "regex:launches" pairs as ELEM_SETS; DETAIL_SHAPE (default 16x1024); the settings come from
+  # the environment (TERNLAB_FLASH_WS=1 ...). Each set's whole report goes to $OUT, the lines
+  # that say the most to the log.
+  bin=$PWD/.device/ternlab
+  set -- $(echo "${DETAIL_SHAPE:-16x1024}" | tr x ' ')
+  n=0
+  for set in ${DETAIL_SETS:-flash_bwd_ws:1 flash_bwd_dkdv:1}; do
+    n=$((n + 1))
+    echo "== ncu sections: ${set%:*} at $1 x $2"
+    timeout 300 ncu --target-processes all -k "regex:^(${set%:*})" --launch-count "${set##*:}" \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis_Tables --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --section Occupancy \
+      "$bin" bench --set run.device=cuda --set train.dtype=bf16 --set data.batch_size=$1 \
+      --set data.seq_len=$2 --steps 1 --warmup 1 --out "$out/json/ncu-bench.json" \
+      >"$final/detail-$n.txt" 2>"$out/ncu.err" || tail -3 "$out/ncu.err"
+    grep -E "^  [a-z_0-9]+|Duration|Throughput|Issue Slots|Tensor|Shared|Pipe|Eligible|Active Warps|Stall" \
+      "$final/detail-$n.txt" | head -60
   done
 fi
 if want baseline; then
