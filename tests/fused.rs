@@ -858,6 +858,46 @@ fn assert_dq_agrees(a: &Tensor, b: &Tensor, what: &str) {
     );
 }
 
+/// The warp-specialized flash backward (compute capability 9.0, head dim 128, blocks of 128 keys)
+/// against the key/value and query-side kernels on the same inputs: dk and dv 0 apart (the same
+/// products over the same tiles in the same order), dq to a rounding step (summed by bulk f32
+/// adds in no fixed order). It runs exactly where the card is of compute capability 9.0.
+#[allow(clippy::too_many_arguments)]
+fn assert_warp_specialized_agrees(
+    g: &ternlab::cuda::Gpu,
+    fl: ternlab::cuda::flash::Flash,
+    (qr, kr, v): (&Tensor, &Tensor, &Tensor),
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    what: &str,
+) {
+    use ternlab::cuda::flash::Flash;
+    let two = Flash {
+        key_block: Some(128),
+        dq_kernel: Some(true),
+        ..fl
+    };
+    let ws = Flash {
+        key_block: Some(128),
+        dq_kernel: None,
+        warp_specialized: Some(true),
+        ..fl
+    };
+    let hopper = g.compute_capability().unwrap() == (9, 0);
+    assert_eq!(ws.warp_specialized_on(g).unwrap(), hopper, "{what}");
+    assert!(!two.warp_specialized_on(g).unwrap());
+    let (dv1, dv2) = (v.zeros_like().unwrap(), v.zeros_like().unwrap());
+    let (dq1, dk1) = ws.backward(g, (qr, kr, v), o, lse, dout, &dv1).unwrap();
+    let (dq2, dk2) = two.backward(g, (qr, kr, v), o, lse, dout, &dv2).unwrap();
+    let how = format!("{what}: warp-specialized ({hopper}) against two kernels");
+    for (name, a, b) in [("dk", &dk1, &dk2), ("dv", &dv1, &dv2)] {
+        let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
+        assert_eq!(diff, 0.0, "{how}: {name}");
+    }
+    assert_dq_agrees(&dq2, &dq1, &how);
+}
+
 /// Flash attention (bf16, tensor cores) against attention in f32 on the same bf16 inputs, and
 /// beside the blocked bf16 attention it replaces: output, log-sum-exp and the three gradients,
 /// with grouped queries (R = 1, 2, 3), lengths across tile edges (1, 33, 70, 200, 300), and
@@ -1108,38 +1148,8 @@ fn flash_attention_matches_attention_in_f32() {
                 assert_dq_agrees(&dq2, &dq1, &how);
             }
         }
-        // The warp-specialized backward (compute capability 9.0, head dim 128, blocks of 128
-        // keys) against the key/value and query-side kernels: the same products for dk and dv
-        // over the same tiles in the same order (0 apart); dq summed by bulk f32 adds in no
-        // fixed order, to a rounding step.
         if d == 128 {
-            let two = Flash {
-                key_block: Some(128),
-                dq_kernel: Some(true),
-                ..fl
-            };
-            let ws = Flash {
-                key_block: Some(128),
-                dq_kernel: None,
-                warp_specialized: Some(true),
-                ..fl
-            };
-            let hopper = g.compute_capability().unwrap() == (9, 0);
-            assert_eq!(ws.warp_specialized_on(&g).unwrap(), hopper, "{what}");
-            assert!(!two.warp_specialized_on(&g).unwrap());
-            let (dv1, dv2) = (v.zeros_like().unwrap(), v.zeros_like().unwrap());
-            let (dq1, dk1) = ws
-                .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv1)
-                .unwrap();
-            let (dq2, dk2) = two
-                .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv2)
-                .unwrap();
-            let how = format!("{what}: warp-specialized ({hopper}) against two kernels");
-            for (name, a, b) in [("dk", &dk1, &dk2), ("dv", &dv1, &dv2)] {
-                let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
-                assert_eq!(diff, 0.0, "{how}: {name}");
-            }
-            assert_dq_agrees(&dq2, &dq1, &how);
+            assert_warp_specialized_agrees(&g, fl, (&qr, &kr, &v), &o, &lse, &dout, &what);
         }
         let (dq, dk) = (ungrouped(&dqr), per_position(&dkr));
         // lse (B*K, L*R) -> (B, H, L)
@@ -1201,7 +1211,6 @@ fn flash_warp_specialized_backward_takes_any_group_size() {
     use ternlab::cuda::Gpu;
     let dev = gpu();
     let g = Gpu::of(&dev).unwrap();
-    let hopper = g.compute_capability().unwrap() == (9, 0);
     let d = 128;
     for (b, l, h, k) in [(1, 200, 4, 4), (2, 200, 3, 1), (1, 260, 10, 2)] {
         let r = h / k;
@@ -1218,33 +1227,7 @@ fn flash_warp_specialized_backward_takes_any_group_size() {
         let o = g.empty((b, l, h, d), DType::BF16).unwrap();
         let lse = g.empty((b * k, l * r), DType::F32).unwrap();
         fl.forward(&g, (&qr, &kr, &v), &o, &lse).unwrap();
-        let two = Flash {
-            key_block: Some(128),
-            dq_kernel: Some(true),
-            ..fl
-        };
-        let ws = Flash {
-            key_block: Some(128),
-            dq_kernel: None,
-            warp_specialized: Some(true),
-            ..fl
-        };
-        assert_eq!(ws.warp_specialized_on(&g).unwrap(), hopper, "{what}");
-        let (dv1, dv2) = (v.zeros_like().unwrap(), v.zeros_like().unwrap());
-        let (dq1, dk1) = ws
-            .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv1)
-            .unwrap();
-        let (dq2, dk2) = two
-            .backward(&g, (&qr, &kr, &v), &o, &lse, &dout, &dv2)
-            .unwrap();
-        for (name, a, b) in [("dk", &dk1, &dk2), ("dv", &dv1, &dv2)] {
-            let diff = max_abs(&(f32_of(a) - f32_of(b)).unwrap());
-            assert_eq!(
-                diff, 0.0,
-                "{what}: {name}, warp-specialized against two kernels"
-            );
-        }
-        assert_dq_agrees(&dq2, &dq1, &format!("{what}: warp-specialized ({hopper})"));
+        assert_warp_specialized_agrees(&g, fl, (&qr, &kr, &v), &o, &lse, &dout, &what);
     }
 }
 

@@ -961,6 +961,37 @@ __device__ __forceinline__ void fa_dq_add(float* __restrict__ dqacc, FaDsRow* ds
     }
 }
 
+// The key/value backwards' probabilities, in place over a warp's C tiles of S^T (its keys ka
+// and kb = ka + 8 by FA_QT query rows): P = 2^(S^T sl2 - lse), the rows' lse in `ls`; where
+// `masked`, zero for keys past a row's position, `pos(c)` for column c.
+template <class Pos>
+__device__ __forceinline__ void fa_kv_probs(float (*s)[4], const float* ls, float sl2, bool masked,
+                                            int ka, int kb, int tq, Pos pos) {
+#pragma unroll
+    for (int n = 0; n < FA_QT / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = n * 8 + 2 * tq + (e & 1);
+            float p = fa_exp2(fmaf(s[n][e], sl2, -ls[c]));
+            if (masked && (e < 2 ? ka : kb) > pos(c)) p = 0.f;
+            s[n][e] = p;
+        }
+    }
+}
+
+// dS^T = P^T (dP^T - delta) in place over the same C tiles, the rows' delta in `des`.
+__device__ __forceinline__ void fa_kv_ds(float (*s)[4], const float (*dp)[4], const float* des,
+                                         int tq) {
+#pragma unroll
+    for (int n = 0; n < FA_QT / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = n * 8 + 2 * tq + (e & 1);
+            s[n][e] *= dp[n][e] - des[c];
+        }
+    }
+}
+
 // Backward, the key/value side: dv = P^T dO and dk = scale * dS^T q, summed over every query
 // row of the group (all R heads) that sees the keys. One block of W warps per 16 * W keys of
 // group g (block `bx`; the first keys, seen by the most rows, first), each warp 16 keys, over tiles
@@ -1061,16 +1092,7 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
         } else {
             fa_abt<D, FA_QT / 8>(s, ks, w0, qs, lane);
         }
-#pragma unroll
-        for (int n = 0; n < FA_QT / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = n * 8 + 2 * tq + (e & 1);
-                float p = fa_exp2(fmaf(s[n][e], sl2, -ls[c]));
-                if (masked && (e < 2 ? ka : kb_) > qpos[c]) p = 0.f;
-                s[n][e] = p;
-            }
-        }
+        fa_kv_probs(s, ls, sl2, masked, ka, kb_, tq, [&](int c) { return qpos[c]; });
         // dv += P^T dO (and dP^T)
         if constexpr (GM) {
             unsigned pa[FA_QT / 16][4];
@@ -1084,14 +1106,7 @@ __device__ void flash_bwd_dkdv(FA_KV_PARAMS) {
             fa_pb<D, FA_QT / 16>(dva, s, dos, lane);
             fa_abt<D, FA_QT / 8>(dp, vs, w0, dos, lane);
         }
-#pragma unroll
-        for (int n = 0; n < FA_QT / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = n * 8 + 2 * tq + (e & 1);
-                s[n][e] *= dp[n][e] - des[c];
-            }
-        }
+        fa_kv_ds(s, dp, des, tq);
         if (Q) {
             // dS^T's rows of this warp's keys, rounded to bf16 as the product below rounds them
             FaDsRow* ds = dss + (it & 1) * KB;
@@ -1321,16 +1336,7 @@ __device__ __forceinline__ void flash_bwd_ws(const unsigned short* __restrict__ 
         const bool masked = i0 / r < j0 + KB - 1;
         float sc[QT / 8][4], dp[QT / 8][4];
         fa_gm_s_dp<D, KB>(sc, dp, ka_s, qa_s, va_s, da_s, wq * 64);
-#pragma unroll
-        for (int n = 0; n < QT / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = n * 8 + 2 * tq + (e & 1);
-                float p = fa_exp2(fmaf(sc[n][e], sl2, -ls[c]));
-                if (masked && (e < 2 ? ka : kb_) > (i0 + c) / r) p = 0.f;
-                sc[n][e] = p;
-            }
-        }
+        fa_kv_probs(sc, ls, sl2, masked, ka, kb_, tq, [&](int c) { return (i0 + c) / r; });
         {  // dv += P^T dO (and dP^T)
             unsigned pa[QT / 16][4];
             fa_pack_a(pa, sc);
@@ -1340,14 +1346,7 @@ __device__ __forceinline__ void flash_bwd_ws(const unsigned short* __restrict__ 
             fa_gm_wait<1>();
             fa_gm_hold<QT / 8>(dp);
         }
-#pragma unroll
-        for (int n = 0; n < QT / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = n * 8 + 2 * tq + (e & 1);
-                sc[n][e] *= dp[n][e] - des[c];
-            }
-        }
+        fa_kv_ds(sc, dp, des, tq);
         // dS^T rounded to bf16 as dk's product takes it (A fragments), and its rows of this
         // warp's keys into shared memory for dq's
         unsigned sa[QT / 16][4];
