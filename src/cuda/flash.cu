@@ -1204,9 +1204,6 @@ __device__ __forceinline__ void fa_mbar_arrive_cp(unsigned a) {
 __device__ __forceinline__ void fa_bar_sync(int id, int n) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
-__device__ __forceinline__ void fa_bar_arrive(int id, int n) {
-    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
 // d (64 x 64, f32) (+)= A B over k = 16, both in shared memory stored MN-major (`fa_tdesc`): A
 // (64 x 16) from a tile whose rows are k, B (16 x 64) likewise.
 __device__ __forceinline__ void fa_gm_ss64t(float (*d)[4], unsigned long long da,
@@ -1246,7 +1243,8 @@ __device__ __forceinline__ void fa_gm_ss64t(float (*d)[4], unsigned long long da
 // sums with one bulk reduction (cp.reduce.async.bulk .add.f32), which no thread waits for
 // until the next tile. Registers move from the producer to the consumers (setmaxnreg 24 and
 // 240). Five products a tile instead of the two kernels' seven. Shared memory: FA_WS_SMEM.
-__device__ __forceinline__ void flash_bwd_ws(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+extern "C" __global__ void __launch_bounds__(384, 1)
+flash_bwd_ws_d128(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
                   const unsigned short* __restrict__ v, const unsigned short* __restrict__ dout,
                   const float* __restrict__ lse, const float* __restrict__ delta,
                   unsigned short* __restrict__ dkey, unsigned short* __restrict__ dval,
@@ -1405,16 +1403,6 @@ __device__ __forceinline__ void flash_bwd_ws(const unsigned short* __restrict__ 
     if (t128 == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
     fa_store_rows<D>(dkey, dka, ka, scale, scale, g, nk, 1, l, tq, gkb, gkk, gkl);
     fa_store_rows<D>(dval, dva, ka, 1.f, 1.f, g, nk, 1, l, tq, gvb, gvk, gvl);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-flash_bwd_ws_d128(const unsigned short* q, const unsigned short* k, const unsigned short* v,
-                  const unsigned short* dout, const float* lse, const float* delta,
-                  unsigned short* dkey, unsigned short* dval, float* dqacc, int nk, int r, int l,
-                  long qb, long qk, long ql, long kb, long kk, long kl, long vb, long vk, long vl,
-                  long db, long dk, long dl, long gkb, long gkk, long gkl, long gvb, long gvk,
-                  long gvl, float sl2, float scale) {
-    flash_bwd_ws(q, k, v, dout, lse, delta, dkey, dval, dqacc, nk, r, l, qb, qk, ql, kb, kk, kl,
-                 vb, vk, vl, db, dk, dl, gkb, gkk, gkl, gvb, gvk, gvl, sl2, scale);
 }
 #endif
 
