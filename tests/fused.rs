@@ -544,6 +544,45 @@ fn bf16_norm_weights_give_the_bits_of_their_f32_widening() {
     sums("rope_norm_bwd dw", &outs[0].2, &outs[1].2);
 }
 
+/// The residual sum and the RMSNorm after it in one kernel (`norm::add_rmsnorm`, the forward's)
+/// give the bits of the two kernels one after the other: h = a + b rounded to the dtype, the
+/// norm of those stored values. Rows of 1,024 and 512 take the one-pass kernel (f32 and bf16
+/// weights), rows of 96 the two kernels it falls back to.
+#[test]
+fn residual_sum_and_norm_in_one_pass_match_the_two_kernels() {
+    use ternlab::cuda::{norm, residual, Gpu};
+    let dev = gpu();
+    let g = Gpu::of(&dev).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        for (rows, d) in [(300, 1024), (77, 512), (33, 96)] {
+            let a = randn((rows, d), 3.0, dtype, &dev);
+            let b = randn((rows, d), 1.0, dtype, &dev);
+            let wf = (Tensor::randn(0f32, 0.3, d, &dev).unwrap() + 1.0).unwrap();
+            let mut weights = vec![wf.clone()];
+            if norm::takes_bf16_weight(d) {
+                weights.push(wf.to_dtype(DType::BF16).unwrap());
+            }
+            for w in &weights {
+                let what = format!("{dtype:?} {rows}x{d} weight {:?}", w.dtype());
+                let (h0, y0) = (a.zeros_like().unwrap(), a.zeros_like().unwrap());
+                residual::add(&g, &a, &b, &h0).unwrap();
+                norm::rmsnorm(&g, &h0, w, &y0, 1e-6).unwrap();
+                let (h1, y1) = (a.zeros_like().unwrap(), a.zeros_like().unwrap());
+                norm::add_rmsnorm(&g, &a, &b, &h1, w, &y1, 1e-6).unwrap();
+                for (name, x, y) in [("h", &h0, &h1), ("y", &y0, &y1)] {
+                    let diff = max_abs(&(f32_of(x) - f32_of(y)).unwrap());
+                    assert_eq!(diff, 0.0, "{what}: {name} of one pass against two kernels");
+                }
+                // (and not trivially: the sum is not either input)
+                assert!(
+                    max_abs(&(f32_of(&h1) - f32_of(&a)).unwrap()) > 0.1,
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
 /// q/k RMSNorm, RoPE and the head transpose: one kernel each way (the step's `norm_rope` and
 /// `rope_norm_bwd`) against norm, transpose and rotation as candle ops; head dim 128 takes the
 /// vectorized kernels, 48 the one-value-a-lane ones (`rope_bwd` + the norm's backward).

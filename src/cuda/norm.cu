@@ -165,6 +165,44 @@ __device__ void rmsnorm_v(const T* __restrict__ x, const W* __restrict__ w, T* _
     }
 }
 
+// The residual stream's sum and the RMSNorm that follows it, in one pass: h = a + b in f32,
+// stored in T (residual.cu's add), and y = rmsnorm(h) as rmsnorm_v computes it from those
+// stored values, so h and y have the bits of the two kernels one after the other.
+template <typename T, typename W, int V>
+__device__ void add_rmsnorm_v(const T* __restrict__ a, const T* __restrict__ b,
+                              T* __restrict__ h, const W* __restrict__ w, T* __restrict__ y,
+                              long rows, float eps) {
+    constexpr int d = 32 * V;
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    float xv[V];
+    float ss = 0.f;
+#pragma unroll
+    for (int t = 0; t < V / 8; t++) {
+        float bv[8];
+        ld8(a + row * d, 8 * (32 * t + lane), xv + 8 * t);
+        ld8(b + row * d, 8 * (32 * t + lane), bv);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const float s = xv[8 * t + e] + bv[e];
+            xv[8 * t + e] = sizeof(T) == 2 ? bfr(s) : s;
+        }
+        st8(h + row * d, 8 * (32 * t + lane), xv + 8 * t);
+    }
+#pragma unroll
+    for (int i = 0; i < V; i++) ss += xv[i] * xv[i];
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+#pragma unroll
+    for (int t = 0; t < V / 8; t++) {
+        float wv[8], o[8];
+        ld8(w, 8 * (32 * t + lane), wv);
+#pragma unroll
+        for (int e = 0; e < 8; e++) o[e] = xv[8 * t + e] * r * wv[e];
+        st8(y + row * d, 8 * (32 * t + lane), o);
+    }
+}
+
 // The whole backward in one pass for rows of d = 32 * V (V a multiple of 8; the hidden-sized
 // norms), laid out as in rmsnorm_v: dx written (added to when ADD, the residual stream's
 // gradient), and dw (f32, zeroed by the caller) as in rmsnorm_bwd_small: a block of 8 warps
@@ -229,6 +267,11 @@ __device__ void rmsnorm_bwd_v(const T* __restrict__ x, const W* __restrict__ w,
 extern "C" __global__ void rmsnorm_v##V##WS##_##SUF(const T* x, const W* w, T* y, long rows,  \
                                                    float eps) {                               \
     rmsnorm_v<T, W, V>(x, w, y, rows, eps);                                                    \
+}                                                                                              \
+extern "C" __global__ void add_rmsnorm_v##V##WS##_##SUF(const T* a, const T* b, T* h,       \
+                                                       const W* w, T* y, long rows,           \
+                                                       float eps) {                           \
+    add_rmsnorm_v<T, W, V>(a, b, h, w, y, rows, eps);                                          \
 }                                                                                              \
 extern "C" __global__ void __launch_bounds__(256) rmsnorm_bwd_v##V##WS##_##SUF(               \
     const T* x, const W* w, const T* dy, T* dx, float* dw, long rows, float eps,               \

@@ -93,6 +93,46 @@ pub fn rmsnorm(gpu: &Gpu, x: &impl AsBuf, w: &impl AsBuf, y: &impl AsBuf, eps: f
         .go()
 }
 
+/// The residual stream's sum and the RMSNorm after it: h = a + b, y = rmsnorm(h) with weight `w`.
+/// One pass (`add_rmsnorm_v{V}[_wb](a, b, h, w, y, rows, eps)`) where the vectorized kernels
+/// take the rows, else `residual::add` then `rmsnorm`: the same values either way.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rmsnorm(
+    gpu: &Gpu,
+    a: &impl AsBuf,
+    b: &impl AsBuf,
+    h: &impl AsBuf,
+    w: &impl AsBuf,
+    y: &impl AsBuf,
+    eps: f32,
+) -> Result<()> {
+    let (ab, bb, hb, wb, yb) = (a.buf()?, b.buf()?, h.buf()?, w.buf()?, y.buf()?);
+    let d = wb.n();
+    let rows = rows("add_rmsnorm", &ab, d)?;
+    for (what, t) in [("b", &bb), ("h", &hb), ("y", &yb)] {
+        t.expect(&format!("add_rmsnorm: {what}"), ab.n(), ab.dtype)?;
+    }
+    let Some(v) = vector_width(d, &[&ab, &bb, &hb, &wb, &yb]) else {
+        super::residual::add(gpu, a, b, h)?;
+        return rmsnorm(gpu, h, w, y, eps);
+    };
+    let wk = weight_kind("add_rmsnorm", &wb, d, true, SIZES)?;
+    gpu.kernel(
+        &KERNELS,
+        &format!("add_rmsnorm_v{v}{wk}"),
+        Some(ab.dtype),
+        warp_per_row(rows),
+    )?
+    .buf(&ab)
+    .buf(&bb)
+    .buf(&hb)
+    .buf(&wb)
+    .buf(&yb)
+    .i64(rows)
+    .f32(eps)
+    .go()
+}
+
 /// `rmsnorm_bwd_x[_add](const T* x, const float* w, const T* dy, T* dx, long rows, int d,
 /// float eps)`: the input gradient, written to dx, or added to it when `add`.
 pub fn rmsnorm_back_x(

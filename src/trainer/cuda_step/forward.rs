@@ -8,7 +8,7 @@ use crate::cuda::causal_attention::CausalAttention;
 use crate::cuda::flash::Flash;
 use crate::cuda::gemm::linear;
 use crate::cuda::loss::{cross_entropy, distill_kl, Grad};
-use crate::cuda::{attention, embedding, mlp, norm, residual, AsBuf, Gpu};
+use crate::cuda::{attention, embedding, mlp, norm, AsBuf, Gpu};
 use crate::model::{Qwen3, RmsNorm, Rope};
 use crate::trainer::{Distill, StepOptions};
 use candle_core::{DType, Result, Tensor};
@@ -137,6 +137,8 @@ pub(super) fn forward_with(
     };
 
     let mut layers = Vec::with_capacity(model.layers.len());
+    // The norm after each layer's residual sum, made with it (`Ctx::add_rms_norm`).
+    let mut next_norm = None;
     for (i, layer) in model.layers.iter().enumerate() {
         let (at, mlp_) = (&layer.self_attn, &layer.mlp);
         // Gate and up take the same input unless only one quantizes its activations: then
@@ -197,7 +199,9 @@ pub(super) fn forward_with(
             wu,
             ctx.weight(&mlp_.down_proj)?,
         ];
-        let xn1 = if i == 0 && seed_first_norm {
+        let xn1 = if let Some(xn1) = next_norm.take() {
+            xn1
+        } else if i == 0 && seed_first_norm {
             let ln = &layer.input_layernorm;
             let w = ctx.norm_weight(ln)?;
             norm::bf16_rounded(&ctx.gpu, &x, &w, ln.eps as f32)?
@@ -249,10 +253,8 @@ pub(super) fn forward_with(
         };
         let merged = ctx.input(merged, &[&at.o_proj])?;
         let o = linear(&ctx.gpu, merged.of(&at.o_proj), &w[3])?;
-        let hres = ctx.act((n, e))?;
-        residual::add(&ctx.gpu, &x, &o, &hres)?;
+        let (hres, xn2) = ctx.add_rms_norm(&x, &o, &layer.post_attention_layernorm)?;
         // MLP: next = h + down(silu(gate(norm(h))) * up(norm(h)))
-        let xn2 = ctx.rms_norm(&hres, &layer.post_attention_layernorm)?;
         let xn2 = ctx.input(xn2, &[gate, up])?;
         let a = ctx.act((n, f))?;
         let gate_kept = match wgu {
@@ -270,8 +272,13 @@ pub(super) fn forward_with(
         };
         let a = ctx.input(a, &[&mlp_.down_proj])?;
         let down = linear(&ctx.gpu, a.of(&mlp_.down_proj), &w[6])?;
-        let next = ctx.act((n, e))?;
-        residual::add(&ctx.gpu, &hres, &down, &next)?;
+        // (with the next layer's input norm, or the final norm, in the same pass)
+        let following = match model.layers.get(i + 1) {
+            Some(nl) => &nl.input_layernorm,
+            None => &model.norm,
+        };
+        let (next, normed) = ctx.add_rms_norm(&hres, &down, following)?;
+        next_norm = Some(normed);
         layers.push(LayerTape {
             w,
             x,
@@ -290,7 +297,10 @@ pub(super) fn forward_with(
     }
 
     // Final norm, head, loss: the loss kernel overwrites the logits with their gradient.
-    let xf = ctx.rms_norm(&x, &model.norm)?;
+    let xf = match next_norm {
+        Some(xf) => xf,
+        None => ctx.rms_norm(&x, &model.norm)?,
+    };
     let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
     let head = ctx
         .gpu

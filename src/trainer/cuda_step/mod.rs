@@ -212,6 +212,15 @@ impl Ctx {
         Ok(y)
     }
 
+    /// The residual stream's sum a + b and its RMSNorm (one kernel where it takes the rows).
+    fn add_rms_norm(&self, a: &Tensor, b: &Tensor, n: &RmsNorm) -> Result<(Tensor, Tensor)> {
+        let h = self.gpu.empty(a.shape(), a.dtype())?;
+        let y = self.gpu.empty(a.shape(), a.dtype())?;
+        let w = self.hidden_norm_weight(n)?;
+        norm::add_rmsnorm(&self.gpu, a, b, &h, &w, &y, n.eps as f32)?;
+        Ok((h, y))
+    }
+
     /// The RMSNorm backward of the rows x: the input gradient written to `dx` (added to it
     /// when `add`), the weight's gradient added into the zeroed `dw` and returned (f32).
     fn rms_norm_back(
