@@ -1288,18 +1288,23 @@ flash_bwd_ws_d128(const unsigned short* __restrict__ q, const unsigned short* __
         const float* lg = lse + (long)g * rows;
         const float* eg = delta + (long)g * rows;
         const int col = (threadIdx.x % 16) * 8, row0 = threadIdx.x / 16;
+        // (a thread's rows are 8 apart: 8 = d8 * r + m8 positions and heads on; one division a
+        // tile, so the producer's 24 registers hold its loop)
+        const int d8 = 8 / r, m8 = 8 - d8 * r;
         for (int t = 0; t < ntiles; ++t) {
-            const int s = t & 1, i0 = first + t * QT;
+            const int s = t & 1, i0 = first + t * QT, mine = i0 + row0;
             if (t >= 2) fa_mbar_wait(empty0 + 8 * s, ((t >> 1) - 1) & 1);
             unsigned char* qt = base + FA_WS_QDO + s * 32768;
+            int pos = mine / r, head = mine - pos * r;
 #pragma unroll
             for (int m = 0; m < QT / 8; ++m) {
-                const int row = row0 + 8 * m, i = i0 + row;
-                const bool ok = i < rows;
-                const int ii = ok ? i : 0, pos = ii / r, head = ii - pos * r;
-                const unsigned off = fa_swz<QT>(row, col);
-                fa_cp16(qt + off, qg + pos * ql + head * D + col, ok);
-                fa_cp16(qt + 16384 + off, dg + pos * dl + head * D + col, ok);
+                const bool ok = mine + 8 * m < rows;
+                const unsigned off = fa_swz<QT>(row0 + 8 * m, col);
+                fa_cp16(qt + off, qg + (ok ? pos * ql + head * D + col : 0), ok);
+                fa_cp16(qt + 16384 + off, dg + (ok ? pos * dl + head * D + col : 0), ok);
+                pos += d8;
+                head += m8;
+                if (head >= r) head -= r, ++pos;
             }
             if (threadIdx.x < QT) {
                 float* rv = (float*)(base + FA_WS_ROWS + s * 512);
