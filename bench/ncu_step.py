@@ -34,10 +34,23 @@ def main():
         sys.exit(f"{args.csv}: gpu__time_duration in an unknown unit {unit!r}")
     kernels = [r for r in rows[2:] if len(r) > time_at and r[0].isdigit()]
     ends = [i for i, r in enumerate(kernels) if "adamw_multi" in r[name_at]]
-    if len(ends) < 2:
-        sys.exit(f"{args.csv}: {len(ends)} adamw_multi launch(es) among {len(kernels)} kernels; "
-                 "a whole step needs two (profile more launches)")
-    step = kernels[ends[0] + 1:ends[1] + 1]
+    if len(ends) >= 2:
+        step = kernels[ends[0] + 1:ends[1] + 1]
+    else:
+        # Fewer than two AdamW launches: the step's length is the shortest period p of the
+        # kernel names from the AdamW launch on (kernel i runs what kernel i - p ran), and any
+        # p consecutive kernels make up one step (steps repeat kernel for kernel).
+        names = [r[name_at] for r in kernels]
+        # (a period counts when at least half a step's kernels repeat the step before)
+        period = next((p for p in range(2, len(names)) if ends and
+                       len(names) - max(p, ends[0]) >= p // 2 and
+                       all(names[i] == names[i - p] for i in range(max(p, ends[0]), len(names)))),
+                      None)
+        if period is None:
+            sys.exit(f"{args.csv}: {len(ends)} adamw_multi launch(es) among {len(kernels)} "
+                     "kernels and no repeating step found (profile more launches)")
+        step = kernels[len(kernels) - period:]
+        print(f"(one AdamW launch: a step of {period} kernels from the repetition of their names)")
     ms = lambda r: float(r[time_at].replace(",", "")) * scale
     total = sum(ms(r) for r in step)
     print(f"one step: {len(step)} kernels, {total:.3f} ms of GPU time (clocks and caches as "
