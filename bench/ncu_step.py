@@ -6,7 +6,12 @@ Input: `ncu --csv --page raw --metrics gpu__time_duration.sum ...` of an eager r
 including the next (AdamW ends every step). Prints the step's kernel count and GPU time, then
 each kernel name's calls and time, largest first.
 
-    python3 bench/ncu_step.py ncu.csv [--top N]
+    python3 bench/ncu_step.py ncu.csv [--top N] [--budget TFLOP PEAK SHARE]
+
+--budget: the step's model TFLOP (the bench JSON's `model_tflop_per_step`), the card's peak in
+TFLOP/s and a share of it: prints the step time at that share, the kernels by family (cuBLAS's
+GEMMs, flash attention, AdamW, the loss, the rest) and what the budget leaves for each family
+when the others stay as they are.
 """
 import argparse
 import collections
@@ -19,6 +24,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--budget", type=float, nargs=3, metavar=("TFLOP", "PEAK", "SHARE"))
     args = ap.parse_args()
     text = open(args.csv).read()
     start = text.find('"ID","Process ID"')
@@ -61,6 +67,21 @@ def main():
         by[r[name_at][:70]][1] += ms(r)
     for name, (calls, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"{t:8.3f} ms {100 * t / total:5.1f}% {calls:5d} x {1000 * t / calls:7.1f} us  {name}")
+    if args.budget:
+        tflop, peak, share = args.budget
+        target = 1000 * tflop / (peak * share)
+        family = lambda name: ("GEMMs (cuBLAS)" if name.startswith(("nvjet", "sm90_", "cutlass"))
+                               else "flash attention" if name.startswith("flash_")
+                               else "AdamW" if name.startswith("adamw")
+                               else "loss" if name.startswith("cross_entropy") else "the rest")
+        fams = collections.defaultdict(float)
+        for r in step:
+            fams[family(r[name_at])] += ms(r)
+        print(f"{share:.0%} of {peak:g} TFLOP/s for {tflop:g} TFLOP: a step of {target:.1f} ms; "
+              f"the kernels take {total:.1f}")
+        for f, t in sorted(fams.items(), key=lambda kv: -kv[1]):
+            left = target - (total - t)
+            print(f"  {f:16s} {t:8.2f} ms; with the others as they are, it may take {left:7.2f}")
 
 
 if __name__ == "__main__":
