@@ -137,6 +137,26 @@ __device__ void rmsnorm_bwd_small(const T* __restrict__ x, const float* __restri
     add_warp_sums(part, d, dw);
 }
 
+// The norm of one row held by a warp as rmsnorm_v holds it (lane `lane`'s values in xv),
+// written to that row of y.
+template <typename T, typename W, int V>
+__device__ __forceinline__ void rmsnorm_v_row(const float* xv, const W* __restrict__ w,
+                                              T* __restrict__ y, int lane, float eps) {
+    constexpr int d = 32 * V;
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; i++) ss += xv[i] * xv[i];
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+#pragma unroll
+    for (int t = 0; t < V / 8; t++) {
+        float wv[8], o[8];
+        ld8(w, 8 * (32 * t + lane), wv);
+#pragma unroll
+        for (int e = 0; e < 8; e++) o[e] = xv[8 * t + e] * r * wv[e];
+        st8(y, 8 * (32 * t + lane), o);
+    }
+}
+
 // The same for rows of d = 32 * V (V a multiple of 8), one warp per row held in registers: lane
 // `lane` has the eight values from column 8 * (32 * t + lane) for t < V / 8 (each load of the
 // warp is 512 contiguous bytes of bf16). The weight is f32 or bf16 (W: widened as it is read,
@@ -149,20 +169,9 @@ __device__ void rmsnorm_v(const T* __restrict__ x, const W* __restrict__ w, T* _
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
     float xv[V];
-    float ss = 0.f;
 #pragma unroll
     for (int t = 0; t < V / 8; t++) ld8(x + row * d, 8 * (32 * t + lane), xv + 8 * t);
-#pragma unroll
-    for (int i = 0; i < V; i++) ss += xv[i] * xv[i];
-    float r = rsqrtf(warp_sum(ss) / d + eps);
-#pragma unroll
-    for (int t = 0; t < V / 8; t++) {
-        float wv[8], o[8];
-        ld8(w, 8 * (32 * t + lane), wv);
-#pragma unroll
-        for (int e = 0; e < 8; e++) o[e] = xv[8 * t + e] * r * wv[e];
-        st8(y + row * d, 8 * (32 * t + lane), o);
-    }
+    rmsnorm_v_row<T, W, V>(xv, w, y + row * d, lane, eps);
 }
 
 // The residual stream's sum and the RMSNorm that follows it, in one pass: h = a + b in f32,
@@ -177,7 +186,6 @@ __device__ void add_rmsnorm_v(const T* __restrict__ a, const T* __restrict__ b,
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
     float xv[V];
-    float ss = 0.f;
 #pragma unroll
     for (int t = 0; t < V / 8; t++) {
         float bv[8];
@@ -190,17 +198,7 @@ __device__ void add_rmsnorm_v(const T* __restrict__ a, const T* __restrict__ b,
         }
         st8(h + row * d, 8 * (32 * t + lane), xv + 8 * t);
     }
-#pragma unroll
-    for (int i = 0; i < V; i++) ss += xv[i] * xv[i];
-    float r = rsqrtf(warp_sum(ss) / d + eps);
-#pragma unroll
-    for (int t = 0; t < V / 8; t++) {
-        float wv[8], o[8];
-        ld8(w, 8 * (32 * t + lane), wv);
-#pragma unroll
-        for (int e = 0; e < 8; e++) o[e] = xv[8 * t + e] * r * wv[e];
-        st8(y + row * d, 8 * (32 * t + lane), o);
-    }
+    rmsnorm_v_row<T, W, V>(xv, w, y + row * d, lane, eps);
 }
 
 // The whole backward in one pass for rows of d = 32 * V (V a multiple of 8; the hidden-sized
