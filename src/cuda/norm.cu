@@ -137,8 +137,8 @@ __device__ void rmsnorm_bwd_small(const T* __restrict__ x, const float* __restri
     add_warp_sums(part, d, dw);
 }
 
-// The norm of one row held by a warp as rmsnorm_v holds it (lane `lane`'s values in xv),
-// written to that row of y.
+// The norm of one row held by a warp as rmsnorm_v (below) holds it, lane `lane`'s values in
+// xv, written to that row of y: rmsnorm_v's and add_rmsnorm_v's last step.
 template <typename T, typename W, int V>
 __device__ __forceinline__ void rmsnorm_v_row(const float* xv, const W* __restrict__ w,
                                               T* __restrict__ y, int lane, float eps) {
@@ -157,7 +157,7 @@ __device__ __forceinline__ void rmsnorm_v_row(const float* xv, const W* __restri
     }
 }
 
-// The same for rows of d = 32 * V (V a multiple of 8), one warp per row held in registers: lane
+// The forward for rows of d = 32 * V (V a multiple of 8), one warp per row held in registers: lane
 // `lane` has the eight values from column 8 * (32 * t + lane) for t < V / 8 (each load of the
 // warp is 512 contiguous bytes of bf16). The weight is f32 or bf16 (W: widened as it is read,
 // the same values as a cast to f32 beforehand).
